@@ -1,0 +1,94 @@
+"""Checkpoints: a directory with `weights.safetensors` and `meta.json`.
+
+The JSON sidecar carries everything needed to rebuild the model (arch, classes, normaliser)
+plus the training recipe, metrics, seed, package version and the weights' content hash.
+safetensors holds only tensors, so loading never unpickles code — a pretrained model is an
+attack surface, which is part of this project's subject.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from robust_transfer import __version__
+from robust_transfer.errors import UserError
+from robust_transfer.models.nets import ConvNet, ModelSpec, build_model
+
+WEIGHTS = "weights.safetensors"
+META = "meta.json"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` via a temporary file and rename: never half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(model: ConvNet, directory: str | Path, meta: dict | None = None) -> Path:
+    """Save `model` to `directory` (created); `meta` is merged into the JSON sidecar."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".weights.", suffix=".tmp")
+    os.close(fd)
+    save_file(state, tmp)
+    os.replace(tmp, directory / WEIGHTS)
+    sidecar = {
+        "model": model.spec.to_dict(),
+        **(meta or {}),
+        "package_version": __version__,
+        "sha256": _sha256(directory / WEIGHTS),
+    }
+    atomic_write_text(directory / META, json.dumps(sidecar, indent=2, default=str))
+    return directory
+
+
+def read_meta(directory: str | Path) -> dict:
+    """The JSON sidecar of a checkpoint, or `UserError` naming what is wrong."""
+    directory = Path(directory)
+    meta_path = directory / META
+    if not directory.is_dir() or not meta_path.is_file() or not (directory / WEIGHTS).is_file():
+        raise UserError(
+            f"no checkpoint at {str(directory)!r}: expected a directory with {WEIGHTS} and {META}"
+        )
+    try:
+        meta = json.loads(meta_path.read_text())
+        ModelSpec.from_dict(meta["model"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"corrupt checkpoint metadata {str(meta_path)!r}: {e}") from None
+    return meta
+
+
+def load_checkpoint(
+    directory: str | Path, device: str | torch.device = "cpu"
+) -> tuple[ConvNet, dict]:
+    """Rebuild the model from the metadata alone, load its weights, return (model, meta).
+
+    The model comes back in eval mode. A hash mismatch or unreadable weights is a `UserError`.
+    """
+    directory = Path(directory)
+    meta = read_meta(directory)
+    if "sha256" in meta and _sha256(directory / WEIGHTS) != meta["sha256"]:
+        raise UserError(f"checkpoint {str(directory)!r} is corrupt: weights do not match sha256")
+    model = build_model(ModelSpec.from_dict(meta["model"]))
+    try:
+        model.load_state_dict(load_file(directory / WEIGHTS))
+    except (SafetensorError, RuntimeError, OSError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"corrupt checkpoint weights in {str(directory)!r}: {first}") from None
+    return model.to(device).eval(), meta

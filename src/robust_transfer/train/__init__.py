@@ -1,0 +1,19 @@
+"""One training loop with pluggable example makers, optimiser/schedule and freezing."""
+
+from robust_transfer.train.examples import ExampleMaker, PGDExamples, natural_examples
+from robust_transfer.train.freeze import freeze_all_but_last, frozen_blocks, set_train_mode
+from robust_transfer.train.loop import TrainConfig, fit
+from robust_transfer.train.source import SourceConfig, train_source
+
+__all__ = [
+    "ExampleMaker",
+    "PGDExamples",
+    "natural_examples",
+    "freeze_all_but_last",
+    "frozen_blocks",
+    "set_train_mode",
+    "TrainConfig",
+    "fit",
+    "SourceConfig",
+    "train_source",
+]

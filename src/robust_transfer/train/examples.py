@@ -1,0 +1,38 @@
+"""Example makers: what the training loop feeds the model for a clean batch (x, y).
+
+Natural training feeds x; PGD adversarial training (Madry et al. 2018) feeds the PGD
+adversarial example of x under the training threat model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from robust_transfer.attacks import PGD
+
+ExampleMaker = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def natural_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+class PGDExamples:
+    """PGD-AT inputs: `steps`-step PGD at radius `eps`, step `alpha` (None: 2.5*eps/steps)."""
+
+    def __init__(
+        self, eps: float, norm: str, steps: int = 7, alpha: float | None = None, seed: int = 0
+    ) -> None:
+        self.eps, self.norm, self.steps, self.alpha, self.seed = eps, norm, steps, alpha, seed
+        self._attack: PGD | None = None
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self._attack is None or self._attack.model is not model:
+            self._attack = PGD(
+                model, self.eps, self.alpha, self.steps, self.norm, random_start=True,
+                seed=self.seed,
+            )
+        return self._attack(x, y)

@@ -1,0 +1,34 @@
+"""Freezing for the transfer protocol: frozen means no gradient AND BatchNorm in eval mode.
+
+Which blocks are frozen is read off `requires_grad`, never stored twice.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from robust_transfer.errors import UserError
+
+
+def freeze_all_but_last(model: nn.Module, k: int | None) -> None:
+    """Train only the head and the last `k` blocks (`k=0`: head only; None: everything)."""
+    blocks = list(model.blocks)
+    if k is None:
+        k = len(blocks)
+    if not 0 <= k <= len(blocks):
+        raise UserError(f"unfrozen blocks must be 0..{len(blocks)} or 'all', got {k}")
+    model.requires_grad_(True)
+    for block in blocks[: len(blocks) - k]:
+        block.requires_grad_(False)
+
+
+def frozen_blocks(model: nn.Module) -> list[nn.Module]:
+    """Blocks whose parameters all have `requires_grad=False`."""
+    return [b for b in model.blocks if not any(p.requires_grad for p in b.parameters())]
+
+
+def set_train_mode(model: nn.Module) -> None:
+    """`model.train()`, except frozen blocks, which stay in eval mode (BN stats untouched)."""
+    model.train()
+    for block in frozen_blocks(model):
+        block.eval()

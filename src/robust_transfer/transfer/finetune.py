@@ -1,0 +1,85 @@
+"""The fine-tuning protocol of arXiv 2007.05869 (Utrera et al., "Adversarially-trained deep
+nets transfer better"): re-initialise the head for the target classes, unfreeze only the last
+k blocks, train on n images per class, record test accuracy after every epoch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from robust_transfer.data import load_task, shots_per_class
+from robust_transfer.data.tasks import parse_shots
+from robust_transfer.errors import UserError
+from robust_transfer.models.nets import ConvNet
+from robust_transfer.models.runtime import accuracy
+from robust_transfer.train import TrainConfig, fit, freeze_all_but_last
+
+
+def parse_blocks(value: int | str | None) -> int | None:
+    """Unfrozen blocks from the user: an int >= 0, or "all" (returned as None)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "all"):
+        return None
+    try:
+        k = int(value)
+    except (TypeError, ValueError):
+        k = -1
+    if k < 0 or isinstance(value, bool) or (isinstance(value, float) and value != k):
+        raise UserError(f"unfrozen blocks must be an integer >= 0 or 'all', got {value!r}")
+    return k
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """One fine-tune. `images_per_class`/`unfrozen_blocks` None mean "all"."""
+
+    target_task: str = "digits-5to9"
+    images_per_class: int | None = 5
+    unfrozen_blocks: int | None = 0
+    epochs: int = 30
+    lr: float = 0.1
+    batch_size: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "images_per_class", parse_shots_or_all(self.images_per_class))
+        object.__setattr__(self, "unfrozen_blocks", parse_blocks(self.unfrozen_blocks))
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(
+            epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, seed=self.seed,
+            schedule="step",
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_shots_or_all(value: int | str | None) -> int | None:
+    return None if value is None else parse_shots(value)
+
+
+def finetune(model: ConvNet, cfg: FinetuneConfig) -> list[dict]:
+    """Fine-tune `model` in place on `cfg.target_task`; one record per epoch.
+
+    The same seed draws the same k-shot subset and the same new head whichever source is
+    being fine-tuned, so natural and robust sources are compared on identical data.
+    Records: epoch, train_loss, lr, test_accuracy.
+    """
+    task = load_task(cfg.target_task)
+    if task.input_shape[0] != model.spec.in_channels:
+        raise UserError(
+            f"target task {cfg.target_task!r} has {task.input_shape[0]} channels but the "
+            f"source model takes {model.spec.in_channels}"
+        )
+    train = task.train.subset(shots_per_class(task.train.y, cfg.images_per_class, cfg.seed))
+    device = next(model.parameters()).device
+    model.reset_head(task.num_classes, torch.Generator().manual_seed(cfg.seed))
+    freeze_all_but_last(model, cfg.unfrozen_blocks)
+    test_x, test_y = task.test.x.to(device), task.test.y.to(device)
+
+    def test_accuracy(m, _epoch):
+        return {"test_accuracy": accuracy(m, test_x, test_y)}
+
+    return fit(model, train, cfg.train_config(), on_epoch=test_accuracy)
