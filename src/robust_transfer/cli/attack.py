@@ -1,0 +1,1 @@
+"""Attack commands (`attack`, `transfer-matrix`)."""

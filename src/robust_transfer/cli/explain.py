@@ -1,0 +1,1 @@
+"""Explanation commands (`explain saliency|influence|units`)."""
