@@ -10,10 +10,13 @@ from robust_transfer.cli import app
 from robust_transfer.cli.common import DEVICE_OPTION, console, print_table, progress_bar
 from robust_transfer.models import load_checkpoint, save_checkpoint
 from robust_transfer.models.runtime import resolve_device
+from robust_transfer.report.study import headline_rows, make_report
 from robust_transfer.train import SourceConfig, TrainConfig, train_source
 from robust_transfer.train.source import evaluate_source
 from robust_transfer.transfer import FinetuneConfig
+from robust_transfer.transfer.grid import demo_spec_path, plan, run_grid
 from robust_transfer.transfer.run import finetune_from_checkpoint
+from robust_transfer.transfer.spec import expand, load_spec
 
 
 @app.command()
@@ -85,3 +88,64 @@ def finetune(
     print_table(f"fine-tune {checkpoint} -> {task}", [{k: r[k] for k in keys} for r in shown])
     if out is not None:
         console.print(f"fine-tuned model saved to {out}")
+
+
+def _run_grid_with_progress(spec, out: Path, workers: int) -> Path:
+    todo = plan(spec, out)
+    total = len(todo.runs)
+    done = total - len(todo.pending)
+    if todo.sources_to_train:
+        console.print(f"training {len(todo.sources_to_train)} source model(s) "
+                      f"({', '.join(j.directory.name for j in todo.sources_to_train)})")
+    with progress_bar("sources", len(todo.sources_to_train)) as advance_source, \
+            progress_bar(f"fine-tunes ({done} already done)", total) as advance_run:
+        advance_run(done)
+        return run_grid(spec, out, workers, on_source_done=lambda _d: advance_source(),
+                        on_run_done=lambda _r: advance_run())
+
+
+@app.command()
+def grid(
+    spec_file: Path = typer.Argument(..., help="YAML spec (see specs/demo.yaml)."),
+    out: Path = typer.Option(..., "--out", help="Directory for sources, results and spec."),
+    workers: int = typer.Option(2, "--workers", help="Parallel worker processes."),
+) -> None:
+    """Run a study grid: train missing sources, run every fine-tune not yet in the results.
+
+    Safe to interrupt and re-run: finished runs are kept, only missing ones run.
+    """
+    spec = load_spec(spec_file)
+    table = _run_grid_with_progress(spec, out, workers)
+    console.print(f"results: {table}  ({len(expand(spec))} runs)")
+
+
+@app.command()
+def report(
+    results: Path = typer.Argument(..., help="results.parquet, or a grid's --out directory."),
+    out: Path = typer.Option(None, "--out", help="Directory for figures (default: next to "
+                             "the results, in report/)."),
+    epoch_shots: list[str] = typer.Option(None, "--epoch-shots", help="Images per class for "
+                                          "the accuracy-vs-epochs figure (repeatable)."),
+) -> None:
+    """Figures 1-2 (accuracy vs images and vs epochs, delta robust - natural) and summary.md."""
+    out = out or (results if results.is_dir() else results.parent) / "report"
+    rep = make_report(results, out, epoch_shots or None)
+    for f in rep.figures:
+        console.print(f"figure: {f}")
+    console.print(f"summary: {rep.summary}")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo_out"), "--out", help="Output directory."),
+    workers: int = typer.Option(2, "--workers", help="Parallel worker processes."),
+) -> None:
+    """The whole study on the embedded digits data: shipped spec, grid, report."""
+    spec_path = demo_spec_path()
+    console.print(f"spec: {spec_path}")
+    table = _run_grid_with_progress(load_spec(spec_path), out, workers)
+    rep = make_report(table, out / "report")
+    for f in rep.figures:
+        console.print(f"figure: {f}")
+    console.print(f"summary: {rep.summary}")
+    print_table("final test accuracy (mean over seeds; CIs in summary.md)", headline_rows(table))

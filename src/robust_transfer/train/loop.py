@@ -64,7 +64,7 @@ def fit(
 ) -> list[dict]:
     """Train the parameters of `model` that require grad; return one record per epoch.
 
-    Each record has `epoch`, `train_loss` (mean over the epoch's examples), `lr`, plus
+    Each record has `epoch`, `train_loss` (mean over the epoch's examples), `epoch_lr`, plus
     whatever `on_epoch(model, epoch)` returns (e.g. test accuracy). Frozen blocks keep
     BatchNorm in eval mode throughout. Leaves the model in eval mode.
     """
@@ -93,7 +93,7 @@ def fit(
             total += loss.detach() * len(idx)
         schedule.step()
         model.eval()
-        record = {"epoch": epoch, "train_loss": total.item() / len(data), "lr": lr}
+        record = {"epoch": epoch, "train_loss": total.item() / len(data), "epoch_lr": lr}
         if on_epoch is not None:
             record.update(on_epoch(model, epoch))
         history.append(record)

@@ -9,10 +9,10 @@ import torch
 
 from robust_transfer.attacks import PGD, make_threat
 from robust_transfer.attacks.metrics import robust_accuracy
-from robust_transfer.data import load_task
-from robust_transfer.errors import UserError
+from robust_transfer.data import TASKS, load_task
+from robust_transfer.errors import UserError, check_choice
 from robust_transfer.models import ModelSpec, build_model
-from robust_transfer.models.nets import ConvNet
+from robust_transfer.models.nets import ARCHS, ConvNet
 from robust_transfer.models.runtime import accuracy
 from robust_transfer.train.examples import PGDExamples, natural_examples
 from robust_transfer.train.loop import TrainConfig, fit
@@ -33,6 +33,8 @@ class SourceConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
+        check_choice("task", self.task, TASKS)
+        check_choice("arch", self.arch, ARCHS)
         make_threat(self.norm, self.eps)  # validates norm and eps
         if self.attack_steps < 1:
             raise UserError(f"attack steps must be >= 1, got {self.attack_steps}")

@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from robust_transfer.data import load_task, shots_per_class
-from robust_transfer.data.tasks import parse_shots
-from robust_transfer.errors import UserError
+from robust_transfer.data.tasks import TASKS, parse_shots
+from robust_transfer.errors import UserError, check_choice
 from robust_transfer.models.nets import ConvNet
 from robust_transfer.models.runtime import accuracy
 from robust_transfer.train import TrainConfig, fit, freeze_all_but_last
@@ -43,6 +43,7 @@ class FinetuneConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_choice("task", self.target_task, TASKS)
         object.__setattr__(self, "images_per_class", parse_shots_or_all(self.images_per_class))
         object.__setattr__(self, "unfrozen_blocks", parse_blocks(self.unfrozen_blocks))
 
@@ -65,7 +66,7 @@ def finetune(model: ConvNet, cfg: FinetuneConfig) -> list[dict]:
 
     The same seed draws the same k-shot subset and the same new head whichever source is
     being fine-tuned, so natural and robust sources are compared on identical data.
-    Records: epoch, train_loss, lr, test_accuracy.
+    Records: epoch, train_loss, epoch_lr, train_images, test_accuracy.
     """
     task = load_task(cfg.target_task)
     if task.input_shape[0] != model.spec.in_channels:
@@ -80,6 +81,6 @@ def finetune(model: ConvNet, cfg: FinetuneConfig) -> list[dict]:
     test_x, test_y = task.test.x.to(device), task.test.y.to(device)
 
     def test_accuracy(m, _epoch):
-        return {"test_accuracy": accuracy(m, test_x, test_y)}
+        return {"train_images": len(train), "test_accuracy": accuracy(m, test_x, test_y)}
 
     return fit(model, train, cfg.train_config(), on_epoch=test_accuracy)

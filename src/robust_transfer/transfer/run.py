@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from robust_transfer.data import load_task
 from robust_transfer.models import load_checkpoint, save_checkpoint
 from robust_transfer.models.checkpoint import read_meta
 from robust_transfer.transfer.finetune import FinetuneConfig, finetune
@@ -13,12 +14,15 @@ from robust_transfer.transfer.finetune import FinetuneConfig, finetune
 
 def source_columns(source_meta: dict) -> dict:
     """The columns that describe a source model in a results row."""
+    metrics = source_meta.get("metrics", {})
     return {
         "source_task": source_meta.get("task", ""),
         "source_arch": source_meta["model"]["arch"],
         "source_eps": float(source_meta.get("eps", 0.0)),
         "source_norm": source_meta.get("norm", ""),
         "source_seed": int(source_meta.get("seed", 0)),
+        "source_clean_accuracy": float(metrics.get("clean_accuracy", float("nan"))),
+        "source_robust_accuracy": float(metrics.get("robust_accuracy", float("nan"))),
     }
 
 
@@ -38,6 +42,7 @@ def finetune_from_checkpoint(
     history = finetune(model, cfg)
     config = {
         "target_task": cfg.target_task,
+        "target_classes": load_task(cfg.target_task).num_classes,
         "images_per_class": "all" if cfg.images_per_class is None else str(cfg.images_per_class),
         "unfrozen_blocks": "all" if cfg.unfrozen_blocks is None else str(cfg.unfrozen_blocks),
         "epochs": cfg.epochs,

@@ -1,0 +1,1 @@
+"""Figures and summary pages made from results tables (never from training)."""
