@@ -1,0 +1,3 @@
+from robust_transfer.cli import main
+
+main()
