@@ -140,7 +140,7 @@ class InfluenceModule(ABC):
         self._train_grads = None
         self._reset_solver()
 
-    def _reset_solver(self) -> None:
+    def _reset_solver(self) -> None:  # noqa: B027 (optional hook, not abstract)
         """Drop solver caches (factorisations) after the parameters change."""
 
     # -- the model as a function of the flat parameter vector -------------------------------
@@ -152,7 +152,8 @@ class InfluenceModule(ABC):
     def _params(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
         sizes = [math.prod(s) for s in self.param_shapes]
         parts = torch.split(theta, sizes)
-        return {n: t.view(s) for n, t, s in zip(self.param_names, parts, self.param_shapes)}
+        pairs = zip(self.param_names, parts, self.param_shapes, strict=True)
+        return {n: t.view(s) for n, t, s in pairs}
 
     def logits(self, theta: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
         return functional_call(self.suffix, {**self._params(theta), **self.buffers},
@@ -402,31 +403,30 @@ def make_influence(method: str, model: ConvNet, train: ImageSet, **kwargs) -> In
 
 
 def rank_training_images(
-    scores: torch.Tensor, k: int, ranking: str = "helpful", exclude_self: bool = False
+    scores: torch.Tensor, k: int, ranking: str = "helpful", exclude: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """(m, k) indices of the top-k training images per test point.
+    """(m, k) indices of the top-k training images for each row (test point) of `scores`.
 
     `ranking`: 'helpful' (largest score: removing it raises the test loss most), 'harmful'
-    (most negative) or 'abs' (largest |score|). `exclude_self` (test points = the training
-    images, m == n) drops image j from its own list; ties break by lower index.
+    (most negative) or 'abs' (largest |score|). `exclude` (m,) names one training index per
+    row to leave out — the target itself when the test points are training images (its
+    self-influence is always top). Ties break by lower index.
     """
     check_choice("ranking", ranking, RANKINGS)
     key = {"helpful": scores, "harmful": -scores, "abs": scores.abs()}[ranking].clone()
-    if exclude_self:
-        if key.shape[0] != key.shape[1]:
-            raise ValueError("exclude_self needs a square (train x train) score matrix")
-        key.fill_diagonal_(-math.inf)
-    k = min(k, key.shape[1] - int(exclude_self))
+    if exclude is not None:
+        key[torch.arange(len(key), device=key.device), exclude.to(key.device)] = -math.inf
+    k = min(k, key.shape[1] - int(exclude is not None))
     return torch.sort(key, dim=1, descending=True, stable=True).indices[:, :k]
 
 
 def class_match_fractions(
     scores: torch.Tensor, train_y: torch.Tensor, target_y: torch.Tensor, k_max: int = 100,
-    ranking: str = "helpful", exclude_self: bool = False,
+    ranking: str = "helpful", exclude: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(m, K) fraction of the top-k training images whose class is the target's label, for
-    k = 1..K, K = min(k_max, available training images)."""
-    top = rank_training_images(scores, k_max, ranking, exclude_self)
+    k = 1..K, K = min(k_max, training images available) (Utrera et al. Fig. 6)."""
+    top = rank_training_images(scores, k_max, ranking, exclude)
     match = (train_y.to(top.device)[top] == target_y.to(top.device)[:, None]).double()
     ks = torch.arange(1, top.shape[1] + 1, dtype=torch.float64, device=top.device)
     return match.cumsum(1) / ks
