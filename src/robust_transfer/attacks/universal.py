@@ -72,6 +72,7 @@ class UniversalPerturbation(Attack):
         v = torch.zeros_like(x[:1])
         gen = self.generator(torch.device("cpu"))
         self.history = []
+        best_v, best_rate = v, -1.0
         for _ in range(self.max_passes):
             order = torch.randperm(len(x), generator=gen).to(x.device)
             for batch in order.split(self.batch_size):
@@ -84,8 +85,14 @@ class UniversalPerturbation(Attack):
                     v = self._project(v + dr)
             self.v = v
             self.history.append(self.fooling_rate(x))
-            if self.history[-1] >= self.target_fooling:
+            if self.history[-1] > best_rate:
+                best_v, best_rate = v, self.history[-1]
+            if best_rate >= self.target_fooling:
                 break
+        # The rate oscillates from pass to pass when eps is large against the images; keep
+        # the best perturbation seen on the fitting data (the paper stops at the first
+        # success, which is the same thing when it is reached).
+        self.v = best_v
         return self
 
     def perturb(self, x, y=None, target=None):
