@@ -61,9 +61,12 @@ def expand_multi_value_options(argv: list[str]) -> list[str]:
     return result
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Entry point; `argv` defaults to sys.argv[1:]. Always ends in SystemExit."""
+    argv = sys.argv[1:] if argv is None else argv
+    _state["debug"] = False
     try:
-        app(args=expand_multi_value_options(sys.argv[1:]), prog_name="robust-transfer")
+        app(args=expand_multi_value_options(argv), prog_name="robust-transfer")
     except UserError as e:
         if _state["debug"]:
             raise
