@@ -1,1 +1,158 @@
-"""Explanation commands (`explain saliency|influence|units`)."""
+"""Explanation commands (`explain saliency|influence|units`): parse, call `explain`, plot, print."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import typer
+
+from robust_transfer.cli import app
+from robust_transfer.cli.common import DEVICE_OPTION, console, print_table
+from robust_transfer.errors import UserError, check_choice
+from robust_transfer.models.checkpoint import atomic_write_text
+from robust_transfer.models.runtime import resolve_device
+
+explain_app = typer.Typer(
+    help="Explain what transfers: saliency maps, influence functions, unit analysis.",
+    no_args_is_help=True,
+)
+app.add_typer(explain_app, name="explain")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-")
+
+
+@explain_app.command()
+def saliency(
+    checkpoints: list[Path] = typer.Argument(..., help="Checkpoint directories (one task)."),
+    task: str = typer.Option(None, help="Task whose images to explain (default: the "
+                             "checkpoints' own)."),
+    split: str = typer.Option("test", help="Images from: test | train | all."),
+    per_class: int = typer.Option(2, help="Images per class."),
+    method: str = typer.Option("both", help="gradient | smoothgrad | both."),
+    samples: int = typer.Option(25, help="SmoothGrad: noisy copies per image."),
+    sigma: float = typer.Option(0.15, help="SmoothGrad: noise std (fraction of [0,1])."),
+    threshold: float = typer.Option(0.3, help="Ink: pixels brighter than this."),
+    seed: int = typer.Option(0, help="Seed for the image choice and SmoothGrad noise."),
+    out: Path = typer.Option(Path("explain-saliency"), "--out", help="Output directory."),
+    device: str = DEVICE_OPTION,
+) -> None:
+    """Loss-gradient maps of natural vs robust models on the same images (Fig. 4), and how
+    much of the gradient mass lies on the digit's ink."""
+    from robust_transfer.explain.saliency import METHODS, saliency_for_checkpoints
+    from robust_transfer.report.explain_figures import saliency_grid
+
+    check_choice("saliency method", method, {*METHODS, "both"})
+    if per_class < 1:
+        raise UserError(f"images per class must be >= 1, got {per_class}")
+    methods = METHODS if method == "both" else (method,)
+    comparison = saliency_for_checkpoints(
+        [str(c) for c in checkpoints], task, split, per_class, methods, threshold, samples,
+        sigma, seed, resolve_device(device),
+    )
+    png = saliency_grid(comparison, out / "saliency.png")
+    print_table("saliency mass on the digit's ink (per image, mean over images)",
+                comparison.table())
+    console.print(f"wrote {png}")
+
+
+@explain_app.command()
+def influence(
+    paths: list[Path] = typer.Argument(None, help="Fine-tune directories, or source "
+                                       "checkpoints to fine-tune first (grouped by source eps)."),
+    validate: bool = typer.Option(False, "--validate", help="Check influence against "
+                                  "leave-one-out retraining on a convex model (no input)."),
+    method: str = typer.Option("exact", help="Inverse-HVP solver: exact | cg | lissa."),
+    blocks: int = typer.Option(0, help="Parameters: head + this many last blocks."),
+    damping: float = typer.Option(0.0, help="Extra Hessian damping on top of weight decay."),
+    top_k: int = typer.Option(100, help="Largest k of the class-match curve."),
+    examples: int = typer.Option(5, help="Training images shown per test image (Fig. 5)."),
+    ranking: str = typer.Option("helpful", help="Rank by: helpful | harmful | abs."),
+    targets_per_class: str = typer.Option("all", help="Test/training targets per class."),
+    lissa_depth: int = typer.Option(1000, help="LiSSA recursion depth."),
+    task: str = typer.Option("digits-5to9", "--task", help="Target task (sources only)."),
+    images_per_class: str = typer.Option("all", help="Fine-tune images per class (sources)."),
+    unfrozen_blocks: str = typer.Option("0", help="Fine-tuned blocks (sources)."),
+    epochs: int = typer.Option(30, help="Fine-tuning epochs (sources)."),
+    lr: float = typer.Option(0.1, help="Fine-tuning learning rate (sources)."),
+    seeds: int = typer.Option(1, help="Fine-tune each source with seeds 0..N-1 (sources)."),
+    removed: int = typer.Option(40, help="--validate: training images removed."),
+    out: Path = typer.Option(Path("explain-influence"), "--out", help="Output directory."),
+    device: str = DEVICE_OPTION,
+) -> None:
+    """Most influential training images per test image (Fig. 5) and how often they share its
+    class, robust vs natural source (Fig. 6); or --validate against leave-one-out."""
+    from robust_transfer.data.tasks import parse_shots
+    from robust_transfer.explain import study as study_mod
+    from robust_transfer.explain.influence import METHODS
+    from robust_transfer.explain.loo import validate_leave_one_out
+    from robust_transfer.report import explain_figures as figures
+    from robust_transfer.transfer import FinetuneConfig
+
+    dev = resolve_device(device)
+    if validate:
+        if paths:
+            raise UserError("--validate runs on the embedded digits data; give no checkpoints")
+        console.print(f"leave-one-out validation: retraining {removed} times (L-BFGS) ...")
+        result = validate_leave_one_out(num_removed=removed)
+        png = figures.loo_scatter(result, out / "influence_validation.png")
+        print_table("influence vs leave-one-out retraining (convex head, digits-5to9)", [{
+            "removed images": len(result.removed), "training images": result.num_train,
+            "test image": result.test_index, "Pearson r": result.pearson,
+            "sign agreement": result.sign_agreement}])
+        console.print(f"wrote {png}")
+        return
+    if not paths:
+        raise UserError("give fine-tune directories or source checkpoints, or use --validate")
+    check_choice("influence method", method, METHODS)
+    if seeds < 1:
+        raise UserError(f"seeds must be >= 1, got {seeds}")
+    config = FinetuneConfig(task, images_per_class, unfrozen_blocks, epochs, lr)
+    finetunes = study_mod.prepare_finetunes(
+        [str(p) for p in paths], config, range(seeds), out, dev, on_finetune=console.print)
+    options = {"depth": lissa_depth} if method == "lissa" else {}
+    study = study_mod.influence_study(
+        [str(f) for f in finetunes], method, blocks, damping, top_k, ranking,
+        parse_shots(targets_per_class), options, dev,
+        on_run=lambda text: console.print(f"influence ({method}): {text}"),
+    )
+    table = study.class_match_table()
+    atomic_write_text(out / "class_match.csv", table.to_csv(index=False))
+    chance = float(study.task.train.y.bincount().max()) / len(study.task.train.y)
+    fig6 = figures.class_match_figure(table, out / "influence_class_match.png", chance=chance)
+    fig5 = figures.influence_examples_figure(study.examples(examples),
+                                             out / "influence_examples.png")
+    print_table("fraction of the top-k influential training images with the target's class",
+                study_mod.class_match_summary(table))
+    console.print(f"wrote {fig5}, {fig6} and {out / 'class_match.csv'}")
+
+
+@explain_app.command()
+def units(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint directory."),
+    layer: str = typer.Option("block3", help="block1..blockN or features."),
+    top_k: int = typer.Option(9, help="Top images per unit / direction."),
+    rows: int = typer.Option(4, help="Units and random directions shown in the grid."),
+    split: str = typer.Option("test", help="Images ranked: test | train | all."),
+    seed: int = typer.Option(0, help="Seed for the random directions."),
+    out: Path = typer.Option(Path("explain-units"), "--out", help="Output directory."),
+    device: str = DEVICE_OPTION,
+) -> None:
+    """Images that most activate single units vs random directions of a layer (Szegedy et
+    al. 2014 sec. 3), and how class-pure their top-k lists are."""
+    from robust_transfer.explain.checkpoints import load_labelled, task_split
+    from robust_transfer.explain.units import unit_analysis
+    from robust_transfer.report.explain_figures import units_grid
+
+    if rows < 1:
+        raise UserError(f"rows must be >= 1, got {rows}")
+    (loaded,) = load_labelled([str(checkpoint)], None, resolve_device(device))
+    images = task_split(loaded.task, split)
+    analysis = unit_analysis(loaded.model, images, layer, top_k, seed)
+    png = units_grid(analysis, images.x, images.y, out / f"units_{_slug(layer)}.png", rows,
+                     loaded.task.classes, title=f"{loaded.label}, layer {layer}: top-{top_k} "
+                     f"{split} images per unit vs per random direction")
+    print_table(f"unit analysis of {checkpoint} ({loaded.label})", [analysis.summary()])
+    console.print(f"wrote {png}")

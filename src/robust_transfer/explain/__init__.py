@@ -18,11 +18,6 @@ from robust_transfer.explain.influence import (
     make_influence,
     rank_training_images,
 )
-from robust_transfer.explain.influence_study import (
-    InfluenceStudy,
-    influence_study,
-    prepare_finetunes,
-)
 from robust_transfer.explain.loo import LeaveOneOutResult, validate_leave_one_out
 from robust_transfer.explain.saliency import (
     compare_saliency,
@@ -30,6 +25,11 @@ from robust_transfer.explain.saliency import (
     input_gradient,
     saliency,
     smoothgrad,
+)
+from robust_transfer.explain.study import (
+    InfluenceStudy,
+    influence_study,
+    prepare_finetunes,
 )
 from robust_transfer.explain.units import UnitAnalysis, layer_activations, unit_analysis
 

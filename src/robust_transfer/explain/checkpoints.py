@@ -101,3 +101,32 @@ def load_finetune(path: str | Path, device: str | torch.device = "cpu") -> Finet
     task = load_task(config.target_task)
     train = task.train.subset(shots_per_class(task.train.y, config.images_per_class, config.seed))
     return FinetunedModel(Path(path), model, meta, config, task, train)
+
+
+@dataclass
+class LabelledModel:
+    """A checkpoint loaded for explanation, with its robustness label and task."""
+
+    path: Path
+    label: str
+    model: ConvNet
+    meta: dict
+    task: Task
+
+
+def load_labelled(paths: list[str | Path], task: str | None = None,
+                  device: str | torch.device = "cpu") -> list[LabelledModel]:
+    """Load checkpoints that classify one task (`task`, default: the first one's), labelled
+    'natural' / 'robust (...)' (made unique). Mixed tasks are a `UserError`."""
+    if not paths:
+        raise UserError("give at least one checkpoint directory")
+    loaded = [(Path(p), *load_checkpoint(p, device)) for p in paths]
+    tasks = [checkpoint_task(meta, path) for path, _, meta in loaded]
+    chosen = load_task(task) if task else tasks[0]
+    for (path, _, _), t in zip(loaded, tasks, strict=True):
+        if t.name != chosen.name:
+            raise UserError(f"checkpoint {str(path)!r} classifies task {t.name!r}, not "
+                            f"{chosen.name!r}; explain models of one task together")
+    labels = unique_labels([robustness_label(meta) for _, _, meta in loaded])
+    return [LabelledModel(path, label, model, meta, chosen)
+            for (path, model, meta), label in zip(loaded, labels, strict=True)]

@@ -136,3 +136,19 @@ def compare_saliency(models: dict[str, nn.Module], images: ImageSet,
     chance = ink_mask(images.x, threshold).flatten(1).float().mean(1)
     return SaliencyComparison(images.x, images.y, tuple(class_names), maps, fractions, chance,
                               threshold)
+
+
+def saliency_for_checkpoints(paths: list, task: str | None = None, split: str = "test",
+                             per_class: int = 2, methods: tuple[str, ...] = METHODS,
+                             threshold: float = 0.3, samples: int = 25, sigma: float = 0.15,
+                             seed: int = 0, device: str | torch.device = "cpu"
+                             ) -> SaliencyComparison:
+    """`compare_saliency` for checkpoint directories of one task, on `per_class` images per
+    class of its `split` (drawn with `seed`), models labelled natural / robust (...)."""
+    from robust_transfer.explain.checkpoints import load_labelled, task_split
+
+    models = load_labelled(paths, task, device)
+    data = task_split(models[0].task, split)
+    images = data.subset(pick_images(data, per_class, seed))
+    return compare_saliency({m.label: m.model for m in models}, images, methods,
+                            models[0].task.classes, threshold, samples, sigma, seed)

@@ -230,3 +230,22 @@ def influence_study(
             train_index, module.influences(train_targets.x, train_targets.y).cpu(),
         ))
     return InfluenceStudy(runs, models[0].task, method, ranking, k_max, unfrozen_blocks)
+
+
+def class_match_summary(table: pd.DataFrame, ks: Sequence[int] = (1, 10, 50, 100)
+                        ) -> list[dict]:
+    """One row per (source, targets) of `class_match_table()`: mean ± 95% half-width at a
+    few k, and what n counts."""
+    rows = []
+    for (label, targets), d in table.groupby(["label", "targets"], sort=False):
+        d = d.set_index("k")
+        short = {v: k for k, v in TARGETS.items()}
+        over = "seeds" if d["over"].iloc[0] == "seeds" else "images"
+        row = {"source": label, "targets": short.get(targets, targets),
+               "n": f"{d['n'].iloc[0]} {over}"}
+        for k in ks:
+            if k in d.index:
+                r = d.loc[k]
+                row[f"k={k}"] = f"{r['mean']:.3f} ± {(r['upper'] - r['lower']) / 2:.3f}"
+        rows.append(row)
+    return rows
