@@ -81,11 +81,11 @@ def fit(
         lr = opt.param_groups[0]["lr"]
         order = torch.randperm(len(data), generator=shuffle).to(device)
         total = torch.zeros((), device=device)
+        set_train_mode(model)  # attacks restore every module's flag, so once per epoch
         for i in range(0, len(order), cfg.batch_size):
             idx = order[i : i + cfg.batch_size]
             x, y = x_all[idx], y_all[idx]
             x = make_examples(model, x, y)
-            set_train_mode(model)
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()

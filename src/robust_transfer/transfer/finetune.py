@@ -30,6 +30,11 @@ def parse_blocks(value: int | str | None) -> int | None:
     return k
 
 
+def parse_shots_or_all(value: int | str | None) -> int | None:
+    """Images per class from the user or a spec: None and "all" both mean every image."""
+    return None if value is None else parse_shots(value)
+
+
 @dataclass(frozen=True)
 class FinetuneConfig:
     """One fine-tune. `images_per_class`/`unfrozen_blocks` None mean "all"."""
@@ -55,10 +60,6 @@ class FinetuneConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def parse_shots_or_all(value: int | str | None) -> int | None:
-    return None if value is None else parse_shots(value)
 
 
 def finetune(model: ConvNet, cfg: FinetuneConfig) -> list[dict]:
