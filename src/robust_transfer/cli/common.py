@@ -24,8 +24,11 @@ DEVICE_OPTION = typer.Option("auto", "--device", help="auto | cpu | cuda")
 
 
 @contextmanager
-def progress_bar(description: str, total: int) -> Iterator:
-    """A rich progress bar (done/total, elapsed, ETA); yields `advance(n=1)`."""
+def progress_bars(totals: dict[str, int]) -> Iterator[dict]:
+    """Rich progress bars, one per named total (done/total, elapsed, ETA), in one display.
+
+    Yields {name: advance(n=1)}; bars with a zero total are not shown.
+    """
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -34,10 +37,22 @@ def progress_bar(description: str, total: int) -> Iterator:
         TextColumn("ETA"),
         TimeRemainingColumn(),
         console=console,
-        transient=False,
     ) as progress:
-        task = progress.add_task(description, total=total)
-        yield lambda n=1: progress.advance(task, n)
+        advances = {}
+        for name, total in totals.items():
+            if total > 0:
+                task = progress.add_task(name, total=total)
+                advances[name] = lambda n=1, t=task: progress.advance(t, n)
+            else:
+                advances[name] = lambda n=1: None
+        yield advances
+
+
+@contextmanager
+def progress_bar(description: str, total: int) -> Iterator:
+    """One progress bar; yields `advance(n=1)`."""
+    with progress_bars({description: total}) as advances:
+        yield advances[description]
 
 
 def print_table(title: str, rows: list[dict]) -> None:

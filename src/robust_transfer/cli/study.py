@@ -7,7 +7,13 @@ from pathlib import Path
 import typer
 
 from robust_transfer.cli import app
-from robust_transfer.cli.common import DEVICE_OPTION, console, print_table, progress_bar
+from robust_transfer.cli.common import (
+    DEVICE_OPTION,
+    console,
+    print_table,
+    progress_bar,
+    progress_bars,
+)
 from robust_transfer.models import load_checkpoint, save_checkpoint
 from robust_transfer.models.runtime import resolve_device
 from robust_transfer.report.study import headline_rows, make_report
@@ -92,16 +98,18 @@ def finetune(
 
 def _run_grid_with_progress(spec, out: Path, workers: int) -> Path:
     todo = plan(spec, out)
-    total = len(todo.runs)
-    done = total - len(todo.pending)
+    total, done = len(todo.runs), len(todo.runs) - len(todo.pending)
     if todo.sources_to_train:
-        console.print(f"training {len(todo.sources_to_train)} source model(s) "
-                      f"({', '.join(j.directory.name for j in todo.sources_to_train)})")
-    with progress_bar("sources", len(todo.sources_to_train)) as advance_source, \
-            progress_bar(f"fine-tunes ({done} already done)", total) as advance_run:
-        advance_run(done)
-        return run_grid(spec, out, workers, on_source_done=lambda _d: advance_source(),
-                        on_run_done=lambda _r: advance_run())
+        names = ", ".join(j.directory.name for j in todo.sources_to_train)
+        console.print(f"training {len(todo.sources_to_train)} source model(s): {names}")
+    if done:
+        console.print(f"{done} of {total} fine-tunes already done; running the rest")
+    bars = {"source models": len(todo.sources_to_train), "fine-tunes": total}
+    with progress_bars(bars) as advance:
+        advance["fine-tunes"](done)
+        return run_grid(spec, out, workers,
+                        on_source_done=lambda _d: advance["source models"](),
+                        on_run_done=lambda _r: advance["fine-tunes"]())
 
 
 @app.command()
