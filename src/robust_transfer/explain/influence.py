@@ -165,8 +165,9 @@ class InfluenceModule(ABC):
     @torch.no_grad()
     def activations(self, x: torch.Tensor) -> torch.Tensor:
         """Frozen-prefix outputs for images `x` (cached for the training set)."""
+        dtype = next(self.model.parameters()).dtype
         with eval_mode(self.model):
-            out = [self._prefix(x[i : i + self.batch_size].to(self.device))
+            out = [self._prefix(x[i : i + self.batch_size].to(self.device, dtype))
                    for i in range(0, len(x), self.batch_size)]
         return torch.cat(out).to(self.dtype)
 
@@ -232,6 +233,26 @@ class InfluenceModule(ABC):
         v = v.to(self.dtype)
         chunk = self._vector_chunk(self.n if index is None else len(index))
         return vmap(one, chunk_size=chunk)(v) + (self.weight_decay + self.damping) * v
+
+    def eigenvalue_range(self, iterations: int = 50, seed: int = 0) -> tuple[float, float]:
+        """(smallest, largest) eigenvalue of H + damping I by power iteration (the smallest
+        from the shifted operator largest*I - H). A negative smallest one means the damping
+        is too small for CG (non-convex parameter sets); LiSSA's scale must exceed the
+        largest."""
+        largest = self._power_iteration(lambda u: self.hvp(u), iterations, seed)
+        shifted = self._power_iteration(lambda u: largest * u - self.hvp(u), iterations, seed)
+        return largest - shifted, largest
+
+    def _power_iteration(self, operator, iterations: int, seed: int) -> float:
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        u = torch.randn(1, self.num_params, generator=gen, dtype=self.dtype).to(self.device)
+        value = 0.0
+        for _ in range(iterations):
+            u = u / u.norm()
+            au = operator(u)
+            value = float((u * au).sum())
+            u = au
+        return value
 
     # -- the seam -----------------------------------------------------------------------------
 
@@ -323,8 +344,12 @@ class CGInfluence(InfluenceModule):
             hd = self.hvp(d)
             curvature = (d * hd).sum(1)
             if (curvature[active] <= 0).any():
-                raise UserError("CG met non-positive curvature: the Hessian is not positive "
-                                "definite over these parameters; increase damping")
+                smallest, _ = self.eigenvalue_range()
+                need = self.damping - smallest
+                raise UserError(
+                    f"CG met non-positive curvature: H + damping has an eigenvalue near "
+                    f"{smallest:.3g} over these parameters (not convex); use a damping well "
+                    f"above {need:.2g} (e.g. {1.5 * need:.2g})")
             alpha = torch.where(active, rs / curvature.clamp_min(1e-300), 0.0)
             x += alpha[:, None] * d
             r -= alpha[:, None] * hd
@@ -357,18 +382,8 @@ class LiSSAInfluence(InfluenceModule):
                             f"{repeats}, {scale}")
         self.depth, self.repeats, self.lissa_damping = int(depth), int(repeats), lissa_damping
         self.lissa_batch_size, self.seed = lissa_batch_size, seed
-        self.scale = float(scale) if scale is not None else 1.2 * self.largest_eigenvalue()
-
-    def largest_eigenvalue(self, iterations: int = 50) -> float:
-        gen = torch.Generator(device=self.device).manual_seed(self.seed)
-        u = torch.randn(1, self.num_params, generator=gen, device=self.device, dtype=self.dtype)
-        value = 0.0
-        for _ in range(iterations):
-            u = u / u.norm()
-            hu = self.hvp(u)
-            value = float((u * hu).sum())
-            u = hu
-        return value
+        self.scale = (float(scale) if scale is not None
+                      else 1.2 * self._power_iteration(self.hvp, 50, seed))
 
     def inverse_hvp(self, v: torch.Tensor) -> torch.Tensor:
         v = v.to(self.dtype)
