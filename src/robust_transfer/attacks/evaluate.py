@@ -152,7 +152,9 @@ def evaluate(
                 else spec(model, e)
             idx = robust.nonzero().squeeze(1)
             median_norm = float("nan")
-            if atk.minimal_norm:
+            if len(idx) == 0 and not atk.minimal_norm:
+                x_adv, fooled = x[idx], torch.zeros(0, dtype=torch.bool)
+            elif atk.minimal_norm:
                 x_adv, size, fooled_all = run_minimal(name, atk)
                 fooled = fooled_all[idx] & (size[idx] <= e * (1 + 1e-5) + 1e-7)
                 x_adv = x_adv[idx]
