@@ -86,7 +86,7 @@ def influence(
     class, robust vs natural source (Fig. 6); or --validate against leave-one-out."""
     from robust_transfer.data.tasks import parse_shots
     from robust_transfer.explain import study as study_mod
-    from robust_transfer.explain.influence import METHODS
+    from robust_transfer.explain.influence import METHODS, RANKINGS
     from robust_transfer.explain.loo import validate_leave_one_out
     from robust_transfer.report import explain_figures as figures
     from robust_transfer.transfer import FinetuneConfig
@@ -107,15 +107,24 @@ def influence(
     if not paths:
         raise UserError("give fine-tune directories or source checkpoints, or use --validate")
     check_choice("influence method", method, METHODS)
-    if seeds < 1:
-        raise UserError(f"seeds must be >= 1, got {seeds}")
+    check_choice("ranking", ranking, RANKINGS)
+    for name, value in (("seeds", seeds), ("top-k", top_k), ("examples", examples)):
+        if value < 1:
+            raise UserError(f"{name} must be >= 1, got {value}")
+    if blocks < 0 or damping < 0:
+        raise UserError(f"blocks and damping must be >= 0, got {blocks}, {damping}")
+    try:
+        per_class = parse_shots(targets_per_class)
+    except UserError:
+        raise UserError(f"targets per class must be a positive integer or 'all', got "
+                        f"{targets_per_class!r}") from None
     config = FinetuneConfig(task, images_per_class, unfrozen_blocks, epochs, lr)
     finetunes = study_mod.prepare_finetunes(
         [str(p) for p in paths], config, range(seeds), out, dev, on_finetune=console.print)
     options = {"depth": lissa_depth} if method == "lissa" else {}
     study = study_mod.influence_study(
         [str(f) for f in finetunes], method, blocks, damping, top_k, ranking,
-        parse_shots(targets_per_class), options, dev,
+        per_class, options, dev,
         on_run=lambda text: console.print(f"influence ({method}): {text}"),
     )
     table = study.class_match_table()

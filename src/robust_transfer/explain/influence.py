@@ -232,7 +232,12 @@ class InfluenceModule(ABC):
 
         v = v.to(self.dtype)
         chunk = self._vector_chunk(self.n if index is None else len(index))
-        return vmap(one, chunk_size=chunk)(v) + (self.weight_decay + self.damping) * v
+        with warnings.catch_warnings():
+            # torch's first forward-mode call scripts its jvp decompositions (a deprecation
+            # warning from inside torch, nothing the caller can act on).
+            warnings.filterwarnings("ignore", ".*torch.jit.script.*", DeprecationWarning)
+            hv = vmap(one, chunk_size=chunk)(v)
+        return hv + (self.weight_decay + self.damping) * v
 
     def eigenvalue_range(self, iterations: int = 50, seed: int = 0) -> tuple[float, float]:
         """(smallest, largest) eigenvalue of H + damping I by power iteration (the smallest

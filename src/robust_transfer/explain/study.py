@@ -20,9 +20,10 @@ import torch
 from scipy import stats
 
 from robust_transfer.data import ImageSet, Task, shots_per_class
-from robust_transfer.errors import UserError
+from robust_transfer.errors import UserError, check_choice
 from robust_transfer.explain.checkpoints import FinetunedModel, load_finetune
 from robust_transfer.explain.influence import (
+    RANKINGS,
     class_match_fractions,
     make_influence,
     rank_training_images,
@@ -202,6 +203,7 @@ def influence_study(
         raise UserError("influence needs at least one fine-tuned checkpoint")
     if k_max < 1:
         raise UserError(f"top-k must be >= 1, got {k_max}")
+    check_choice("ranking", ranking, RANKINGS)
     models = [f if isinstance(f, FinetunedModel) else load_finetune(f, device) for f in finetunes]
     tasks = {m.config.target_task for m in models}
     if len(tasks) > 1:
