@@ -3,6 +3,7 @@ one line on stderr and exit code 2."""
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 
 from explain_fixtures import checkpoints
@@ -40,12 +41,18 @@ def test_influence_from_finetunes_and_from_a_source(capsys, tmp_path):
     # one fine-tune dir and one source checkpoint that the command fine-tunes first
     code, out, err = run(capsys, "explain", "influence", c.ft_natural, c.robust,
                          "--images-per-class", "10", "--epochs", "3", "--top-k", "20",
-                         "--out", tmp_path)
+                         "--seeds", "2", "--out", tmp_path)
     assert code == 0, err
     for name in ("influence_examples.png", "influence_class_match.png", "class_match.csv"):
         assert (tmp_path / name).stat().st_size > 0, name
-    assert len(list((tmp_path / "finetunes").iterdir())) == 1
+    assert len(list((tmp_path / "finetunes").iterdir())) == 2  # the source, seeds 0 and 1
     assert "natural" in out and "robust" in out and "k=10" in out
+    table = pd.read_csv(tmp_path / "class_match.csv")
+    assert table["k"].max() == 20
+    robust = table[table["label"].str.startswith("robust")]
+    natural = table[table["label"] == "natural"]
+    assert (robust["over"] == "seeds").all() and (robust["n"] == 2).all()  # band over seeds
+    assert (natural["over"] != "seeds").all() and (natural["n"] > 2).all()  # over images
 
 
 def test_influence_validate(capsys, tmp_path):
