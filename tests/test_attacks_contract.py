@@ -7,8 +7,8 @@ import copy
 
 import pytest
 import torch
-from attack_fixtures import digits_batch, fresh, natural_model
 
+from attack_fixtures import digits_batch, fresh, natural_model
 from robust_transfer.attacks import (
     APGD,
     APGDT,

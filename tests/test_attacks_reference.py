@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from attack_fixtures import digits_batch, natural_model, robust_model
 
+from attack_fixtures import digits_batch, natural_model, robust_model
 from robust_transfer.attacks import (
     APGD,
     BIM,
