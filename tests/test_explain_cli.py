@@ -43,11 +43,11 @@ def test_influence_from_finetunes_and_from_a_source(capsys, tmp_path):
                          "--images-per-class", "10", "--epochs", "3", "--top-k", "20",
                          "--seeds", "2", "--out", tmp_path)
     assert code == 0, err
-    for name in ("influence_examples.png", "influence_class_match.png", "class_match.csv"):
+    for name in ("influence_examples.png", "influence_class_match.png", "class_match.parquet"):
         assert (tmp_path / name).stat().st_size > 0, name
     assert len(list((tmp_path / "finetunes").iterdir())) == 2  # the source, seeds 0 and 1
     assert "natural" in out and "robust" in out and "k=10" in out
-    table = pd.read_csv(tmp_path / "class_match.csv")
+    table = pd.read_parquet(tmp_path / "class_match.parquet")
     assert table["k"].max() == 20
     robust = table[table["label"].str.startswith("robust")]
     natural = table[table["label"] == "natural"]

@@ -10,7 +10,6 @@ import typer
 from robust_transfer.cli import app
 from robust_transfer.cli.common import DEVICE_OPTION, console, print_table
 from robust_transfer.errors import UserError, check_choice
-from robust_transfer.models.checkpoint import atomic_write_text
 from robust_transfer.models.runtime import resolve_device
 
 explain_app = typer.Typer(
@@ -128,14 +127,14 @@ def influence(
         on_run=lambda text: console.print(f"influence ({method}): {text}"),
     )
     table = study.class_match_table()
-    atomic_write_text(out / "class_match.csv", table.to_csv(index=False))
+    figures.save_table(table, out / "class_match.parquet")
     chance = float(study.task.train.y.bincount().max()) / len(study.task.train.y)
     fig6 = figures.class_match_figure(table, out / "influence_class_match.png", chance=chance)
     fig5 = figures.influence_examples_figure(study.examples(examples),
                                              out / "influence_examples.png")
     print_table("fraction of the top-k influential training images with the target's class",
                 study_mod.class_match_summary(table))
-    console.print(f"wrote {fig5}, {fig6} and {out / 'class_match.csv'}")
+    console.print(f"wrote {fig5}, {fig6} and {out / 'class_match.parquet'}")
 
 
 @explain_app.command()

@@ -44,6 +44,21 @@ def save_figure(fig, path: str | Path, dpi: int = 130) -> Path:
     return path
 
 
+def save_table(table: pd.DataFrame, path: str | Path) -> Path:
+    """Write a tidy table as Parquet atomically (figures can be re-made from it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        table.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
 def _image(ax, x: torch.Tensor, **kwargs) -> None:
     """Show one (C, H, W) image in [0,1] (grey for one channel)."""
     x = x.detach().cpu()
@@ -156,7 +171,7 @@ def class_match_figure(table: pd.DataFrame, path: str | Path,
         ax.set_xlabel("k (top-k most influential training images)")
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="upper right")
+        ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0.0, 0.24))
     axes[0, 0].set_ylabel("fraction of top-k with the target's class")
     method = table["method"].iloc[0] if "method" in table else ""
     fig.suptitle(title or f"Class agreement of the most influential training images "
