@@ -1,0 +1,111 @@
+"""Attack speed on the digits models (a benchmark script, not a test).
+
+Prints (1) the time of one PGD step divided by the time of one forward + backward pass with
+respect to the input on the same batch (floor 1.0; goal <= 1.10), for each norm, and (2)
+images per second for each attack at a fixed budget on a natural and a PGD-trained model.
+
+    .venv/bin/python benchmarks/bench_attacks.py [--batch 256] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from robust_transfer.attacks import (
+    APGD,
+    APGDT,
+    BIM,
+    CW,
+    FGSM,
+    LBFGS,
+    PGD,
+    DeepFool,
+    Square,
+    UniversalPerturbation,
+)
+from robust_transfer.data import load_task
+from robust_transfer.train import SourceConfig, TrainConfig, train_source
+
+
+def timed(fn, repeats: int, warmup: bool = True) -> float:
+    """Median wall time of `fn()` over `repeats` runs, after one warm-up run if `warmup`."""
+    if warmup:
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def forward_backward(model, x, y):
+    xr = x.detach().requires_grad_(True)
+    loss = F.cross_entropy(model(xr), y, reduction="sum")
+    return torch.autograd.grad(loss, xr)[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), batch {args.batch}")
+
+    task = load_task("digits-0to4")
+    x, y = task.test.x[: args.batch], task.test.y[: args.batch]
+    models = {
+        "natural": train_source(SourceConfig(task=task.name, train=TrainConfig(epochs=10)))[0],
+        "pgd-at linf 0.1": train_source(SourceConfig(task=task.name, eps=0.1, norm="linf",
+                                                     train=TrainConfig(epochs=10)))[0],
+    }
+    model = models["natural"].eval()
+
+    steps = 20
+    base = timed(lambda: forward_backward(model, x, y), args.repeats * 10)
+    print(f"\nforward+backward (w.r.t. input), batch {len(x)}: {base * 1e3:.3f} ms")
+    print(f"{'PGD step / (forward+backward)':<34}{'ratio':>8}{'ms/step':>10}")
+    for norm, eps in (("linf", 0.1), ("l2", 1.0), ("l1", 3.0)):
+        atk = PGD(model, eps, steps=steps, norm=norm, random_start=False)
+        per_step = timed(lambda atk=atk: atk(x, y), args.repeats) / steps
+        print(f"  PGD-{norm:<28}{per_step / base:>8.3f}{per_step * 1e3:>10.3f}")
+
+    budgets = {
+        "FGSM": lambda m: FGSM(m, 0.1),
+        "BIM (10 steps)": lambda m: BIM(m, 0.1, steps=10),
+        "PGD-20 linf": lambda m: PGD(m, 0.1, steps=20, seed=0),
+        "PGD-20 l2": lambda m: PGD(m, 1.0, steps=20, norm="l2", seed=0),
+        "PGD-20 l1": lambda m: PGD(m, 3.0, steps=20, norm="l1", seed=0),
+        "APGD-CE (100 it)": lambda m: APGD(m, 0.1, steps=100, seed=0),
+        "APGD-T (9->4 targets x 100 it)": lambda m: APGDT(m, 0.1, steps=100, seed=0),
+        "Square (1000 queries)": lambda m: Square(m, 0.1, n_queries=1000, seed=0),
+        "DeepFool L2 (<= 50 it)": lambda m: DeepFool(m),
+        "CW L2 (9 x <= 200 it)": lambda m: CW(m, steps=200),
+        "LBFGS (5 c x 50 it)": lambda m: LBFGS(m, search_steps=5, max_iter=50),
+    }
+    print(f"\n{'attack (fixed budget)':<34}" + "".join(f"{name:>18}" for name in models))
+    print(f"{'':<34}" + "".join(f"{'images/s':>18}" for _ in models))
+    for name, make in budgets.items():
+        row = f"{name:<34}"
+        for m in models.values():
+            m.eval()
+            t = timed(lambda m=m, make=make: make(m)(x, y), 1, warmup=False)
+            row += f"{len(x) / t:>18.1f}"
+        print(row, flush=True)
+    row = f"{'Universal (fit, 300 imgs, 1 pass)':<34}"
+    for m in models.values():
+        t = timed(lambda m=m: UniversalPerturbation(m, 2.0, max_passes=1).fit(
+            task.train.x[:300]), 1, warmup=False)
+        row += f"{300 / t:>18.1f}"
+    print(row)
+
+
+if __name__ == "__main__":
+    main()
