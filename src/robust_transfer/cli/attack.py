@@ -6,13 +6,13 @@ from pathlib import Path
 
 import typer
 
+from robust_transfer.atomic import atomic_write_text
 from robust_transfer.attacks import ATTACKS, as_matrix, evaluate, make_threat, transfer_matrix
 from robust_transfer.cli import app
 from robust_transfer.cli.common import DEVICE_OPTION, console, out, print_table, progress_bar
 from robust_transfer.data import load_task
 from robust_transfer.errors import UserError, check_choice
 from robust_transfer.models import load_checkpoint
-from robust_transfer.models.checkpoint import atomic_write_text
 from robust_transfer.models.runtime import predict_logits, resolve_device
 from robust_transfer.report.attack_figures import (
     adversarial_gallery,

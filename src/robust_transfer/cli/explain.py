@@ -88,6 +88,7 @@ def influence(
     from robust_transfer.explain.influence import METHODS, RANKINGS
     from robust_transfer.explain.loo import validate_leave_one_out
     from robust_transfer.report import explain_figures as figures
+    from robust_transfer.report.common import save_table
     from robust_transfer.transfer import FinetuneConfig
 
     dev = resolve_device(device)
@@ -127,7 +128,7 @@ def influence(
         on_run=lambda text: console.print(f"influence ({method}): {text}"),
     )
     table = study.class_match_table()
-    figures.save_table(table, out / "class_match.parquet")
+    save_table(table, out / "class_match.parquet")
     chance = float(study.task.train.y.bincount().max()) / len(study.task.train.y)
     fig6 = figures.class_match_figure(table, out / "influence_class_match.png", chance=chance)
     fig5 = figures.influence_examples_figure(study.examples(examples),

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from robust_transfer import __version__
+from robust_transfer.atomic import atomic_path, atomic_write_text
 from robust_transfer.errors import UserError
 from robust_transfer.models.nets import ConvNet, ModelSpec, build_model
 
@@ -30,24 +29,13 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` via a temporary file and rename: never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def save_checkpoint(model: ConvNet, directory: str | Path, meta: dict | None = None) -> Path:
     """Save `model` to `directory` (created); `meta` is merged into the JSON sidecar."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".weights.", suffix=".tmp")
-    os.close(fd)
-    save_file(state, tmp)
-    os.replace(tmp, directory / WEIGHTS)
+    with atomic_path(directory / WEIGHTS) as tmp:
+        save_file(state, tmp)
     sidecar = {
         "model": model.spec.to_dict(),
         **(meta or {}),

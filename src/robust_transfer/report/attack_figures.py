@@ -6,8 +6,6 @@ and written atomically: saved under a temporary name in the target directory, th
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -21,24 +19,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from robust_transfer.models.runtime import predict_logits  # noqa: E402
-
-
-def save_figure_atomic(fig, path: str | Path, dpi: int = 130) -> Path:
-    """Save `fig` to `path` via a temporary file in the same directory, then `os.replace`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    finally:
-        plt.close(fig)
-    return path
+from robust_transfer.report.common import save_figure  # noqa: E402
 
 
 def robust_accuracy_curves(results: pd.DataFrame, path: str | Path, title: str = "") -> Path:
@@ -66,7 +47,7 @@ def robust_accuracy_curves(results: pd.DataFrame, path: str | Path, title: str =
         ax.legend(fontsize=8, loc="lower left")
     if title and models != [None]:
         fig.suptitle(title)
-    return save_figure_atomic(fig, path)
+    return save_figure(fig, path)
 
 
 def _show(ax, img: torch.Tensor, **kwargs) -> None:
@@ -111,7 +92,7 @@ def adversarial_gallery(
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return save_figure_atomic(fig, path)
+    return save_figure(fig, path)
 
 
 def transfer_heatmap(table: pd.DataFrame, path: str | Path,
@@ -139,4 +120,4 @@ def transfer_heatmap(table: pd.DataFrame, path: str | Path,
             ax.text(j, i, f"{v:.2f}", ha="center", va="center",
                     color="black" if v > 0.5 else "white", fontsize=9)
     fig.colorbar(im, ax=list(axes[0]), label=value.replace("_", " "), shrink=0.85)
-    return save_figure_atomic(fig, path)
+    return save_figure(fig, path)

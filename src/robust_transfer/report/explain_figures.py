@@ -7,8 +7,6 @@ Every figure is written atomically (temporary file in the same directory, then r
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -24,39 +22,9 @@ from robust_transfer.explain.loo import LeaveOneOutResult  # noqa: E402
 from robust_transfer.explain.saliency import SaliencyComparison  # noqa: E402
 from robust_transfer.explain.study import InfluenceExamples  # noqa: E402
 from robust_transfer.explain.units import UnitAnalysis  # noqa: E402
+from robust_transfer.report.common import save_figure  # noqa: E402
 
 MATCH, MISMATCH = "#1a7f37", "#cf222e"
-
-
-def save_figure(fig, path: str | Path, dpi: int = 130) -> Path:
-    """Save `fig` to `path` atomically and close it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
-def save_table(table: pd.DataFrame, path: str | Path) -> Path:
-    """Write a tidy table as Parquet atomically (figures can be re-made from it)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        table.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
 
 
 def _image(ax, x: torch.Tensor, **kwargs) -> None:

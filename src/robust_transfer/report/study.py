@@ -9,8 +9,6 @@ One column per number of unfrozen blocks.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +18,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from robust_transfer.atomic import atomic_write_text  # noqa: E402
+from robust_transfer.report.common import save_figure  # noqa: E402
 from robust_transfer.report.stats import summarise  # noqa: E402
 from robust_transfer.transfer.results import read_results  # noqa: E402
 
@@ -69,17 +69,6 @@ def _band(ax, x, stats: pd.DataFrame, label: str, color) -> None:
     ax.plot(x, stats["mean"], marker="o", ms=4, label=label, color=color)
     ax.fill_between(x, stats["mean"] - stats["ci"], stats["mean"] + stats["ci"],
                     alpha=0.2, color=color, linewidth=0)
-
-
-def _save(fig, path: Path) -> Path:
-    """Save atomically: a temp file in the same directory, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=130, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
 
 
 def _n_text(stats: pd.DataFrame) -> str:
@@ -227,7 +216,7 @@ def make_report(results: str | Path, out: str | Path, epoch_shots: list[str] | N
                             f"Fig. 1 — fine-tuning {source_task} → {target}: accuracy vs data",
                             log_x=True)
         _label_all_ticks(axes, final)
-        figures.append(_save(fig, out / f"fig1_accuracy_vs_images{suffix}.png"))
+        figures.append(save_figure(fig, out / f"fig1_accuracy_vs_images{suffix}.png"))
         shots = epoch_shots or [min(part.images_per_class.unique(), key=_shots_key)]
         for k in shots:
             sub = part[part.images_per_class == str(k)]
@@ -236,12 +225,9 @@ def make_report(results: str | Path, out: str | Path, epoch_shots: list[str] | N
             fig, _ = _figure(sub, "epoch", "fine-tuning epoch",
                              f"Fig. 2 — {source_task} → {target}, {k} image(s) per class: "
                              "accuracy vs epochs", log_x=False)
-            figures.append(_save(fig, out / f"fig2_accuracy_vs_epochs_k{k}{suffix}.png"))
+            figures.append(save_figure(fig, out / f"fig2_accuracy_vs_epochs_k{k}{suffix}.png"))
     summary = out / "summary.md"
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".summary.", suffix=".md")
-    with os.fdopen(fd, "w") as f:
-        f.write(summary_markdown(df))
-    os.replace(tmp, summary)
+    atomic_write_text(summary, summary_markdown(df))
     return StudyReport(figures, summary)
 
 

@@ -8,12 +8,11 @@ Parquet dataset; `consolidate` also writes it as one `results.parquet` for conve
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 
+from robust_transfer.atomic import atomic_path
 from robust_transfer.errors import UserError
 
 PARTS = "results"
@@ -24,18 +23,6 @@ REQUIRED_COLUMNS = (
 )
 
 
-def _atomic_parquet(df: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        df.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def done_run_ids(out: Path) -> set[str]:
     """Ids of the runs whose rows are already stored under `out`."""
     parts = Path(out) / PARTS
@@ -44,13 +31,15 @@ def done_run_ids(out: Path) -> set[str]:
 
 def append_run(out: Path, run_id: str, rows: list[dict]) -> None:
     """Store one finished run's rows, atomically."""
-    _atomic_parquet(pd.DataFrame(rows), Path(out) / PARTS / f"{run_id}.parquet")
+    with atomic_path(Path(out) / PARTS / f"{run_id}.parquet") as tmp:
+        pd.DataFrame(rows).to_parquet(tmp, index=False)
 
 
 def consolidate(out: Path) -> Path:
     """Write every stored run as one `results.parquet` in `out`; return its path."""
     df = read_results(Path(out) / PARTS)
-    _atomic_parquet(df, Path(out) / TABLE)
+    with atomic_path(Path(out) / TABLE) as tmp:
+        df.to_parquet(tmp, index=False)
     return Path(out) / TABLE
 
 
