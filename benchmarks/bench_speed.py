@@ -15,24 +15,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+from bench_attacks import pgd_step_ratio, timed
 
-from robust_transfer.attacks import PGD
 from robust_transfer.data import load_task
 from robust_transfer.models import ModelSpec, build_model
 from robust_transfer.train import PGDExamples, TrainConfig, fit, natural_examples
 from robust_transfer.transfer.grid import plan, run_grid
 from robust_transfer.transfer.spec import parse_spec
-
-
-def best_of(fn, repeats: int = 5) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def training_throughput(steps: int) -> dict:
@@ -42,25 +31,9 @@ def training_throughput(steps: int) -> dict:
     for label, maker in [("natural", natural_examples),
                          (f"PGD-AT ({steps} steps)", PGDExamples(0.5, "l2", steps))]:
         model = build_model(ModelSpec(num_classes=5), seed=0)
-        seconds = best_of(lambda m=model, mk=maker: fit(m, data, cfg, mk), repeats=3)
+        seconds = timed(lambda m=model, mk=maker: fit(m, data, cfg, mk), repeats=3)
         rates[label] = 2 * len(data) / seconds
     return rates
-
-
-def attack_step_ratio(steps: int, batch: int = 256) -> tuple[float, float, float]:
-    """(PGD-k seconds, k x forward+backward seconds, ratio) on digits, cnn-small."""
-    x = load_task("digits-0to4").train.x[:batch]
-    y = load_task("digits-0to4").train.y[:batch]
-    model = build_model(ModelSpec(num_classes=5), seed=0).eval()
-
-    def forward_backward():
-        xr = x.clone().requires_grad_(True)
-        torch.autograd.grad(F.cross_entropy(model(xr), y, reduction="sum"), xr)
-
-    attack = PGD(model, eps=0.5, steps=steps, norm="l2", seed=0)
-    fb = best_of(lambda: forward_backward(), repeats=20)
-    pgd = best_of(lambda: attack(x, y), repeats=5)
-    return pgd, steps * fb, pgd / (steps * fb)
 
 
 def finetunes_per_second(workers: int) -> tuple[float, int]:
@@ -89,9 +62,13 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for label, rate in training_throughput(args.steps).items():
         print(f"training throughput, digits cnn-small, {label}: {rate:,.0f} img/s")
-    pgd, floor, ratio = attack_step_ratio(args.steps)
-    print(f"PGD-{args.steps} on 256 images: {pgd * 1e3:.1f} ms; {args.steps} x fwd+bwd: "
-          f"{floor * 1e3:.1f} ms; ratio {ratio:.3f} (floor 1.0)")
+    task = load_task("digits-0to4")
+    model = build_model(ModelSpec(num_classes=5), seed=0).eval()
+    for norm, eps in (("linf", 0.1), ("l2", 0.5)):
+        ratio, per_step = pgd_step_ratio(model, task.train.x[:256], task.train.y[:256], norm, eps,
+                                         args.steps)
+        print(f"PGD-{args.steps} {norm}, 256 images: {per_step * 1e3:.2f} ms/step = {ratio:.3f} x "
+              "one forward+backward (floor 1.0)")
     rate, n = finetunes_per_second(args.workers)
     print(f"grid: {n} fine-tunes (30 epochs, 1-25 img/class) at {rate:.2f} fine-tunes/s "
           f"with {args.workers} workers")
