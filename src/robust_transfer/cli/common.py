@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -55,13 +56,19 @@ def progress_bar(description: str, total: int) -> Iterator:
         yield advances[description]
 
 
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return "–" if math.isnan(value) else f"{value:.4f}"
+    return str(value)
+
+
 def print_table(title: str, rows: list[dict]) -> None:
-    """Print dict rows as a table on stdout (floats to 4 digits)."""
+    """Print dict rows as a table on stdout (floats to 4 digits, NaN as a dash)."""
     if not rows:
         return
     table = Table(title=title)
     for key in rows[0]:
         table.add_column(str(key))
     for row in rows:
-        table.add_row(*(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()))
+        table.add_row(*(_cell(v) for v in row.values()))
     out.print(table)
