@@ -173,3 +173,26 @@ def test_fooling_images_reach_99_percent(start):
     images, conf = FoolingImages(model, steps=300, seed=0).generate(5, (1, 8, 8), start)
     assert images.shape == (5, 1, 8, 8) and images.min() >= 0 and images.max() <= 1
     assert (conf >= 0.99).all(), conf
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 1.0)])
+def test_fgsm_and_pgd_raise_the_loss_over_clean_inputs(norm, eps):
+    model = natural_model()
+    x, y = digits_batch(64)
+    with torch.no_grad():
+        clean = F.cross_entropy(model(x), y, reduction="none")
+    for atk in (FGSM(model, eps, norm), PGD(model, eps, steps=5, norm=norm, seed=0)):
+        with torch.no_grad():
+            adv = F.cross_entropy(model(atk(x, y)), y, reduction="none")
+        assert adv.mean() > 2 * clean.mean()
+        assert (adv > clean).float().mean() >= 0.9
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_eps_zero_gives_the_clean_inputs_and_clean_accuracy(norm):
+    model = natural_model()
+    x, y = digits_batch(64)
+    for atk in (FGSM(model, 0.0, norm), PGD(model, 0.0, steps=3, norm=norm, seed=0)):
+        x_adv = atk(x, y)
+        assert torch.equal(x_adv, x)
+        assert accuracy(model, x_adv, y) == accuracy(model, x, y)
