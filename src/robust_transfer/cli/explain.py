@@ -9,8 +9,20 @@ import typer
 
 from robust_transfer.cli import app
 from robust_transfer.cli.common import DEVICE_OPTION, console, print_table
+from robust_transfer.data.tasks import parse_shots
 from robust_transfer.errors import UserError, check_choice
+from robust_transfer.explain import study as study_mod
+from robust_transfer.explain.checkpoints import load_labelled, task_split
+from robust_transfer.explain.influence import METHODS as INFLUENCE_METHODS
+from robust_transfer.explain.influence import RANKINGS
+from robust_transfer.explain.loo import validate_leave_one_out
+from robust_transfer.explain.saliency import METHODS as SALIENCY_METHODS
+from robust_transfer.explain.saliency import saliency_for_checkpoints
+from robust_transfer.explain.units import unit_analysis
 from robust_transfer.models.runtime import resolve_device
+from robust_transfer.report import explain_figures as figures
+from robust_transfer.report.common import save_table
+from robust_transfer.transfer import FinetuneConfig
 
 explain_app = typer.Typer(
     help="Explain what transfers: saliency maps, influence functions, unit analysis.",
@@ -40,18 +52,16 @@ def saliency(
 ) -> None:
     """Loss-gradient maps of natural vs robust models on the same images (Fig. 4), and how
     much of the gradient mass lies on the digit's ink."""
-    from robust_transfer.explain.saliency import METHODS, saliency_for_checkpoints
-    from robust_transfer.report.explain_figures import saliency_grid
 
-    check_choice("saliency method", method, {*METHODS, "both"})
+    check_choice("saliency method", method, {*SALIENCY_METHODS, "both"})
     if per_class < 1:
         raise UserError(f"images per class must be >= 1, got {per_class}")
-    methods = METHODS if method == "both" else (method,)
+    methods = SALIENCY_METHODS if method == "both" else (method,)
     comparison = saliency_for_checkpoints(
         [str(c) for c in checkpoints], task, split, per_class, methods, threshold, samples,
         sigma, seed, resolve_device(device),
     )
-    png = saliency_grid(comparison, out / "saliency.png")
+    png = figures.saliency_grid(comparison, out / "saliency.png")
     print_table("saliency mass on the digit's ink (per image, mean over images)",
                 comparison.table())
     console.print(f"wrote {png}")
@@ -83,13 +93,6 @@ def influence(
 ) -> None:
     """Most influential training images per test image (Fig. 5) and how often they share its
     class, robust vs natural source (Fig. 6); or --validate against leave-one-out."""
-    from robust_transfer.data.tasks import parse_shots
-    from robust_transfer.explain import study as study_mod
-    from robust_transfer.explain.influence import METHODS, RANKINGS
-    from robust_transfer.explain.loo import validate_leave_one_out
-    from robust_transfer.report import explain_figures as figures
-    from robust_transfer.report.common import save_table
-    from robust_transfer.transfer import FinetuneConfig
 
     dev = resolve_device(device)
     if validate:
@@ -106,7 +109,7 @@ def influence(
         return
     if not paths:
         raise UserError("give fine-tune directories or source checkpoints, or use --validate")
-    check_choice("influence method", method, METHODS)
+    check_choice("influence method", method, INFLUENCE_METHODS)
     check_choice("ranking", ranking, RANKINGS)
     for name, value in (("seeds", seeds), ("top-k", top_k), ("examples", examples)):
         if value < 1:
@@ -151,16 +154,13 @@ def units(
 ) -> None:
     """Images that most activate single units vs random directions of a layer (Szegedy et
     al. 2014 sec. 3), and how class-pure their top-k lists are."""
-    from robust_transfer.explain.checkpoints import load_labelled, task_split
-    from robust_transfer.explain.units import unit_analysis
-    from robust_transfer.report.explain_figures import units_grid
 
     if rows < 1:
         raise UserError(f"rows must be >= 1, got {rows}")
     (loaded,) = load_labelled([str(checkpoint)], None, resolve_device(device))
     images = task_split(loaded.task, split)
     analysis = unit_analysis(loaded.model, images, layer, top_k, seed)
-    png = units_grid(analysis, images.x, images.y, out / f"units_{_slug(layer)}.png", rows,
+    png = figures.units_grid(analysis, images.x, images.y, out / f"units_{_slug(layer)}.png", rows,
                      loaded.task.classes, title=f"{loaded.label}, layer {layer}: top-{top_k} "
                      f"{split} images per unit vs per random direction")
     print_table(f"unit analysis of {checkpoint} ({loaded.label})", [analysis.summary()])
