@@ -3,6 +3,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -11,7 +12,7 @@ import yaml
 from robust_transfer.errors import UserError
 from robust_transfer.report.study import make_report
 from robust_transfer.transfer.grid import plan, run_grid
-from robust_transfer.transfer.results import read_results
+from robust_transfer.transfer.results import append_run, done_run_ids, read_results
 from robust_transfer.transfer.spec import expand, load_spec, parse_spec
 
 SPEC = {
@@ -97,11 +98,11 @@ def test_resume_after_kill_9_gives_exactly_the_expected_rows(tmp_path):
                              "--out", str(out), "--workers", "1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
-    while time.time() < deadline and len(list((out / "results").glob("*.parquet"))) < 3:
+    while time.time() < deadline and len(done_run_ids(out)) < 3:
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    done_before = len(list((out / "results").glob("*.parquet")))
+    done_before = len(done_run_ids(out))
     expected = {r.run_id for r in expand(parse_spec(spec))}
     assert 3 <= done_before < len(expected), "the kill should land mid-grid"
     assert len(plan(parse_spec(spec), out).pending) == len(expected) - done_before
@@ -113,6 +114,12 @@ def test_resume_after_kill_9_gives_exactly_the_expected_rows(tmp_path):
     assert not df.duplicated(["run_id", "epoch"]).any()
 
 
+def test_a_temporary_file_left_by_a_kill_is_not_a_run(tmp_path):
+    append_run(tmp_path, "abc", [{"run_id": "abc", "epoch": 1}])
+    (tmp_path / "results" / ".def.k3j2.parquet").write_bytes(b"PAR1 half-written")
+    assert done_run_ids(tmp_path) == {"abc"}
+
+
 def test_report_rejects_a_table_that_is_not_ours(tmp_path):
     pd.DataFrame({"a": [1]}).to_parquet(tmp_path / "x.parquet")
     with pytest.raises(UserError, match="not a robust_transfer results table"):
@@ -121,3 +128,38 @@ def test_report_rejects_a_table_that_is_not_ours(tmp_path):
     with pytest.raises(UserError, match="not a Parquet table"):
         read_results(tmp_path / "y.parquet")
     assert not (tmp_path / "rep").exists()
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")
+def test_workers_exit_when_the_grid_is_killed(tmp_path):
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump({**SPEC, "epochs": 30}))
+    proc = subprocess.Popen([sys.executable, "-m", "robust_transfer.cli", "grid", str(spec_file),
+                             "--out", str(tmp_path / "g"), "--workers", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, workers = time.time() + 60, []
+    while time.time() < deadline and len(workers) < 2:
+        workers = [p for p in _children(proc.pid)
+                   if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        time.sleep(0.1)
+    assert len(workers) == 2
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(Path(f"/proc/{p}").exists() for p in workers):
+        time.sleep(0.2)
+    alive = [p for p in workers if Path(f"/proc/{p}").exists()
+             and "Z" not in Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]]
+    assert alive == []

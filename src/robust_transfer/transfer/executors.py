@@ -2,13 +2,16 @@
 
 `LocalExecutor(workers)` runs in this process (workers <= 1) or in a pool of spawned worker
 processes (spawn, not fork: forking a process whose OpenMP threads have run can deadlock).
-Each worker gets cores/workers intra-op threads so workers do not oversubscribe the CPU.
+Each worker gets cores/workers intra-op threads so workers do not oversubscribe the CPU, and
+exits by itself if the main process is killed.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import TypeVar
@@ -19,13 +22,42 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def _init_worker(threads: int) -> None:
+def _exit_with_parent(parent_pid: int) -> None:
+    """Poll the parent; if it died (kill -9 leaves no chance to shut the pool down), exit."""
+    while os.getppid() == parent_pid:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def _init_worker(threads: int, parent_pid: int) -> None:
     torch.set_num_threads(threads)
+    threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
 
 
 class LocalExecutor:
+    """Use as a context manager: the worker pool is started once, on first need, and shared
+    by every `map_unordered` call inside the block (spawning workers costs seconds)."""
+
     def __init__(self, workers: int = 1) -> None:
         self.workers = max(1, int(workers))
+        self._pool: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> LocalExecutor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def _get_pool(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            threads = max(1, (os.cpu_count() or 1) // self.workers)
+            self._pool = ProcessPoolExecutor(
+                self.workers, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker, initargs=(threads, os.getpid()),
+            )
+        return self._pool
 
     def map_unordered(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[tuple[T, R]]:
         """Yield (item, fn(item)) as each finishes. An exception in any run propagates."""
@@ -34,17 +66,14 @@ class LocalExecutor:
             for item in items:
                 yield item, fn(item)
             return
-        threads = max(1, (os.cpu_count() or 1) // self.workers)
-        pool = ProcessPoolExecutor(
-            self.workers, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_worker, initargs=(threads,),
-        )
+        pool = self._get_pool()
+        pending = {pool.submit(fn, item): item for item in items}
         try:
-            pending = {pool.submit(fn, item): item for item in items}
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:
                     item = pending.pop(future)
                     yield item, future.result()
         finally:
-            pool.shutdown(wait=False, cancel_futures=True)
+            for future in pending:
+                future.cancel()

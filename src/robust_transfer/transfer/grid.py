@@ -91,14 +91,14 @@ def run_grid(
     out.mkdir(parents=True, exist_ok=True)
     (out / "spec.yaml").write_text(yaml.safe_dump(_spec_dict(spec), sort_keys=False))
     todo = plan(spec, out)
-    executor = LocalExecutor(workers)
-    for _job, directory in executor.map_unordered(_train_source_job, todo.sources_to_train):
-        if on_source_done:
-            on_source_done(directory)
-    for job, rows in executor.map_unordered(_finetune_job, todo.pending):
-        append_run(out, job.run_id, rows)
-        if on_run_done:
-            on_run_done(job.run_id)
+    with LocalExecutor(workers) as executor:
+        for _job, directory in executor.map_unordered(_train_source_job, todo.sources_to_train):
+            if on_source_done:
+                on_source_done(directory)
+        for job, rows in executor.map_unordered(_finetune_job, todo.pending):
+            append_run(out, job.run_id, rows)
+            if on_run_done:
+                on_run_done(job.run_id)
     return consolidate(out)
 
 

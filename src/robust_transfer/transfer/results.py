@@ -23,10 +23,15 @@ REQUIRED_COLUMNS = (
 )
 
 
+def part_files(parts: Path) -> list[Path]:
+    """The stored runs' Parquet files, sorted; an unfinished write (a hidden temporary file
+    that a kill -9 left behind) is not a run."""
+    return sorted(p for p in Path(parts).glob("*.parquet") if not p.name.startswith("."))
+
+
 def done_run_ids(out: Path) -> set[str]:
     """Ids of the runs whose rows are already stored under `out`."""
-    parts = Path(out) / PARTS
-    return {p.stem for p in parts.glob("*.parquet")} if parts.is_dir() else set()
+    return {p.stem for p in part_files(Path(out) / PARTS)}
 
 
 def append_run(out: Path, run_id: str, rows: list[dict]) -> None:
@@ -57,7 +62,7 @@ def read_results(path: str | Path) -> pd.DataFrame:
         raise UserError(f"no results at {str(path)!r}: expected a results.parquet or a grid dir")
     try:
         if path.is_dir():
-            files = sorted(path.glob("*.parquet"))
+            files = part_files(path)
             if not files:
                 raise UserError(f"no results in {str(path)!r}: the directory holds no runs")
             df = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
