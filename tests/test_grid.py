@@ -36,6 +36,20 @@ def test_spec_expands_to_every_combination():
     assert len(runs) == 2 * 3 * 2 * 3
     assert len({r.run_id for r in runs}) == len(runs)
     assert len({r.source_id for r in runs}) == 2
+    runs = expand(parse_spec({**SPEC, "epochs": [2, 3], "lr": [0.1, 0.01]}))
+    assert len(runs) == 2 * 3 * 2 * 3 * 2 * 2
+    assert {r.finetune.epochs for r in runs} == {2, 3}
+
+
+def test_report_makes_one_figure_set_per_number_of_epochs(tmp_path):
+    spec = parse_spec({**SPEC, "images_per_class": [1, 3], "unfrozen_blocks": [0],
+                       "epochs": [2, 3], "seeds": [0, 1]})
+    report = make_report(run_grid(spec, tmp_path / "g"), tmp_path / "rep")
+    assert sorted(p.name for p in report.figures) == [
+        "fig1_accuracy_vs_images_epochs2.png", "fig1_accuracy_vs_images_epochs3.png",
+        "fig2_accuracy_vs_epochs_k1_epochs2.png", "fig2_accuracy_vs_epochs_k1_epochs3.png"]
+    summary = report.summary.read_text()
+    assert "(lr 0.1, 2 epochs)" in summary and "(lr 0.1, 3 epochs)" in summary
 
 
 @pytest.mark.parametrize("bad,match", [

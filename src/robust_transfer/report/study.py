@@ -23,7 +23,10 @@ from robust_transfer.report.common import save_figure  # noqa: E402
 from robust_transfer.report.stats import summarise  # noqa: E402
 from robust_transfer.transfer.results import read_results  # noqa: E402
 
-PAIR_KEYS = ["target_task", "lr", "unfrozen_blocks", "images_per_class", "seed", "epoch"]
+# One set of figures (and one summary section) per facet: runs that differ only in source,
+# shots, unfrozen blocks, seed and epoch are comparable within it.
+FACETS = ["target_task", "lr", "epochs"]
+PAIR_KEYS = [*FACETS, "unfrozen_blocks", "images_per_class", "seed", "epoch"]
 
 
 def source_label(eps: float, norm: str) -> str:
@@ -148,14 +151,14 @@ def summary_markdown(df: pd.DataFrame) -> str:
     delta = paired_delta(final)
     lines = ["# Robust transfer study: summary", "",
              "Final-epoch test accuracy, mean ± 95% t-interval half-width over seeds (n).", ""]
-    for (target, lr), part in final.groupby(["target_task", "lr"]):
+    for (target, lr, epochs), part in final.groupby(FACETS):
         sources = _sources_order(part)
         robust = [s for s in sources if s != "natural"] if "natural" in sources else []
         head = ["unfrozen blocks", "images/class", *sources, *(f"Δ {s}" for s in robust)]
-        lines += [f"## {part.source_task.iloc[0]} → {target} (lr {lr:g}, "
-                  f"{int(part.epochs.iloc[0])} epochs)", "",
+        lines += [f"## {part.source_task.iloc[0]} → {target} (lr {lr:g}, {epochs} epochs)", "",
                   "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        dpart = delta[(delta.target_task == target) & (delta.lr == lr)]
+        dpart = delta[(delta.target_task == target) & (delta.lr == lr)
+                      & (delta.epochs == epochs)]
         for b in _blocks_order(part.unfrozen_blocks):
             shots = part[part.unfrozen_blocks == b].sort_values("shots")
             for k in shots.images_per_class.unique():
@@ -177,10 +180,11 @@ def summary_markdown(df: pd.DataFrame) -> str:
 def headline_rows(results: str | Path) -> list[dict]:
     """Final-epoch mean accuracy per (target, unfrozen blocks, images per class) and source."""
     final = _final_epoch(prepare(read_results(results)))
+    varying = [f for f in FACETS if final[f].nunique() > 1 or f == "target_task"]
     rows = []
-    keys = ["target_task", "unfrozen_blocks", "shots", "images_per_class"]
-    for key, part in final.groupby(keys, sort=True):
-        row = {"target": key[0], "unfrozen blocks": key[1], "images/class": key[3]}
+    for key, part in final.groupby([*varying, "unfrozen_blocks", "shots"], sort=True):
+        row = dict(zip(varying, key[: len(varying)], strict=True))
+        row |= {"unfrozen blocks": key[-2], "images/class": part.images_per_class.iloc[0]}
         for s in _sources_order(part):
             row[s] = float(part[part.source == s].test_accuracy.mean())
         rows.append(row)
@@ -205,11 +209,9 @@ def make_report(results: str | Path, out: str | Path, epoch_shots: list[str] | N
     df = prepare(read_results(results))
     out = Path(out)
     figures = []
-    groups = list(df.groupby(["target_task", "lr"]))
-    for (target, lr), part in groups:
-        suffix = f"_{target}" + (f"_lr{lr:g}" if df.lr.nunique() > 1 else "")
-        if df.target_task.nunique() == 1 and df.lr.nunique() == 1:
-            suffix = ""
+    for facet, part in df.groupby(FACETS):
+        target, _lr, _epochs = facet
+        suffix = _facet_suffix(df, facet)
         source_task = part.source_task.iloc[0]
         final = _final_epoch(part)
         fig, axes = _figure(final, "shots", "training images per class (log scale)",
@@ -229,6 +231,15 @@ def make_report(results: str | Path, out: str | Path, epoch_shots: list[str] | N
     summary = out / "summary.md"
     atomic_write_text(summary, summary_markdown(df))
     return StudyReport(figures, summary)
+
+
+def _facet_suffix(df: pd.DataFrame, facet: tuple) -> str:
+    """File-name suffix naming the facet values that vary in the table ("" if none do)."""
+    labels = {"target_task": "", "lr": "lr", "epochs": "epochs"}
+    return "".join(
+        f"_{labels[name]}{value:g}" if isinstance(value, float) else f"_{labels[name]}{value}"
+        for name, value in zip(FACETS, facet, strict=True) if df[name].nunique() > 1
+    )
 
 
 def _shots_key(k: str) -> float:

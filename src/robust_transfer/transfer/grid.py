@@ -114,7 +114,7 @@ def _spec_dict(spec: GridSpec) -> dict:
         "targets": list(spec.targets),
         "images_per_class": [shots(k) for k in spec.images_per_class],
         "unfrozen_blocks": [shots(k) for k in spec.unfrozen_blocks],
-        "epochs": spec.epochs,
+        "epochs": list(spec.epochs),
         "seeds": list(spec.seeds),
         "lr": list(spec.lr),
         "batch_size": spec.batch_size,

@@ -46,7 +46,7 @@ class GridSpec:
     targets: tuple[str, ...]
     images_per_class: tuple[int | None, ...]
     unfrozen_blocks: tuple[int | None, ...]
-    epochs: int
+    epochs: tuple[int, ...]
     seeds: tuple[int, ...]
     lr: tuple[float, ...] = (0.1,)
     batch_size: int = 32
@@ -132,7 +132,7 @@ def parse_spec(d: dict) -> GridSpec:
                                                                  "images_per_class")),
         unfrozen_blocks=tuple(parse_blocks(k) for k in _as_list(d["unfrozen_blocks"],
                                                                 "unfrozen_blocks")),
-        epochs=_number(d["epochs"], "epochs", int),
+        epochs=tuple(_number(e, "epochs", int) for e in _as_list(d["epochs"], "epochs")),
         seeds=tuple(_number(s, "seeds", int) for s in _as_list(d["seeds"], "seeds")),
         lr=tuple(_number(v, "lr") for v in _as_list(d.get("lr", 0.1), "lr")),
         batch_size=_number(d.get("batch_size", 32), "batch_size", int),
@@ -169,10 +169,10 @@ def source_configs(spec: GridSpec) -> list[SourceConfig]:
 def expand(spec: GridSpec) -> list[Run]:
     """Every combination of the spec's variables, as `Run`s (sources outermost)."""
     runs = []
-    for source, target, k, blocks, lr, seed in itertools.product(
+    for source, target, k, blocks, epochs, lr, seed in itertools.product(
         source_configs(spec), spec.targets, spec.images_per_class, spec.unfrozen_blocks,
-        spec.lr, spec.seeds,
+        spec.epochs, spec.lr, spec.seeds,
     ):
-        cfg = FinetuneConfig(target, k, blocks, spec.epochs, lr, spec.batch_size, seed)
+        cfg = FinetuneConfig(target, k, blocks, epochs, lr, spec.batch_size, seed)
         runs.append(Run(source, cfg))
     return runs
