@@ -50,8 +50,10 @@ def train(
         model, meta = train_source(cfg, dev, on_epoch=lambda _epoch: advance())
     save_checkpoint(model, out, meta)
     m = meta["metrics"]
-    print_table("source model", [{"checkpoint": str(out), "clean accuracy": m["clean_accuracy"],
-                                  f"PGD-20 {norm} eps={eps}": m["robust_accuracy"]}])
+    row = {"checkpoint": str(out), "task": task, "clean test accuracy": m["clean_accuracy"]}
+    if eps > 0:
+        row[f"PGD-20 {norm} eps={eps:g}"] = m["robust_accuracy"]
+    print_table("source model", [row])
 
 
 @app.command()
