@@ -50,7 +50,7 @@ def train(
         model, meta = train_source(cfg, dev, on_epoch=lambda _epoch: advance())
     save_checkpoint(model, out, meta)
     m = meta["metrics"]
-    row = {"checkpoint": str(out), "task": task, "clean test accuracy": m["clean_accuracy"]}
+    row = {"checkpoint": str(out), "task": task, "clean accuracy": m["clean_accuracy"]}
     if eps > 0:
         row[f"PGD-20 {norm} eps={eps:g}"] = m["robust_accuracy"]
     print_table("source model", [row])
