@@ -102,6 +102,7 @@ class InfluenceExamples:
     top_images: dict[str, torch.Tensor]  # label -> (C, k, ch, H, W)
     top_labels: dict[str, torch.Tensor]  # label -> (C, k)
     top_scores: dict[str, torch.Tensor]  # label -> (C, k)
+    ranking: str = "helpful"  # how the top-k were chosen (see `rank_training_images`)
 
 
 def t_interval(values: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
@@ -153,6 +154,7 @@ class InfluenceStudy:
                                  "mean": float(mean[j]), "lower": float(mean[j] - half[j]),
                                  "upper": float(mean[j] + half[j]), "n": len(values),
                                  "over": over, "method": self.method,
+                                 "ranking": self.ranking,
                                  "unfrozen_blocks": self.unfrozen_blocks})
         return pd.DataFrame(rows)
 
@@ -173,7 +175,7 @@ class InfluenceStudy:
             scores[label] = torch.gather(run.test_scores[rows], 1, top)
         index = ref.test_index[rows]
         return InfluenceExamples(self.task.test.x[index], self.task.test.y[index],
-                                 self.task.classes, images, labels, scores)
+                                 self.task.classes, images, labels, scores, self.ranking)
 
 
 def _targets(labels: torch.Tensor, per_class: int | None) -> torch.Tensor:

@@ -25,6 +25,9 @@ from robust_transfer.explain.units import UnitAnalysis  # noqa: E402
 from robust_transfer.report.common import save_figure  # noqa: E402
 
 MATCH, MISMATCH = "#1a7f37", "#cf222e"
+# What "top-k" means under each ranking of `explain.influence.rank_training_images`.
+RANKING_WORDS = {"helpful": "most helpful", "harmful": "most harmful",
+                 "abs": "most influential (largest |influence|)"}
 
 
 def _image(ax, x: torch.Tensor, **kwargs) -> None:
@@ -82,8 +85,9 @@ def saliency_grid(comparison: SaliencyComparison, path: str | Path,
 
 
 def influence_examples_figure(examples: InfluenceExamples, path: str | Path) -> Path:
-    """Fig. 5 analog: for one test image per class, the top-k most influential (helpful)
-    training images under each source; titles green when the class matches the test image."""
+    """Fig. 5 analog: for one test image per class, the top-k most influential training images
+    (by the study's ranking: helpful by default) under each source; titles green when the
+    class matches the test image."""
     labels = list(examples.top_images)
     classes = len(examples.test_labels)
     k = next(iter(examples.top_images.values())).shape[1]
@@ -108,7 +112,8 @@ def influence_examples_figure(examples: InfluenceExamples, path: str | Path) -> 
                 t = int(examples.top_labels[label][c, j])
                 ax.set_title(digit(t), fontsize=8, color=MATCH if t == y else MISMATCH)
     fig.subplots_adjust(hspace=0.45, wspace=0.15, top=1 - 0.75 / fig.get_figheight())
-    fig.suptitle(f"Top-{k} most helpful training images (influence on the test loss) per "
+    words = RANKING_WORDS.get(examples.ranking, examples.ranking)
+    fig.suptitle(f"Top-{k} {words} training images (influence on the test loss) per "
                  "source\ncolumn 1: test image; titles: training image's class (green: same "
                  "as the test image)", fontsize=9, y=0.995)
     return save_figure(fig, path)
@@ -139,10 +144,12 @@ def class_match_figure(table: pd.DataFrame, path: str | Path,
         ax.set_xlabel("k (top-k most influential training images)")
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0.0, 0.24))
+        ax.legend(fontsize=8, loc="best")
     axes[0, 0].set_ylabel("fraction of top-k with the target's class")
     method = table["method"].iloc[0] if "method" in table else ""
-    fig.suptitle(title or f"Class agreement of the most influential training images "
+    ranking = table["ranking"].iloc[0] if "ranking" in table else "helpful"
+    words = RANKING_WORDS.get(ranking, ranking)
+    fig.suptitle(title or f"Class agreement of the {words} training images "
                  f"({method} influence; bands: 95% t-interval)", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path)
