@@ -103,6 +103,20 @@ def test_lissa_effective_damping_and_divergence(ft):
         LiSSAInfluence(ft.model, ft.train, depth=2000, scale=0.05).inverse_hvp(v)
 
 
+def test_lissa_estimated_scale_follows_set_parameters(ft):
+    lissa = LiSSAInfluence(ft.model, ft.train, depth=1)
+    theta = 5.0 * lissa.theta  # sharper softmax: a different (smaller) loss Hessian
+    model = copy.deepcopy(ft.model)
+    torch.nn.utils.vector_to_parameters(theta.float(), model.head.parameters())
+    fresh = LiSSAInfluence(model, ft.train, depth=1).scale
+    assert abs(fresh / lissa.scale - 1) > 0.2  # the check below can tell them apart
+    lissa.set_parameters(theta)
+    assert lissa.scale == pytest.approx(fresh, rel=1e-4)
+    fixed = LiSSAInfluence(ft.model, ft.train, depth=1, scale=7.0)
+    fixed.set_parameters(theta)
+    assert fixed.scale == 7.0  # a scale the caller chose stays
+
+
 def test_cg_on_a_non_convex_block_asks_for_damping(ft):
     x, y = ft.task.test.x[:2], ft.task.test.y[:2]
     with pytest.raises(UserError, match="damping"):

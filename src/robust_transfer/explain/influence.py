@@ -387,8 +387,16 @@ class LiSSAInfluence(InfluenceModule):
                             f"{repeats}, {scale}")
         self.depth, self.repeats, self.lissa_damping = int(depth), int(repeats), lissa_damping
         self.lissa_batch_size, self.seed = lissa_batch_size, seed
-        self.scale = (float(scale) if scale is not None
-                      else 1.2 * self._power_iteration(self.hvp, 50, seed))
+        self._auto_scale = scale is None
+        self.scale = float(scale) if scale is not None else self._estimate_scale()
+
+    def _estimate_scale(self) -> float:
+        return 1.2 * self._power_iteration(self.hvp, 50, self.seed)
+
+    def _reset_solver(self) -> None:
+        # An estimated scale belongs to the Hessian at the old parameters.
+        if self._auto_scale:
+            self.scale = self._estimate_scale()
 
     def inverse_hvp(self, v: torch.Tensor) -> torch.Tensor:
         v = v.to(self.dtype)
