@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from attack_fixtures import digits_batch, natural_model, robust_model
 from robust_transfer.attacks import (
     APGD,
+    APGDT,
     BIM,
     CW,
     FGSM,
@@ -196,3 +200,95 @@ def test_eps_zero_gives_the_clean_inputs_and_clean_accuracy(norm):
         x_adv = atk(x, y)
         assert torch.equal(x_adv, x)
         assert accuracy(model, x_adv, y) == accuracy(model, x, y)
+
+
+# ---- APGD, literally: Algorithm 1 of Croce & Hein 2020, one example at a time ----
+def textbook_apgd(model, x, y, eps, n_iter, norm, seed):
+    """Per example: z = P(x_k + eta * s(grad)); x_{k+1} = P(x_k + a (z - x_k) + (1-a)(x_k -
+    x_{k-1})), a = 1 on the first step and 0.75 after; at each checkpoint halve eta and jump
+    to x_max (keeping x_{k-1}: the paper's momentum term after the jump is x_max - x_k) when
+    (1) fewer than 75% of the steps since the last checkpoint raised the loss or (2) eta was
+    not halved at the last checkpoint (as in autopgd_base.py, not at the first one) and
+    f_max did not improve since it. Start on the sphere: Linf x + eps t/|t|_inf with t ~
+    U[-1,1]^d; L2 x + eps g/|g|_2 with g ~ N(0, I) (autopgd_base.py). Returns the first
+    fooling iterate, else x_max."""
+    gen = torch.Generator().manual_seed(seed)
+    if norm == "linf":
+        t = 2 * torch.rand(x.shape, generator=gen, dtype=x.dtype) - 1
+        t = t / t.flatten(1).abs().amax(1).view(-1, 1, 1, 1)
+    else:
+        t = torch.randn(x.shape, generator=gen, dtype=x.dtype)
+        t = t / t.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    marks = checkpoints(n_iter)
+    out = []
+    for i in range(len(x)):
+        xi, yi = x[i:i + 1], y[i:i + 1]
+
+        def proj(z, xi=xi):
+            d = z - xi
+            if norm == "linf":
+                d = d.clamp(-eps, eps)
+            else:
+                d = d * min(1.0, eps / max(d.norm().item(), 1e-12))
+            return (xi + d).clamp(0, 1)
+
+        def f(xa, yi=yi):
+            xa = xa.clone().requires_grad_(True)
+            logits = model(xa)
+            loss = F.cross_entropy(logits, yi)
+            return loss.item(), torch.autograd.grad(loss, xa)[0], logits.argmax(1).item() != yi
+
+        def s(g):
+            return g.sign() if norm == "linf" else g / (g.norm() + 1e-12)
+
+        x_k = proj((xi + eps * t[i:i + 1]).clamp(0, 1))
+        loss, g, fooled = f(x_k)
+        x_fool = x_k if fooled else None
+        x_max, f_max, g_max = x_k, loss, g
+        x_prev, eta, losses = x_k, 2 * eps, [loss]
+        last, f_max_last, halved_last = 0, f_max, True
+        for k in range(n_iter):
+            a = 1.0 if k == 0 else 0.75
+            z = proj(x_k + eta * s(g))
+            x_prev, x_k = x_k, proj(x_k + a * (z - x_k) + (1 - a) * (x_k - x_prev))
+            loss, g, fooled = f(x_k)
+            losses.append(loss)
+            if fooled and x_fool is None:
+                x_fool = x_k
+            if loss > f_max:
+                x_max, f_max, g_max = x_k, loss, g
+            if k + 1 in marks:
+                ups = sum(losses[j + 1] > losses[j] for j in range(last, k + 1))
+                halve = ups < 0.75 * (k + 1 - last) or (not halved_last and f_max <= f_max_last)
+                if halve:
+                    eta, x_k, g = eta / 2, x_max, g_max
+                last, f_max_last, halved_last = k + 1, f_max, halve
+        out.append(x_fool if x_fool is not None else x_max)
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.03), ("l2", 0.4)])
+def test_apgd_matches_the_papers_algorithm(norm, eps):
+    model = copy.deepcopy(natural_model()).double()
+    x, y = digits_batch(16)
+    x = x.double()
+    got = APGD(model, eps, norm, steps=30, seed=3)(x, y)
+    want = textbook_apgd(model, x, y, eps, 30, norm, seed=3)
+    fooled = model(got).argmax(1) != y
+    assert 0 < fooled.sum() < len(y)  # both branches (first fooling point, x_max) exercised
+    torch.testing.assert_close(got, want, atol=1e-9, rtol=0)
+
+
+def test_apgd_t_counts_any_misclassification_not_only_the_target():
+    # One input coordinate d = x0 - 0.5 moves the logits: z = (1, 0.9 + 0.5d, -2 + 40d, 0.8,
+    # 0.7). Class 1 (the first target) can never win within eps = 0.1, but the ascent on
+    # its targeted DLR loss pushes d to 0.1, where class 2 wins: the example is not robust.
+    lin = nn.Linear(2, 5)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[0, 0], [0.5, 0], [40, 0], [0, 0], [0, 0]]))
+        lin.bias.copy_(torch.tensor([1.0, 0.65, -22.0, 0.8, 0.7]))
+    model = nn.Sequential(nn.Flatten(), lin)
+    x, y = torch.full((4, 1, 1, 2), 0.5), torch.zeros(4, dtype=torch.long)
+    x_adv = APGDT(model, 0.1, steps=10, n_target_classes=1, seed=0)(x, y)
+    assert (model(x_adv).argmax(1) == 2).all()
+    assert (x_adv - x).abs().max() <= 0.1 + 1e-6

@@ -1,14 +1,16 @@
 """Auto-PGD (Croce & Hein 2020, arXiv 2003.01690): step-size-free PGD with momentum.
 
 Follows the paper's Algorithm 1 and the reference `autopgd_base.py`:
-- start at a random point of the ball's surface (x + eps * t / ||t||, t ~ U[-1,1]^d);
+- start at a random point of the ball's surface, x + eps * t / ||t|| (Linf: t ~ U[-1,1]^d;
+  L2: t ~ N(0, I));
 - step size 2 * eps; momentum 0.75 (no momentum on the first step):
   z = P(x_k + eta * step(grad)),  x_{k+1} = P(x_k + 0.75 (z - x_k) + 0.25 (x_k - x_{k-1}));
 - checkpoints w_j = ceil(p_j * N) with p_0 = 0, p_1 = 0.22,
   p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06). At each checkpoint, per example, halve
   the step when (1) fewer than 75% of the steps since the last checkpoint increased the loss,
   or (2) the step was not halved at the last checkpoint and the best loss has not improved
-  since then; halving restarts the example from its best point so far;
+  since then; halving restarts the example from its best point so far (the momentum term
+  of the next step is then x_best - x_k, as in the paper and the reference code);
 - the returned point is the highest-loss iterate, or any iterate that fooled the model.
 """
 
@@ -84,22 +86,28 @@ class APGD(Attack):
         norm = grad.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
         return x_adv + eta * grad / (norm + 1e-12)
 
-    def single_run(self, x, y, target):
-        """One APGD run: (highest-loss point, a fooling point where found, fooled mask)."""
+    def single_run(self, x, y, target, any_misclassification: bool = False):
+        """One APGD run: (highest-loss point, a fooling point where found, fooled mask).
+
+        Fooled means predicting `target` on a targeted run, unless `any_misclassification`:
+        then any label other than y counts, as in APGD-T (where the target only steers).
+        """
+        goal = None if any_misclassification else target
         n, n_iter = len(x), self.steps
         view = (-1,) + (1,) * (x.ndim - 1)
         gen = self.generator(x.device)
-        t = 2 * torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype) - 1
         if self.norm == "linf":
+            t = 2 * torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype) - 1
             t = t / t.flatten(1).abs().max(1).values.view(view).clamp_min(1e-12)
-        else:
+        else:  # Gaussian direction: uniform on the L2 sphere (a normalised cube sample is not)
+            t = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
             t = t / t.flatten(1).norm(dim=1).view(view).clamp_min(1e-12)
         project = self.threat.project
         x_adv = project((x + self.eps * t).clamp(0, 1), x)
 
         grad, logits = self.input_gradient(x_adv, y, target)
         loss = self.last_loss
-        fooled = succeeded(logits, y, target)
+        fooled = succeeded(logits, y, goal)
         x_fooled = x_adv.clone()
         x_best, grad_best, loss_best = x_adv.clone(), grad.clone(), loss.clone()
         losses = [loss]  # f(x^0), f(x^1), ...: for condition (1)
@@ -122,7 +130,7 @@ class APGD(Attack):
             grad, logits = self.input_gradient(x_adv, y, target)
             loss = self.last_loss
             with torch.no_grad():
-                now = succeeded(logits, y, target)
+                now = succeeded(logits, y, goal)
                 x_fooled[now & ~fooled] = x_adv[now & ~fooled]
                 fooled |= now
                 losses.append(loss)
@@ -142,8 +150,8 @@ class APGD(Attack):
                         eta[halve] /= 2
                         x_adv[halve] = x_best[halve]
                         grad[halve] = grad_best[halve]
-                        # restarting from x_best: no momentum across the jump
-                        x_prev[halve] = x_best[halve]
+                        # x_prev stays x_k: the paper's (and autopgd_base.py's) next momentum
+                        # term is x_best - x_k, across the jump
         return x_best, x_fooled, fooled
 
 
@@ -151,7 +159,9 @@ class APGDT(Attack):
     """APGD-T (Croce & Hein 2020, arXiv 2003.01690), as in AutoAttack's standard version:
     targeted DLR loss towards each of the `n_target_classes` most likely wrong classes in
     turn (9 by default, fewer when the model has fewer classes), 100 iterations each, on
-    the examples that are still robust. Untargeted in effect: `atk(x, y)`.
+    the examples that are still robust. Untargeted in effect: `atk(x, y)`, and as in the
+    reference code an example counts as broken when a run reaches any wrong class, the
+    target or not.
     """
 
     def __init__(
@@ -183,10 +193,9 @@ class APGDT(Attack):
                 break
             # the k-th most likely class other than the prediction (== y on robust examples)
             tgt = order[idx, k]
-            _, x_fooled, fooled_t = self.inner.single_run(x[idx], y[idx], tgt)
-            # a targeted run's success is reaching t; any misclassification counts here
-            pred = predict_logits(self.model, x_fooled).argmax(1)
-            hit = fooled_t & (pred != y[idx])
+            # any misclassification on the way counts, not only reaching t (autopgd_base.py)
+            _, x_fooled, hit = self.inner.single_run(x[idx], y[idx], tgt,
+                                                     any_misclassification=True)
             best_x[idx[hit]] = x_fooled[hit]
             robust[idx[hit]] = False
         return best_x
