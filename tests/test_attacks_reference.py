@@ -292,3 +292,28 @@ def test_apgd_t_counts_any_misclassification_not_only_the_target():
     x_adv = APGDT(model, 0.1, steps=10, n_target_classes=1, seed=0)(x, y)
     assert (model(x_adv).argmax(1) == 2).all()
     assert (x_adv - x).abs().max() <= 0.1 + 1e-6
+
+
+class _Recorder(nn.Module):
+    """Constant logits (class 0 always wins by 1), recording every query."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(torch.tensor([1.0, 0.0, 0.0]))
+        self.queries = []
+
+    def forward(self, x):
+        self.queries.append(x.detach().clone())
+        return self.bias.expand(len(x), -1) + 0 * x.flatten(1).sum(1, keepdim=True)
+
+
+def test_square_never_spends_a_query_on_an_unchanged_point():
+    # The margin never improves, so x_best stays the initial stripes; a proposal with the
+    # signs x_best already has there would be the same point again (the reference redraws).
+    model = _Recorder()
+    x, y = torch.full((6, 1, 8, 8), 0.5), torch.zeros(6, dtype=torch.long)
+    Square(model, 0.1, n_queries=150, seed=0)(x, y)
+    init, proposals = model.queries[0], torch.stack(model.queries[1:])
+    assert len(proposals) == 149
+    unchanged = (proposals - init).abs().flatten(2).amax(2) < 1e-7
+    assert not unchanged.any(), unchanged.sum()

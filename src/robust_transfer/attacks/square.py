@@ -5,7 +5,8 @@ then at each iteration propose a new square window of side s (set by the schedul
 p(i) = p_init / 2^k, k growing at iterations 10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000
 of a 10,000-query run, rescaled to `n_queries`) filled with a random +-eps per channel, and
 keep it for the examples whose margin loss it lowers. Each still-robust example draws its
-own window (vectorised with masks, no loop over examples). AutoAttack's defaults:
+own window (vectorised with masks, no loop over examples); signs that would leave its
+x_best unchanged are redrawn, as in the reference code. AutoAttack's defaults:
 p_init = 0.8, 5,000 queries, margin loss.
 """
 
@@ -23,6 +24,7 @@ from robust_transfer.errors import UserError, check_choice
 
 _SCHEDULE = ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64),
              (6000, 128), (8000, 256), (10000, 512))
+_RESAMPLE = 20  # redraws of a window's signs that would leave x_best unchanged
 
 
 def p_selection(p_init: float, it: int, n_queries: int) -> float:
@@ -92,8 +94,16 @@ class Square(Attack):
             top = torch.randint(0, h - s, (m, 1, 1, 1), generator=gen, device=x.device)
             left = torch.randint(0, w - s, (m, 1, 1, 1), generator=gen, device=x.device)
             window = (rows >= top) & (rows < top + s) & (cols >= left) & (cols < left + s)
-            delta = torch.where(window, eps * rand_sign(m, c, 1, 1), x_best_cur - x_cur)
-            x_new = (x_cur + delta.clamp(-eps, eps)).clamp(0, 1)
+            signs = rand_sign(m, c, 1, 1)
+            for _ in range(_RESAMPLE):
+                delta = torch.where(window, eps * signs, x_best_cur - x_cur)
+                x_new = (x_cur + delta.clamp(-eps, eps)).clamp(0, 1)
+                # as the reference code: redraw a window that would not change x_best (it
+                # would waste a query); bounded, as eps = 0 never changes anything
+                same = (x_new - x_best_cur).abs().flatten(1).amax(1) < 1e-7
+                if not same.any():
+                    break
+                signs = torch.where(same.view(-1, 1, 1, 1), rand_sign(m, c, 1, 1), signs)
             tgt = None if target is None else target[idx]
             loss = self._margin(x_new, y[idx], tgt)
             better = loss < loss_best[idx]
