@@ -317,3 +317,20 @@ def test_square_never_spends_a_query_on_an_unchanged_point():
     assert len(proposals) == 149
     unchanged = (proposals - init).abs().flatten(2).amax(2) < 1e-7
     assert not unchanged.any(), unchanged.sum()
+
+
+def test_universal_linf_adds_l2_deepfool_steps_as_the_paper():
+    # Algorithm 1 adds arg min ||r||_2 (DeepFool L2) for every p, then projects onto the
+    # p-ball. On a linear model that step is parallel to the weight difference w, where an
+    # Linf DeepFool step would be parallel to sign(w).
+    lin = nn.Linear(4, 2)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[0.0, 0, 0, 0], [0.3, -1.0, 0.1, 0.6]]))
+        lin.bias.copy_(torch.tensor([0.5, 0.0]))
+    model = nn.Sequential(nn.Flatten(), lin)
+    x = torch.full((1, 1, 2, 2), 0.5)
+    atk = UniversalPerturbation(model, eps=1.0, norm="linf", max_passes=1, batch_size=1)
+    v = atk.fit(x).v.flatten()
+    w = lin.weight[1] - lin.weight[0]
+    assert F.cosine_similarity(v, w.detach(), dim=0) > 0.999
+    assert atk.fooling_rate(x) == 1.0

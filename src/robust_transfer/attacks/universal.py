@@ -30,8 +30,9 @@ class UniversalPerturbation(Attack):
     """One image-agnostic perturbation v with ||v||_p <= eps that fools most inputs.
 
     `fit(data)` runs the paper's Algorithm 1: pass over the data in a random order; for each
-    x that x + v does not fool yet (same prediction as x), add DeepFool's minimal
-    perturbation of x + v (overshoot 0.02) and project v back onto the eps-ball; stop when
+    x that x + v does not fool yet (same prediction as x), add DeepFool's minimal L2
+    perturbation of x + v (overshoot 0.02; L2 for either norm, as the paper's arg min
+    ||r||_2 and its code) and project v back onto the eps-ball of `norm`; stop when
     the fooling rate on the fitting data reaches `target_fooling` (= 1 - delta; 0.8 in the
     paper) or after `max_passes`. DeepFool runs batched over `batch_size` images at the
     current v, whose updates are then added in order (batch_size=1 is the paper's loop).
@@ -57,7 +58,7 @@ class UniversalPerturbation(Attack):
                             f"target_fooling={target_fooling}, max_passes={max_passes}")
         self.eps, self.norm, self.target_fooling = float(eps), norm, target_fooling
         self.max_passes, self.batch_size = max_passes, batch_size
-        self.deepfool = DeepFool(model, norm, deepfool_steps, overshoot)
+        self.deepfool = DeepFool(model, "l2", deepfool_steps, overshoot)
         self.v: torch.Tensor | None = None
         self.history: list[float] = []
 
