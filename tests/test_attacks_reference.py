@@ -25,6 +25,7 @@ from robust_transfer.attacks import (
 )
 from robust_transfer.attacks.apgd import checkpoints
 from robust_transfer.data import load_task
+from robust_transfer.errors import UserError
 from robust_transfer.models.runtime import accuracy
 
 
@@ -334,3 +335,10 @@ def test_universal_linf_adds_l2_deepfool_steps_as_the_paper():
     w = lin.weight[1] - lin.weight[0]
     assert F.cosine_similarity(v, w.detach(), dim=0) > 0.999
     assert atk.fooling_rate(x) == 1.0
+
+
+def test_dlr_on_too_few_classes_is_a_clear_error():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    x, y = torch.full((2, 1, 2, 2), 0.5), torch.zeros(2, dtype=torch.long)
+    with pytest.raises(UserError, match="DLR loss needs at least 3 classes, got 2"):
+        APGD(model, 0.1, steps=2, loss="dlr")(x, y)

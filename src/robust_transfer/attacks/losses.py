@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from robust_transfer.errors import check_choice
+from robust_transfer.errors import UserError, check_choice
 
 
 def cross_entropy(logits, y, target=None):
@@ -41,6 +41,11 @@ def dlr(logits, y, target=None):
     Targeted:   -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12) (needs >= 4 classes),
     pi the logits sorted in decreasing order. Invariant to shifting and scaling the logits.
     """
+    need = 3 if target is None else 4
+    if logits.shape[1] < need:
+        kind = "untargeted" if target is None else "targeted"
+        raise UserError(f"the {kind} DLR loss needs at least {need} classes, got "
+                        f"{logits.shape[1]}; use loss='ce' or 'cw'")
     z_sorted = logits.sort(dim=1, descending=True).values
     z_y = logits.gather(1, y.unsqueeze(1)).squeeze(1)
     if target is None:
