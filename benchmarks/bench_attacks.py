@@ -10,7 +10,6 @@ images per second for each attack at a fixed budget on a natural and a PGD-train
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
@@ -33,7 +32,8 @@ from robust_transfer.train import SourceConfig, TrainConfig, train_source
 
 
 def timed(fn, repeats: int, warmup: bool = True) -> float:
-    """Median wall time of `fn()` over `repeats` runs, after one warm-up run if `warmup`."""
+    """Fastest wall time of `fn()` over `repeats` runs, after one warm-up run if `warmup`
+    (the minimum is the least noisy estimate on a shared machine; see `timeit`)."""
     if warmup:
         fn()
     times = []
@@ -41,7 +41,7 @@ def timed(fn, repeats: int, warmup: bool = True) -> float:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times)
 
 
 def forward_backward(model, x, y):
@@ -51,11 +51,22 @@ def forward_backward(model, x, y):
 
 
 def pgd_step_ratio(model, x, y, norm: str, eps: float, steps: int = 20, repeats: int = 7):
-    """(time of one PGD step / time of one forward+backward, seconds per step)."""
-    base = timed(lambda: forward_backward(model, x, y), repeats * 10)
+    """(time of one PGD step / time of one forward+backward, seconds per step).
+
+    The two are timed in alternating rounds (`steps` forward+backward calls, then one
+    `steps`-step attack) and each takes its fastest round, so machine noise hits both alike.
+    """
     atk = PGD(model, eps, steps=steps, norm=norm, random_start=False)
-    per_step = timed(lambda: atk(x, y), repeats) / steps
-    return per_step / base, per_step
+
+    def fb_round():
+        for _ in range(steps):
+            forward_backward(model, x, y)
+
+    fb, pgd = [], []
+    for _ in range(repeats):
+        fb.append(timed(fb_round, 1, warmup=False))
+        pgd.append(timed(lambda: atk(x, y), 1, warmup=False))
+    return min(pgd) / min(fb), min(pgd) / steps
 
 
 def main() -> None:
@@ -79,6 +90,7 @@ def main() -> None:
     steps = 20
     base = timed(lambda: forward_backward(model, x, y), args.repeats * 10)
     print(f"\nforward+backward (w.r.t. input), batch {len(x)}: {base * 1e3:.3f} ms")
+    forward_backward(model, x, y)  # warm-up before the alternating rounds
     print(f"{'PGD step / (forward+backward)':<34}{'ratio':>8}{'ms/step':>10}")
     for norm, eps in (("linf", 0.1), ("l2", 1.0), ("l1", 3.0)):
         ratio, per_step = pgd_step_ratio(model, x, y, norm, eps, steps, args.repeats)
