@@ -14,6 +14,7 @@ from robust_transfer.cli.common import (
     progress_bar,
     progress_bars,
 )
+from robust_transfer.data import TASKS
 from robust_transfer.models import load_checkpoint, save_checkpoint
 from robust_transfer.models.runtime import resolve_device
 from robust_transfer.report.study import headline_rows, make_report
@@ -24,11 +25,13 @@ from robust_transfer.transfer.grid import demo_spec_path, plan, run_grid
 from robust_transfer.transfer.run import finetune_from_checkpoint
 from robust_transfer.transfer.spec import expand, load_spec
 
+TASK_NAMES = ", ".join(TASKS)
+
 
 @app.command()
 def train(
     out: Path = typer.Option(..., "--out", help="Directory for the checkpoint."),
-    task: str = typer.Option("digits-0to4", help="Source task (see data.TASKS)."),
+    task: str = typer.Option("digits-0to4", help=f"Source task: {TASK_NAMES}."),
     arch: str = typer.Option("cnn-small", help="cnn-small (8x8) | cnn-medium (32x32)."),
     eps: float = typer.Option(0.0, help="PGD-AT radius; 0 trains naturally."),
     norm: str = typer.Option("l2", help="Threat model of adversarial training: l2 | linf."),
@@ -78,7 +81,7 @@ def evaluate(
 @app.command()
 def finetune(
     checkpoint: Path = typer.Argument(..., help="Source checkpoint directory."),
-    task: str = typer.Option("digits-5to9", "--task", help="Target task."),
+    task: str = typer.Option("digits-5to9", "--task", help=f"Target task: {TASK_NAMES}."),
     images_per_class: str = typer.Option("5", help="Training images per class, or 'all'."),
     unfrozen_blocks: str = typer.Option("0", help="Last blocks to fine-tune (0 = head only), "
                                         "or 'all'."),

@@ -2,15 +2,23 @@
 
 `digits` is scikit-learn's 1,797 real 8x8 handwritten digits (shipped inside the package, so
 no download). `synthetic` is procedurally generated: each class is a fixed random pattern
-plus noise, so tiny models learn it in a few steps — for fast tests.
+plus noise, so tiny models learn it in a few steps — for fast tests. `cifar10` reads the
+official binary release from local files (nothing is downloaded at run time).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+
+from robust_transfer.errors import UserError
+
+DATA_ENV = "ROBUST_TRANSFER_DATA"
+CIFAR10_DIR = "cifar-10-batches-bin"
 
 
 @dataclass(frozen=True)
@@ -52,3 +60,37 @@ def synthetic(
     noise = gen.normal(0.0, 0.15, (len(labels), channels, size, size))
     x = np.clip(patterns[labels] + noise, 0.0, 1.0)
     return ImageSet(torch.tensor(x, dtype=torch.float32), torch.tensor(labels, dtype=torch.long))
+
+
+def data_root() -> Path:
+    """Where local data sets live: $ROBUST_TRANSFER_DATA, else ~/.robust_transfer/data."""
+    return Path(os.environ.get(DATA_ENV, "~/.robust_transfer/data")).expanduser()
+
+
+def _read_cifar_records(paths: list[Path]) -> ImageSet:
+    """CIFAR binary records: 1 label byte, then 3,072 pixel bytes (R, G, B planes, 32x32)."""
+    raw = np.concatenate([np.fromfile(p, dtype=np.uint8) for p in paths])
+    if raw.size == 0 or raw.size % 3073:
+        raise UserError(f"corrupt CIFAR-10 file(s) {[str(p) for p in paths]}: size is not a "
+                        "multiple of 3,073-byte records")
+    records = raw.reshape(-1, 3073)
+    if records[:, 0].max() > 9:
+        raise UserError(f"corrupt CIFAR-10 file(s) {[str(p) for p in paths]}: label > 9")
+    x = torch.from_numpy(records[:, 1:].reshape(-1, 3, 32, 32).astype(np.float32) / 255.0)
+    return ImageSet(x, torch.from_numpy(records[:, 0].astype(np.int64)))
+
+
+def cifar10(root: Path | None = None) -> tuple[ImageSet, ImageSet]:
+    """CIFAR-10 (Krizhevsky 2009) from its binary release, as (train, test): 50,000 and
+    10,000 images 3x32x32 in [0,1]. Extract cifar-10-binary.tar.gz into `root`
+    (default `data_root()`), giving `root/cifar-10-batches-bin/`."""
+    directory = (root or data_root()) / CIFAR10_DIR
+    train = [directory / f"data_batch_{i}.bin" for i in range(1, 6)]
+    test = [directory / "test_batch.bin"]
+    missing = [p for p in train + test if not p.is_file()]
+    if missing:
+        raise UserError(
+            f"CIFAR-10 not found: {str(missing[0])!r} is missing; extract "
+            f"cifar-10-binary.tar.gz into {str(root or data_root())!r} (or set ${DATA_ENV})"
+        )
+    return _read_cifar_records(train), _read_cifar_records(test)

@@ -1,7 +1,8 @@
-"""Named class-split tasks with a fixed stratified train/test split, and k-shot subsets.
+"""Named class-split tasks with a fixed train/test split, and k-shot subsets.
 
-A task picks some classes of a dataset and relabels them 0..K-1. The split is fixed (seed 0,
-30% test, stratified), so every run of every experiment sees the same test set.
+A task picks some classes of a dataset and relabels them 0..K-1. Data sets with an official
+test set (CIFAR-10) keep it; the others get a fixed split (seed 0, 30% test, stratified), so
+every run of every experiment sees the same test set.
 `shots_per_class` draws k training images per class reproducibly from a seed; the same seed
 gives the same subset whichever source model is being fine-tuned (paired comparison).
 """
@@ -14,7 +15,7 @@ from functools import cache
 import numpy as np
 import torch
 
-from robust_transfer.data.datasets import ImageSet, digits, synthetic
+from robust_transfer.data.datasets import ImageSet, cifar10, digits, synthetic
 from robust_transfer.errors import UserError, check_choice
 
 TEST_FRACTION = 0.3
@@ -36,7 +37,8 @@ class Task:
         return tuple(self.train.x.shape[1:])
 
 
-_DATASETS = {"digits": digits, "synthetic": synthetic}
+# name -> loader returning the whole set (to be split) or its official (train, test) pair
+_DATASETS = {"digits": digits, "synthetic": synthetic, "cifar10": cifar10}
 
 # name -> (dataset, original classes)
 TASKS: dict[str, tuple[str, tuple[int, ...]]] = {
@@ -48,38 +50,53 @@ TASKS: dict[str, tuple[str, tuple[int, ...]]] = {
     "synthetic": ("synthetic", tuple(range(10))),
     "synthetic-0to4": ("synthetic", (0, 1, 2, 3, 4)),
     "synthetic-5to9": ("synthetic", (5, 6, 7, 8, 9)),
+    "cifar10": ("cifar10", tuple(range(10))),
+    "cifar10-0to4": ("cifar10", (0, 1, 2, 3, 4)),
+    "cifar10-5to9": ("cifar10", (5, 6, 7, 8, 9)),
 }
 
 
 @cache
-def _dataset(name: str) -> ImageSet:
+def _dataset(name: str) -> ImageSet | tuple[ImageSet, ImageSet]:
     return _DATASETS[name]()
+
+
+def clear_caches() -> None:
+    """Forget loaded data sets and tasks (e.g. after pointing $ROBUST_TRANSFER_DATA elsewhere)."""
+    _dataset.cache_clear()
+    load_task.cache_clear()
+
+
+def _select(data: ImageSet, classes: tuple[int, ...]) -> ImageSet:
+    """The examples of `classes`, relabelled 0..len(classes)-1 in that order."""
+    wanted = torch.tensor(classes)
+    keep = torch.isin(data.y, wanted)
+    relabel = torch.full((int(max(data.y.max(), wanted.max())) + 1,), -1, dtype=torch.long)
+    relabel[wanted] = torch.arange(len(classes))
+    return ImageSet(data.x[keep], relabel[data.y[keep]])
+
+
+def _split(data: ImageSet) -> tuple[ImageSet, ImageSet]:
+    from sklearn.model_selection import train_test_split
+
+    train_idx, test_idx = train_test_split(
+        np.arange(len(data)), test_size=TEST_FRACTION, random_state=SPLIT_SEED,
+        stratify=data.y.numpy(),
+    )
+    return data.subset(np.sort(train_idx)), data.subset(np.sort(test_idx))
 
 
 @cache
 def load_task(name: str) -> Task:
-    """The task called `name` (see `TASKS`), with its fixed stratified train/test split."""
-    from sklearn.model_selection import train_test_split
-
+    """The task called `name` (see `TASKS`), with its fixed train/test split."""
     check_choice("task", name, TASKS)
     dataset_name, classes = TASKS[name]
     data = _dataset(dataset_name)
-    keep = torch.isin(data.y, torch.tensor(classes))
-    x, y_orig = data.x[keep], data.y[keep]
-    relabel = {c: i for i, c in enumerate(classes)}
-    y = torch.tensor([relabel[int(c)] for c in y_orig], dtype=torch.long)
-    index = np.arange(len(y))
-    train_idx, test_idx = train_test_split(
-        index, test_size=TEST_FRACTION, random_state=SPLIT_SEED, stratify=y.numpy()
-    )
-    train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
-    return Task(
-        name=name,
-        train=ImageSet(x[train_idx], y[train_idx]),
-        test=ImageSet(x[test_idx], y[test_idx]),
-        num_classes=len(classes),
-        classes=classes,
-    )
+    if isinstance(data, tuple):
+        train, test = (_select(part, classes) for part in data)
+    else:
+        train, test = _split(_select(data, classes))
+    return Task(name=name, train=train, test=test, num_classes=len(classes), classes=classes)
 
 
 def parse_shots(value: int | str) -> int | None:
