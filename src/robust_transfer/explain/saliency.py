@@ -24,6 +24,7 @@ from torch import nn
 from robust_transfer.data import ImageSet
 from robust_transfer.errors import UserError, check_choice
 from robust_transfer.models.runtime import eval_mode
+from robust_transfer.stats import t_interval
 
 METHODS = ("gradient", "smoothgrad")
 
@@ -103,14 +104,12 @@ class SaliencyComparison:
     def table(self) -> list[dict]:
         """One row per (model, method): mean ink-mass fraction, 95% t-interval over images,
         the chance level and the lift over it."""
-        from scipy import stats
-
         rows = []
         chance = float(self.chance.mean())
         for (label, method), frac in self.ink_fraction.items():
             values = frac.double().cpu().numpy()
-            n = len(values)
-            half = (stats.t.ppf(0.975, n - 1) * values.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
+            _, half, n = t_interval(values)
+            half = np.nan_to_num(half)  # one image: no spread
             rows.append({"model": label, "method": method, "images": n,
                          "ink mass fraction": float(values.mean()), "95% CI ±": float(half),
                          "chance (ink pixel share)": chance,

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from scipy import stats
 
 from robust_transfer.data import ImageSet, Task, shots_per_class
 from robust_transfer.errors import UserError, check_choice
@@ -29,6 +28,7 @@ from robust_transfer.explain.influence import (
     rank_training_images,
 )
 from robust_transfer.models.checkpoint import read_meta
+from robust_transfer.stats import t_interval
 from robust_transfer.transfer import FinetuneConfig
 from robust_transfer.transfer.run import finetune_from_checkpoint
 
@@ -105,16 +105,6 @@ class InfluenceExamples:
     ranking: str = "helpful"  # how the top-k were chosen (see `rank_training_images`)
 
 
-def t_interval(values: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and half-width of the t-interval over rows of `values` (n, K)."""
-    n = len(values)
-    mean = values.mean(0)
-    if n < 2:
-        return mean, np.zeros_like(mean)
-    half = stats.t.ppf(0.5 + level / 2, n - 1) * values.std(0, ddof=1) / np.sqrt(n)
-    return mean, half
-
-
 @dataclass
 class InfluenceStudy:
     runs: list[InfluenceRun]
@@ -148,7 +138,8 @@ class InfluenceStudy:
                     values, over = np.stack([c[:, :k].mean(0) for c in curves]), "seeds"
                 else:
                     values, over = curves[0][:, :k], name
-                mean, half = t_interval(values, level)
+                mean, half, _ = t_interval(values, level)
+                half = np.nan_to_num(half)  # one value: a zero-width band
                 for j in range(k):
                     rows.append({"label": label, "targets": name, "k": j + 1,
                                  "mean": float(mean[j]), "lower": float(mean[j] - half[j]),
