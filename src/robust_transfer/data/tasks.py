@@ -99,8 +99,10 @@ def load_task(name: str) -> Task:
     return Task(name=name, train=train, test=test, num_classes=len(classes), classes=classes)
 
 
-def parse_shots(value: int | str) -> int | None:
-    """Images per class from the user: a positive int, or "all" (returned as None)."""
+def parse_shots(value: int | str | None) -> int | None:
+    """Images per class from the user: a positive int, or "all"/None (returned as None)."""
+    if value is None:
+        return None
     if isinstance(value, str):
         if value.strip().lower() == "all":
             return None
@@ -117,7 +119,7 @@ def shots_per_class(labels: torch.Tensor, k: int | str | None, seed: int) -> tor
 
     Raises `UserError` when some class has fewer than `k` examples.
     """
-    k = parse_shots(k) if k is not None else None
+    k = parse_shots(k)
     if k is None:
         return torch.arange(len(labels))
     gen = np.random.default_rng(seed)

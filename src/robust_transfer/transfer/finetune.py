@@ -30,11 +30,6 @@ def parse_blocks(value: int | str | None) -> int | None:
     return k
 
 
-def parse_shots_or_all(value: int | str | None) -> int | None:
-    """Images per class from the user or a spec: None and "all" both mean every image."""
-    return None if value is None else parse_shots(value)
-
-
 @dataclass(frozen=True)
 class FinetuneConfig:
     """One fine-tune. `images_per_class`/`unfrozen_blocks` None mean "all"."""
@@ -49,7 +44,7 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         check_choice("task", self.target_task, TASKS)
-        object.__setattr__(self, "images_per_class", parse_shots_or_all(self.images_per_class))
+        object.__setattr__(self, "images_per_class", parse_shots(self.images_per_class))
         object.__setattr__(self, "unfrozen_blocks", parse_blocks(self.unfrozen_blocks))
 
     def train_config(self) -> TrainConfig:
