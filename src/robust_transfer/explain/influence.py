@@ -16,7 +16,8 @@ so this module's Hessian is H = (1/n) sum_i Hess L(z_i) + (wd + damping) I. The 
 decay term is the training objective's own L2 term (it makes the head problem strictly
 convex); `damping` is extra Tikhonov damping on top, for non-convex parameter sets (last
 blocks) or to help LiSSA converge. BatchNorm runs in eval mode (running statistics are
-constants); frozen-layer activations are computed once and cached.
+constants); frozen-layer activations are computed once and cached. The frozen prefix
+and the trainable suffix are the model's own `model.split(k)`.
 
 Sign and scale convention (every score this module returns)
 -----------------------------------------------------------
@@ -46,11 +47,9 @@ import copy
 import math
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.func import functional_call, grad, jvp, vmap
 
 from robust_transfer.data import ImageSet
@@ -63,25 +62,12 @@ RANKINGS = ("helpful", "harmful", "abs")
 MAX_EXACT_PARAMS = 6000
 
 
-def split_model(model: ConvNet, unfrozen_blocks: int) -> tuple[Callable, nn.Module]:
-    """(frozen prefix, trainable suffix) of `model` for head + last `unfrozen_blocks` blocks.
-
-    prefix(x) gives the input of the first trainable module; suffix(prefix(x)) == model(x).
-    """
-    blocks = list(model.blocks)
-    if not 0 <= unfrozen_blocks <= len(blocks):
-        raise UserError(
-            f"influence blocks must be 0..{len(blocks)} (0 = head only), got {unfrozen_blocks}"
-        )
-    if unfrozen_blocks == 0:
-        return model.features, model.head
-    cut = len(blocks) - unfrozen_blocks
-
-    def prefix(x: torch.Tensor) -> torch.Tensor:
-        return model.blocks[:cut](model.normalizer(x))
-
-    suffix = nn.Sequential(*blocks[cut:], model.pool, nn.Flatten(), model.head)
-    return prefix, suffix
+def _check_blocks(model: ConvNet, unfrozen_blocks: int) -> None:
+    """Influence parameters are the head + an int 0..B of last blocks (B covers them all)."""
+    n = len(model.block_names)
+    valid = isinstance(unfrozen_blocks, int) and not isinstance(unfrozen_blocks, bool)
+    if not (valid and 0 <= unfrozen_blocks <= n):
+        raise UserError(f"influence blocks must be 0..{n} (0 = head only), got {unfrozen_blocks!r}")
 
 
 class InfluenceModule(ABC):
@@ -118,7 +104,8 @@ class InfluenceModule(ABC):
         self.weight_decay, self.damping = float(weight_decay), float(damping)
         self.dtype, self.batch_size = dtype, int(batch_size)
         self.device = next(model.parameters()).device
-        self._prefix, suffix = split_model(model, unfrozen_blocks)
+        _check_blocks(model, unfrozen_blocks)
+        self._prefix, suffix = model.split(unfrozen_blocks)  # the model's own seam
         self.suffix = copy.deepcopy(suffix).to(dtype).eval().requires_grad_(False)
         named = list(self.suffix.named_parameters())
         self.param_names = [name for name, _ in named]

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+import torch.nn.functional as F
 
 from robust_transfer.data import ImageSet
 from robust_transfer.errors import UserError
@@ -23,7 +23,8 @@ from robust_transfer.models.runtime import eval_mode
 
 
 def layer_names(model: ConvNet) -> list[str]:
-    return [*model.blocks._modules.keys(), "features"]
+    """The layers `layer_activations` reads: each block, then the penultimate `features`."""
+    return [*model.block_names, "features"]
 
 
 @torch.no_grad()
@@ -34,14 +35,14 @@ def layer_activations(model: ConvNet, x: torch.Tensor, layer: str,
     if layer not in names:
         raise UserError(f"unknown layer {layer!r}; allowed: {', '.join(names)}")
     device = next(model.parameters()).device
-    if layer == "features":
-        upto: nn.Module = nn.Sequential(model.normalizer, model.blocks, model.pool)
-    else:
-        cut = list(model.blocks._modules).index(layer) + 1
-        upto = nn.Sequential(model.normalizer, model.blocks[:cut], nn.AdaptiveAvgPool2d(1))
+
+    def phi(xb: torch.Tensor) -> torch.Tensor:
+        if layer == "features":
+            return model.features(xb)
+        return F.adaptive_avg_pool2d(model.forward_to(xb, layer), 1).flatten(1)
+
     with eval_mode(model):
-        out = [upto(x[i : i + batch_size].to(device)).flatten(1)
-               for i in range(0, len(x), batch_size)]
+        out = [phi(x[i : i + batch_size].to(device)) for i in range(0, len(x), batch_size)]
     return torch.cat(out).cpu()
 
 

@@ -5,12 +5,19 @@
 - `model.blocks` is an ordered, named `nn.Sequential` of conv blocks (the unit the transfer
   protocol freezes and unfreezes); `model.head` is the linear classifier.
 - `features(x)` is the penultimate representation; `forward(x)` returns logits.
+
+The seam other layers use instead of reaching inside (every architecture offers it):
+- `block_names`: the blocks' names in forward order;
+- `split(k)`: (frozen prefix, trainable suffix) for fine-tuning the head plus the last k
+  blocks, as `nn.Module`s that share the model's parameters, with suffix(prefix(x)) == model(x);
+- `forward_to(x, name)`: the output of one named block, for layer-wise analyses.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
@@ -101,6 +108,66 @@ class ConvNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+    @property
+    def block_names(self) -> list[str]:
+        """Names of the blocks in forward order (`block1`..`blockB`)."""
+        return [name for name, _ in self.blocks.named_children()]
+
+    def split(self, k: int | Literal["all"] | None) -> tuple[nn.Sequential, nn.Sequential]:
+        """(frozen prefix, trainable suffix) for training the head plus the last `k` blocks.
+
+        The transfer protocol of Utrera et al. (arXiv 2007.05869) freezes all but the last k
+        blocks, and influence functions (Koh & Liang 2017) differentiate the suffix on cached
+        prefix outputs; both take the cut from here rather than rebuilding the model.
+
+        - k = 0: prefix = normaliser, every block, pool, flatten (its output is `features`);
+          suffix = the head.
+        - 0 < k < B: prefix = normaliser + the first B - k blocks; suffix = the last k blocks,
+          pool, flatten, head.
+        - k = B, None or "all": prefix = the normaliser alone (buffers only, no parameters).
+
+        The parts are `nn.Sequential`s of the model's own modules (named as in the model:
+        `normalizer`, `block1`, ..., `pool`, `flatten`, `head`), not copies: parameters,
+        buffers and train/eval flags are the model's, and suffix(prefix(x)) equals model(x)
+        exactly (the same operations in the same order). Split again after `reset_head`.
+
+        Shape: prefix (N, C, H, W) -> activations; suffix activations -> (N, num_classes).
+
+        Example:
+            prefix, suffix = model.split(1)
+            prefix.requires_grad_(False)  # train the last block and the head
+        """
+        names = self.block_names
+        if k is None or k == "all":
+            k = len(names)
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= len(names):
+            raise UserError(
+                f"unfrozen blocks must be 0..{len(names)} (0 = head only) or 'all', got {k!r}"
+            )
+        blocks = list(self.blocks.named_children())
+        normalizer, head = ("normalizer", self.normalizer), ("head", self.head)
+        pooling = [("pool", self.pool), ("flatten", nn.Flatten())]
+        if k == 0:
+            prefix, suffix = [normalizer, *blocks, *pooling], [head]
+        else:
+            cut = len(blocks) - k
+            prefix, suffix = [normalizer, *blocks[:cut]], [*blocks[cut:], *pooling, head]
+        return nn.Sequential(OrderedDict(prefix)), nn.Sequential(OrderedDict(suffix))
+
+    def forward_to(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """Output (N, C, H', W') of block `name` for images `x` in [0,1]: the normaliser and
+        the blocks up to and including `name`. For layer-wise analyses such as Szegedy et
+        al.'s units vs random directions (arXiv 1312.6199, sec. 3)."""
+        names = self.block_names
+        if name not in names:
+            raise UserError(f"unknown block {name!r}; allowed: {', '.join(names)}")
+        h = self.normalizer(x)
+        for block_name, block in self.blocks.named_children():
+            h = block(h)
+            if block_name == name:
+                break
+        return h
 
     def reset_head(self, num_classes: int, generator: torch.Generator | None = None) -> None:
         """Replace the classifier with a freshly initialised one for `num_classes` classes.

@@ -7,19 +7,15 @@ from __future__ import annotations
 
 from torch import nn
 
-from robust_transfer.errors import UserError
-
 
 def freeze_all_but_last(model: nn.Module, k: int | None) -> None:
-    """Train only the head and the last `k` blocks (`k=0`: head only; None: everything)."""
-    blocks = list(model.blocks)
-    if k is None:
-        k = len(blocks)
-    if not 0 <= k <= len(blocks):
-        raise UserError(f"unfrozen blocks must be 0..{len(blocks)} or 'all', got {k}")
+    """Train only the head and the last `k` blocks (`k=0`: head only; None: everything).
+
+    The cut is the model's own `split(k)` (which validates `k`): its prefix is frozen.
+    """
+    prefix, _ = model.split(k)
     model.requires_grad_(True)
-    for block in blocks[: len(blocks) - k]:
-        block.requires_grad_(False)
+    prefix.requires_grad_(False)
 
 
 def frozen_blocks(model: nn.Module) -> list[nn.Module]:
