@@ -24,6 +24,7 @@ from robust_transfer.attacks import (
     UniversalPerturbation,
 )
 from robust_transfer.attacks.apgd import checkpoints
+from robust_transfer.attacks.rng import ExampleRNG
 from robust_transfer.data import load_task
 from robust_transfer.errors import UserError
 from robust_transfer.models.runtime import accuracy
@@ -142,7 +143,7 @@ def test_targeted_attacks_reach_the_target():
     }
     for name, atk in attacks.items():
         hit = (model(atk(x, y, target=target)).argmax(1) == target).float().mean().item()
-        assert hit >= 0.9, (name, hit)
+        assert hit >= 0.9 - 1e-6, (name, hit)
     # one FGSM step at least raises the target probability for most examples
     p0 = model(x).softmax(1).gather(1, target[:, None])
     p1 = model(FGSM(model, 0.1)(x, y, target=target)).softmax(1).gather(1, target[:, None])
@@ -213,12 +214,12 @@ def textbook_apgd(model, x, y, eps, n_iter, norm, seed):
     f_max did not improve since it. Start on the sphere: Linf x + eps t/|t|_inf with t ~
     U[-1,1]^d; L2 x + eps g/|g|_2 with g ~ N(0, I) (autopgd_base.py). Returns the first
     fooling iterate, else x_max."""
-    gen = torch.Generator().manual_seed(seed)
+    rng = ExampleRNG.for_inputs(x, seed)  # per-example streams; counter 0 = first restart
     if norm == "linf":
-        t = 2 * torch.rand(x.shape, generator=gen, dtype=x.dtype) - 1
+        t = 2 * rng.uniform(x.shape[1:], 0, dtype=x.dtype) - 1
         t = t / t.flatten(1).abs().amax(1).view(-1, 1, 1, 1)
     else:
-        t = torch.randn(x.shape, generator=gen, dtype=x.dtype)
+        t = rng.normal(x.shape[1:], 0, dtype=x.dtype)
         t = t / t.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
     marks = checkpoints(n_iter)
     out = []

@@ -1,8 +1,9 @@
-"""Auto-PGD (Croce & Hein 2020, arXiv 2003.01690): step-size-free PGD with momentum.
+"""Auto-PGD (Croce & Hein 2020, arXiv 2003.01690): step-size-free PGD with momentum; and its
+L1 version, APGD-L1 (Croce & Hein 2021, "Mind the box", arXiv 2103.01208).
 
-Follows the paper's Algorithm 1 and the reference `autopgd_base.py`:
+Linf and L2 follow the 2020 paper's Algorithm 1 and the reference `autopgd_base.py`:
 - start at a random point of the ball's surface, x + eps * t / ||t|| (Linf: t ~ U[-1,1]^d;
-  L2: t ~ N(0, I));
+  L2: t ~ N(0, I)) (`ThreatModel.surface_start`);
 - step size 2 * eps; momentum 0.75 (no momentum on the first step):
   z = P(x_k + eta * step(grad)),  x_{k+1} = P(x_k + 0.75 (z - x_k) + 0.25 (x_k - x_{k-1}));
 - checkpoints w_j = ceil(p_j * N) with p_0 = 0, p_1 = 0.22,
@@ -12,6 +13,23 @@ Follows the paper's Algorithm 1 and the reference `autopgd_base.py`:
   since then; halving restarts the example from its best point so far (the momentum term
   of the next step is then x_best - x_k, as in the paper and the reference code);
 - the returned point is the highest-loss iterate, or any iterate that fooled the model.
+
+L1 (the 2021 paper, Sec. 4, and the reference code's L1 branch) changes the geometry and the
+schedule, not the loop:
+- start: a Gaussian t ~ N(0, I) projected onto the L1 ball and the [0,1] box;
+- step: x_{k+1} = P(x_k + eta * e), e = sign(grad) on the top-k coordinates by |grad| (those
+  the box does not block), scaled to ||e||_1 = 1; P the exact projection onto L1 ball and
+  box; no momentum (the reference's L1 branch has none);
+- step size starts at eta = eps; sparsity starts at k = 20% of the d coordinates;
+- every max(floor(0.04 N), 1) iterations, per example: let s = ||x_best - x||_0. Then
+  k = s / 1.5 (as a fraction of d, at least one coordinate); if s shrank below 95% of its
+  value at the last check, reset eta to eps and restart from x_best, else eta /= 1.5;
+  eta stays within [eps / 10, eps].
+AutoAttack's L1 evaluation also runs APGD on a decreasing eps schedule (3, 2, 1 x eps);
+that wrapper is not included here.
+
+All randomness comes from `ExampleRNG` (seed, example content, restart or target index), so an
+example's result does not depend on the other examples in its batch.
 """
 
 from __future__ import annotations
@@ -23,12 +41,18 @@ from torch import nn
 
 from robust_transfer.attacks.base import Attack
 from robust_transfer.attacks.gradient import succeeded
-from robust_transfer.attacks.threats import make_threat
-from robust_transfer.errors import UserError, check_choice
+from robust_transfer.attacks.rng import ExampleRNG
+from robust_transfer.attacks.threats import L1Threat, make_threat
+from robust_transfer.errors import UserError
 from robust_transfer.models.runtime import predict_logits
 
 MOMENTUM = 0.75
 RHO = 0.75  # condition (1): fraction of successful steps below which the step is halved
+# APGD-L1 (Croce & Hein 2021 and autopgd_base.py): initial sparsity (fraction of d), check
+# period (fraction of the iterations), sparsity shrink threshold, divisor from the best
+# point's sparsity to the next k, step decay factor, minimum step (as eps / L1_MIN_STEP).
+L1_TOPK_INIT, L1_CHECK_EVERY, L1_SHRINK = 0.2, 0.04, 0.95
+L1_TOPK_DIV, L1_STEP_DECAY, L1_MIN_STEP = 1.5, 1.5, 10.0
 
 
 def checkpoints(n_iter: int) -> list[int]:
@@ -40,15 +64,33 @@ def checkpoints(n_iter: int) -> list[int]:
     return sorted(m for m in marks if 1 <= m <= n_iter)
 
 
+def l1_topk_count(fraction: torch.Tensor, d: int) -> torch.Tensor:
+    """Number of coordinates APGD-L1 steps on for a sparsity `fraction` of d: the count of
+    |grad| values at or above the ceil-ish (1 - fraction) quantile, as the reference code
+    picks its threshold; between 1 and d."""
+    return d - (torch.floor((1 - fraction) * d)).clamp(0, d - 1).long()
+
+
 class APGD(Attack):
-    """APGD-CE (`loss="ce"`) or APGD-DLR (`loss="dlr"`); Linf or L2 (Croce & Hein 2020,
-    arXiv 2003.01690). Published defaults: 100 iterations, 1 restart here (AutoAttack's
-    standard version also uses 1 for APGD-CE).
+    """APGD-CE (`loss="ce"`) or APGD-DLR (`loss="dlr"`); Linf, L2 (Croce & Hein 2020, arXiv
+    2003.01690) or L1 (APGD-L1, Croce & Hein 2021, arXiv 2103.01208). Published defaults:
+    100 iterations, 1 restart here (AutoAttack's standard version also uses 1 for APGD-CE).
 
     Targeted, `atk(x, y, target=t)`: the targeted loss (targeted DLR:
     -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4)/2)); success means predicting t.
     Restarts run only on the examples not yet fooled.
+
+    Shape: x (N, C, H, W) in [0,1], y (N,) -> (N, C, H, W).
+
+    Example:
+        x_adv = APGD(model, eps=8 / 255, norm="linf", loss="ce")(x, y)
+        x_adv = APGD(model, eps=12.0, norm="l1")(x, y)
     """
+
+    name = "apgd-ce"
+    norms = ("linf", "l2", "l1")
+    default_steps = 100
+    default_loss = "ce"
 
     def __init__(
         self,
@@ -56,54 +98,59 @@ class APGD(Attack):
         eps: float = 8 / 255,
         norm: str = "linf",
         steps: int = 100,
-        loss: str = "ce",
+        loss: str | None = None,
         restarts: int = 1,
         seed: int | None = 0,
     ) -> None:
-        super().__init__(model, seed, loss)
-        check_choice("APGD norm", norm, {"linf", "l2"})
+        super().__init__(model, seed, self.default_loss if loss is None else loss)
+        type(self).check_norm(norm)
         if steps < 1 or restarts < 1:
             raise UserError(f"steps and restarts must be >= 1, got {steps}, {restarts}")
         self.threat = make_threat(norm, eps)
         self.norm, self.eps, self.steps, self.restarts = norm, float(eps), steps, restarts
 
+    @classmethod
+    def build(
+        cls, model: nn.Module, eps: float, norm: str, steps: int | None = None, seed: int = 0
+    ) -> APGD:
+        return cls(model, eps, norm, cls.default_steps if steps is None else steps, seed=seed)
+
     def perturb(self, x, y, target):
+        rng = ExampleRNG.for_inputs(x, self.seed)
         best_x = x.clone()
         fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-        for _ in range(self.restarts):
+        for restart in range(self.restarts):
             idx = (~fooled).nonzero().squeeze(1)
             if len(idx) == 0:
                 break
             tgt = None if target is None else target[idx]
-            x_best, x_fooled, fooled_r = self.single_run(x[idx], y[idx], tgt)
+            x_best, x_fooled, fooled_r = self.single_run(x[idx], y[idx], tgt, rng[idx], restart)
             best_x[idx] = torch.where(fooled_r.view(-1, 1, 1, 1), x_fooled, x_best)
             fooled[idx] = fooled_r
         return best_x
 
-    def _step(self, x_adv, grad, eta):
-        if self.norm == "linf":
-            return x_adv + eta * grad.sign()
-        norm = grad.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-        return x_adv + eta * grad / (norm + 1e-12)
-
-    def single_run(self, x, y, target, any_misclassification: bool = False):
+    def single_run(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        target: torch.Tensor | None,
+        rng: ExampleRNG,
+        *counter: int,
+        any_misclassification: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One APGD run: (highest-loss point, a fooling point where found, fooled mask).
 
-        Fooled means predicting `target` on a targeted run, unless `any_misclassification`:
-        then any label other than y counts, as in APGD-T (where the target only steers).
+        `rng` and `counter` (restart, target index, ...) draw each example's start. Fooled
+        means predicting `target` on a targeted run, unless `any_misclassification`: then
+        any label other than y counts, as in APGD-T (where the target only steers).
         """
         goal = None if any_misclassification else target
+        if isinstance(self.threat, L1Threat):
+            return self._run_l1(x, y, target, goal, rng, counter)
         n, n_iter = len(x), self.steps
         view = (-1,) + (1,) * (x.ndim - 1)
-        gen = self.generator(x.device)
-        if self.norm == "linf":
-            t = 2 * torch.rand(x.shape, generator=gen, device=x.device, dtype=x.dtype) - 1
-            t = t / t.flatten(1).abs().max(1).values.view(view).clamp_min(1e-12)
-        else:  # Gaussian direction: uniform on the L2 sphere (a normalised cube sample is not)
-            t = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
-            t = t / t.flatten(1).norm(dim=1).view(view).clamp_min(1e-12)
-        project = self.threat.project
-        x_adv = project((x + self.eps * t).clamp(0, 1), x)
+        threat = self.threat
+        x_adv = threat.surface_start(x, rng, *counter)
 
         grad, logits = self.input_gradient(x_adv, y, target)
         loss = self.last_loss
@@ -120,12 +167,12 @@ class APGD(Attack):
         x_prev = x_adv.clone()
         for k in range(n_iter):
             with torch.no_grad():
-                z = project(self._step(x_adv, grad, eta), x)
+                z = threat.project(threat.step(x_adv, grad, eta), x)
                 if k == 0:
                     x_new = z
                 else:
-                    x_new = project(x_adv + MOMENTUM * (z - x_adv)
-                                    + (1 - MOMENTUM) * (x_adv - x_prev), x)
+                    x_new = threat.project(x_adv + MOMENTUM * (z - x_adv)
+                                           + (1 - MOMENTUM) * (x_adv - x_prev), x)
                 x_prev, x_adv = x_adv, x_new
             grad, logits = self.input_gradient(x_adv, y, target)
             loss = self.last_loss
@@ -154,6 +201,61 @@ class APGD(Attack):
                         # term is x_best - x_k, across the jump
         return x_best, x_fooled, fooled
 
+    def _run_l1(self, x, y, target, goal, rng, counter):
+        """APGD-L1 (Croce & Hein 2021): adaptive sparsity and step size, no momentum; see the
+        module docstring for the schedule."""
+        threat: L1Threat = self.threat  # type: ignore[assignment]
+        n, d = len(x), x[0].numel()
+        view = (-1,) + (1,) * (x.ndim - 1)
+        x_adv = threat.surface_start(x, rng, *counter)
+
+        grad, logits = self.input_gradient(x_adv, y, target)
+        fooled = succeeded(logits, y, goal)
+        x_fooled = x_adv.clone()
+        x_best, grad_best, loss_best = x_adv.clone(), grad.clone(), self.last_loss.clone()
+
+        eta_max = self.eps
+        eta = torch.full((n, *view[1:]), eta_max, device=x.device, dtype=x.dtype)
+        topk = torch.full((n,), L1_TOPK_INIT, device=x.device, dtype=x.dtype)
+        sparsity_last = torch.full((n,), float(d), device=x.device, dtype=x.dtype)
+        every = max(int(L1_CHECK_EVERY * self.steps), 1)
+        for k in range(self.steps):
+            with torch.no_grad():
+                stepped = threat.sparse_step(x_adv, grad, eta, l1_topk_count(topk, d))
+                x_adv = threat.project(stepped, x)
+            grad, logits = self.input_gradient(x_adv, y, target)
+            loss = self.last_loss
+            with torch.no_grad():
+                now = succeeded(logits, y, goal)
+                x_fooled[now & ~fooled] = x_adv[now & ~fooled]
+                fooled |= now
+                improved = loss > loss_best
+                x_best[improved], grad_best[improved] = x_adv[improved], grad[improved]
+                loss_best = torch.where(improved, loss, loss_best)
+                if (k + 1) % every == 0:
+                    sparsity = (x_best != x).flatten(1).sum(1).to(x.dtype)
+                    shrank = sparsity / sparsity_last.clamp_min(1) < L1_SHRINK
+                    topk = sparsity / d / L1_TOPK_DIV
+                    eta = torch.where(shrank.view(view), torch.full_like(eta, eta_max),
+                                      eta / L1_STEP_DECAY).clamp(eta_max / L1_MIN_STEP, eta_max)
+                    sparsity_last = sparsity
+                    if shrank.any():
+                        x_adv[shrank] = x_best[shrank]
+                        grad[shrank] = grad_best[shrank]
+        return x_best, x_fooled, fooled
+
+
+class APGDDLR(APGD):
+    """APGD on the DLR loss (Croce & Hein 2020): `APGD(..., loss="dlr")` under its registry
+    name. Same norms, defaults and shapes as `APGD`.
+
+    Example:
+        x_adv = APGDDLR(model, eps=8 / 255)(x, y)
+    """
+
+    name = "apgd-dlr"
+    default_loss = "dlr"
+
 
 class APGDT(Attack):
     """APGD-T (Croce & Hein 2020, arXiv 2003.01690), as in AutoAttack's standard version:
@@ -161,8 +263,17 @@ class APGDT(Attack):
     turn (9 by default, fewer when the model has fewer classes), 100 iterations each, on
     the examples that are still robust. Untargeted in effect: `atk(x, y)`, and as in the
     reference code an example counts as broken when a run reaches any wrong class, the
-    target or not.
+    target or not. Linf, L2 or L1 (APGD-L1's geometry and schedule).
+
+    Shape: x (N, C, H, W) in [0,1], y (N,) -> (N, C, H, W).
+
+    Example:
+        x_adv = APGDT(model, eps=8 / 255)(x, y)
     """
+
+    name = "apgd-t"
+    norms = ("linf", "l2", "l1")
+    default_steps = 100
 
     def __init__(
         self,
@@ -174,8 +285,17 @@ class APGDT(Attack):
         seed: int | None = 0,
     ) -> None:
         super().__init__(model, seed, "dlr")
+        type(self).check_norm(norm)
+        if n_target_classes < 1:
+            raise UserError(f"n_target_classes must be >= 1, got {n_target_classes}")
         self.inner = APGD(model, eps, norm, steps, loss="dlr", restarts=1, seed=seed)
         self.norm, self.eps, self.n_target_classes = norm, float(eps), n_target_classes
+
+    @classmethod
+    def build(
+        cls, model: nn.Module, eps: float, norm: str, steps: int | None = None, seed: int = 0
+    ) -> APGDT:
+        return cls(model, eps, norm, cls.default_steps if steps is None else steps, seed=seed)
 
     def perturb(self, x, y, target):
         if target is not None:
@@ -185,6 +305,7 @@ class APGDT(Attack):
         n_classes = logits.shape[1]
         if n_classes < 4:
             raise UserError(f"APGD-T needs at least 4 classes (targeted DLR), got {n_classes}")
+        rng = ExampleRNG.for_inputs(x, self.seed)
         best_x = x.clone()
         robust = logits.argmax(1) == y
         for k in range(1, min(self.n_target_classes, n_classes - 1) + 1):
@@ -193,8 +314,9 @@ class APGDT(Attack):
                 break
             # the k-th most likely class other than the prediction (== y on robust examples)
             tgt = order[idx, k]
-            # any misclassification on the way counts, not only reaching t (autopgd_base.py)
-            _, x_fooled, hit = self.inner.single_run(x[idx], y[idx], tgt,
+            # any misclassification on the way counts, not only reaching t (autopgd_base.py);
+            # counter k: a fresh start per target class
+            _, x_fooled, hit = self.inner.single_run(x[idx], y[idx], tgt, rng[idx], k,
                                                      any_misclassification=True)
             best_x[idx[hit]] = x_fooled[hit]
             robust[idx[hit]] = False

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from robust_transfer.attacks.base import Attack
+from robust_transfer.attacks.rng import ExampleRNG
 from robust_transfer.attacks.threats import L1Threat, make_threat
 from robust_transfer.errors import UserError
 
@@ -25,15 +26,33 @@ def _take(t: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
 class FGSM(Attack):
     """Fast Gradient Sign Method (Goodfellow et al. 2015, arXiv 1412.6572).
 
-    x' = clip(x + eps * sign(grad_x loss)). With `norm="l2"` the step is the normalised
-    gradient scaled to eps. Targeted (`atk(x, y, target=t)`): x - eps * sign(grad of the loss
-    toward t).
+    x' = clip(x + eps * sign(grad_x loss)): one step of size eps in the threat model's
+    steepest-ascent direction, then projected. With `norm="l2"` the step is the normalised
+    gradient scaled to eps; with `norm="l1"` one sparse step of L1 size eps on the top 5% of
+    coordinates by |grad| (one iteration of sparse L1 descent, Tramer & Boneh 2019).
+    Targeted (`atk(x, y, target=t)`): x - eps * sign(grad of the loss toward t).
+
+    Shape: x (N, C, H, W) in [0,1], y (N,) -> (N, C, H, W).
+
+    Example:
+        x_adv = FGSM(model, eps=8 / 255)(x, y)
     """
+
+    name = "fgsm"
+    norms = ("linf", "l2", "l1")
 
     def __init__(self, model: nn.Module, eps: float = 8 / 255, norm: str = "linf") -> None:
         super().__init__(model)
+        type(self).check_norm(norm)
         self.threat = make_threat(norm, eps)
         self.norm = norm
+
+    @classmethod
+    def build(
+        cls, model: nn.Module, eps: float, norm: str, steps: int | None = None, seed: int = 0
+    ) -> FGSM:
+        """One step: `steps` and `seed` do not apply."""
+        return cls(model, eps, norm)
 
     def perturb(self, x, y, target):
         grad, _ = self.input_gradient(x, y, target)
@@ -54,7 +73,19 @@ class PGD(Attack):
       on examples not yet fooled.
     - `return_best`: return each example's best iterate (fooling first, then highest loss)
       instead of the last one. One extra forward pass per run.
+
+    Random starts are drawn per example (`ExampleRNG`: seed, the example's content, the
+    restart index), so an example's result does not depend on the rest of its batch.
+
+    Shape: x (N, C, H, W) in [0,1], y (N,) -> (N, C, H, W).
+
+    Example:
+        x_adv = PGD(model, eps=0.5, norm="l2", steps=20, restarts=3, seed=0)(x, y)
     """
+
+    name = "pgd"
+    norms = ("linf", "l2", "l1")
+    default_steps = 20
 
     def __init__(
         self,
@@ -71,6 +102,7 @@ class PGD(Attack):
         l1_sparsity: float = 0.05,
     ) -> None:
         super().__init__(model, seed, loss)
+        type(self).check_norm(norm)
         if steps < 1:
             raise UserError(f"steps must be >= 1, got {steps}")
         if restarts < 1:
@@ -87,27 +119,38 @@ class PGD(Attack):
         self.restarts = restarts
         self.return_best = return_best
 
+    @classmethod
+    def build(
+        cls, model: nn.Module, eps: float, norm: str, steps: int | None = None, seed: int = 0
+    ) -> PGD:
+        return cls(model, eps, steps=cls.default_steps if steps is None else steps, norm=norm,
+                   seed=seed)
+
     def perturb(self, x, y, target):
+        rng = ExampleRNG.for_inputs(x, self.seed) if self.random_start else None
         if self.restarts == 1 and not self.return_best:
-            return self._run(x, y, target)[0]  # the training hot path: no extra forward
+            return self._run(x, y, target, rng)[0]  # the training hot path: no extra forward
         best_x = x.clone()
         best_loss = torch.full((len(x),), float("-inf"), device=x.device, dtype=x.dtype)
         fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
-        for _ in range(self.restarts):
+        for restart in range(self.restarts):
             idx = (~fooled).nonzero().squeeze(1)
             if len(idx) == 0:
                 break
-            x_r, loss_r, fooled_r = self._run(x[idx], y[idx], _take(target, idx), track=True)
+            x_r, loss_r, fooled_r = self._run(x[idx], y[idx], _take(target, idx),
+                                              None if rng is None else rng[idx], restart,
+                                              track=True)
             better = fooled_r | (loss_r > best_loss[idx])
             best_x[idx[better]] = x_r[better]
             best_loss[idx[better]] = loss_r[better]
             fooled[idx] = fooled_r
         return best_x
 
-    def _run(self, x, y, target, track: bool = False):
-        """One PGD run: (x_adv, per-example loss, fooled); loss and fooled only if `track`."""
+    def _run(self, x, y, target, rng: ExampleRNG | None, restart: int = 0, track: bool = False):
+        """One PGD run: (x_adv, per-example loss, fooled); loss and fooled only if `track`.
+        `rng` (None: no random start) and `restart` give each example its own start."""
         threat = self.threat
-        x_adv = threat.random_start(x, self.generator(x.device)) if self.random_start else x
+        x_adv = x if rng is None else threat.random_start(x, rng, restart)
         best = None
         for _ in range(self.steps):
             grad, logits = self.input_gradient(x_adv, y, target)
@@ -137,8 +180,19 @@ class BIM(PGD):
     """Basic Iterative Method / I-FGSM (Kurakin et al. 2017, arXiv 1607.02533), L-infinity.
 
     x_{k+1} = clip_{x,eps}(x_k + alpha * sign(grad)), from x itself (no random start).
-    Published defaults: alpha = 1/255 and steps = min(255*eps + 4, 1.25 * 255*eps).
+    Published defaults: alpha = 1/255 and steps = min(255*eps + 4, 1.25 * 255*eps) (these
+    depend on eps, so there is no fixed `default_steps`). An L-infinity method only: for L2
+    or L1 use PGD.
+
+    Shape: x (N, C, H, W) in [0,1], y (N,) -> (N, C, H, W).
+
+    Example:
+        x_adv = BIM(model, eps=8 / 255)(x, y)
     """
+
+    name = "bim"
+    norms = ("linf",)
+    default_steps = None
 
     def __init__(
         self,
@@ -147,10 +201,20 @@ class BIM(PGD):
         alpha: float | None = None,
         steps: int | None = None,
         loss: str = "ce",
+        norm: str = "linf",
     ) -> None:
+        type(self).check_norm(norm)
         if steps is None:
+            eps = make_threat(norm, eps).eps  # a bad eps: the threat model's clear error
             steps = max(1, int(math.floor(min(255 * eps + 4, 1.25 * 255 * eps))))
         super().__init__(
-            model, eps, 1 / 255 if alpha is None else alpha, steps, "linf",
+            model, eps, 1 / 255 if alpha is None else alpha, steps, norm,
             random_start=False, loss=loss,
         )
+
+    @classmethod
+    def build(
+        cls, model: nn.Module, eps: float, norm: str, steps: int | None = None, seed: int = 0
+    ) -> BIM:
+        """`steps=None`: the published eps-dependent default. No randomness: `seed` unused."""
+        return cls(model, eps, steps=steps, norm=norm)

@@ -1,30 +1,48 @@
-"""Square Attack (Andriushchenko et al. 2020, arXiv 1912.00049): score-based black-box, Linf.
+"""Square Attack (Andriushchenko et al. 2020, arXiv 1912.00049): score-based black-box random
+search, Linf and L2.
 
-Random search that only queries the model's scores: start from vertical stripes of +-eps,
-then at each iteration propose a new square window of side s (set by the schedule
-p(i) = p_init / 2^k, k growing at iterations 10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000
-of a 10,000-query run, rescaled to `n_queries`) filled with a random +-eps per channel, and
-keep it for the examples whose margin loss it lowers. Each still-robust example draws its
-own window (vectorised with masks, no loop over examples); signs that would leave its
-x_best unchanged are redrawn, as in the reference code. AutoAttack's defaults:
+It only queries the model's scores. At each iteration it proposes a change on square windows
+of side s (set by the schedule p(i) = p_init / 2^k, k growing at iterations 10, 50, 200,
+500, 1000, 2000, 4000, 6000, 8000 of a 10,000-query run, rescaled to `n_queries`) and keeps
+it for the examples whose margin loss it lowers; an example stops once it is fooled.
+
+- Linf (Alg. 2): start from vertical stripes of +-eps; a proposal fills one window with a
+  random +-eps per channel. Signs that would leave x_best unchanged are redrawn, as in the
+  reference code.
+- L2 (Alg. 3 and the reference `square.py`): start from a grid of s x s blocks (s = h // 5),
+  each holding the centre-heavy pattern `eta(s)` with a random sign per channel, scaled to
+  ||delta||_2 = eps. A proposal moves the mass of a second window W2 into a first window W1:
+  W1 gets a fresh random-signed `eta(s)` plus its old content (per channel normalised),
+  rescaled so that it carries W1's and W2's old mass plus whatever eps budget is unused; W2
+  is zeroed; the whole delta is then rescaled to norm eps and the image clipped to [0,1].
+  The window side is odd and at least 3.
+
+Every example draws its own windows and signs (vectorised with masks, no loop over
+examples) from `ExampleRNG` with counter (iteration, draw), so its result does not depend on
+the batch or on which other examples are still being attacked. AutoAttack's defaults:
 p_init = 0.8, 5,000 queries, margin loss.
 """
 
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 from torch import nn
 
 from robust_transfer.attacks.base import Attack
 from robust_transfer.attacks.losses import margin
+from robust_transfer.attacks.rng import ExampleRNG
 from robust_transfer.attacks.threats import make_threat
-from robust_transfer.errors import UserError, check_choice
+from robust_transfer.errors import UserError
 
 _SCHEDULE = ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64),
              (6000, 128), (8000, 256), (10000, 512))
 _RESAMPLE = 20  # redraws of a window's signs that would leave x_best unchanged
+# counters of the per-example draws: (iteration, what[, redraw])
+_PLACES, _SIGNS, _FLIP = range(3)
+_INIT = -1  # iteration counter of the initialisation
 
 
 def p_selection(p_init: float, it: int, n_queries: int) -> float:
@@ -38,14 +56,69 @@ def p_selection(p_init: float, it: int, n_queries: int) -> float:
     return p_init
 
 
+def eta_rectangle(a: int, b: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """(a, b) centre-heavy block: sum over nested rectangles (side 2r + 1 around the centre)
+    of 1 / (r + 1)^2, unit L2 norm (the reference's `eta_rectangles`)."""
+    out = torch.zeros(a, b, device=device, dtype=dtype)
+    ca, cb = a // 2, b // 2
+    for r in range(max(ca + 1, cb + 1)):  # a handful of rectangles per window side: cheap
+        rows = slice(max(ca - r, 0), min(ca + r + 1, a))
+        out[rows, max(cb - r, 0):min(cb + r + 1, b)] += 1 / (r + 1) ** 2
+    return out / out.norm().clamp_min(1e-12)
+
+
+def eta(s: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """(s, s) L2 window pattern: a centre-heavy block on the top half, its negative on the
+    bottom half, unit L2 norm (the "meta pseudo-Gaussian" of Andriushchenko et al.)."""
+    out = torch.zeros(s, s, device=device, dtype=dtype)
+    out[:s // 2] = eta_rectangle(s // 2, s, device, dtype)
+    out[s // 2:] = -eta_rectangle(s - s // 2, s, device, dtype)
+    return out / out.norm().clamp_min(1e-12)
+
+
+@lru_cache(maxsize=64)
+def _eta_cached(s: int) -> torch.Tensor:
+    """eta(s) in float64 on the CPU, made once per window side (s changes a few times)."""
+    return eta(s, dtype=torch.float64)
+
+
+def _window_mask(top: torch.Tensor, left: torch.Tensor, s: int, h: int, w: int):
+    """(rows from top, cols from left, mask): each (N, 1, h, w); mask marks each example's
+    s x s window with corner (top, left)."""
+    r = torch.arange(h, device=top.device).view(1, 1, h, 1) - top.view(-1, 1, 1, 1)
+    c = torch.arange(w, device=top.device).view(1, 1, 1, w) - left.view(-1, 1, 1, 1)
+    return r, c, (r >= 0) & (r < s) & (c >= 0) & (c < s)
+
+
+def _place(pattern: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: torch.Tensor,
+           h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, mask), each (N, 1, h, w): the (s, s) `pattern` (transposed where `flip`) put
+    at each example's window (top, left), zero elsewhere."""
+    s = pattern.shape[0]
+    r, c, mask = _window_mask(top, left, s, h, w)
+    r, c = r.clamp(0, s - 1), c.clamp(0, s - 1)
+    values = torch.where(flip.view(-1, 1, 1, 1), pattern[c, r], pattern[r, c])
+    return torch.where(mask, values, torch.zeros_like(values)), mask
+
+
 class Square(Attack):
-    """Square Attack, Linf (Andriushchenko et al. 2020, arXiv 1912.00049). No gradients.
+    """Square Attack, Linf or L2 (Andriushchenko et al. 2020, arXiv 1912.00049). No gradients.
 
     Loss: the margin z_y - max_{i!=y} z_i (untargeted; minimised) or max_{i!=t} z_i - z_t
     (targeted, `atk(x, y, target=t)`). Stops per example once the margin is negative.
+    `n_queries` counts model queries per example, the initial one included.
+
+    Shape: x (N, C, H, W) in [0,1], y (N,) -> (N, C, H, W).
+
+    Example:
+        x_adv = Square(model, eps=8 / 255, n_queries=5000)(x, y)
+        x_adv = Square(model, eps=0.5, norm="l2")(x, y)
     """
 
+    name = "square"
+    norms = ("linf", "l2")
     black_box = True
+    default_steps = 5000
 
     def __init__(
         self,
@@ -57,11 +130,18 @@ class Square(Attack):
         seed: int | None = 0,
     ) -> None:
         super().__init__(model, seed)
-        check_choice("Square norm", norm, {"linf"})
+        type(self).check_norm(norm)
         if n_queries < 1 or not 0 < p_init <= 1:
             raise UserError(f"need n_queries >= 1 and 0 < p_init <= 1, got {n_queries}, {p_init}")
         self.threat = make_threat(norm, eps)
         self.norm, self.eps, self.n_queries, self.p_init = norm, float(eps), n_queries, p_init
+
+    @classmethod
+    def build(
+        cls, model: nn.Module, eps: float, norm: str, steps: int | None = None, seed: int = 0
+    ) -> Square:
+        """`steps` is the query budget (None: 5,000, AutoAttack's)."""
+        return cls(model, eps, norm, cls.default_steps if steps is None else steps, seed=seed)
 
     @torch.no_grad()
     def _margin(self, x, y, target):
@@ -70,43 +150,105 @@ class Square(Attack):
 
     @torch.no_grad()
     def perturb(self, x, y, target):
-        gen = self.generator(x.device)
-        n, c, h, w = x.shape
-        eps = self.eps
-
-        def rand_sign(*shape):
-            r = torch.randint(0, 2, shape, generator=gen, device=x.device)
-            return (2 * r - 1).to(x.dtype)
-
-        # init: vertical stripes of +-eps (one sign per column and channel)
-        x_best = (x + eps * rand_sign(n, c, 1, w)).clamp(0, 1)
+        if x.ndim != 4:
+            raise UserError(f"Square needs images (N, C, H, W), got shape {tuple(x.shape)}")
+        h, w = x.shape[2:]
+        if min(h, w) < 2:
+            raise UserError(f"Square needs images of at least 2 x 2 pixels, got {h} x {w}")
+        rng = ExampleRNG.for_inputs(x, self.seed)
+        if self.norm == "linf":
+            x_best = self.threat.project(x + self.eps * rng.sign((x.shape[1], 1, w), _INIT,
+                                                                  dtype=x.dtype), x)
+            propose = self._propose_linf
+        else:
+            x_best = self._init_l2(x, rng)
+            propose = self._propose_l2
         loss_best = self._margin(x_best, y, target)
-        rows = torch.arange(h, device=x.device).view(1, 1, h, 1)
-        cols = torch.arange(w, device=x.device).view(1, 1, 1, w)
         for it in range(self.n_queries - 1):
             idx = (loss_best > 0).nonzero().squeeze(1)
             if len(idx) == 0:
                 break
-            m = len(idx)
-            x_cur, x_best_cur = x[idx], x_best[idx]
             p = p_selection(self.p_init, it, self.n_queries)
-            s = min(max(int(round(math.sqrt(p * h * w))), 1), h - 1)
-            top = torch.randint(0, h - s, (m, 1, 1, 1), generator=gen, device=x.device)
-            left = torch.randint(0, w - s, (m, 1, 1, 1), generator=gen, device=x.device)
-            window = (rows >= top) & (rows < top + s) & (cols >= left) & (cols < left + s)
-            signs = rand_sign(m, c, 1, 1)
-            for _ in range(_RESAMPLE):
-                delta = torch.where(window, eps * signs, x_best_cur - x_cur)
-                x_new = (x_cur + delta.clamp(-eps, eps)).clamp(0, 1)
-                # as the reference code: redraw a window that would not change x_best (it
-                # would waste a query); bounded, as eps = 0 never changes anything
-                same = (x_new - x_best_cur).abs().flatten(1).amax(1) < 1e-7
-                if not same.any():
-                    break
-                signs = torch.where(same.view(-1, 1, 1, 1), rand_sign(m, c, 1, 1), signs)
+            x_new = propose(x[idx], x_best[idx], rng[idx], it, p)
             tgt = None if target is None else target[idx]
             loss = self._margin(x_new, y[idx], tgt)
             better = loss < loss_best[idx]
             x_best[idx[better]] = x_new[better]
             loss_best[idx[better]] = loss[better]
         return x_best
+
+    @staticmethod
+    def _corners(u: torch.Tensor, s: int, h: int, w: int):
+        """Window corners from two uniforms per example: top in [0, h - s), left in
+        [0, w - s) (the reference's range), each (N, 1, 1, 1)."""
+        top = (u[:, 0] * max(h - s, 1)).floor().long().view(-1, 1, 1, 1)
+        left = (u[:, 1] * max(w - s, 1)).floor().long().view(-1, 1, 1, 1)
+        return top, left
+
+    def _propose_linf(self, x, x_best, rng, it, p):
+        """x_best with one window set to +-eps per channel (Alg. 2), projected."""
+        m, c, h, w = x.shape
+        s = min(max(int(round(math.sqrt(p * h * w))), 1), min(h, w) - 1)
+        # one draw per example and iteration: the corner, then the signs of the first try and
+        # of every redraw (cheaper than a draw per redraw; each example's own numbers)
+        u = rng.uniform((2 + (_RESAMPLE + 1) * c,), it, _PLACES, dtype=torch.float64)
+        window = _window_mask(*self._corners(u, s, h, w), s, h, w)[2]
+        signs = torch.where(u[:, 2:] < 0.5, -1.0, 1.0).to(x.dtype).view(m, -1, c, 1, 1)
+        x_new = self.threat.project(torch.where(window, x + self.eps * signs[:, 0], x_best), x)
+        todo = torch.arange(m, device=x.device)
+        for redraw in range(1, _RESAMPLE + 1):
+            # as the reference code: redraw the signs of a window that would not change
+            # x_best (it would waste a query); bounded, as eps = 0 never changes anything
+            same = (x_new[todo] - x_best[todo]).abs().flatten(1).amax(1) < 1e-7
+            todo = todo[same]
+            if len(todo) == 0:
+                break
+            x_new[todo] = self.threat.project(torch.where(
+                window[todo], x[todo] + self.eps * signs[todo, redraw], x_best[todo]), x[todo])
+        return x_new
+
+    def _init_l2(self, x, rng):
+        """Grid of s x s blocks, s = h // 5, each eta(s) with a random sign per channel and a
+        random orientation, from offset (h - 5s) // 2; only whole blocks; scaled to eps."""
+        n, c, h, w = x.shape
+        s = max(h // 5, 1)
+        off_h, off_w = max((h - 5 * s) // 2, 0), max((w - 5 * s) // 2, 0)
+        nb_h, nb_w = (h - off_h) // s, (w - off_w) // s  # whole blocks only
+        rows = torch.arange(h, device=x.device).view(h, 1) - off_h
+        cols = torch.arange(w, device=x.device).view(1, w) - off_w
+        bi, bj = rows.div(s, rounding_mode="floor"), cols.div(s, rounding_mode="floor")
+        inside = (rows >= 0) & (bi < nb_h) & (cols >= 0) & (bj < nb_w)
+        bi, bj = bi.clamp(0, nb_h - 1), bj.clamp(0, nb_w - 1)
+        lr, lc = rows % s, cols % s  # position inside the block
+        pattern = _eta_cached(s).to(x.device, x.dtype)
+        flip = rng.uniform((nb_h, nb_w), _INIT, _FLIP) < 0.5  # (n, nb_h, nb_w)
+        flip = flip[:, bi, bj]  # (n, h, w)
+        values = torch.where(flip, pattern[lc, lr], pattern[lr, lc])
+        signs = rng.sign((c, nb_h, nb_w), _INIT, _SIGNS, dtype=x.dtype)[:, :, bi, bj]
+        delta = torch.where(inside, values.unsqueeze(1) * signs, torch.zeros_like(signs))
+        return (x + self.threat.to_surface(delta)).clamp(0, 1)
+
+    def _propose_l2(self, x, x_best, rng, it, p):
+        """Move W2's mass into W1 with a fresh eta(s) (Alg. 3), keep ||delta||_2 = eps."""
+        m, c, h, w = x.shape
+        s = max(int(round(math.sqrt(p * h * w))), 3)
+        s = min(s + 1 - s % 2, min(h, w) - 1)  # odd, as the reference; fits the image
+        delta = x_best - x
+        pattern = _eta_cached(s).to(x.device, x.dtype)
+        # one draw per example and iteration: 2 corners, the orientation, a sign per channel
+        u = rng.uniform((5 + c,), it, _PLACES, dtype=torch.float64)
+        fresh, in1 = _place(pattern, *self._corners(u[:, 0:2], s, h, w), u[:, 4] < 0.5, h, w)
+        in2 = _window_mask(*self._corners(u[:, 2:4], s, h, w), s, h, w)[2]
+        signs = torch.where(u[:, 5:] < 0.5, -1.0, 1.0).to(x.dtype).view(m, c, 1, 1)
+        fresh = fresh * signs  # (m, c, h, w)
+
+        def norm(t, dims):
+            return t.pow(2).sum(dims, keepdim=True).sqrt()
+
+        old1 = torch.where(in1, delta, torch.zeros_like(delta))
+        spare = (self.eps ** 2 - norm(delta, (1, 2, 3)) ** 2).clamp_min(0)  # unused budget
+        mass = norm(torch.where(in1 | in2, delta, torch.zeros_like(delta)), (1, 2, 3))
+        new1 = fresh + old1 / (norm(old1, (2, 3)) + 1e-12)
+        new1 = new1 / (norm(new1, (2, 3)) + 1e-12) * (spare / c + mass ** 2).sqrt()
+        delta = torch.where(in1, new1, torch.where(in2, torch.zeros_like(delta), delta))
+        return (x + self.threat.to_surface(delta)).clamp(0, 1)

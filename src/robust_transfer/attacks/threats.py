@@ -1,22 +1,29 @@
-"""Threat models as small strategy objects: random start, ascent step, projection.
+"""Threat models as small strategy objects: the only place a norm lives.
 
-After MadryLab's `attack_steps.py`: adding a norm is adding one class. Every method keeps
-the result inside [0,1]; `project` also keeps it inside the eps-ball around the clean input.
+After MadryLab's `attack_steps.py`: adding a norm is adding one class. A threat model owns
+everything an attack needs to know about its geometry:
+
+- `random_start(x, rng, *counter)`: a uniform point of the eps-ball around x (PGD);
+- `surface_start(x, rng, *counter)`: a random point of the ball's surface (APGD);
+- `step(x_adv, grad, alpha)`: the steepest-ascent step of size alpha in this norm;
+- `project(x_adv, x)`: back into the eps-ball around x and into [0,1];
+- `project_delta(v)`: a perturbation itself onto the eps-ball (no image, no box; the
+  universal perturbation);
+- `to_surface(delta)`: delta rescaled to norm exactly eps (Square-L2, APGD's start).
+
+Every method that returns an input keeps it inside [0,1]. Random numbers come from an
+`ExampleRNG` (per-example streams keyed by content, seed and the caller's counter), so an
+example's start does not depend on the other examples in its batch.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from robust_transfer.attacks.rng import ExampleRNG
 from robust_transfer.errors import UserError, check_choice
-
-
-def _rand(shape, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.rand(shape, generator=generator, device=like.device, dtype=like.dtype)
-
-
-def _randn(shape, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
 
 
 def _per_example_norm(t: torch.Tensor, p: float) -> torch.Tensor:
@@ -24,25 +31,68 @@ def _per_example_norm(t: torch.Tensor, p: float) -> torch.Tensor:
     return t.flatten(1).norm(p=p, dim=1).view(-1, *([1] * (t.ndim - 1)))
 
 
+def _streams(x: torch.Tensor, rng: ExampleRNG | None) -> ExampleRNG:
+    """The caller's per-example streams, or fresh ones (a random seed) when None."""
+    if isinstance(rng, torch.Generator):
+        raise TypeError("threat models draw from per-example streams, not a torch.Generator: "
+                        "pass ExampleRNG.for_inputs(x, seed) (robust_transfer.attacks.rng)")
+    return ExampleRNG.for_inputs(x, None) if rng is None else rng
+
+
+def _radius_shape(x: torch.Tensor) -> tuple[int, ...]:
+    return (1,) * (x.ndim - 1)
+
+
 class ThreatModel:
     """The set of allowed inputs: the eps-ball of one norm around x, intersected with [0,1]."""
 
     norm: str = ""
+    p: float = float("nan")
 
     def __init__(self, eps: float) -> None:
-        if not eps >= 0:  # also rejects NaN
-            raise UserError(f"eps must be >= 0, got {eps}")
-        self.eps = float(eps)
+        try:
+            value = float(eps)
+        except (TypeError, ValueError):
+            raise UserError(f"eps must be >= 0 and finite, got {eps!r}") from None
+        if not (math.isfinite(value) and value >= 0):  # rejects NaN, inf and negatives
+            raise UserError(f"eps must be >= 0 and finite, got {eps}")
+        self.eps = value
 
-    def random_start(self, x: torch.Tensor, generator: torch.Generator | None = None):
+    def random_start(
+        self, x: torch.Tensor, rng: ExampleRNG | None = None, *counter: int
+    ) -> torch.Tensor:
+        """A uniform random point of the eps-ball around each x, clipped to [0,1]."""
         raise NotImplementedError
 
-    def step(self, x_adv: torch.Tensor, grad: torch.Tensor, alpha: float) -> torch.Tensor:
-        """One ascent step of size `alpha` along `grad`, steepest for this norm."""
+    def _direction(self, x: torch.Tensor, rng: ExampleRNG, counter: tuple[int, ...]):
+        """APGD's random direction t, before it is put on the sphere (`surface_start`)."""
+        raise NotImplementedError
+
+    def surface_start(
+        self, x: torch.Tensor, rng: ExampleRNG | None = None, *counter: int
+    ) -> torch.Tensor:
+        """A random point of the ball's surface, x + eps * t / ||t||, then into [0,1]
+        (APGD's start, Croce & Hein 2020: Linf t ~ U[-1,1]^d, L2 t ~ N(0, I))."""
+        t = self._direction(x, _streams(x, rng), counter)
+        return self.project((x + self.to_surface(t)).clamp(0, 1), x)
+
+    def step(self, x_adv: torch.Tensor, grad: torch.Tensor, alpha) -> torch.Tensor:
+        """One ascent step of size `alpha` (a float or an (N, 1, ...) tensor) along `grad`,
+        steepest for this norm."""
+        raise NotImplementedError
+
+    def project_delta(self, v: torch.Tensor) -> torch.Tensor:
+        """Euclidean projection of each perturbation v (N, ...) onto the eps-ball; no box."""
         raise NotImplementedError
 
     def project(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The nearest point of the eps-ball around x, then clipped to [0,1]. For Linf and L2
+        clipping moves each coordinate toward x, so the result stays in the ball."""
+        return (x + self.project_delta(x_adv - x)).clamp(0, 1)
+
+    def to_surface(self, delta: torch.Tensor) -> torch.Tensor:
+        """delta rescaled to norm exactly eps (zero stays zero)."""
+        return self.eps * delta / _per_example_norm(delta, self.p).clamp_min(1e-12)
 
     def distance(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Per-example perturbation size in this norm, shape (N,)."""
@@ -55,36 +105,41 @@ class ThreatModel:
 class LinfThreat(ThreatModel):
     norm, p = "linf", float("inf")
 
-    def random_start(self, x, generator=None):
-        noise = (2 * _rand(x.shape, x, generator) - 1) * self.eps
-        return (x + noise).clamp(0, 1)
+    def random_start(self, x, rng=None, *counter):
+        u = _streams(x, rng).uniform(x.shape[1:], *counter, dtype=x.dtype)
+        return (x + (2 * u - 1) * self.eps).clamp(0, 1)
+
+    def _direction(self, x, rng, counter):
+        return 2 * rng.uniform(x.shape[1:], *counter, dtype=x.dtype) - 1
 
     def step(self, x_adv, grad, alpha):
         return x_adv + alpha * grad.sign()
 
-    def project(self, x_adv, x):
-        return (x + (x_adv - x).clamp(-self.eps, self.eps)).clamp(0, 1)
+    def project_delta(self, v):
+        return v.clamp(-self.eps, self.eps)
 
 
 class L2Threat(ThreatModel):
     norm, p = "l2", 2.0
 
-    def random_start(self, x, generator=None):
+    def random_start(self, x, rng=None, *counter):
         # Uniform in the ball: Gaussian direction, radius eps * U^(1/d).
-        direction = _randn(x.shape, x, generator)
+        rng = _streams(x, rng)
+        direction = rng.normal(x.shape[1:], *counter, dtype=x.dtype)
         direction = direction / _per_example_norm(direction, 2).clamp_min(1e-12)
-        d = x[0].numel()
-        radius = self.eps * _rand((len(x),) + (1,) * (x.ndim - 1), x, generator) ** (1.0 / d)
-        return (x + direction * radius).clamp(0, 1)
+        u = rng.uniform(_radius_shape(x), *counter, 3, dtype=x.dtype)
+        return (x + direction * self.eps * u ** (1.0 / x[0].numel())).clamp(0, 1)
+
+    def _direction(self, x, rng, counter):
+        # A Gaussian direction is uniform on the sphere; a normalised cube sample is not.
+        return rng.normal(x.shape[1:], *counter, dtype=x.dtype)
 
     def step(self, x_adv, grad, alpha):
-        return x_adv + alpha * grad / _per_example_norm(grad, 2).clamp_min(1e-12)
+        # + 1e-12 (not a clamp) as autopgd_base.py and MadryLab: a zero gradient stays zero.
+        return x_adv + alpha * grad / (_per_example_norm(grad, 2) + 1e-12)
 
-    def project(self, x_adv, x):
-        delta = x_adv - x
-        scale = (self.eps / _per_example_norm(delta, 2).clamp_min(1e-12)).clamp(max=1.0)
-        # Clamping to [0,1] moves each coordinate toward x, so the norm stays <= eps.
-        return (x + delta * scale).clamp(0, 1)
+    def project_delta(self, v):
+        return v * (self.eps / _per_example_norm(v, 2).clamp_min(1e-12)).clamp(max=1.0)
 
 
 def project_l1_box(
@@ -128,9 +183,11 @@ def project_l1_box(
 
 
 class L1Threat(ThreatModel):
-    """L1 ball: sparse steps on the top-`sparsity` fraction of coordinates by |grad| and the
-    exact projection onto the L1 ball intersected with the [0,1] box (APGD-L1, Croce & Hein
-    2021, arXiv 2103.01208; sparse L1 descent, Tramer & Boneh 2019, arXiv 1904.13000)."""
+    """L1 ball: sparse steps on the top-k coordinates by |grad| and the exact projection onto
+    the L1 ball intersected with the [0,1] box (APGD-L1, Croce & Hein 2021, arXiv 2103.01208;
+    sparse L1 descent, Tramer & Boneh 2019, arXiv 1904.13000). `step` uses a fixed fraction
+    `sparsity` of the coordinates (PGD); `sparse_step` takes a per-example count k, which
+    APGD-L1 adapts during its run."""
 
     norm, p = "l1", 1.0
 
@@ -140,26 +197,52 @@ class L1Threat(ThreatModel):
             raise UserError(f"L1 step sparsity must be in (0, 1], got {sparsity}")
         self.sparsity = float(sparsity)
 
-    def random_start(self, x, generator=None):
+    def random_start(self, x, rng=None, *counter):
         # Uniform in the L1 ball: Laplace direction on the L1 sphere, radius eps * U^(1/d);
         # clamping to the box only shrinks |delta_i|, so it stays in the ball.
-        exp = -torch.log(_rand(x.shape, x, generator).clamp_min(1e-12))
-        sign = torch.where(_rand(x.shape, x, generator) < 0.5, -1.0, 1.0).to(x.dtype)
+        rng = _streams(x, rng)
+        exp = -torch.log1p(-rng.uniform(x.shape[1:], *counter, 1, dtype=x.dtype))
+        sign = rng.sign(x.shape[1:], *counter, 2, dtype=x.dtype)
         direction = sign * exp / _per_example_norm(exp, 1).clamp_min(1e-12)
-        d = x[0].numel()
-        radius = self.eps * _rand((len(x),) + (1,) * (x.ndim - 1), x, generator) ** (1.0 / d)
-        return (x + direction * radius).clamp(0, 1)
+        u = rng.uniform(_radius_shape(x), *counter, 3, dtype=x.dtype)
+        return (x + direction * self.eps * u ** (1.0 / x[0].numel())).clamp(0, 1)
+
+    def surface_start(self, x, rng=None, *counter):
+        """APGD-L1's start (autopgd_base.py): a Gaussian t ~ N(0, I) projected onto the L1
+        ball and the box. ||t||_1 ~ 0.8 d is far above eps for images, so the point is on
+        the surface of ball-and-box, already sparse (the projection soft-thresholds)."""
+        t = _streams(x, rng).normal(x.shape[1:], *counter, dtype=x.dtype)
+        return (x + project_l1_box(t, -x, 1 - x, self.eps)).clamp(0, 1)
 
     def step(self, x_adv, grad, alpha):
-        # Coordinates that the box already stops from moving along the gradient sign get no
-        # share of the step (as in APGD-L1); then the top-q of the rest by |grad|.
+        k = max(1, int(round(self.sparsity * grad[0].numel())))
+        return self.sparse_step(x_adv, grad, alpha, k)
+
+    def sparse_step(self, x_adv, grad, alpha, k: int | torch.Tensor):
+        """x_adv + alpha * e, e = sign(grad) on the k largest |grad_i| (k an int or an (N,)
+        tensor, per example), divided by their number so that ||e||_1 = 1.
+
+        Coordinates the box already stops from moving along the gradient sign get no share
+        of the step (the steepest ascent direction on L1 ball and box, "Mind the box": a
+        share there would be clipped away by the projection, wasting the L1 budget).
+        """
         blocked = ((x_adv <= 0) & (grad < 0)) | ((x_adv >= 1) & (grad > 0))
         g = torch.where(blocked, torch.zeros_like(grad), grad).flatten(1)
-        k = max(1, int(round(self.sparsity * g.shape[1])))
-        threshold = g.abs().topk(k, dim=1).values[:, -1:]
-        e = torch.where((g.abs() >= threshold) & (g != 0), g.sign(), torch.zeros_like(g))
+        a = g.abs()
+        d = a.shape[1]
+        if isinstance(k, torch.Tensor):
+            k = k.to(device=a.device, dtype=torch.long).clamp(1, d).view(-1, 1)
+            top = a.topk(int(k.max()), dim=1).values  # sorted, largest first
+            threshold = top.gather(1, k - 1)
+        else:
+            threshold = a.topk(min(max(k, 1), d), dim=1).values[:, -1:]
+        e = torch.where((a >= threshold) & (a > 0), g.sign(), torch.zeros_like(g))
         e = e / e.abs().sum(1, keepdim=True).clamp_min(1)
         return x_adv + alpha * e.view_as(x_adv)
+
+    def project_delta(self, v):
+        # A box [-|v|, |v|] never binds: the plain L1-ball projection (soft-thresholding).
+        return project_l1_box(v, -v.abs(), v.abs(), self.eps)
 
     def project(self, x_adv, x):
         delta = project_l1_box(x_adv - x, -x, 1 - x, self.eps)

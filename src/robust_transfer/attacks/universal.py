@@ -7,7 +7,8 @@ from torch import nn
 
 from robust_transfer.attacks.base import Attack
 from robust_transfer.attacks.minimal import DeepFool
-from robust_transfer.errors import UserError, check_choice
+from robust_transfer.attacks.threats import make_threat
+from robust_transfer.errors import UserError
 from robust_transfer.models.runtime import predict_logits
 
 
@@ -37,7 +38,16 @@ class UniversalPerturbation(Attack):
     paper) or after `max_passes`. DeepFool runs batched over `batch_size` images at the
     current v, whose updates are then added in order (batch_size=1 is the paper's loop).
     `atk(x)` returns clip(x + v); `fooling_rate(x)` is the fraction whose prediction changes.
+    The eps-ball projection of v is the threat model's (`ThreatModel.project_delta`).
+
+    Shape: fit on (N, C, H, W) images in [0,1]; v is (1, C, H, W); atk(x) -> x's shape.
+
+    Example:
+        atk = UniversalPerturbation(model, eps=2.0, norm="l2").fit(train_images)
+        x_adv = atk(x)
     """
+
+    norms = ("l2", "linf")
 
     def __init__(
         self,
@@ -52,20 +62,17 @@ class UniversalPerturbation(Attack):
         seed: int | None = 0,
     ) -> None:
         super().__init__(model, seed)
-        check_choice("universal perturbation norm", norm, {"l2", "linf"})
-        if not eps >= 0 or not 0 < target_fooling <= 1 or max_passes < 1 or batch_size < 1:
-            raise UserError(f"bad universal perturbation settings: eps={eps}, "
-                            f"target_fooling={target_fooling}, max_passes={max_passes}")
+        type(self).check_norm(norm)
+        self.threat = make_threat(norm, eps)  # rejects negative and non-finite eps
+        if not 0 < target_fooling <= 1 or max_passes < 1 or batch_size < 1:
+            raise UserError(f"bad universal perturbation settings: "
+                            f"target_fooling={target_fooling} (allowed: (0, 1]), "
+                            f"max_passes={max_passes}, batch_size={batch_size} (allowed: >= 1)")
         self.eps, self.norm, self.target_fooling = float(eps), norm, target_fooling
         self.max_passes, self.batch_size = max_passes, batch_size
         self.deepfool = DeepFool(model, "l2", deepfool_steps, overshoot)
         self.v: torch.Tensor | None = None
         self.history: list[float] = []
-
-    def _project(self, v: torch.Tensor) -> torch.Tensor:
-        if self.norm == "linf":
-            return v.clamp(-self.eps, self.eps)
-        return v * (self.eps / v.norm().clamp_min(1e-12)).clamp(max=1.0)
 
     def fit(self, data) -> UniversalPerturbation:
         x = as_images(data).to(next(self.model.parameters()).device)
@@ -83,7 +90,7 @@ class UniversalPerturbation(Attack):
                     continue
                 x_df = self.deepfool(xb[keep], pred[batch][keep])
                 for dr in (x_df - xb[keep]).split(1):  # cheap: add and project, in order
-                    v = self._project(v + dr)
+                    v = self.threat.project_delta(v + dr)
             self.v = v
             self.history.append(self.fooling_rate(x))
             if self.history[-1] > best_rate:

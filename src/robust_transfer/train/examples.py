@@ -21,18 +21,22 @@ def natural_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torc
 
 
 class PGDExamples:
-    """PGD-AT inputs: `steps`-step PGD at radius `eps`, step `alpha` (None: 2.5*eps/steps)."""
+    """PGD-AT inputs: `steps`-step PGD at radius `eps`, step `alpha` (None: 2.5*eps/steps).
+
+    PGD's random starts are keyed by (seed, image content), so one seed would give an image
+    the same start every epoch; each call therefore uses its own seed, derived from `seed`
+    and the call count (fresh starts every batch, the same sequence for the same seed).
+    """
 
     def __init__(
         self, eps: float, norm: str, steps: int = 7, alpha: float | None = None, seed: int = 0
     ) -> None:
         self.eps, self.norm, self.steps, self.alpha, self.seed = eps, norm, steps, alpha, seed
-        self._attack: PGD | None = None
+        self.calls = 0
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self._attack is None or self._attack.model is not model:
-            self._attack = PGD(
-                model, self.eps, self.alpha, self.steps, self.norm, random_start=True,
-                seed=self.seed,
-            )
-        return self._attack(x, y)
+        seed = self.seed * 2**32 + self.calls  # distinct per (seed, call); ExampleRNG mixes it
+        self.calls += 1
+        attack = PGD(model, self.eps, self.alpha, self.steps, self.norm, random_start=True,
+                     seed=seed)
+        return attack(x, y)

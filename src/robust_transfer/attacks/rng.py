@@ -1,0 +1,116 @@
+"""Random numbers per example, so that an attack's result does not depend on the batch.
+
+A seeded `torch.Generator` hands out numbers in batch order: example i of a batch of 16 gets
+different noise than the same example alone, so its adversarial example (and whether the
+attack fools it) would depend on its neighbours. Here every number is a hash of (seed, the
+example's content, a counter the caller names, the coordinate): a counter-based generator
+(splitmix64 mixing, as in Salmon et al. 2011's Philox idea), vectorised in int64 torch ops on
+any device. Two calls with the same counter give the same numbers; the caller names a new
+counter (restart, iteration, redraw) for fresh ones.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def _signed(c: int) -> int:
+    """A 64-bit constant as the int64 torch stores (two's complement)."""
+    c &= _MASK64
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_M1, _M2, _G = _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB), _signed(_GOLDEN)
+
+
+def _shr(z: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def mix(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser: a bijection of int64 that scrambles every bit (wrapping ops)."""
+    z = (z ^ _shr(z, 30)) * _M1
+    z = (z ^ _shr(z, 27)) * _M2
+    return z ^ _shr(z, 31)
+
+
+def _mix_int(value: int) -> int:
+    """`mix` of one Python int, for folding counters without a tensor."""
+    z = value & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return _signed(z ^ (z >> 31))
+
+
+class ExampleRNG:
+    """Per-example random streams keyed by content and seed.
+
+    `rng = ExampleRNG.for_inputs(x, seed)`; `rng.uniform((C, H, W), 3)` is an (N, C, H, W)
+    tensor in [0, 1) whose row i depends only on (seed, x[i], counter 3). `rng[idx]` is the
+    streams of a subset, so attacks that shrink their active set keep each example's numbers.
+    Identical images get identical numbers (they are the same problem).
+    """
+
+    def __init__(self, keys: torch.Tensor) -> None:
+        self.keys = keys
+
+    @classmethod
+    def for_inputs(cls, x: torch.Tensor, seed: int | None) -> ExampleRNG:
+        """Keys from the exact bits of each example and `seed` (None: a fresh random seed)."""
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()).item())
+        bits = x.detach().float().contiguous().flatten(1).view(torch.int32).long()
+        index = torch.arange(bits.shape[1], device=x.device, dtype=torch.long)
+        per_coord = mix(bits + (index + 1) * _G)
+        keys = mix(per_coord.sum(1) ^ _mix_int(seed))  # int64 sums wrap: order-free
+        return cls(keys)
+
+    def __getitem__(self, idx) -> ExampleRNG:
+        return ExampleRNG(self.keys[idx])
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def _bits(self, shape: tuple[int, ...], counter: tuple[int, ...]) -> torch.Tensor:
+        """(N, *shape) int64 of uniform random bits for this counter."""
+        c = 0
+        for part in counter:
+            c = _mix_int(c ^ _mix_int(int(part) + 0x51ED27))
+        n_coords = math.prod(shape)
+        index = torch.arange(n_coords, device=self.keys.device, dtype=torch.long)
+        z = mix(self.keys.unsqueeze(1) ^ c) + (index + 1).unsqueeze(0) * _G
+        return mix(z).view(len(self.keys), *shape)
+
+    def uniform(self, shape: tuple[int, ...], *counter: int,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(N, *shape) uniform in [0, 1) (24 random bits; 53 for float64)."""
+        bits = 53 if dtype == torch.float64 else 24
+        z = _shr(self._bits(tuple(shape), counter), 64 - bits)
+        return z.to(dtype) * (2.0**-bits)
+
+    def normal(self, shape: tuple[int, ...], *counter: int,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(N, *shape) standard normal (Box-Muller on two uniform streams)."""
+        u1 = self.uniform(shape, *counter, 1, dtype=dtype)
+        u2 = self.uniform(shape, *counter, 2, dtype=dtype)
+        radius = torch.sqrt(-2 * torch.log1p(-u1))  # 1 - u1 in (0, 1]: finite
+        return radius * torch.cos(2 * math.pi * u2)
+
+    def randint(self, high: int | torch.Tensor, shape: tuple[int, ...], *counter: int
+                ) -> torch.Tensor:
+        """(N, *shape) integers in [0, high); `high` an int or an (N,) tensor, >= 1."""
+        u = self.uniform(shape, *counter, dtype=torch.float64)
+        if isinstance(high, torch.Tensor):
+            high = high.to(u).view(-1, *([1] * len(shape)))
+        return (u * high).floor().long()
+
+    def sign(self, shape: tuple[int, ...], *counter: int,
+             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(N, *shape) of -1 / +1 with equal probability."""
+        return torch.where(self.uniform(shape, *counter) < 0.5, -1.0, 1.0).to(dtype)
