@@ -20,12 +20,14 @@ from robust_transfer.attacks import (
     APGDT,
     BIM,
     CW,
+    FABT,
     FGSM,
     LBFGS,
     PGD,
     DeepFool,
     Square,
     UniversalPerturbation,
+    evaluate,
 )
 from robust_transfer.data import load_task
 from robust_transfer.train import SourceConfig, TrainConfig, train_source
@@ -103,8 +105,12 @@ def main() -> None:
         "PGD-20 l2": lambda m: PGD(m, 1.0, steps=20, norm="l2", seed=0),
         "PGD-20 l1": lambda m: PGD(m, 3.0, steps=20, norm="l1", seed=0),
         "APGD-CE (100 it)": lambda m: APGD(m, 0.1, steps=100, seed=0),
+        "APGD-CE L1 (100 it)": lambda m: APGD(m, 3.0, "l1", steps=100, seed=0),
         "APGD-T (9->4 targets x 100 it)": lambda m: APGDT(m, 0.1, steps=100, seed=0),
-        "Square (1000 queries)": lambda m: Square(m, 0.1, n_queries=1000, seed=0),
+        "FAB-T linf (9->4 targets x 100 it)": lambda m: FABT(m, "linf", steps=100, seed=0),
+        "FAB-T l2 (9->4 targets x 100 it)": lambda m: FABT(m, "l2", steps=100, seed=0),
+        "Square linf (1000 queries)": lambda m: Square(m, 0.1, n_queries=1000, seed=0),
+        "Square l2 (1000 queries)": lambda m: Square(m, 1.0, "l2", n_queries=1000, seed=0),
         "DeepFool L2 (<= 50 it)": lambda m: DeepFool(m),
         "CW L2 (9 x <= 200 it)": lambda m: CW(m, steps=200),
         "LBFGS (5 c x 50 it)": lambda m: LBFGS(m, search_steps=5, max_iter=50),
@@ -116,6 +122,13 @@ def main() -> None:
         for m in models.values():
             m.eval()
             t = timed(lambda m=m, make=make: make(m)(x, y), 1, warmup=False)
+            row += f"{len(x) / t:>18.1f}"
+        print(row, flush=True)
+    for cascade in ("autoattack-fast", "autoattack"):
+        row = f"{cascade + ' linf 0.1 (cascade)':<34}"
+        for m in models.values():
+            t = timed(lambda m=m, c=cascade: evaluate(m, x, y, [c], [0.1], "linf", check=False),
+                      1, warmup=False)
             row += f"{len(x) / t:>18.1f}"
         print(row, flush=True)
     row = f"{'Universal (fit, 300 imgs, 1 pass)':<34}"

@@ -82,5 +82,34 @@ def test_missing_checkpoint_and_bad_attack_exit_2(checkpoints, tmp_path):
         capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: unknown attack 'nope'; allowed: apgd-ce, apgd-dlr, apgd-t, bim, cw, deepfool, "
-        "fgsm, lbfgs, pgd, square"]
+        "error: unknown attack 'nope'; attacks: apgd-ce, apgd-dlr, apgd-t, bim, cw, deepfool, "
+        "fab, fab-t, fgsm, lbfgs, pgd, square; cascades: autoattack, autoattack-fast"]
+
+
+def test_unsupported_norm_is_refused_before_any_work(checkpoints, tmp_path):
+    result = run(["attack", checkpoints[0], "--attack", "pgd,bim", "--norm", "l2",
+                  "--out", tmp_path / "x"])
+    assert isinstance(result.exception, UserError)
+    assert "'bim' does not support norm 'l2'; it supports: linf" in str(result.exception)
+    assert not (tmp_path / "x").exists()
+
+
+def test_evaluate_is_the_attack_command(checkpoints, tmp_path):
+    args = [checkpoints[1], "--attack", "fgsm", "--n", "16", "--gallery", "0"]
+    outputs = [run([cmd, *args, "--out", tmp_path / cmd]) for cmd in ("attack", "evaluate")]
+    assert [r.exit_code for r in outputs] == [0, 0], outputs[1].output
+    tables = [(tmp_path / cmd / "robustness.csv").read_text() for cmd in ("attack", "evaluate")]
+    assert tables[0] == tables[1]
+    # defaults come from the checkpoint: its L2 training threat model at its eps (0.5)
+    assert tables[0].splitlines()[1].startswith("0.5,l2,fgsm")
+
+
+def test_transfer_matrix_needs_two_models_of_one_task(checkpoints, tmp_path):
+    one = run(["transfer-matrix", checkpoints[0], "--out", tmp_path / "a"])
+    assert isinstance(one.exception, UserError) and "two or more" in str(one.exception)
+    model, meta = train_source(SourceConfig(task="digits-5to9", train=TrainConfig(epochs=1)))
+    other = save_checkpoint(model, tmp_path / "other-task", meta)
+    mixed = run(["transfer-matrix", checkpoints[0], other, "--out", tmp_path / "b"])
+    assert isinstance(mixed.exception, UserError)
+    assert "different tasks" in str(mixed.exception)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -21,8 +21,11 @@ from robust_transfer.attacks import (
     FoolingImages,
     Square,
     UniversalPerturbation,
+    make_attack,
     make_threat,
 )
+from robust_transfer.attacks.registry import ATTACKS as REGISTRY
+from robust_transfer.errors import UserError
 
 EPS = {"linf": 0.1, "l2": 1.0, "l1": 2.0}
 
@@ -101,3 +104,33 @@ def test_contract_cuda(name):
     assert x_adv.device.type == "cuda"
     _within(norm, x_adv.cpu(), x.cpu())
     torch.testing.assert_close(factory(model)(x, y), x_adv, atol=1e-5, rtol=0)
+
+
+# Every registered attack x every norm it declares, built by name as evaluators do.
+QUICK_STEPS = {"square": 30, "cw": 20, "lbfgs": 5}
+REGISTRY_CASES = [(name, norm) for name, cls in sorted(REGISTRY.items()) for norm in cls.norms]
+
+
+@pytest.mark.parametrize(("name", "norm"), REGISTRY_CASES)
+def test_every_attack_in_every_declared_norm(name, norm):
+    model = natural_model()
+    x, y = digits_batch(12)
+    atk = make_attack(name, model, EPS[norm], norm, steps=QUICK_STEPS.get(name, 3), seed=0)
+    x_adv = atk(x, y)
+    assert x_adv.shape == x.shape and x_adv.min() >= 0 and x_adv.max() <= 1
+    if not atk.minimal_norm:  # minimal-norm attacks have no ball; evaluate applies eps
+        _within(norm, x_adv, x)
+    assert not torch.equal(x_adv, x)
+    # batch independence: 4 examples inside the batch equal the same 4 alone
+    alone = make_attack(name, model, EPS[norm], norm, steps=QUICK_STEPS.get(name, 3),
+                        seed=0)(x[4:8], y[4:8])
+    torch.testing.assert_close(alone, x_adv[4:8], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_undeclared_norms_raise_naming_the_supported_ones(name):
+    cls = REGISTRY[name]
+    for norm in sorted(set(EPS) - set(cls.norms)):
+        with pytest.raises(UserError, match=f"does not support norm '{norm}'.*supports: "
+                           + ", ".join(cls.norms)):
+            make_attack(name, natural_model(), EPS[norm], norm)

@@ -3,16 +3,19 @@
     atk = PGD(model, eps=0.5, norm="l2", steps=20)   # one class per attack
     x_adv = atk(x, y)                                # untargeted
     x_adv = atk(x, y, target=t)                      # targeted, where supported
+    table = evaluate(model, x, y, ["autoattack"], eps=[8 / 255])   # the one evaluation path
 """
 
-from robust_transfer.attacks.apgd import APGD, APGDT
+from robust_transfer.attacks.apgd import APGD, APGDDLR, APGDT
 from robust_transfer.attacks.base import Attack
-from robust_transfer.attacks.evaluate import ATTACKS, AUTOATTACK, evaluate, make_attack
+from robust_transfer.attacks.evaluate import evaluate
+from robust_transfer.attacks.fab import FAB, FABT
 from robust_transfer.attacks.fooling import FoolingImages
 from robust_transfer.attacks.gradient import BIM, FGSM, PGD
 from robust_transfer.attacks.masking import GradientMaskingWarning, check_model
-from robust_transfer.attacks.metrics import robust_accuracy
 from robust_transfer.attacks.minimal import CW, LBFGS, DeepFool
+from robust_transfer.attacks.registry import ATTACKS, AUTOATTACK, CASCADES, make_attack
+from robust_transfer.attacks.rng import ExampleRNG
 from robust_transfer.attacks.square import Square
 from robust_transfer.attacks.threats import (
     NORMS,
@@ -31,7 +34,10 @@ __all__ = [
     "BIM",
     "PGD",
     "APGD",
+    "APGDDLR",
     "APGDT",
+    "FAB",
+    "FABT",
     "Square",
     "CW",
     "DeepFool",
@@ -40,13 +46,14 @@ __all__ = [
     "FoolingImages",
     "ATTACKS",
     "AUTOATTACK",
+    "CASCADES",
+    "ExampleRNG",
     "make_attack",
     "evaluate",
     "transfer_matrix",
     "as_matrix",
     "GradientMaskingWarning",
     "check_model",
-    "robust_accuracy",
     "NORMS",
     "L1Threat",
     "L2Threat",

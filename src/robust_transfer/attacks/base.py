@@ -2,8 +2,10 @@
 
 Every attack runs the model in eval mode and restores each module's mode afterwards, takes
 gradients with `torch.autograd.grad` (so `param.grad` is never touched), and returns a
-detached tensor. Randomness comes from a per-attack generator seeded by `seed`, so a fresh
-attack with the same seed gives the same examples; no global flags.
+detached tensor. Randomness inside `perturb` comes from `ExampleRNG` (attacks/rng.py): per
+example, keyed by `seed` and the example's content, so a fresh attack with the same seed gives
+the same examples and an example's result does not depend on its batch; no global flags.
+`generator()` remains for dataset-level sampling (fit order, start images).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 from torch import nn
 
 from robust_transfer.attacks.losses import get_loss
+from robust_transfer.errors import UserError
 from robust_transfer.models.runtime import eval_mode
 
 
@@ -19,14 +22,43 @@ class Attack:
     """Base class: subclasses implement `perturb(x, y, target)` on detached inputs.
 
     `loss` names the per-example objective the gradient attacks ascend ("ce", "cw" margin,
-    "dlr"; see `attacks.losses`). Class attributes describe the attack to evaluators:
-    `minimal_norm` (finds the smallest perturbation, no eps), `black_box` (no gradients),
-    `norm` (the norm its perturbations are measured in).
+    "dlr"; see `attacks.losses`). Class attributes describe the attack to evaluators and to
+    the name registry (`attacks.registry`):
+
+    - `name`: the registry name ("pgd", "apgd-ce", ...); "" for attacks not in the registry;
+    - `norms`: the threat models it supports; asking for another is a `UserError`;
+    - `minimal_norm`: it finds the smallest perturbation and takes no eps (an evaluator
+      counts an example broken at eps only where that perturbation's norm is <= eps);
+    - `black_box`: it uses no gradients;
+    - `default_steps`: its published iteration/query budget (None: it has none);
+    - `norm`: the norm an instance's perturbations are measured in.
+
+    `build(model, eps, norm, steps, seed)` makes an instance from the evaluator's budget;
+    subclasses override it to map `steps` onto their own parameter.
     """
 
+    name: str = ""
+    norms: tuple[str, ...] = ("linf",)
     minimal_norm: bool = False
     black_box: bool = False
+    default_steps: int | None = None
     norm: str = "linf"
+
+    @classmethod
+    def check_norm(cls, norm: str) -> None:
+        """`UserError` unless this attack supports `norm`, naming the ones it does."""
+        if norm not in cls.norms:
+            label = cls.name or cls.__name__
+            raise UserError(f"attack {label!r} does not support norm {norm!r}; "
+                            f"it supports: {', '.join(cls.norms)}")
+
+    @classmethod
+    def build(
+        cls, model: nn.Module, eps: float, norm: str, steps: int | None = None, seed: int = 0
+    ) -> Attack:
+        """An instance for one evaluation: threat model (norm, eps), `steps` iterations
+        (None: `default_steps`), random streams seeded by `seed`."""
+        raise NotImplementedError(f"{cls.__name__} is not buildable by name")
 
     def __init__(self, model: nn.Module, seed: int | None = None, loss: str = "ce") -> None:
         self.model = model

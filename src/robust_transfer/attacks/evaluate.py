@@ -1,96 +1,169 @@
 """Robustness evaluation: a cascade of attacks per eps, worst case per example.
 
-`evaluate(model, data, ["apgd-ce", "apgd-t", "square"], eps=[...])` is an AutoAttack-style
-evaluation: for each eps, each attack runs only on the examples every earlier attack left
-correctly classified, so the final robust accuracy is the per-example worst case.
-Minimal-norm attacks (CW, DeepFool, LBFGS) run once, without eps; an example counts as
-broken at eps when they fooled it with a perturbation of norm <= eps.
+`evaluate(model, x, y, ["autoattack"], eps=[...])` is the one code path that measures robust
+accuracy (the CLI, source training's robust column and the transfer matrix all call it). For
+each eps, each attack runs only on the examples every earlier attack left correctly
+classified, so the final robust accuracy is the per-example worst case (AutoAttack's rule).
+Minimal-norm attacks (CW, DeepFool, LBFGS, FAB) run once, without eps; an example counts as
+broken at eps only where they fooled it with a perturbation of norm <= eps.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import pandas as pd
 import torch
 from torch import nn
 
-from robust_transfer.attacks.apgd import APGD, APGDT
 from robust_transfer.attacks.base import Attack
-from robust_transfer.attacks.gradient import BIM, FGSM, PGD
 from robust_transfer.attacks.masking import check_black_box, check_eps_curve, check_model
-from robust_transfer.attacks.minimal import CW, LBFGS, DeepFool
-from robust_transfer.attacks.square import Square
-from robust_transfer.attacks.threats import make_threat
-from robust_transfer.errors import UserError, check_choice
+from robust_transfer.attacks.registry import make_attack, stages
+from robust_transfer.attacks.threats import ThreatModel, make_threat
+from robust_transfer.errors import UserError
 from robust_transfer.models.runtime import predict_logits
 
-
-def _steps(steps, default):
-    return default if steps is None else steps
-
-
-# name -> builder(model, eps, norm, steps, seed): one place that maps CLI names to classes.
-ATTACKS: dict[str, Callable[..., Attack]] = {
-    "fgsm": lambda m, eps, norm, steps, seed: FGSM(m, eps, norm),
-    "bim": lambda m, eps, norm, steps, seed: BIM(m, eps, steps=steps),
-    "pgd": lambda m, eps, norm, steps, seed: PGD(m, eps, steps=_steps(steps, 20), norm=norm,
-                                                 seed=seed),
-    "apgd-ce": lambda m, eps, norm, steps, seed: APGD(m, eps, norm, _steps(steps, 100), "ce",
-                                                      seed=seed),
-    "apgd-dlr": lambda m, eps, norm, steps, seed: APGD(m, eps, norm, _steps(steps, 100), "dlr",
-                                                       seed=seed),
-    "apgd-t": lambda m, eps, norm, steps, seed: APGDT(m, eps, norm, _steps(steps, 100),
-                                                      seed=seed),
-    "square": lambda m, eps, norm, steps, seed: Square(m, eps, norm, _steps(steps, 5000),
-                                                       seed=seed),
-    "cw": lambda m, eps, norm, steps, seed: CW(m, steps=_steps(steps, 10000)),
-    "deepfool": lambda m, eps, norm, steps, seed: DeepFool(m, "linf" if norm == "linf" else "l2",
-                                                           steps=_steps(steps, 50)),
-    "lbfgs": lambda m, eps, norm, steps, seed: LBFGS(m, max_iter=_steps(steps, 100)),
-}
-MINIMAL_NORM = ("cw", "deepfool", "lbfgs")
-# AutoAttack's standard cascade (Croce & Hein 2020), without FAB-T.
-AUTOATTACK = ("apgd-ce", "apgd-t", "square")
+# An attack given by name, or a factory (model, eps) -> Attack for custom settings.
+AttackSpec = str | Callable[[nn.Module, float], Attack]
+# Float slack when comparing a minimal perturbation's norm with eps.
+NORM_TOLERANCE = (1e-5, 1e-7)
 
 
-def make_attack(
-    name: str,
-    model: nn.Module,
-    eps: float = 8 / 255,
-    norm: str = "linf",
-    steps: int | None = None,
-    seed: int = 0,
-) -> Attack:
-    """The attack called `name` (see `ATTACKS`); `steps` is its iteration/query budget."""
-    check_choice("attack", name, ATTACKS)
-    make_threat(norm, eps)  # validates norm and eps
-    if steps is not None and steps < 1:
-        raise UserError(f"steps must be >= 1, got {steps}")
-    return ATTACKS[name](model, eps, norm, steps, seed)
+@dataclass(frozen=True)
+class _Stage:
+    label: str  # unique within one evaluation (the table's `attack` column)
+    make: Callable[[float], Attack]  # eps -> attack
 
 
-def _as_xy(data) -> tuple[torch.Tensor, torch.Tensor]:
-    if hasattr(data, "x") and hasattr(data, "y"):
-        return data.x, data.y
-    x, y = data
-    return x, y
+@dataclass(frozen=True)
+class _Minimal:
+    """A minimal-norm attack's result on every example (computed once, for all eps)."""
+
+    x_adv: torch.Tensor
+    size: torch.Tensor  # perturbation norm per example
+    fooled: torch.Tensor  # clean-correct and misclassified at x_adv
 
 
-def run_batched(attack: Attack, x, y, batch_size: int, device) -> torch.Tensor:
+def _resolve(model: nn.Module, attacks: Sequence[AttackSpec], norm: str, steps: int | None,
+             seed: int) -> list[_Stage]:
+    """Names (cascades expanded) and factories -> stages with unique labels."""
+    if not attacks:
+        stages([])  # raises the "no attack given" error
+    out: list[_Stage] = []
+    for spec in attacks:
+        if isinstance(spec, str):
+            for stage in stages([spec], steps):
+                out.append(_Stage(stage.attack, lambda e, s=stage: make_attack(
+                    s.attack, model, e, norm, s.steps, seed)))
+        elif callable(spec):
+            label = getattr(spec, "__name__", type(spec).__name__)
+            out.append(_Stage(label, lambda e, f=spec: f(model, e)))
+        else:
+            raise UserError(f"an attack must be a name or a callable (model, eps) -> Attack, "
+                            f"got {spec!r}")
+    seen: dict[str, int] = {}
+    unique = []
+    for stage in out:  # two lambdas, or one attack twice, get distinct rows
+        seen[stage.label] = seen.get(stage.label, 0) + 1
+        label = stage.label if seen[stage.label] == 1 else f"{stage.label} ({seen[stage.label]})"
+        unique.append(_Stage(label, stage.make))
+    return unique
+
+
+def _check_data(x: torch.Tensor, y: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise UserError("evaluate needs tensors x (N, C, H, W) in [0,1] and labels y (N,)")
+    if x.ndim != 4 or y.ndim != 1 or len(x) != len(y):
+        raise UserError(f"evaluate needs x of shape (N, C, H, W) and y of shape (N,), got "
+                        f"{tuple(x.shape)} and {tuple(y.shape)}")
+
+
+def _run_batched(attack: Attack, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+                 device: torch.device) -> torch.Tensor:
     """`attack(x, y)` in batches on `device`; the result on x's device."""
     out = [attack(x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)).to(x.device)
            for i in range(0, len(x), batch_size)]
     return torch.cat(out) if out else x.clone()
 
 
-AttackSpec = str | Callable[[nn.Module, float], Attack]
+def _within(size: torch.Tensor, eps: float) -> torch.Tensor:
+    rel, abs_ = NORM_TOLERANCE
+    return size <= eps * (1 + rel) + abs_
+
+
+class _Cascade:
+    """The state one evaluation shares across eps: clean predictions and minimal-norm runs."""
+
+    def __init__(self, model, x, y, threat: ThreatModel, batch_size: int) -> None:
+        self.model, self.x, self.y, self.threat = model, x, y, threat
+        self.batch_size = batch_size
+        self.device = next(model.parameters()).device
+        self.correct = predict_logits(model, x).argmax(1) == y
+        self.minimal: dict[int, _Minimal] = {}  # by stage index, never by name
+
+    def attack(self, atk: Attack, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_adv, fooled) for the examples `idx` under an eps-bounded attack."""
+        x_adv = _run_batched(atk, self.x[idx], self.y[idx], self.batch_size, self.device)
+        return x_adv, predict_logits(self.model, x_adv).argmax(1) != self.y[idx]
+
+    def minimal_run(self, index: int, atk: Attack) -> _Minimal:
+        if index not in self.minimal:
+            x_adv = self.x.clone()
+            idx = self.correct.nonzero().squeeze(1)
+            x_adv[idx] = _run_batched(atk, self.x[idx], self.y[idx], self.batch_size,
+                                      self.device)
+            fooled = (predict_logits(self.model, x_adv).argmax(1) != self.y) & self.correct
+            self.minimal[index] = _Minimal(x_adv, self.threat.distance(x_adv, self.x), fooled)
+        return self.minimal[index]
+
+    def run(self, eps: float, stage_list: list[_Stage], progress) -> tuple[list[dict],
+                                                                           torch.Tensor]:
+        """One eps: rows per stage, and the worst-case inputs (clean where not broken)."""
+        robust, x_worst = self.correct.clone(), self.x.clone()
+        rows = []
+        for index, stage in enumerate(stage_list):
+            atk = stage.make(eps)
+            idx = robust.nonzero().squeeze(1)
+            median_norm = float("nan")
+            if atk.minimal_norm:
+                res = self.minimal_run(index, atk)
+                x_adv = res.x_adv[idx]
+                fooled = res.fooled[idx] & _within(res.size[idx], eps)
+                if res.fooled.any():
+                    median_norm = res.size[res.fooled].median().item()
+            elif len(idx):
+                x_adv, fooled = self.attack(atk, idx)
+            else:
+                x_adv, fooled = self.x[idx], torch.zeros(0, dtype=torch.bool)
+            x_worst[idx[fooled]] = x_adv[fooled]
+            robust[idx[fooled]] = False
+            rows.append(self._row(eps, stage.label, robust, len(idx), int(fooled.sum()),
+                                  median_norm) | {"black_box": atk.black_box})
+            if progress is not None:
+                progress()
+        n_correct = int(self.correct.sum())
+        rows.append(self._row(eps, "worst case", robust, n_correct,
+                              n_correct - int(robust.sum()), float("nan")) | {"black_box": False})
+        return rows, x_worst
+
+    def _row(self, eps, label, robust, n_attacked, n_broken, median_norm) -> dict:
+        n = len(self.y)
+        return {
+            "eps": eps, "norm": self.threat.norm, "attack": label, "n": n,
+            "clean_accuracy": self.correct.float().mean().item() if n else float("nan"),
+            "robust_accuracy": robust.float().mean().item() if n else float("nan"),
+            "n_attacked": n_attacked, "n_broken": n_broken,
+            "attack_success_rate": n_broken / n_attacked if n_attacked else 0.0,
+            "median_min_norm": median_norm,
+        }
 
 
 def evaluate(
     model: nn.Module,
-    data,
-    attacks: Sequence[AttackSpec] = AUTOATTACK,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    attacks: Sequence[AttackSpec] = ("autoattack",),
     eps: Sequence[float] = (8 / 255,),
     norm: str = "linf",
     steps: int | None = None,
@@ -100,94 +173,41 @@ def evaluate(
     progress: Callable[[], None] | None = None,
     examples: dict | None = None,
 ) -> pd.DataFrame:
-    """Clean and robust accuracy per eps under the attack cascade, as a tidy DataFrame.
+    """Clean and robust accuracy per eps under an attack cascade, as a tidy DataFrame.
 
-    `attacks`: names from `ATTACKS`, or callables `(model, eps) -> Attack`. One row per
-    (eps, attack) — `robust_accuracy` after that stage, `attack_success_rate` among the
-    examples it attacked, `median_min_norm` for minimal-norm attacks (median `norm`-size of
-    their successful perturbations on clean-correct examples) — plus an attack="worst case"
-    row per eps. `progress()` is called after each stage. Pass a dict as `examples` to get
-    {eps: worst-case adversarial inputs} back in it. With `check`, gradient-masking
-    checks run and warn (`GradientMaskingWarning`).
+    `attacks`: names from `attacks.ATTACKS`, cascade names (`"autoattack"`,
+    `"autoattack-fast"`), or factories `(model, eps) -> Attack`. `steps` overrides every
+    named attack's budget. One row per (eps, stage): `robust_accuracy` after that stage,
+    `n_broken` (examples that stage broke), `attack_success_rate` (= n_broken / n_attacked),
+    `median_min_norm` for minimal-norm attacks (median norm of their successful
+    perturbations, all eps); plus an `attack="worst case"` row per eps. `progress()` is
+    called after each stage. Pass a dict as `examples` to get {eps: worst-case inputs} back
+    (clean where no attack broke the example within eps). With `check`, the
+    gradient-masking checks run and warn (`GradientMaskingWarning`).
     """
-    x, y = _as_xy(data)
+    _check_data(x, y)
     eps = [float(e) for e in eps]
+    if not eps:
+        raise UserError("give at least one eps")
     for e in eps:
         make_threat(norm, e)
-    if not attacks:
-        raise UserError("no attacks given; allowed: " + ", ".join(sorted(ATTACKS)))
-    for a in attacks:
-        if isinstance(a, str):
-            check_choice("attack", a, ATTACKS)
-    device = next(model.parameters()).device
-    threat = make_threat(norm, 0.0)
-    clean_pred = predict_logits(model, x.to(device)).argmax(1).to(x.device)
-    correct = clean_pred == y
-    n = len(y)
-    clean_acc = correct.float().mean().item() if n else float("nan")
-    if check and n:
-        k = min(n, batch_size)
-        check_model(model, x[:k].to(device), y[:k].to(device))
-
-    minimal: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-
-    def run_minimal(name: str, atk: Attack):
-        """(x_adv, size, fooled) over all examples, computed once per attack."""
-        if name not in minimal:
-            x_adv = x.clone()
-            idx = correct.nonzero().squeeze(1)
-            x_adv[idx] = run_batched(atk, x[idx], y[idx], batch_size, device)
-            pred = predict_logits(model, x_adv.to(device)).argmax(1).to(x.device)
-            minimal[name] = (x_adv, threat.distance(x_adv, x), (pred != y) & correct)
-        return minimal[name]
-
+    stage_list = _resolve(model, list(attacks), norm, steps, seed)
+    for stage in stage_list:  # unsupported norms fail here, before any attack runs
+        stage.make(eps[0])
+    cascade = _Cascade(model, x, y, make_threat(norm, 0.0), batch_size)
+    if check and len(y):
+        k = min(len(y), batch_size)
+        check_model(model, x[:k].to(cascade.device), y[:k].to(cascade.device))
     rows, worst = [], []
     for e in eps:
-        robust = correct.clone()
-        x_worst = x.clone()
-        stages = []
-        for spec in attacks:
-            name = spec if isinstance(spec, str) else getattr(spec, "__name__", repr(spec))
-            atk = make_attack(spec, model, e, norm, steps, seed) if isinstance(spec, str) \
-                else spec(model, e)
-            idx = robust.nonzero().squeeze(1)
-            median_norm = float("nan")
-            if len(idx) == 0 and not atk.minimal_norm:
-                x_adv, fooled = x[idx], torch.zeros(0, dtype=torch.bool)
-            elif atk.minimal_norm:
-                x_adv, size, fooled_all = run_minimal(name, atk)
-                fooled = fooled_all[idx] & (size[idx] <= e * (1 + 1e-5) + 1e-7)
-                x_adv = x_adv[idx]
-                if fooled_all.any():
-                    median_norm = size[fooled_all].median().item()
-            else:
-                x_adv = run_batched(atk, x[idx], y[idx], batch_size, device)
-                pred = predict_logits(model, x_adv.to(device)).argmax(1).to(x.device)
-                fooled = pred != y[idx]
-            x_worst[idx[fooled]] = x_adv[fooled]
-            robust[idx[fooled]] = False
-            acc = robust.float().mean().item() if n else float("nan")
-            stages.append((name, atk.black_box, acc))
-            rows.append({
-                "eps": e, "norm": norm, "attack": name, "n": n, "clean_accuracy": clean_acc,
-                "robust_accuracy": acc,
-                "attack_success_rate": fooled.float().mean().item() if len(idx) else 0.0,
-                "n_attacked": len(idx), "median_min_norm": median_norm,
-            })
-            if progress is not None:
-                progress()
-        n_correct = int(correct.sum())
-        rows.append({
-            "eps": e, "norm": norm, "attack": "worst case", "n": n, "clean_accuracy": clean_acc,
-            "robust_accuracy": robust.float().mean().item() if n else float("nan"),
-            "attack_success_rate": (1 - robust.sum().item() / n_correct) if n_correct else 0.0,
-            "n_attacked": n_correct, "median_min_norm": float("nan"),
-        })
-        worst.append(rows[-1]["robust_accuracy"])
+        eps_rows, x_worst = cascade.run(e, stage_list, progress)
+        rows += eps_rows
+        worst.append(eps_rows[-1]["robust_accuracy"])
         if examples is not None:
             examples[e] = x_worst
         if check:
-            check_black_box(stages)
+            check_black_box([(r["attack"], r["black_box"], r["robust_accuracy"])
+                             for r in eps_rows[:-1]])
     if check and len(eps) > 1:
         check_eps_curve(eps, worst)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).drop(columns="black_box")

@@ -23,6 +23,11 @@ from robust_transfer.report.common import save_figure  # noqa: E402
 
 
 def robust_accuracy_curves(results: pd.DataFrame, path: str | Path, title: str = "") -> Path:
+    """`robust_accuracy_figure` saved to `path`."""
+    return save_figure(robust_accuracy_figure(results, title), path)
+
+
+def robust_accuracy_figure(results: pd.DataFrame, title: str = ""):
     """Robust accuracy vs eps: one line per attack stage and the worst case (thick), with the
     clean accuracy as a dashed line. `results` is `attacks.evaluate`'s table; an optional
     `model` column gives one panel per model."""
@@ -47,7 +52,7 @@ def robust_accuracy_curves(results: pd.DataFrame, path: str | Path, title: str =
         ax.legend(fontsize=8, loc="lower left")
     if title and models != [None]:
         fig.suptitle(title)
-    return save_figure(fig, path)
+    return fig
 
 
 def _show(ax, img: torch.Tensor, **kwargs) -> None:
@@ -68,6 +73,17 @@ def adversarial_gallery(
     class_names: list[str] | None = None,
     title: str = "",
 ) -> Path:
+    """`gallery_figure` saved to `path`."""
+    return save_figure(gallery_figure(model, x, x_adv, class_names, title), path)
+
+
+def gallery_figure(
+    model: nn.Module,
+    x: torch.Tensor,
+    x_adv: torch.Tensor,
+    class_names: list[str] | None = None,
+    title: str = "",
+):
     """Szegedy et al. (2014) style: per row, clean image | perturbation amplified to the full
     grey range | adversarial image, with predicted labels and confidences."""
     device = next(model.parameters()).device
@@ -92,11 +108,16 @@ def adversarial_gallery(
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return save_figure(fig, path)
+    return fig
 
 
 def transfer_heatmap(table: pd.DataFrame, path: str | Path,
                      value: str = "adversarial_accuracy") -> Path:
+    """`transfer_figure` saved to `path`."""
+    return save_figure(transfer_figure(table, value), path)
+
+
+def transfer_figure(table: pd.DataFrame, value: str = "adversarial_accuracy"):
     """Heatmap of `value` (rows: model the examples were crafted on; columns: model they are
     evaluated on), one panel per eps, cells annotated."""
     eps_values = list(dict.fromkeys(table["eps"]))
@@ -120,4 +141,4 @@ def transfer_heatmap(table: pd.DataFrame, path: str | Path,
             ax.text(j, i, f"{v:.2f}", ha="center", va="center",
                     color="black" if v > 0.5 else "white", fontsize=9)
     fig.colorbar(im, ax=list(axes[0]), label=value.replace("_", " "), shrink=0.85)
-    return save_figure(fig, path)
+    return fig
