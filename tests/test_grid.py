@@ -12,7 +12,12 @@ import yaml
 from robust_transfer.errors import UserError
 from robust_transfer.report.study import make_report
 from robust_transfer.transfer.grid import plan, run_grid
-from robust_transfer.transfer.results import append_run, done_run_ids, read_results
+from robust_transfer.transfer.results import (
+    REQUIRED_COLUMNS,
+    append_run,
+    done_run_ids,
+    read_results,
+)
 from robust_transfer.transfer.spec import expand, load_spec, parse_spec
 
 SPEC = {
@@ -129,7 +134,7 @@ def test_resume_after_kill_9_gives_exactly_the_expected_rows(tmp_path):
 
 
 def test_a_temporary_file_left_by_a_kill_is_not_a_run(tmp_path):
-    append_run(tmp_path, "abc", [{"run_id": "abc", "epoch": 1}])
+    append_run(tmp_path, "abc", [{c: 1 for c in REQUIRED_COLUMNS} | {"run_id": "abc"}])
     (tmp_path / "results" / ".def.k3j2.parquet").write_bytes(b"PAR1 half-written")
     assert done_run_ids(tmp_path) == {"abc"}
 

@@ -2,7 +2,8 @@
 
 Everything the package writes (checkpoints, results, figures, tables) goes through
 `atomic_path`, so an interrupted command (Ctrl-C, kill -9, an error) never leaves a
-half-written file behind.
+half-written file behind. The file gets the mode a plain `open(path, "w")` would give it
+(0666 less the umask): `mkstemp` creates its temporary file 0600, and a rename keeps that.
 """
 
 from __future__ import annotations
@@ -12,6 +13,21 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux /proc);
+    elsewhere set-and-restore, which is momentary."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextmanager
@@ -27,6 +43,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -1,8 +1,10 @@
 """The `robust-transfer` command line: thin typer commands over the Python API.
 
-Commands live in topic modules (`study`, ...), each registering on the one `app`. Bad input
-raises `UserError` anywhere below; `main` turns it into one line on stderr and exit code 2
-(`--debug` shows the traceback instead).
+Commands live in topic modules (`study`, ...), each registering on the one `app`. Every input
+error ends the same way: one `error: ...` line on stderr and exit code 2, whether it is a
+`UserError` raised anywhere below or a parse error of typer/click (`--eps abc`, a missing
+`--out`); `--debug` shows the traceback of a `UserError` instead. Ctrl-C is one line and exit
+code 130 (for `grid`/`demo` it says that re-running the same command resumes).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import sys
 
 import typer
+from typer._click import exceptions as click_errors
+from typer.core import TyperOption
 
 from robust_transfer.errors import UserError
 
@@ -22,14 +26,30 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode="markdown",  # reflow docstring paragraphs instead of keeping line breaks
 )
-_state = {"debug": False}
+_state: dict = {"debug": False, "command": None}
+
+# Commands that resume where they stopped when re-run with the same arguments.
+RESUMABLE_COMMANDS = ("grid", "demo")
+
+_value_type_rich = TyperOption.display_type_rich
+
+
+def _flag_type_rich(self: TyperOption, ctx) -> str | None:
+    """Rich help shows a flag (`--debug`, `--overwrite`, `--help`) without a `<bool>` value,
+    as the plain help does: a flag takes no value."""
+    return None if self.is_flag else _value_type_rich(self, ctx)
+
+
+TyperOption.display_type_rich = _flag_type_rich
 
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
 ) -> None:
     _state["debug"] = debug
+    _state["command"] = ctx.invoked_subcommand
 
 
 from robust_transfer.cli import attack, explain, study  # noqa: E402,F401  (register commands)
@@ -62,17 +82,52 @@ def expand_multi_value_options(argv: list[str]) -> list[str]:
     return result
 
 
+def _one_line(message: str) -> str:
+    return "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
+def _usage_error_line(e: click_errors.ClickException) -> str:
+    """click's message (it names the option) plus where to look, on one line."""
+    line = f"error: {_one_line(e.format_message())}"
+    ctx = getattr(e, "ctx", None)
+    if ctx is not None:
+        line += f" (see '{ctx.command_path} --help')"
+    return line
+
+
+def _interrupted() -> None:
+    message = "interrupted"
+    if _state["command"] in RESUMABLE_COMMANDS:
+        message += ("; finished runs are saved: run the same command again to resume where "
+                    "it stopped")
+    print(message, file=sys.stderr)
+    sys.exit(130)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point; `argv` defaults to sys.argv[1:]. Always ends in SystemExit."""
+    """Entry point; `argv` defaults to sys.argv[1:]. Always ends in SystemExit.
+
+    click runs in non-standalone mode, so its parse errors come back here as exceptions and
+    are printed like every other input error: one `error:` line, exit code 2.
+    """
     argv = sys.argv[1:] if argv is None else argv
-    _state["debug"] = False
+    _state.update(debug=False, command=None)
     try:
-        app(args=expand_multi_value_options(argv), prog_name="robust-transfer")
+        code = app(args=expand_multi_value_options(argv), prog_name="robust-transfer",
+                   standalone_mode=False)
+    except click_errors.NoArgsIsHelpError as e:  # bare `robust-transfer`: help, success
+        print(e.format_message())
+        sys.exit(0)
+    except click_errors.ClickException as e:  # bad/missing option or argument, bad file
+        print(_usage_error_line(e), file=sys.stderr)
+        sys.exit(2)
     except UserError as e:
         if _state["debug"]:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(str(e))}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    except (KeyboardInterrupt, typer.Abort):
+        _interrupted()
+    if code == 130:  # typer turns KeyboardInterrupt into Exit(130), returned in this mode
+        _interrupted()
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,10 +1,11 @@
-"""Small pieces every CLI module uses: progress bars, tables, device option."""
+"""Small pieces every CLI module uses: progress bars, tables, device option, output checks."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -18,10 +19,44 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from robust_transfer.errors import UserError
+from robust_transfer.models.checkpoint import META, WEIGHTS
+
 console = Console(stderr=True)
 out = Console()
 
 DEVICE_OPTION = typer.Option("auto", "--device", help="auto | cpu | cuda")
+
+
+def check_output_dir(path: Path, what: str = "output") -> None:
+    """Refuse an output directory that exists as something else (a file, a broken link).
+
+    Every command calls this before any work starts, so a bad `--out` costs nothing and is one
+    line instead of a FileExistsError traceback after the training has run.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return
+    if path.exists() or path.is_symlink():
+        raise UserError(f"{what} {str(path)!r} exists and is not a directory; "
+                        "give a new directory or an existing one")
+    parent = next((p for p in path.parents if p.exists() or p.is_symlink()), None)
+    if parent is not None and not parent.is_dir():
+        raise UserError(f"{what} {str(path)!r} cannot be created: {str(parent)!r} is not a "
+                        "directory")
+
+
+def check_checkpoint_out(path: Path | None, overwrite: bool, what: str = "--out") -> None:
+    """Refuse to replace a checkpoint silently: `path` must not hold one unless `overwrite`.
+
+    Called before training, so a refused `--out` costs nothing.
+    """
+    if path is None:
+        return
+    check_output_dir(path, what)
+    if not overwrite and any((Path(path) / name).exists() for name in (WEIGHTS, META)):
+        raise UserError(f"{what} {str(path)!r} already holds a checkpoint; pass --overwrite to "
+                        "replace it, or choose another directory")
 
 
 @contextmanager

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cache
+from typing import Literal
 
 import numpy as np
 import torch
@@ -99,19 +100,50 @@ def load_task(name: str) -> Task:
     return Task(name=name, train=train, test=test, num_classes=len(classes), classes=classes)
 
 
-def parse_shots(value: int | str | None) -> int | None:
-    """Images per class from the user: a positive int, or "all"/None (returned as None)."""
+ALL = "all"
+Shots = int | Literal["all"]
+
+
+def parse_shots(value: int | str | None) -> Shots:
+    """Images per class from the user (CLI, YAML, a results table): the one parse.
+
+    Returns a positive int, or the string "all" (None and any case of "all" also mean every
+    image). Every layer keeps this one type, from the spec to the Parquet table and back.
+    """
     if value is None:
-        return None
+        return ALL
     if isinstance(value, str):
-        if value.strip().lower() == "all":
-            return None
-        if not value.strip().isdigit():
+        text = value.strip()
+        if text.lower() == ALL:
+            return ALL
+        if not text.isdigit():
             raise UserError(f"images per class must be a positive integer or 'all', got {value!r}")
+        value = int(text)
+    if isinstance(value, np.integer):
+        value = int(value)
+    if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise UserError(f"images per class must be a positive integer or 'all', got {value!r}")
     return value
+
+
+def max_shots(task: Task) -> int:
+    """The most images per class a k-shot subset of `task` can have: its smallest class."""
+    return int(torch.bincount(task.train.y, minlength=task.num_classes).min())
+
+
+def check_shots(task: Task, k: int | str | None) -> Shots:
+    """Parse `k` and check that every class of `task`'s training set has that many images."""
+    k = parse_shots(k)
+    if k != ALL and k > max_shots(task):
+        counts = torch.bincount(task.train.y, minlength=task.num_classes)
+        c = int(torch.argmin(counts))
+        raise UserError(
+            f"images per class {k} is more than class {c} of task {task.name!r} has "
+            f"({int(counts[c])}); use at most {max_shots(task)} or 'all'"
+        )
+    return k
 
 
 def shots_per_class(labels: torch.Tensor, k: int | str | None, seed: int) -> torch.Tensor:
@@ -120,7 +152,7 @@ def shots_per_class(labels: torch.Tensor, k: int | str | None, seed: int) -> tor
     Raises `UserError` when some class has fewer than `k` examples.
     """
     k = parse_shots(k)
-    if k is None:
+    if k == ALL:
         return torch.arange(len(labels))
     gen = np.random.default_rng(seed)
     y = labels.numpy()

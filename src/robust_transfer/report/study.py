@@ -1,10 +1,20 @@
 """The robust-transfer study's figures and summary, from a results table.
 
-Figure 1 (paper's Fig. 1 analog): final test accuracy vs training images per class (log
-axis), one line per source eps, 95% t-band over seeds; below it the delta, robust minus
+Figure 1 (paper's Fig. 1 analog, arXiv 2007.05869): final test accuracy vs training images per
+class (log axis), one line per source, 95% t-band over seeds; below it the delta, robust minus
 natural, paired by seed (same seed = same k-shot subset and head initialisation).
 Figure 2: test accuracy vs fine-tuning epoch at a few-shot count, same layout.
 One column per number of unfrozen blocks.
+
+Pairing. A robust run is compared with the natural run that differs from it only in the source's
+threat model: same source recipe (`SOURCE_GROUP`: task, arch and how it was trained — epochs,
+lr, batch size, attack steps, seed), same fine-tune (`FINETUNE_FACETS` plus unfrozen blocks and
+images per class), same seed and epoch. So n in every band is a number of seeds. A table with
+several source recipes, targets, learning rates, epoch budgets or batch sizes is reported per
+facet (`FACETS`): one figure set and one summary section each, never pooled.
+Natural means eps = 0 whatever the recorded norm (natural training ignores it). Two eps=0
+sources of one recipe are the same model trained twice: used once if their fine-tunes agree,
+an error if they differ (the pairing would be ambiguous).
 """
 
 from __future__ import annotations
@@ -16,21 +26,30 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from robust_transfer.atomic import atomic_write_text  # noqa: E402
+from robust_transfer.data.tasks import ALL, parse_shots  # noqa: E402
+from robust_transfer.errors import UserError  # noqa: E402
 from robust_transfer.report.common import save_figure  # noqa: E402
 from robust_transfer.report.stats import summarise  # noqa: E402
 from robust_transfer.transfer.results import read_results  # noqa: E402
 
-# One set of figures (and one summary section) per facet: runs that differ only in source,
-# shots, unfrozen blocks, seed and epoch are comparable within it.
-FACETS = ["target_task", "lr", "epochs"]
+# Which source model: runs of different recipes are never compared or pooled.
+SOURCE_GROUP = ["source_task", "source_arch", "source_recipe"]
+# Which fine-tuning protocol (besides blocks and shots, which are the figures' axes/columns).
+FINETUNE_FACETS = ["target_task", "lr", "epochs", "batch_size"]
+# One set of figures (and one summary section) per facet.
+FACETS = [*SOURCE_GROUP, *FINETUNE_FACETS]
+# A natural and a robust run are a pair when they agree on all of these.
 PAIR_KEYS = [*FACETS, "unfrozen_blocks", "images_per_class", "seed", "epoch"]
+NATURAL = "natural"
 
 
 def source_label(eps: float, norm: str) -> str:
-    return "natural" if eps == 0 else f"{norm.upper()} ε={eps:g}"
+    return NATURAL if eps == 0 else f"{norm.upper()} ε={eps:g}"
 
 
 def _blocks_title(blocks: str) -> str:
@@ -43,23 +62,67 @@ def _blocks_order(values) -> list[str]:
     return sorted({str(v) for v in values}, key=lambda b: (b == "all", int(b) if b != "all" else 0))
 
 
+def _shots_key(k) -> float:
+    return float("inf") if k == ALL else float(k)
+
+
+def _one_natural(df: pd.DataFrame) -> pd.DataFrame:
+    """Keep one eps=0 source per recipe: two (e.g. recorded as l2 and linf) are the same model
+    trained twice, so their fine-tunes must agree; if they differ, pairing is ambiguous."""
+    natural = df[df.source_eps == 0]
+    norms = natural.groupby(SOURCE_GROUP, dropna=False).source_norm.unique()
+    twice = norms[norms.map(len) > 1]
+    if twice.empty:
+        return df
+    drop = pd.Series(False, index=df.index)
+    for group, found in twice.items():
+        keep, *others = sorted(found)
+        in_group = (df[SOURCE_GROUP] == pd.Series(group, index=SOURCE_GROUP)).all(axis=1)
+        ref = df[in_group & (df.source_eps == 0) & (df.source_norm == keep)]
+        for other in others:
+            rows = df[in_group & (df.source_eps == 0) & (df.source_norm == other)]
+            both = ref.merge(rows, on=PAIR_KEYS, suffixes=("", "_other"))
+            if len(both) != len(rows) or not np.allclose(both.test_accuracy,
+                                                         both.test_accuracy_other, atol=1e-9):
+                raise UserError(
+                    f"the results hold two natural (eps=0) sources of one recipe "
+                    f"({group[0]}, {group[1]}, recipe {group[2]}), recorded with norms "
+                    f"{keep!r} and {other!r}, whose fine-tunes differ; natural training "
+                    "ignores the norm, so keep one eps=0 source per recipe"
+                )
+            drop |= in_group & (df.source_eps == 0) & (df.source_norm == other)
+    return df[~drop]
+
+
 def prepare(df: pd.DataFrame) -> pd.DataFrame:
-    """Add `source` label and `shots` (numeric images per class; "all" = its mean count)."""
+    """Add `source` label and `shots` (numeric images per class; "all" = its mean count);
+    one natural source per recipe; check that every (pair keys, source) is one row."""
     df = df.copy()
-    df["images_per_class"] = df["images_per_class"].astype(str)
+    df["images_per_class"] = df["images_per_class"].map(parse_shots).astype(object)
     df["unfrozen_blocks"] = df["unfrozen_blocks"].astype(str)
+    df = _one_natural(df)
     df["source"] = [source_label(e, n) for e, n in zip(df.source_eps, df.source_norm, strict=True)]
     df["shots"] = df["train_images"] / df["target_classes"]
+    dup = df.duplicated([*PAIR_KEYS, "source"], keep=False)
+    if dup.any():
+        r = df[dup].iloc[0]
+        raise UserError(
+            f"the results hold {int(dup.sum())} rows that no key tells apart (e.g. source "
+            f"{r.source!r}, target {r.target_task!r}, {r.images_per_class} images/class, seed "
+            f"{r.seed}, epoch {r.epoch}); cannot pair robust and natural runs"
+        )
     return df
 
 
 def paired_delta(df: pd.DataFrame) -> pd.DataFrame:
-    """Robust minus natural accuracy, matched on everything but the source (incl. seed)."""
+    """Robust minus natural accuracy, matched on `PAIR_KEYS` (source recipe, fine-tune, seed,
+    epoch): one natural row per robust row, so n counts seeds."""
     natural = df[df.source_eps == 0][PAIR_KEYS + ["test_accuracy"]]
     robust = df[df.source_eps > 0]
     if natural.empty or robust.empty:
         return robust.iloc[0:0].assign(delta=[])
-    merged = robust.merge(natural, on=PAIR_KEYS, suffixes=("", "_natural"))
+    merged = robust.merge(natural, on=PAIR_KEYS, suffixes=("", "_natural"),
+                          validate="many_to_one")
     return merged.assign(delta=merged.test_accuracy - merged.test_accuracy_natural)
 
 
@@ -79,8 +142,16 @@ def _n_text(stats: pd.DataFrame) -> str:
     return f"n={lo} seeds" if lo == hi else f"n={lo}-{hi} seeds"
 
 
+def _check_one_facet(df: pd.DataFrame) -> None:
+    mixed = [f for f in FACETS if df[f].nunique(dropna=False) > 1]
+    if mixed:
+        raise UserError(f"one figure takes one facet; the rows mix {mixed[0]!r} "
+                        f"({', '.join(map(str, df[mixed[0]].unique()))})")
+
+
 def _figure(df: pd.DataFrame, x: str, xlabel: str, title: str, log_x: bool):
     """Two rows (accuracy; delta vs natural) x one column per unfrozen-blocks value."""
+    _check_one_facet(df)
     blocks = _blocks_order(df.unfrozen_blocks)
     sources = _sources_order(df)
     colors = {s: plt.cm.viridis(i / max(1, len(sources) - 1) * 0.85) for i, s in
@@ -115,6 +186,8 @@ def _figure(df: pd.DataFrame, x: str, xlabel: str, title: str, log_x: bool):
                      transform=dax.transAxes)
         if log_x:
             ax.set_xscale("log")
+        else:  # epochs: whole numbers only
+            dax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=9, loc="lower right")
         if not dpart.empty:
             dax.legend(fontsize=9, loc="upper right")
@@ -126,23 +199,86 @@ def _figure(df: pd.DataFrame, x: str, xlabel: str, title: str, log_x: bool):
 
 def _label_all_ticks(axes, df: pd.DataFrame) -> None:
     """Ticks at the grid's shot counts, the full set labelled "all (n)"."""
-    ticks = df.drop_duplicates("images_per_class")[["images_per_class", "shots"]]
-    ticks = ticks.sort_values("shots")
-    labels = [f"all\n(~{s:.0f})" if k == "all" else k for k, s in zip(ticks.images_per_class,
-                                                                         ticks.shots, strict=True)]
+    ticks = df.drop_duplicates("shots")[["images_per_class", "shots"]].sort_values("shots")
+    labels = [f"all\n(~{s:.0f})" if k == ALL else str(k)
+              for k, s in zip(ticks.images_per_class, ticks.shots, strict=True)]
     for ax in axes.flat:
         ax.set_xticks(list(ticks.shots), labels)
         ax.minorticks_off()
+
+
+def recipe_text(part: pd.DataFrame) -> str:
+    """How the facet's sources were trained, for titles and the summary."""
+    r = part.iloc[0]
+    bits = [str(r.source_arch)]
+    if r.get("source_epochs", -1) >= 0:
+        bits.append(f"{int(r.source_epochs)} epochs")
+    if "source_lr" in r and pd.notna(r.source_lr):
+        bits.append(f"lr {r.source_lr:g}")
+    if r.get("source_attack_steps", -1) >= 0:
+        bits.append(f"{int(r.source_attack_steps)} PGD steps")
+    if "source_seed" in r and pd.notna(r.source_seed):
+        bits.append(f"seed {int(r.source_seed)}")
+    return f"{r.source_task} ({', '.join(bits)}; recipe {r.source_recipe})"
+
+
+def _recipes_named(df: pd.DataFrame) -> bool:
+    """Whether source task and arch alone do not tell the table's source recipes apart."""
+    return bool(df.groupby(["source_task", "source_arch"]).source_recipe.nunique().max() > 1)
+
+
+def _facet_title(part: pd.DataFrame, table: pd.DataFrame | None = None) -> str:
+    """"source → target" for one facet, with the arch when the table's archs differ."""
+    r = part.iloc[0]
+    table = part if table is None else table
+    source = str(r.source_task)
+    if table.source_arch.nunique() > 1:
+        source += f" ({r.source_arch})"
+    return f"{source} → {r.target_task}"
+
+
+def _recipe_note(part: pd.DataFrame, table: pd.DataFrame, sep: str) -> str:
+    """`sep` + the facet's source recipe, when task and arch do not tell the table's recipes
+    apart ("" otherwise)."""
+    return f"{sep}[sources: {recipe_text(part)}]" if _recipes_named(table) else ""
+
+
+def accuracy_vs_images_figure(final: pd.DataFrame, title: str | None = None):
+    """Fig. 1 for one facet's final-epoch rows (prepared): returns (figure, axes)."""
+    title = title or f"Fig. 1 — fine-tuning {_facet_title(final)}: accuracy vs data"
+    fig, axes = _figure(final, "shots", "training images per class (log scale)", title,
+                        log_x=True)
+    _label_all_ticks(axes, final)
+    return fig, axes
+
+
+def accuracy_vs_epochs_figure(part: pd.DataFrame, shots, title: str | None = None):
+    """Fig. 2 for one facet's rows (prepared) at `shots` images per class: (figure, axes)."""
+    shots = parse_shots(shots)
+    sub = part[part.images_per_class == shots]
+    if sub.empty:
+        present = sorted(part.images_per_class.unique(), key=_shots_key)
+        raise UserError(f"no runs with {shots} images per class; the table has "
+                        f"{', '.join(map(str, present))}")
+    title = title or (f"Fig. 2 — {_facet_title(part)}, {shots} image(s) per class: "
+                      "accuracy vs epochs")
+    return _figure(sub, "epoch", "fine-tuning epoch", title, log_x=False)
 
 
 @dataclass
 class StudyReport:
     figures: list[Path]
     summary: Path
+    runs: int = 0  # fine-tunes in the table
 
 
 def _final_epoch(df: pd.DataFrame) -> pd.DataFrame:
     return df[df.epoch == df.epochs]
+
+
+def _facets(df: pd.DataFrame):
+    """(facet values, rows) per facet, in a stable order."""
+    return df.groupby(FACETS, sort=True, dropna=False)
 
 
 def summary_markdown(df: pd.DataFrame) -> str:
@@ -150,19 +286,25 @@ def summary_markdown(df: pd.DataFrame) -> str:
     final = _final_epoch(df)
     delta = paired_delta(final)
     lines = ["# Robust transfer study: summary", "",
-             "Final-epoch test accuracy, mean ± 95% t-interval half-width over seeds (n).", ""]
-    for (target, lr, epochs), part in final.groupby(FACETS):
+             "Final-epoch test accuracy, mean ± 95% t-interval half-width over seeds (n). "
+             "Δ = robust − natural, paired by seed (same images, same new head) within one "
+             "source recipe and fine-tune.", ""]
+    for facet, part in _facets(final):
+        lr, epochs, batch_size = facet[-3:]
         sources = _sources_order(part)
-        robust = [s for s in sources if s != "natural"] if "natural" in sources else []
+        robust = [s for s in sources if s != NATURAL] if NATURAL in sources else []
         head = ["unfrozen blocks", "images/class", *sources, *(f"Δ {s}" for s in robust)]
-        lines += [f"## {part.source_task.iloc[0]} → {target} (lr {lr:g}, {epochs} epochs)", "",
+        bs = f", batch {batch_size}" if df.batch_size.nunique() > 1 else ""
+        title = f"{_facet_title(part, df)}{_recipe_note(part, df, ' ')}"
+        lines += [f"## {title} (lr {lr:g}, {epochs} epochs{bs})", "",
+                  f"Sources: {recipe_text(part)}.", "",
                   "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        dpart = delta[(delta.target_task == target) & (delta.lr == lr)
-                      & (delta.epochs == epochs)]
+        in_facet = (delta[FACETS] == pd.Series(facet, index=FACETS)).all(axis=1)
+        dpart = delta[in_facet]
         for b in _blocks_order(part.unfrozen_blocks):
             shots = part[part.unfrozen_blocks == b].sort_values("shots")
             for k in shots.images_per_class.unique():
-                cells = [b, k]
+                cells = [b, str(k)]
                 for s in sources:
                     v = summarise(part[(part.unfrozen_blocks == b) & (part.images_per_class == k)
                                        & (part.source == s)], ["source"], "test_accuracy")
@@ -178,13 +320,15 @@ def summary_markdown(df: pd.DataFrame) -> str:
 
 
 def headline_rows(results: str | Path) -> list[dict]:
-    """Final-epoch mean accuracy per (target, unfrozen blocks, images per class) and source."""
+    """Final-epoch mean accuracy per (facet, unfrozen blocks, images per class) and source."""
     final = _final_epoch(prepare(read_results(results)))
     varying = [f for f in FACETS if final[f].nunique() > 1 or f == "target_task"]
+    if "source_recipe" in varying:
+        varying = ["source_task", *(f for f in varying if f != "source_task")]
     rows = []
     for key, part in final.groupby([*varying, "unfrozen_blocks", "shots"], sort=True):
         row = dict(zip(varying, key[: len(varying)], strict=True))
-        row |= {"unfrozen blocks": key[-2], "images/class": part.images_per_class.iloc[0]}
+        row |= {"unfrozen blocks": key[-2], "images/class": str(part.images_per_class.iloc[0])}
         for s in _sources_order(part):
             row[s] = float(part[part.source == s].test_accuracy.mean())
         rows.append(row)
@@ -200,47 +344,49 @@ def _cell(stats: pd.DataFrame, signed: bool = False) -> str:
     return f"{r['mean']:{sign}.3f}{ci} ({int(r.n)})"
 
 
-def make_report(results: str | Path, out: str | Path, epoch_shots: list[str] | None = None
+def make_report(results: str | Path, out: str | Path, epoch_shots: list | None = None
                 ) -> StudyReport:
     """Write Figure 1, Figure 2 and summary.md for a results table into `out`.
 
     `epoch_shots`: images-per-class values for Figure 2 (default: the smallest in the table).
     """
     df = prepare(read_results(results))
+    wanted = None if not epoch_shots else [parse_shots(k) for k in epoch_shots]
     out = Path(out)
     figures = []
-    for facet, part in df.groupby(FACETS):
-        target, _lr, _epochs = facet
+    for facet, part in _facets(df):
         suffix = _facet_suffix(df, facet)
-        source_task = part.source_task.iloc[0]
-        final = _final_epoch(part)
-        fig, axes = _figure(final, "shots", "training images per class (log scale)",
-                            f"Fig. 1 — fine-tuning {source_task} → {target}: accuracy vs data",
-                            log_x=True)
-        _label_all_ticks(axes, final)
+        name, note = _facet_title(part, df), _recipe_note(part, df, "\n")
+        fig, _ = accuracy_vs_images_figure(
+            _final_epoch(part), f"Fig. 1 — fine-tuning {name}: accuracy vs data{note}")
         figures.append(save_figure(fig, out / f"fig1_accuracy_vs_images{suffix}.png"))
-        shots = epoch_shots or [min(part.images_per_class.unique(), key=_shots_key)]
-        for k in shots:
-            sub = part[part.images_per_class == str(k)]
-            if sub.empty:
+        present = set(part.images_per_class)
+        for k in wanted or [min(present, key=_shots_key)]:
+            if k not in present:
                 continue
-            fig, _ = _figure(sub, "epoch", "fine-tuning epoch",
-                             f"Fig. 2 — {source_task} → {target}, {k} image(s) per class: "
-                             "accuracy vs epochs", log_x=False)
+            fig, _ = accuracy_vs_epochs_figure(
+                part, k, f"Fig. 2 — {name}, {k} image(s) per class: accuracy vs epochs{note}")
             figures.append(save_figure(fig, out / f"fig2_accuracy_vs_epochs_k{k}{suffix}.png"))
     summary = out / "summary.md"
     atomic_write_text(summary, summary_markdown(df))
-    return StudyReport(figures, summary)
+    return StudyReport(figures, summary, int(df.run_id.nunique()))
 
 
 def _facet_suffix(df: pd.DataFrame, facet: tuple) -> str:
-    """File-name suffix naming the facet values that vary in the table ("" if none do)."""
-    labels = {"target_task": "", "lr": "lr", "epochs": "epochs"}
-    return "".join(
-        f"_{labels[name]}{value:g}" if isinstance(value, float) else f"_{labels[name]}{value}"
-        for name, value in zip(FACETS, facet, strict=True) if df[name].nunique() > 1
-    )
-
-
-def _shots_key(k: str) -> float:
-    return float("inf") if k == "all" else float(k)
+    """File-name suffix naming the facet values that vary in the table ("" if none do); a
+    source recipe is named by its task and arch when those tell the recipes apart, else also
+    by its id."""
+    values = dict(zip(FACETS, facet, strict=True))
+    labels = {"source_task": "", "source_arch": "", "target_task": "", "lr": "lr",
+              "epochs": "epochs", "batch_size": "bs"}
+    parts = []
+    for name in FACETS:
+        if name == "source_recipe":
+            if _recipes_named(df):
+                parts.append(f"_recipe{values[name]}")
+            continue
+        if df[name].nunique() > 1:
+            value = values[name]
+            text = f"{value:g}" if isinstance(value, float) else str(value)
+            parts.append(f"_{labels[name]}{text}")
+    return "".join(parts)

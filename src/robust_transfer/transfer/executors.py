@@ -1,20 +1,27 @@
 """Executors: where runs happen is a seam; the experiment code does not know.
 
+An executor is anything with the `Executor` interface: a context manager whose
+`map_unordered(fn, items)` yields `(item, fn(item))` as runs finish. `run_grid` takes one as a
+parameter, so a cluster executor (Ray, in a later issue) plugs in without touching the grid.
+
 `LocalExecutor(workers)` runs in this process (workers <= 1) or in a pool of spawned worker
 processes (spawn, not fork: forking a process whose OpenMP threads have run can deadlock).
 Each worker gets cores/workers intra-op threads so workers do not oversubscribe the CPU, and
-exits by itself if the main process is killed.
+exits by itself if the main process is killed. Workers ignore Ctrl-C (SIGINT reaches the
+whole process group): the main process alone handles it, so an interrupt is one message,
+not a traceback per worker.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import torch
 
@@ -29,7 +36,20 @@ def _exit_with_parent(parent_pid: int) -> None:
     os._exit(1)
 
 
+class Executor(Protocol):
+    """Where a grid's runs execute. `fn` and the items must be picklable for executors that
+    run them elsewhere; an exception in any run propagates out of `map_unordered`."""
+
+    def __enter__(self) -> Executor: ...
+
+    def __exit__(self, *exc) -> None: ...
+
+    def map_unordered(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[tuple[T, R]]:
+        ...
+
+
 def _init_worker(threads: int, parent_pid: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
 
@@ -45,8 +65,11 @@ class LocalExecutor:
     def __enter__(self) -> LocalExecutor:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         if self._pool is not None:
+            if exc_type is not None:  # Ctrl-C or a failed run: do not wait for runs in flight
+                for process in list(getattr(self._pool, "_processes", {}).values()):
+                    process.terminate()
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
 
@@ -68,12 +91,11 @@ class LocalExecutor:
             return
         pool = self._get_pool()
         pending = {pool.submit(fn, item): item for item in items}
-        try:
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    item = pending.pop(future)
-                    yield item, future.result()
-        finally:
-            for future in pending:
-                future.cancel()
+        # Runs left pending when this stops early are the context manager's to end: cancelled
+        # on a normal exit, their workers terminated on an exception (Ctrl-C). Cancelling
+        # here as well would race the pool's own clean-up of terminated workers.
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                item = pending.pop(future)
+                yield item, future.result()

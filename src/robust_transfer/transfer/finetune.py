@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from robust_transfer.data import load_task, shots_per_class
-from robust_transfer.data.tasks import TASKS, parse_shots
+from robust_transfer.data.tasks import TASKS, Shots, parse_shots
 from robust_transfer.errors import UserError, check_choice
 from robust_transfer.models.nets import ConvNet
 from robust_transfer.models.runtime import accuracy
@@ -32,10 +32,11 @@ def parse_blocks(value: int | str | None) -> int | None:
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """One fine-tune. `images_per_class`/`unfrozen_blocks` None mean "all"."""
+    """One fine-tune. `images_per_class` is an int or "all" (`parse_shots`: the one type it
+    keeps from the spec to the results table); `unfrozen_blocks` None means all blocks."""
 
     target_task: str = "digits-5to9"
-    images_per_class: int | None = 5
+    images_per_class: Shots = 5
     unfrozen_blocks: int | None = 0
     epochs: int = 30
     lr: float = 0.1

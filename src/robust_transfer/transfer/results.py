@@ -2,25 +2,41 @@
 
 Each finished run is written as its own Parquet file under `results/` (temp name, then an
 atomic rename), so a run is either wholly there or not at all: an interrupted grid (Ctrl-C,
-kill -9) loses only the runs in flight, and the table is never corrupt. The directory is a
-Parquet dataset; `consolidate` also writes it as one `results.parquet` for convenience.
+kill -9) loses only the runs in flight, and the table is never corrupt.
+
+The parts are the truth. `runs.json` lists the run ids of the spec the directory was last
+run with; `read_results(out)` returns exactly that spec's finished runs, read from the parts
+(runs of an earlier spec stay on disk but are not part of the table). `results.parquet` is a
+convenience copy that `consolidate` writes at the end of a grid; it is used only while it
+still matches the parts, so an interrupted grid never yields a stale table.
+
+`images_per_class` is an int or "all" in memory (`data.tasks.parse_shots`); Parquet cannot
+hold that mixed column, so it is stored as text and parsed back on reading, by the same parse.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from robust_transfer.atomic import atomic_path
+from robust_transfer.atomic import atomic_path, atomic_write_text
+from robust_transfer.data.tasks import parse_shots
 from robust_transfer.errors import UserError
 
 PARTS = "results"
 TABLE = "results.parquet"
+MANIFEST = "runs.json"
+# Columns the report needs; a part without them (an older format) is not a finished run.
 REQUIRED_COLUMNS = (
-    "run_id", "source_eps", "source_norm", "target_task", "images_per_class",
-    "unfrozen_blocks", "epoch", "seed", "lr", "test_accuracy",
+    "run_id", "source_task", "source_arch", "source_recipe", "source_eps", "source_norm",
+    "target_task", "target_classes", "images_per_class", "unfrozen_blocks", "epochs", "lr",
+    "batch_size", "epoch", "seed", "train_images", "test_accuracy",
 )
+SHOTS = "images_per_class"
 
 
 def part_files(parts: Path) -> list[Path]:
@@ -29,52 +45,120 @@ def part_files(parts: Path) -> list[Path]:
     return sorted(p for p in Path(parts).glob("*.parquet") if not p.name.startswith("."))
 
 
+def _is_current(part: Path) -> bool:
+    try:
+        names = set(pq.read_schema(part).names)
+    except Exception:  # unreadable: not a finished run; the grid re-runs it
+        return False
+    return all(c in names for c in REQUIRED_COLUMNS)
+
+
 def done_run_ids(out: Path) -> set[str]:
-    """Ids of the runs whose rows are already stored under `out`."""
-    return {p.stem for p in part_files(Path(out) / PARTS)}
+    """Ids of the runs whose rows are stored under `out` in the current format (a part
+    written by an older version, without the columns the report pairs on, is re-run)."""
+    return {p.stem for p in part_files(Path(out) / PARTS) if _is_current(p)}
 
 
 def append_run(out: Path, run_id: str, rows: list[dict]) -> None:
     """Store one finished run's rows, atomically."""
+    df = pd.DataFrame(rows)
+    if SHOTS in df.columns:
+        df[SHOTS] = df[SHOTS].map(str)
     with atomic_path(Path(out) / PARTS / f"{run_id}.parquet") as tmp:
-        pd.DataFrame(rows).to_parquet(tmp, index=False)
+        df.to_parquet(tmp, index=False)
+
+
+def write_manifest(out: Path, run_ids: list[str]) -> None:
+    """Record which runs make up the directory's current spec."""
+    atomic_write_text(Path(out) / MANIFEST, json.dumps({"run_ids": sorted(set(run_ids))}))
+
+
+def manifest_run_ids(out: Path) -> set[str] | None:
+    """The current spec's run ids, or None when the directory has no manifest."""
+    path = Path(out) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return set(json.loads(path.read_text())["run_ids"])
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        raise UserError(f"corrupt run list {str(path)!r}; re-run the grid to rewrite it") from None
 
 
 def consolidate(out: Path) -> Path:
-    """Write every stored run as one `results.parquet` in `out`; return its path."""
-    df = read_results(Path(out) / PARTS)
-    with atomic_path(Path(out) / TABLE) as tmp:
-        df.to_parquet(tmp, index=False)
-    return Path(out) / TABLE
+    """Write the current spec's stored runs as one `results.parquet` in `out`; its path."""
+    df = read_results(out)
+    table = Path(out) / TABLE
+    with atomic_path(table) as tmp:
+        _to_parquet(df, tmp)
+    return table
+
+
+def _to_parquet(df: pd.DataFrame, path: Path) -> None:
+    df = df.copy()
+    if SHOTS in df.columns:
+        df[SHOTS] = df[SHOTS].map(str)
+    df.to_parquet(path, index=False)
+
+
+def _read_parquet(files: list[Path]) -> pd.DataFrame:
+    tables = [pq.read_table(f) for f in files]
+    return pa.concat_tables(tables, promote_options="permissive").to_pandas()
+
+
+def _grid_table(out: Path) -> pd.DataFrame:
+    """The current spec's finished runs in grid directory `out`, read from its parts (or from
+    `results.parquet` while that holds exactly those runs and is newer than all of them)."""
+    wanted = manifest_run_ids(out)
+    candidates = [p for p in part_files(out / PARTS) if wanted is None or p.stem in wanted]
+    files = [p for p in candidates if _is_current(p)]
+    if not files:
+        what = "of its current spec " if wanted is not None else ""
+        why = ("only runs stored by an older version, which the grid re-runs" if candidates
+               else "run `robust-transfer grid` first")
+        raise UserError(f"no results in {str(out)!r}: no finished runs {what}yet ({why})")
+    table = out / TABLE
+    if table.is_file() and table.stat().st_mtime >= max(p.stat().st_mtime for p in files):
+        ids = set(pq.read_table(table, columns=["run_id"]).column("run_id").to_pylist())
+        if ids == {p.stem for p in files}:
+            return _read_parquet([table])
+    return _read_parquet(files)
 
 
 def read_results(path: str | Path) -> pd.DataFrame:
-    """Load a results table: a `results.parquet`, a `results/` directory, or a grid's out dir.
+    """Load a results table: a grid's out dir, its `results/` directory, or a Parquet file.
 
+    A grid directory (or its `results.parquet`) gives the finished runs of the spec it was
+    last run with, never a stale copy. `images_per_class` comes back as int or "all".
     Raises `UserError` if it is missing, unreadable, or not one of ours.
     """
     path = Path(path)
-    if path.is_dir() and (path / TABLE).is_file():
-        path = path / TABLE
-    elif path.is_dir() and (path / PARTS).is_dir():
-        path = path / PARTS
+    if path.is_file() and path.name == TABLE and (path.parent / PARTS).is_dir():
+        path = path.parent  # the grid's own table: read what is current, not the copy
     if not path.exists():
         raise UserError(f"no results at {str(path)!r}: expected a results.parquet or a grid dir")
     try:
-        if path.is_dir():
+        if path.is_dir() and (path / PARTS).is_dir():
+            df = _grid_table(path)
+        elif path.is_dir() and (path / TABLE).is_file():
+            df = _read_parquet([path / TABLE])
+        elif path.is_dir():
             files = part_files(path)
             if not files:
                 raise UserError(f"no results in {str(path)!r}: the directory holds no runs")
-            df = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+            df = _read_parquet(files)
         else:
-            df = pd.read_parquet(path)
+            df = _read_parquet([path])
     except UserError:
         raise
     except Exception as e:  # pyarrow raises several types for a file that is not Parquet
-        raise UserError(f"cannot read results {str(path)!r}: not a Parquet table ({e})") from None
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"cannot read results {str(path)!r}: not a Parquet table ({first})"
+                        ) from None
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
         raise UserError(
-            f"{str(path)!r} is not a robust_transfer results table: missing column {missing[0]!r}"
+            f"{str(path)!r} is not a robust_transfer results table of this version: missing "
+            f"column {missing[0]!r} (re-run the grid to rewrite older results)"
         )
+    df[SHOTS] = df[SHOTS].map(parse_shots).astype(object)
     return df

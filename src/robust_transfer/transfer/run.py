@@ -10,17 +10,46 @@ from robust_transfer.data import load_task
 from robust_transfer.models import load_checkpoint, save_checkpoint
 from robust_transfer.models.checkpoint import read_meta
 from robust_transfer.transfer.finetune import FinetuneConfig, finetune
+from robust_transfer.transfer.spec import content_id
+
+# The recipe fields that make two sources the same model but for the threat model: sources
+# that share them are one comparison group (natural vs robust), whatever their eps and norm.
+THREAT_FIELDS = ("eps", "norm")
+
+
+def source_recipe(source_meta: dict) -> dict:
+    """How a source was trained, less its threat model (eps, norm).
+
+    From the checkpoint's recorded recipe; a checkpoint without one (trained elsewhere) is
+    identified by what its metadata does say (task, arch, seed).
+    """
+    recipe = source_meta.get("recipe")
+    if not recipe:
+        return {"task": source_meta.get("task", ""), "arch": source_meta["model"]["arch"],
+                "seed": source_meta.get("seed", 0)}
+    return {k: v for k, v in recipe.items() if k not in THREAT_FIELDS}
 
 
 def source_columns(source_meta: dict) -> dict:
-    """The columns that describe a source model in a results row."""
+    """The columns that describe a source model in a results row.
+
+    `source_recipe` is a short hash of `source_recipe(meta)`: the report pairs a robust
+    source with the natural source of the same recipe only (same task, arch, epochs, lr,
+    batch size, attack steps, seed), and the readable `source_*` columns label it.
+    """
     metrics = source_meta.get("metrics", {})
+    recipe = source_meta.get("recipe") or {}
+    train = recipe.get("train") or {}
     return {
         "source_task": source_meta.get("task", ""),
         "source_arch": source_meta["model"]["arch"],
         "source_eps": float(source_meta.get("eps", 0.0)),
         "source_norm": source_meta.get("norm", ""),
         "source_seed": int(source_meta.get("seed", 0)),
+        "source_epochs": int(train.get("epochs", -1)),
+        "source_lr": float(train.get("lr", float("nan"))),
+        "source_attack_steps": int(recipe.get("attack_steps", -1)),
+        "source_recipe": content_id(source_recipe(source_meta), 8),
         "source_clean_accuracy": float(metrics.get("clean_accuracy", float("nan"))),
         "source_robust_accuracy": float(metrics.get("robust_accuracy", float("nan"))),
     }
@@ -34,16 +63,17 @@ def finetune_from_checkpoint(
 ) -> list[dict]:
     """Fine-tune the checkpoint at `source_dir` per `cfg`; one tidy row per epoch.
 
-    Rows carry the source's eps/norm/task, every field of `cfg` (None printed as "all") and
-    the epoch's test accuracy. With `out_dir`, the fine-tuned model is saved there as a
-    checkpoint whose metadata names its source and recipe.
+    Rows carry the source's identity (`source_columns`), every field of `cfg`
+    (`images_per_class` as its one type, int or "all"; unfrozen blocks as text, "all" for
+    every block) and the epoch's test accuracy. With `out_dir`, the fine-tuned model is saved
+    there as a checkpoint whose metadata names its source and recipe.
     """
     model, source_meta = load_checkpoint(source_dir, device)
     history = finetune(model, cfg)
     config = {
         "target_task": cfg.target_task,
         "target_classes": load_task(cfg.target_task).num_classes,
-        "images_per_class": "all" if cfg.images_per_class is None else str(cfg.images_per_class),
+        "images_per_class": cfg.images_per_class,
         "unfrozen_blocks": "all" if cfg.unfrozen_blocks is None else str(cfg.unfrozen_blocks),
         "epochs": cfg.epochs,
         "lr": cfg.lr,

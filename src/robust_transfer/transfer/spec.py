@@ -3,6 +3,12 @@
 A spec names source models (eps, norm) trained on one source task, target tasks, images per
 class, unfrozen blocks, epochs, seeds and learning rates. `expand` turns it into one `Run`
 per combination; each run has a content id, so a re-run can tell what is already done.
+
+Everything is validated when the spec is parsed, before anything trains: names, numbers,
+unfrozen blocks against the architecture's blocks, images per class against every target's
+smallest class, and source/target channels. An eps=0 source is the natural model whatever
+its norm, so a spec lists it once: later eps=0 entries with another norm are dropped
+(training the same natural model twice would make the report's pairing ambiguous).
 """
 
 from __future__ import annotations
@@ -15,8 +21,9 @@ from pathlib import Path
 
 import yaml
 
-from robust_transfer.data.tasks import parse_shots
+from robust_transfer.data.tasks import ALL, check_shots, load_task, parse_shots
 from robust_transfer.errors import UserError
+from robust_transfer.models.nets import ARCHS
 from robust_transfer.train import SourceConfig, TrainConfig
 from robust_transfer.transfer.finetune import FinetuneConfig, parse_blocks
 
@@ -44,7 +51,7 @@ class SourceRecipe:
 class GridSpec:
     sources: tuple[tuple[float, str], ...]
     targets: tuple[str, ...]
-    images_per_class: tuple[int | None, ...]
+    images_per_class: tuple[int | str, ...]  # each an int or "all" (`parse_shots`)
     unfrozen_blocks: tuple[int | None, ...]
     epochs: tuple[int, ...]
     seeds: tuple[int, ...]
@@ -89,6 +96,23 @@ def _check_keys(d: dict, allowed: set[str], where: str) -> None:
         )
 
 
+def _no_repeats(values: list, key: str) -> list:
+    """A value listed twice would be the same run twice (one id, counted twice)."""
+    seen = []
+    for v in values:
+        if v in seen:
+            shown = "all" if v is None else v
+            raise UserError(f"spec key {key!r} lists {shown!r} twice; list each value once")
+        seen.append(v)
+    return values
+
+
+def _one_natural(sources: list[tuple[float, str]]) -> list[tuple[float, str]]:
+    """Keep the first eps=0 source: natural training does not depend on the norm."""
+    natural = [s for s in sources if s[0] == 0]
+    return [s for s in sources if s[0] != 0 or s is natural[0]]
+
+
 def _number(value, key: str, kind=float):
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise UserError(f"spec key {key!r} must be a number, got {value!r}")
@@ -125,34 +149,68 @@ def parse_spec(d: dict) -> GridSpec:
             raise UserError(f"source eps must be >= 0, got {eps}")
         sources.append((eps, str(s.get("norm", "l2"))))
     recipe = _parse_recipe(d.get("source", {}))
+
+    def values(key, parse, default=None):
+        raw = _as_list(d[key] if default is None else d.get(key, default), key)
+        return tuple(_no_repeats([parse(v) for v in raw], key))
+
     spec = GridSpec(
-        sources=tuple(sources),
-        targets=tuple(str(t) for t in _as_list(d["targets"], "targets")),
-        images_per_class=tuple(parse_shots(k) for k in _as_list(d["images_per_class"],
-                                                                 "images_per_class")),
-        unfrozen_blocks=tuple(parse_blocks(k) for k in _as_list(d["unfrozen_blocks"],
-                                                                "unfrozen_blocks")),
-        epochs=tuple(_number(e, "epochs", int) for e in _as_list(d["epochs"], "epochs")),
-        seeds=tuple(_number(s, "seeds", int) for s in _as_list(d["seeds"], "seeds")),
-        lr=tuple(_number(v, "lr") for v in _as_list(d.get("lr", 0.1), "lr")),
+        sources=tuple(_one_natural(_no_repeats(sources, "sources"))),
+        targets=values("targets", str),
+        images_per_class=values("images_per_class", parse_shots),
+        unfrozen_blocks=values("unfrozen_blocks", parse_blocks),
+        epochs=values("epochs", lambda e: _number(e, "epochs", int)),
+        seeds=values("seeds", lambda s: _number(s, "seeds", int)),
+        lr=values("lr", lambda v: _number(v, "lr"), default=0.1),
         batch_size=_number(d.get("batch_size", 32), "batch_size", int),
         source=recipe,
         name=str(d.get("name", "grid")),
     )
     expand(spec)  # validates every name and number through the configs' own checks
+    check_against_data(spec)
     return spec
+
+
+def check_against_data(spec: GridSpec) -> None:
+    """What the names alone cannot tell, checked before any source trains: unfrozen blocks
+    within the architecture, images per class within every target's smallest class, and
+    targets with the source's number of channels. Loads the tasks (cached)."""
+    arch = spec.source.arch
+    n_blocks = len(ARCHS[arch][0])
+    for k in spec.unfrozen_blocks:
+        if k is not None and k > n_blocks:
+            raise UserError(f"unfrozen blocks {k} is more than arch {arch!r} has ({n_blocks}); "
+                            f"use 0..{n_blocks} or 'all'")
+    channels = load_task(spec.source.task).input_shape[0]
+    for target in spec.targets:
+        task = load_task(target)
+        if task.input_shape[0] != channels:
+            raise UserError(f"target task {target!r} has {task.input_shape[0]} channel(s) but "
+                            f"source task {spec.source.task!r} has {channels}")
+        for k in spec.images_per_class:
+            if k != ALL:
+                check_shots(task, k)
 
 
 def load_spec(path: str | Path) -> GridSpec:
     """Read and validate a YAML spec file."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"spec file {str(path)!r} is a directory; give a YAML file")
     if not path.is_file():
         raise UserError(f"spec file {str(path)!r} does not exist")
     try:
-        d = yaml.safe_load(path.read_text())
+        d = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"spec file {str(path)!r} is not a text (UTF-8 YAML) file") from None
     except yaml.YAMLError as e:
         first = str(e).splitlines()[0]
         raise UserError(f"spec file {str(path)!r} is not valid YAML: {first}") from None
+    except OSError as e:
+        raise UserError(f"cannot read spec file {str(path)!r}: {e.strerror}") from None
+    if d is not None and not isinstance(d, dict):
+        raise UserError(f"spec file {str(path)!r} must hold a YAML mapping of spec keys, "
+                        f"got {type(d).__name__}")
     return parse_spec(d or {})
 
 
