@@ -71,6 +71,17 @@ def l1_topk_count(fraction: torch.Tensor, d: int) -> torch.Tensor:
     return d - (torch.floor((1 - fraction) * d)).clamp(0, d - 1).long()
 
 
+def _track(x_adv, grad, loss, now, fooled, x_fooled, x_best, grad_best, loss_best):
+    """One APGD iteration's bookkeeping, shared by the Linf/L2 and L1 runs: keep each
+    example's first fooling point and its highest-loss point with its gradient (in place);
+    return the new best loss."""
+    x_fooled[now & ~fooled] = x_adv[now & ~fooled]
+    fooled |= now
+    improved = loss > loss_best
+    x_best[improved], grad_best[improved] = x_adv[improved], grad[improved]
+    return torch.where(improved, loss, loss_best)
+
+
 class APGD(Attack):
     """APGD-CE (`loss="ce"`) or APGD-DLR (`loss="dlr"`); Linf, L2 (Croce & Hein 2020, arXiv
     2003.01690) or L1 (APGD-L1, Croce & Hein 2021, arXiv 2103.01208). Published defaults:
@@ -177,13 +188,9 @@ class APGD(Attack):
             grad, logits = self.input_gradient(x_adv, y, target)
             loss = self.last_loss
             with torch.no_grad():
-                now = succeeded(logits, y, goal)
-                x_fooled[now & ~fooled] = x_adv[now & ~fooled]
-                fooled |= now
+                loss_best = _track(x_adv, grad, loss, succeeded(logits, y, goal), fooled,
+                                   x_fooled, x_best, grad_best, loss_best)
                 losses.append(loss)
-                improved = loss > loss_best
-                x_best[improved], grad_best[improved] = x_adv[improved], grad[improved]
-                loss_best = torch.where(improved, loss, loss_best)
                 if k + 1 in marks:
                     window = torch.stack(losses[last_mark:k + 2])
                     n_up = (window[1:] > window[:-1]).sum(0)
@@ -226,12 +233,8 @@ class APGD(Attack):
             grad, logits = self.input_gradient(x_adv, y, target)
             loss = self.last_loss
             with torch.no_grad():
-                now = succeeded(logits, y, goal)
-                x_fooled[now & ~fooled] = x_adv[now & ~fooled]
-                fooled |= now
-                improved = loss > loss_best
-                x_best[improved], grad_best[improved] = x_adv[improved], grad[improved]
-                loss_best = torch.where(improved, loss, loss_best)
+                loss_best = _track(x_adv, grad, loss, succeeded(logits, y, goal), fooled,
+                                   x_fooled, x_best, grad_best, loss_best)
                 if (k + 1) % every == 0:
                     sparsity = (x_best != x).flatten(1).sum(1).to(x.dtype)
                     shrank = sparsity / sparsity_last.clamp_min(1) < L1_SHRINK
