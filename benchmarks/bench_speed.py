@@ -19,7 +19,7 @@ from bench_attacks import pgd_step_ratio, timed
 
 from robust_transfer.data import load_task
 from robust_transfer.models import ModelSpec, build_model
-from robust_transfer.train import PGDExamples, TrainConfig, fit, natural_examples
+from robust_transfer.train import ExampleLoss, PGDExamples, TrainConfig, fit, natural_loss
 from robust_transfer.transfer.grid import plan, run_grid
 from robust_transfer.transfer.spec import parse_spec
 
@@ -28,8 +28,8 @@ def training_throughput(steps: int) -> dict:
     data = load_task("digits-0to4").train
     cfg = TrainConfig(epochs=2, batch_size=128)
     rates = {}
-    for label, maker in [("natural", natural_examples),
-                         (f"PGD-AT ({steps} steps)", PGDExamples(0.5, "l2", steps))]:
+    for label, maker in [("natural", natural_loss),
+                         (f"PGD-AT ({steps} steps)", ExampleLoss(PGDExamples(0.5, "l2", steps)))]:
         model = build_model(ModelSpec(num_classes=5), seed=0)
         seconds = timed(lambda m=model, mk=maker: fit(m, data, cfg, mk), repeats=3)
         rates[label] = 2 * len(data) / seconds

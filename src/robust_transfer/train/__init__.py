@@ -3,12 +3,16 @@
 from robust_transfer.train.examples import ExampleMaker, PGDExamples, natural_examples
 from robust_transfer.train.freeze import freeze_all_but_last, frozen_blocks, set_train_mode
 from robust_transfer.train.loop import TrainConfig, fit
+from robust_transfer.train.objectives import ExampleLoss, Objective, natural_loss
 from robust_transfer.train.source import SourceConfig, train_source
 
 __all__ = [
     "ExampleMaker",
     "PGDExamples",
     "natural_examples",
+    "ExampleLoss",
+    "Objective",
+    "natural_loss",
     "freeze_all_but_last",
     "frozen_blocks",
     "set_train_mode",

@@ -1,7 +1,7 @@
 """The one training loop: SGD + momentum + weight decay, a per-epoch LR schedule, a seed.
 
 Natural training, PGD adversarial training and fine-tuning all run through `fit`; they differ
-only in the example maker and in which parameters are trainable.
+only in the objective (`train.objectives`) and in which parameters are trainable.
 """
 
 from __future__ import annotations
@@ -10,13 +10,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from robust_transfer.data import ImageSet
 from robust_transfer.errors import UserError, check_choice
-from robust_transfer.train.examples import ExampleMaker, natural_examples
 from robust_transfer.train.freeze import set_train_mode
+from robust_transfer.train.objectives import Objective, natural_loss
 
 SCHEDULES = ("step", "cosine", "constant")
 
@@ -59,10 +58,11 @@ def fit(
     model: nn.Module,
     data: ImageSet,
     cfg: TrainConfig,
-    make_examples: ExampleMaker = natural_examples,
+    objective: Objective = natural_loss,
     on_epoch: Callable[[nn.Module, int], dict] | None = None,
 ) -> list[dict]:
-    """Train the parameters of `model` that require grad; return one record per epoch.
+    """Train the parameters of `model` that require grad to minimise `objective`; return one
+    record per epoch.
 
     Each record has `epoch`, `train_loss` (mean over the epoch's examples), `epoch_lr`, plus
     whatever `on_epoch(model, epoch)` returns (e.g. test accuracy). Frozen blocks keep
@@ -76,6 +76,7 @@ def fit(
     schedule = _scheduler(opt, cfg)
     shuffle = torch.Generator().manual_seed(cfg.seed)
     x_all, y_all = data.x.to(device), data.y.to(device)
+    replays = int(getattr(objective, "replays", 1))
     history = []
     for epoch in range(1, cfg.epochs + 1):
         lr = opt.param_groups[0]["lr"]
@@ -85,11 +86,11 @@ def fit(
         for i in range(0, len(order), cfg.batch_size):
             idx = order[i : i + cfg.batch_size]
             x, y = x_all[idx], y_all[idx]
-            x = make_examples(model, x, y)
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            for _ in range(replays):
+                loss = objective(model, x, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
             total += loss.detach() * len(idx)
         schedule.step()
         model.eval()

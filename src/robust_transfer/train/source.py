@@ -13,8 +13,9 @@ from robust_transfer.errors import UserError, check_choice
 from robust_transfer.models import ModelSpec, build_model
 from robust_transfer.models.nets import ARCHS, ConvNet
 from robust_transfer.models.runtime import accuracy
-from robust_transfer.train.examples import PGDExamples, natural_examples
+from robust_transfer.train.examples import PGDExamples
 from robust_transfer.train.loop import TrainConfig, fit
+from robust_transfer.train.objectives import ExampleLoss, natural_loss
 
 EVAL_STEPS = 20
 
@@ -70,13 +71,15 @@ def train_source(
     channels = task.input_shape[0]
     spec = ModelSpec(cfg.arch, task.num_classes, channels, (0.5,) * channels, (0.5,) * channels)
     model = build_model(spec, seed=cfg.train.seed).to(device)
-    maker = (
-        natural_examples
+    objective = (
+        natural_loss
         if cfg.eps == 0
-        else PGDExamples(cfg.eps, cfg.norm, cfg.attack_steps, cfg.attack_alpha, cfg.train.seed)
+        else ExampleLoss(
+            PGDExamples(cfg.eps, cfg.norm, cfg.attack_steps, cfg.attack_alpha, cfg.train.seed)
+        )
     )
     callback = None if on_epoch is None else (lambda _m, epoch: on_epoch(epoch) or {})
-    history = fit(model, task.train, cfg.train, maker, callback)
+    history = fit(model, task.train, cfg.train, objective, callback)
     metrics = evaluate_source(model, cfg.task, cfg.eps, cfg.norm)
     metrics["final_train_loss"] = history[-1]["train_loss"]
     # CPU float sums differ with the number of intra-op threads, so the same recipe and seed
