@@ -40,7 +40,7 @@ from robust_transfer.transfer.results import (
     done_run_ids,
     read_results,
 )
-from robust_transfer.transfer.spec import expand, load_spec, parse_spec
+from robust_transfer.transfer.spec import SourceEntry, expand, load_spec, parse_spec
 
 # ---------------------------------------------------------------- synthetic results tables
 
@@ -252,7 +252,7 @@ def test_a_natural_source_is_listed_once_whatever_its_norm():
     spec = parse_spec({**SPEC_DICT, "sources": [{"eps": 0.0, "norm": "l2"},
                                                  {"eps": 0.0, "norm": "linf"},
                                                  {"eps": 0.5, "norm": "l2"}]})
-    assert spec.sources == ((0.0, "l2"), (0.5, "l2"))
+    assert spec.sources == (SourceEntry(0.0, "l2"), SourceEntry(0.5, "l2"))
 
 
 def test_spec_yaml_written_by_a_grid_parses_back_to_the_same_runs(tmp_path):

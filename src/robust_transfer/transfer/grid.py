@@ -143,7 +143,7 @@ def _spec_dict(spec: GridSpec) -> dict:
     return {
         "name": spec.name,
         "source": vars(spec.source),
-        "sources": [{"eps": e, "norm": n} for e, n in spec.sources],
+        "sources": [e.to_dict() for e in spec.sources],
         "targets": list(spec.targets),
         "images_per_class": list(spec.images_per_class),
         "unfrozen_blocks": ["all" if k is None else k for k in spec.unfrozen_blocks],

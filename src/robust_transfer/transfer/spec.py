@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import yaml
@@ -48,8 +48,25 @@ class SourceRecipe:
 
 
 @dataclass(frozen=True)
+class SourceEntry:
+    """One entry of the spec's `sources` list: what makes this source differ from the others
+    (the treatment: threat model, and any other per-source setting); the rest of its recipe
+    is the spec's shared `source` block (`SourceRecipe`)."""
+
+    eps: float = 0.0
+    norm: str = "l2"
+
+    @property
+    def natural(self) -> bool:
+        return self.eps == 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class GridSpec:
-    sources: tuple[tuple[float, str], ...]
+    sources: tuple[SourceEntry, ...]
     targets: tuple[str, ...]
     images_per_class: tuple[int | str, ...]  # each an int or "all" (`parse_shots`)
     unfrozen_blocks: tuple[int | None, ...]
@@ -107,10 +124,10 @@ def _no_repeats(values: list, key: str) -> list:
     return values
 
 
-def _one_natural(sources: list[tuple[float, str]]) -> list[tuple[float, str]]:
-    """Keep the first eps=0 source: natural training does not depend on the norm."""
-    natural = [s for s in sources if s[0] == 0]
-    return [s for s in sources if s[0] != 0 or s is natural[0]]
+def _one_natural(sources: list[SourceEntry]) -> list[SourceEntry]:
+    """Keep the first natural source: natural training does not depend on the norm."""
+    natural = [s for s in sources if s.natural]
+    return [s for s in sources if not s.natural or s is natural[0]]
 
 
 def _number(value, key: str, kind=float):
@@ -133,6 +150,15 @@ def _parse_recipe(d: dict) -> SourceRecipe:
     return SourceRecipe(**values)
 
 
+def _parse_source(s: dict) -> SourceEntry:
+    """One `sources` entry (a mapping of SourceEntry's keys) into a `SourceEntry`."""
+    _check_keys(s, {f.name for f in fields(SourceEntry)}, "sources entry")
+    eps = _number(s.get("eps", 0.0), "sources.eps")
+    if eps < 0:
+        raise UserError(f"source eps must be >= 0, got {eps}")
+    return SourceEntry(eps=eps, norm=str(s.get("norm", "l2")))
+
+
 def parse_spec(d: dict) -> GridSpec:
     """Validate a spec dict (as loaded from YAML) into a `GridSpec`; `UserError` if bad."""
     top = {f.name for f in fields(GridSpec)}
@@ -141,13 +167,7 @@ def parse_spec(d: dict) -> GridSpec:
                       "seeds"} - set(d))
     if missing:
         raise UserError(f"spec is missing key {missing[0]!r}")
-    sources = []
-    for s in _as_list(d["sources"], "sources"):
-        _check_keys(s, {"eps", "norm"}, "sources entry")
-        eps = _number(s.get("eps", 0.0), "sources.eps")
-        if eps < 0:
-            raise UserError(f"source eps must be >= 0, got {eps}")
-        sources.append((eps, str(s.get("norm", "l2"))))
+    sources = [_parse_source(s) for s in _as_list(d["sources"], "sources")]
     recipe = _parse_recipe(d.get("source", {}))
 
     def values(key, parse, default=None):
@@ -218,9 +238,9 @@ def source_configs(spec: GridSpec) -> list[SourceConfig]:
     r = spec.source
     train = TrainConfig(epochs=r.epochs, lr=r.lr, batch_size=r.batch_size, seed=r.seed)
     return [
-        SourceConfig(task=r.task, arch=r.arch, eps=eps, norm=norm, attack_steps=r.attack_steps,
-                     train=train)
-        for eps, norm in spec.sources
+        SourceConfig(task=r.task, arch=r.arch, eps=e.eps, norm=e.norm,
+                     attack_steps=r.attack_steps, train=train)
+        for e in spec.sources
     ]
 
 
