@@ -198,8 +198,8 @@ def test_train_and_finetune_a_resnet18_through_the_cli(tmp_path, capsys):
         return exit_info.value.code or 0, capsys.readouterr().err
 
     src, ft = tmp_path / "src", tmp_path / "ft"
-    assert run("train", "--task", "synthetic-0to4", "--arch", "resnet18", "--epochs", "1", "--batch-size", "128",
-               "--out", src)[0] == 0
+    assert run("train", "--task", "synthetic-0to4", "--arch", "resnet18", "--epochs", "1",
+               "--batch-size", "128", "--out", src)[0] == 0
     source, meta = load_checkpoint(src)
     assert meta["model"]["arch"] == "resnet18" and meta["model"]["input_size"] == 8
     assert list(source.state_dict())[2:4] == ["conv1.weight", "bn1.weight"]
