@@ -10,7 +10,7 @@ import typer
 from robust_transfer.attacks import NORMS, make_threat
 from robust_transfer.cli import app
 from robust_transfer.cli.common import check_checkpoint_out, console, print_table
-from robust_transfer.errors import UserError
+from robust_transfer.errors import UserError, check_choice
 from robust_transfer.models import ARCHS
 from robust_transfer.models.checkpoint import read_meta
 from robust_transfer.models.foreign import FORMATS, import_checkpoint
@@ -51,6 +51,8 @@ def import_command(
     Reads only tensors (torch.load weights_only=True, or safetensors): a file whose loading
     would run code is refused without running it.
     """
+    check_choice("format", format, FORMATS)
+    check_choice("arch", arch, ARCHS)
     if (eps is None) != (norm is None):
         raise UserError("give --eps and --norm together (the source's training threat model)")
     if eps is not None:

@@ -3,14 +3,15 @@
 Nothing is downloaded: put the official release files under `data_root()`
 ($ROBUST_TRANSFER_DATA, default ~/.robust_transfer/data), in these directories:
 
-| data set | directory | files |
-|---|---|---|
-| MNIST (LeCun et al. 1998) | `mnist/` | `train-images-idx3-ubyte.gz`, `train-labels-idx1-ubyte.gz`, `t10k-images-idx3-ubyte.gz`, `t10k-labels-idx1-ubyte.gz` |
-| Fashion-MNIST (Xiao et al. 2017) | `fashion-mnist/` | the same four names |
-| KMNIST (Clanuwat et al. 2018) | `kmnist/` | the same four names |
-| CIFAR-100 (Krizhevsky 2009) | `cifar-100-binary/` | `train.bin`, `test.bin` (extract `cifar-100-binary.tar.gz`) |
-| SVHN (Netzer et al. 2011) | `svhn/` | `train_32x32.mat`, `test_32x32.mat` |
-| any ImageFolder tree | anywhere | `<dir>/<class>/<image>`, or `<dir>/train/<class>/...` + `<dir>/test/<class>/...` |
+- MNIST (LeCun et al. 1998) in `mnist/`, Fashion-MNIST (Xiao et al. 2017) in
+  `fashion-mnist/`, KMNIST (Clanuwat et al. 2018) in `kmnist/`: the four IDX files
+  `train-images-idx3-ubyte.gz`, `train-labels-idx1-ubyte.gz`, `t10k-images-idx3-ubyte.gz`,
+  `t10k-labels-idx1-ubyte.gz` of each release;
+- CIFAR-100 (Krizhevsky 2009): `cifar-100-binary/train.bin` and `test.bin` (extract
+  `cifar-100-binary.tar.gz`);
+- SVHN (Netzer et al. 2011): `svhn/train_32x32.mat` and `svhn/test_32x32.mat`;
+- any ImageFolder tree, anywhere: `<dir>/<class>/<image>`, or `<dir>/train/<class>/...` and
+  `<dir>/test/<class>/...` (task `imagefolder:<dir>` or `imagefolder:<dir>@<size>`).
 
 IDX files may be gzipped (the release) or gunzipped (`train-images-idx3-ubyte`).
 

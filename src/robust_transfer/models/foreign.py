@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -63,10 +64,13 @@ def read_foreign(path: str | Path) -> dict:
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        detail = first.removeprefix("Weights only load failed. ")[:160]
+        # The restricted unpickler names the global (a function or class: code) it refused.
+        found = re.search(r"(GLOBAL [\w.]+)", str(e))
+        if found is None:
+            raise UserError(f"cannot read {str(path)!r} as a PyTorch file: not a pickle of "
+                            "tensors (corrupt, or another format)") from None
         raise UserError(f"refusing {str(path)!r}: unpickling it needs code, which could do "
-                        f"anything ({detail}); {convert_hint(path)}") from None
+                        f"anything ({found.group(1)}); {convert_hint(path)}") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot read {str(path)!r} as a PyTorch file: {first[:200]}") from None

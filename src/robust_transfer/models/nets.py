@@ -89,7 +89,8 @@ def _registry() -> dict[str, Arch]:
     archs = {
         name: Arch(name, ConvNet, len(widths), size, summary)
         for (name, (widths, _)), size, summary in zip(
-            CONV_ARCHS.items(), (8, 32), ("3 conv blocks, for 8x8", "4 strided blocks, 32x32"))
+            CONV_ARCHS.items(), (8, 32), ("3 conv blocks, for 8x8", "4 strided blocks, 32x32"),
+            strict=True)
     }
     for name, (_, depths) in RESNETS.items():
         archs[name] = Arch(name, ResNet, 1 + sum(depths), 224,

@@ -122,7 +122,8 @@ PREACT_RESNETS: dict[str, tuple[int, ...]] = {"preact-resnet18": (2, 2, 2, 2)}
 
 def _stages(owner: nn.Module, make, c_in: int, depths: tuple[int, ...], expansion: int) -> int:
     """Register layer1..layer4 on `owner` (torchvision's names); return the output width."""
-    for stage, (planes, stride, depth) in enumerate(zip(WIDTHS, STRIDES, depths), start=1):
+    stages = zip(WIDTHS, STRIDES, depths, strict=True)
+    for stage, (planes, stride, depth) in enumerate(stages, start=1):
         layers = []
         for i in range(depth):
             layers.append(make(c_in, planes, stride if i == 0 else 1))
