@@ -205,14 +205,12 @@ def import_checkpoint(
 
 def _spec(arch: str, weights: dict, normaliser: dict, num_classes: int | None,
           input_size: int | None) -> ModelSpec:
-    probe = build_model(ModelSpec(arch, 2, 3, (0.5,) * 3, (0.5,) * 3))
-    head_key = f"{probe.head_attr}.weight"
-    stem_key = next(k for k in probe.state_dict() if k.endswith("weight")
-                    and not k.startswith("normalizer."))
+    head_key = f"{ARCHS[arch].build.head_attr}.weight"  # the classifier: fc, linear, head
+    stem_key = next((k for k, v in weights.items() if v.ndim == 4), None)  # the first conv
     for key in (head_key, stem_key):
-        if key not in weights:
-            raise UserError(f"the file has no key {key!r}, which arch {arch!r} needs (is it "
-                            "another architecture, or another --format?)")
+        if key is None or key not in weights:
+            raise UserError(f"the file has no key {key or 'conv1.weight'!r}, which arch "
+                            f"{arch!r} needs (is it another architecture, or another --format?)")
     classes, channels = int(weights[head_key].shape[0]), int(weights[stem_key].shape[1])
     if num_classes is not None and num_classes != classes:
         raise UserError(f"--num-classes {num_classes} does not match the file: key "

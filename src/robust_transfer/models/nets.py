@@ -19,7 +19,6 @@ The seam other layers use instead of reaching inside (every architecture offers 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -79,7 +78,7 @@ class Arch:
     the input size it is designed for (a note for users; every net pools globally)."""
 
     name: str
-    build: Callable[[ModelSpec], BlockNet]
+    build: type[BlockNet]  # the class; called with a ModelSpec
     num_blocks: int
     input_size: int
     summary: str
