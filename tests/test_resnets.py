@@ -80,6 +80,16 @@ def test_resnet18_keys_are_torchvision_keys_in_order():
 
 def test_preact_resnet18_keys_are_the_fast_adversarial_layout():
     assert list(_model("preact-resnet18").state_dict()) == NORMALISER + _keys(PREACT_LAYOUT)
+    # BackdoorBench's variant: the same keys without the final BN.
+    nobn = PREACT_LAYOUT.replace("bn:bn linear:fc", "linear:fc")
+    model = _model("preact-resnet18-nobn")
+    assert list(model.state_dict()) == NORMALISER + _keys(nobn)
+    model, x = _trained(model)
+    prefix, suffix = model.split(1)
+    with torch.no_grad():
+        assert torch.equal(suffix(prefix(x)), model(x))
+        pooled = model.forward_to(x, "layer4_1").mean((2, 3))
+        assert torch.allclose(model.features(x), pooled, atol=1e-6)
 
 
 def test_resnet50_bottlenecks_have_torchvision_names_shapes_and_count(resnet50):

@@ -95,9 +95,11 @@ def _registry() -> dict[str, Arch]:
         archs[name] = Arch(name, ResNet, 1 + sum(depths), 224,
                            f"torchvision {name} layout, ImageNet stem (stem + {sum(depths)} "
                            "residual blocks)")
-    for name, depths in PREACT_RESNETS.items():
+    for name, (depths, final_bn) in PREACT_RESNETS.items():
+        layout = "fast_adversarial layout" if final_bn else "BackdoorBench layout, no final BN"
         archs[name] = Arch(name, PreActResNet, 1 + sum(depths), 32,
-                           f"CIFAR-style pre-activation ResNet-18 (stem + {sum(depths)} blocks)")
+                           f"CIFAR-style pre-activation ResNet-18, {layout} (stem + "
+                           f"{sum(depths)} blocks)")
     return archs
 
 

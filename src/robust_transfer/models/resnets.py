@@ -6,7 +6,8 @@ and MadryLab `robustness` put them — `conv1`, `bn1`, `layer1`..`layer4` with
 `.{i}.conv1/bn1/conv2/bn2[/conv3/bn3]/downsample.0/.1`, `fc` — and PreActResNet-18 where
 Wong et al.'s fast_adversarial (`preact_resnet.py`, arXiv 2001.03994) puts them:
 `conv1`, `layer1`..`layer4` with `.{i}.bn1/conv1/bn2/conv2[/shortcut.0]`, then `bn`,
-`linear`. The only extra keys are our normaliser's buffers (`normalizer.mean|std`).
+`linear` (BackdoorBench's variant, `preact-resnet18-nobn`, has no `bn`). The only extra keys
+are our normaliser's buffers (`normalizer.mean|std`).
 
 Blocks (the unit the transfer protocol freezes, `split(k)`): the stem is block 0, then
 every residual block in forward order — ResNet-18 and PreActResNet-18 have 1 + 8 blocks,
@@ -117,7 +118,11 @@ RESNETS: dict[str, tuple[type[nn.Module], tuple[int, ...]]] = {
     "resnet18": (BasicBlock, (2, 2, 2, 2)),
     "resnet50": (Bottleneck, (3, 4, 6, 3)),
 }
-PREACT_RESNETS: dict[str, tuple[int, ...]] = {"preact-resnet18": (2, 2, 2, 2)}
+# arch -> (residual blocks per stage, final BN-ReLU after layer4)
+PREACT_RESNETS: dict[str, tuple[tuple[int, ...], bool]] = {
+    "preact-resnet18": ((2, 2, 2, 2), True),  # Wong et al.'s fast_adversarial
+    "preact-resnet18-nobn": ((2, 2, 2, 2), False),  # BackdoorBench's models/preact_resnet.py
+}
 
 
 def _stages(owner: nn.Module, make, c_in: int, depths: tuple[int, ...], expansion: int) -> int:
@@ -209,7 +214,9 @@ class PreActResNet(_ResidualNet):
     benchmarks: `conv1` (3x3, stride 1), `layer1`..`layer4` of `PreActBlock`s
     (`.{i}.bn1/conv1/bn2/conv2[/shortcut.0]`), a final `bn` + ReLU, global average pool,
     `linear`. Blocks: `stem` (conv1), then one per residual block; the final BN-ReLU runs
-    after the blocks with the pooling (trainable whenever k >= 1).
+    after the blocks with the pooling (trainable whenever k >= 1). `preact-resnet18-nobn` is
+    BackdoorBench's variant (SCLBD/BackdoorBench `models/preact_resnet.py`): the same keys
+    without `bn.*`, pooling straight after layer4.
 
     Shape:
         - Input: (N, C, H, W) in [0,1] (designed for 32x32; global pooling, so 4x4 average
@@ -229,9 +236,11 @@ class PreActResNet(_ResidualNet):
         self.spec = spec
         self.normalizer = Normalize(spec.mean, spec.std)
         self.conv1 = _conv3x3(spec.in_channels, 64)
-        width = _stages(self, PreActBlock, 64, PREACT_RESNETS[spec.arch], 1)
-        self.bn = nn.BatchNorm2d(width)
-        self.relu = nn.ReLU()
+        depths, final_bn = PREACT_RESNETS[spec.arch]
+        width = _stages(self, PreActBlock, 64, depths, 1)
+        if final_bn:
+            self.bn = nn.BatchNorm2d(width)
+            self.relu = nn.ReLU()
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.linear = nn.Linear(width, spec.num_classes)
         self._init_weights()
@@ -244,5 +253,5 @@ class PreActResNet(_ResidualNet):
         return self.conv1
 
     def post_modules(self) -> list[tuple[str, nn.Module]]:
-        return [("bn", self.bn), ("relu", self.relu), ("avgpool", self.avgpool),
-                ("flatten", nn.Flatten())]
+        final = [("bn", self.bn), ("relu", self.relu)] if hasattr(self, "bn") else []
+        return [*final, ("avgpool", self.avgpool), ("flatten", nn.Flatten())]
