@@ -7,6 +7,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import struct
+import tarfile
 
 import numpy as np
 import pytest
@@ -137,6 +138,17 @@ def test_cifar100_reads_fine_labels_and_optionally_coarse(root):
     assert task.num_classes == 100 and task.train.y.tolist() == written["train.bin"][0].tolist()
     (root / "cifar-100-binary" / "test.bin").write_bytes(b"\x00" * 3073)
     with pytest.raises(UserError, match="corrupt CIFAR-100.*3,074-byte records"):
+        cifar100()
+
+
+def test_cifar100_reads_the_release_archive_and_checks_its_md5(root, monkeypatch, tmp_path):
+    written = _write_cifar100(tmp_path / "staging" / "cifar-100-binary")
+    with tarfile.open(root / "cifar-100-binary.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "staging" / "cifar-100-binary", arcname="cifar-100-binary")
+    train, test = cifar100()
+    assert train.y.tolist() == written["train.bin"][0].tolist() and len(test) == 4
+    monkeypatch.setenv("ROBUST_TRANSFER_VERIFY", "1")
+    with pytest.raises(UserError, match="not the official.*!= 03b5dce01913d631647c71ecec9e9cb8"):
         cifar100()
 
 

@@ -71,18 +71,25 @@ def read_cifar_records(
     paths: list[Path], label_bytes: int = 1, label_index: int = 0, num_classes: int = 10,
     name: str = "CIFAR-10",
 ) -> ImageSet:
+    """CIFAR binary records from files (`parse_cifar_records`)."""
+    raw = np.concatenate([np.fromfile(p, dtype=np.uint8) for p in paths])
+    return parse_cifar_records(raw, label_bytes, label_index, num_classes,
+                               f"{name} file(s) {[str(p) for p in paths]}")
+
+
+def parse_cifar_records(
+    raw: np.ndarray, label_bytes: int = 1, label_index: int = 0, num_classes: int = 10,
+    where: str = "CIFAR-10 data",
+) -> ImageSet:
     """CIFAR binary records: `label_bytes` label bytes (CIFAR-10: 1; CIFAR-100: coarse, fine),
     then 3,072 pixel bytes (R, G, B planes, 32x32); the label is byte `label_index`."""
     size = label_bytes + 3072
-    raw = np.concatenate([np.fromfile(p, dtype=np.uint8) for p in paths])
     if raw.size == 0 or raw.size % size:
-        raise UserError(f"corrupt {name} file(s) {[str(p) for p in paths]}: size is not a "
-                        f"multiple of {size:,}-byte records")
+        raise UserError(f"corrupt {where}: size is not a multiple of {size:,}-byte records")
     records = raw.reshape(-1, size)
     labels = records[:, label_index]
     if labels.max() >= num_classes:
-        raise UserError(f"corrupt {name} file(s) {[str(p) for p in paths]}: label > "
-                        f"{num_classes - 1}")
+        raise UserError(f"corrupt {where}: label > {num_classes - 1}")
     pixels = records[:, label_bytes:].reshape(-1, 3, 32, 32)
     x = torch.from_numpy(pixels.astype(np.float32) / 255.0)
     return ImageSet(x, torch.from_numpy(labels.astype(np.int64)))

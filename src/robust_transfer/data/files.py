@@ -7,8 +7,8 @@ Nothing is downloaded: put the official release files under `data_root()`
   `fashion-mnist/`, KMNIST (Clanuwat et al. 2018) in `kmnist/`: the four IDX files
   `train-images-idx3-ubyte.gz`, `train-labels-idx1-ubyte.gz`, `t10k-images-idx3-ubyte.gz`,
   `t10k-labels-idx1-ubyte.gz` of each release;
-- CIFAR-100 (Krizhevsky 2009): `cifar-100-binary/train.bin` and `test.bin` (extract
-  `cifar-100-binary.tar.gz`);
+- CIFAR-100 (Krizhevsky 2009): `cifar-100-binary/train.bin` and `test.bin` (extracted), or
+  the release archive `cifar-100-binary.tar.gz` itself;
 - SVHN (Netzer et al. 2011): `svhn/train_32x32.mat` and `svhn/test_32x32.mat`;
 - any ImageFolder tree, anywhere: `<dir>/<class>/<image>`, or `<dir>/train/<class>/...` and
   `<dir>/test/<class>/...` (task `imagefolder:<dir>` or `imagefolder:<dir>@<size>`).
@@ -16,10 +16,10 @@ Nothing is downloaded: put the official release files under `data_root()`
 IDX files may be gzipped (the release) or gunzipped (`train-images-idx3-ubyte`).
 
 Checksums: the MD5 of every release file whose official value is published (the gzipped IDX
-files, the SVHN .mat files; torchvision's tables) is checked before it is read, and a
-mismatch is an error. Files without a published MD5 (gunzipped IDX, CIFAR-100's extracted
-.bin files — only the archive's MD5 is published) are checked for structure and counts
-instead. Set ROBUST_TRANSFER_VERIFY=0 to skip the MD5 check for files that are not the
+files, the SVHN .mat files, the CIFAR-100 archive; torchvision's tables) is checked before it
+is read, and a mismatch is an error. Files without a published MD5 (gunzipped IDX, CIFAR-100's
+extracted .bin files — only the archive's MD5 is published) are checked for structure and
+counts instead. Set ROBUST_TRANSFER_VERIFY=0 to skip the MD5 check for files that are not the
 release (subsets, files written by tests); the structural checks always run.
 """
 
@@ -33,7 +33,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from robust_transfer.data.datasets import DATA_ENV, ImageSet, data_root, read_cifar_records
+from robust_transfer.data.datasets import (
+    DATA_ENV,
+    ImageSet,
+    data_root,
+    parse_cifar_records,
+    read_cifar_records,
+)
 from robust_transfer.errors import UserError
 
 VERIFY_ENV = "ROBUST_TRANSFER_VERIFY"
@@ -63,6 +69,7 @@ MD5: dict[str, dict[str, str]] = {
         "t10k-images-idx3-ubyte.gz": "5c965bf0a639b31b8f53240b1b52f4d7",
         "t10k-labels-idx1-ubyte.gz": "7320c461ea6c1c855c0b718fb2a4b134",
     },
+    "cifar100": {"cifar-100-binary.tar.gz": "03b5dce01913d631647c71ecec9e9cb8"},
     "svhn": {
         "train_32x32.mat": "e26dedcc434d2e4c54c9b2d4a06d8373",
         "test_32x32.mat": "eb5a983be6a315427106f1b164d9cef3",
@@ -70,6 +77,7 @@ MD5: dict[str, dict[str, str]] = {
 }
 IDX_SETS = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST", "kmnist": "KMNIST"}
 CIFAR100_DIR = "cifar-100-binary"
+CIFAR100_ARCHIVE = "cifar-100-binary.tar.gz"
 SVHN_DIR = "svhn"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 
@@ -152,17 +160,35 @@ def idx_dataset(dataset: str, root: Path | None = None) -> tuple[ImageSet, Image
 def cifar100(root: Path | None = None, coarse: bool = False) -> tuple[ImageSet, ImageSet]:
     """CIFAR-100 from its binary release, as (train, test): 50,000 and 10,000 images 3x32x32
     in [0,1] with the 100 fine labels (or the 20 coarse ones). Each record is a coarse-label
-    byte, a fine-label byte, then 3,072 pixel bytes (R, G, B planes)."""
+    byte, a fine-label byte, then 3,072 pixel bytes (R, G, B planes).
+
+    Reads the extracted `cifar-100-binary/` directory, or else the release archive
+    `cifar-100-binary.tar.gz` itself (MD5-checked; read in memory, nothing is extracted)."""
     directory = _root(root) / CIFAR100_DIR
-    paths = [directory / "train.bin", directory / "test.bin"]
-    missing = [p for p in paths if not p.is_file()]
-    if missing:
-        raise UserError(f"CIFAR-100 not found: {str(missing[0])!r} is missing; extract "
-                        f"cifar-100-binary.tar.gz into {_where(root)}")
-    label = 0 if coarse else 1
-    classes = 20 if coarse else 100
-    return tuple(read_cifar_records([p], label_bytes=2, label_index=label,
-                                    num_classes=classes, name="CIFAR-100") for p in paths)
+    archive = _root(root) / CIFAR100_ARCHIVE
+    names = ("train.bin", "test.bin")
+    label, classes = (0, 20) if coarse else (1, 100)
+    if all((directory / n).is_file() for n in names):
+        return tuple(read_cifar_records([directory / n], label_bytes=2, label_index=label,
+                                        num_classes=classes, name="CIFAR-100") for n in names)
+    if not archive.is_file():
+        missing = next(directory / n for n in names if not (directory / n).is_file())
+        raise UserError(f"CIFAR-100 not found: {str(missing)!r} is missing; extract "
+                        f"{CIFAR100_ARCHIVE} into (or put it in) {_where(root)}")
+    verify_md5(archive, MD5["cifar100"][CIFAR100_ARCHIVE])
+    import tarfile
+
+    parts = []
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            for n in names:
+                member = tar.extractfile(f"{CIFAR100_DIR}/{n}")
+                raw = np.frombuffer(member.read(), dtype=np.uint8)
+                parts.append(parse_cifar_records(raw, 2, label, classes,
+                                                 f"CIFAR-100 {n} in {str(archive)!r}"))
+    except (tarfile.TarError, KeyError, OSError, AttributeError) as e:
+        raise UserError(f"corrupt CIFAR-100 archive {str(archive)!r}: {e}") from None
+    return parts[0], parts[1]
 
 
 def svhn(root: Path | None = None) -> tuple[ImageSet, ImageSet]:
