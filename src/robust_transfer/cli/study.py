@@ -22,7 +22,7 @@ from robust_transfer.cli.common import (
     progress_bars,
 )
 from robust_transfer.data import TASKS
-from robust_transfer.models import save_checkpoint
+from robust_transfer.models import ARCHS, save_checkpoint
 from robust_transfer.models.runtime import resolve_device
 from robust_transfer.report.study import headline_rows, make_report
 from robust_transfer.train import SourceConfig, TrainConfig, train_source
@@ -32,15 +32,16 @@ from robust_transfer.transfer.results import manifest_run_ids, read_results
 from robust_transfer.transfer.run import finetune_from_checkpoint
 from robust_transfer.transfer.spec import load_spec
 
-TASK_NAMES = ", ".join(TASKS)
+TASK_NAMES = ", ".join([*TASKS, "imagefolder:<dir>[@<size>]"])
 NORM_NAMES = " | ".join(NORMS)
+ARCH_NAMES = " | ".join(f"{name} ({a.input_size}x{a.input_size})" for name, a in ARCHS.items())
 
 
 @app.command()
 def train(
     out: Path = typer.Option(..., "--out", help="Directory for the checkpoint."),
     task: str = typer.Option("digits-0to4", help=f"Source task: {TASK_NAMES}."),
-    arch: str = typer.Option("cnn-small", help="cnn-small (8x8) | cnn-medium (32x32)."),
+    arch: str = typer.Option("cnn-small", help=f"Architecture: {ARCH_NAMES}."),
     eps: float = typer.Option(0.0, help="PGD-AT radius; 0 trains naturally."),
     norm: str = typer.Option("l2", help=f"Threat model of adversarial training: {NORM_NAMES}."),
     attack_steps: int = typer.Option(7, help="PGD steps per training batch."),

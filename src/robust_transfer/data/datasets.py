@@ -67,17 +67,32 @@ def data_root() -> Path:
     return Path(os.environ.get(DATA_ENV, "~/.robust_transfer/data")).expanduser()
 
 
-def _read_cifar_records(paths: list[Path]) -> ImageSet:
-    """CIFAR binary records: 1 label byte, then 3,072 pixel bytes (R, G, B planes, 32x32)."""
+def read_cifar_records(
+    paths: list[Path], label_bytes: int = 1, label_index: int = 0, num_classes: int = 10,
+    name: str = "CIFAR-10",
+) -> ImageSet:
+    """CIFAR binary records from files (`parse_cifar_records`)."""
     raw = np.concatenate([np.fromfile(p, dtype=np.uint8) for p in paths])
-    if raw.size == 0 or raw.size % 3073:
-        raise UserError(f"corrupt CIFAR-10 file(s) {[str(p) for p in paths]}: size is not a "
-                        "multiple of 3,073-byte records")
-    records = raw.reshape(-1, 3073)
-    if records[:, 0].max() > 9:
-        raise UserError(f"corrupt CIFAR-10 file(s) {[str(p) for p in paths]}: label > 9")
-    x = torch.from_numpy(records[:, 1:].reshape(-1, 3, 32, 32).astype(np.float32) / 255.0)
-    return ImageSet(x, torch.from_numpy(records[:, 0].astype(np.int64)))
+    return parse_cifar_records(raw, label_bytes, label_index, num_classes,
+                               f"{name} file(s) {[str(p) for p in paths]}")
+
+
+def parse_cifar_records(
+    raw: np.ndarray, label_bytes: int = 1, label_index: int = 0, num_classes: int = 10,
+    where: str = "CIFAR-10 data",
+) -> ImageSet:
+    """CIFAR binary records: `label_bytes` label bytes (CIFAR-10: 1; CIFAR-100: coarse, fine),
+    then 3,072 pixel bytes (R, G, B planes, 32x32); the label is byte `label_index`."""
+    size = label_bytes + 3072
+    if raw.size == 0 or raw.size % size:
+        raise UserError(f"corrupt {where}: size is not a multiple of {size:,}-byte records")
+    records = raw.reshape(-1, size)
+    labels = records[:, label_index]
+    if labels.max() >= num_classes:
+        raise UserError(f"corrupt {where}: label > {num_classes - 1}")
+    pixels = records[:, label_bytes:].reshape(-1, 3, 32, 32)
+    x = torch.from_numpy(pixels.astype(np.float32) / 255.0)
+    return ImageSet(x, torch.from_numpy(labels.astype(np.int64)))
 
 
 def cifar10(root: Path | None = None) -> tuple[ImageSet, ImageSet]:
@@ -93,4 +108,36 @@ def cifar10(root: Path | None = None) -> tuple[ImageSet, ImageSet]:
             f"CIFAR-10 not found: {str(missing[0])!r} is missing; extract "
             f"cifar-10-binary.tar.gz into {str(root or data_root())!r} (or set ${DATA_ENV})"
         )
-    return _read_cifar_records(train), _read_cifar_records(test)
+    return read_cifar_records(train), read_cifar_records(test)
+
+
+def adapt_images(images: ImageSet, channels: int, size: int | None = None,
+                 what: str = "images") -> ImageSet:
+    """`images` as a model with `channels` input channels and `size` x `size` inputs takes
+    them: grey images repeated to 3 channels (the usual way to feed MNIST-like targets to an
+    ImageNet source, as in Utrera et al., arXiv 2007.05869), then a bilinear resize
+    (antialiased when shrinking) when `size` is given and differs. Values stay in [0,1].
+
+    Colour to grey is not guessed: 3 channels into a 1-channel model is a `UserError`.
+    Resizing materialises the new tensor: N x channels x size^2 floats.
+
+    Shape: (N, C, H, W) -> (N, channels, size, size).
+
+    Example:
+        rgb = adapt_images(mnist_train, channels=3, size=32)
+    """
+    x = images.x
+    if x.shape[1] != channels:
+        if x.shape[1] != 1:
+            raise UserError(f"{what} have {x.shape[1]} channels but the model takes {channels}; "
+                            "only grey (1-channel) images are adapted (repeated to 3)")
+        x = x.expand(-1, channels, -1, -1)
+    if size is not None and tuple(x.shape[-2:]) != (size, size):
+        from torch.nn import functional as F
+
+        shrink = size < max(x.shape[-2:])
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                          antialias=shrink).clamp_(0.0, 1.0)
+    if x is images.x:
+        return images
+    return ImageSet(x.contiguous(), images.y)

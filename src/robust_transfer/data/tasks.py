@@ -1,7 +1,8 @@
 """Named class-split tasks with a fixed train/test split, and k-shot subsets.
 
 A task picks some classes of a dataset and relabels them 0..K-1. Data sets with an official
-test set (CIFAR-10) keep it; the others get a fixed split (seed 0, 30% test, stratified), so
+test set (CIFAR-10/100, SVHN, MNIST, Fashion-MNIST, KMNIST, an ImageFolder tree with train/ and
+test/) keep it; the others get a fixed split (seed 0, 30% test, stratified), so
 every run of every experiment sees the same test set.
 `shots_per_class` draws k training images per class reproducibly from a seed; the same seed
 gives the same subset whichever source model is being fine-tuned (paired comparison).
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from robust_transfer.data.datasets import ImageSet, cifar10, digits, synthetic
+from robust_transfer.data.files import cifar100, idx_dataset, image_folder, svhn
 from robust_transfer.errors import UserError, check_choice
 
 TEST_FRACTION = 0.3
@@ -39,7 +41,17 @@ class Task:
 
 
 # name -> loader returning the whole set (to be split) or its official (train, test) pair
-_DATASETS = {"digits": digits, "synthetic": synthetic, "cifar10": cifar10}
+_DATASETS = {
+    "digits": digits, "synthetic": synthetic, "cifar10": cifar10,
+    "mnist": lambda: idx_dataset("mnist"),
+    "fashion-mnist": lambda: idx_dataset("fashion-mnist"),
+    "kmnist": lambda: idx_dataset("kmnist"),
+    "cifar100": cifar100,
+    "cifar100-coarse": lambda: cifar100(coarse=True),
+    "svhn": svhn,
+}
+# `imagefolder:<dir>` or `imagefolder:<dir>@<size>`: every class folder of <dir>.
+IMAGEFOLDER = "imagefolder:"
 
 # name -> (dataset, original classes)
 TASKS: dict[str, tuple[str, tuple[int, ...]]] = {
@@ -54,11 +66,42 @@ TASKS: dict[str, tuple[str, tuple[int, ...]]] = {
     "cifar10": ("cifar10", tuple(range(10))),
     "cifar10-0to4": ("cifar10", (0, 1, 2, 3, 4)),
     "cifar10-5to9": ("cifar10", (5, 6, 7, 8, 9)),
+    "cifar100": ("cifar100", tuple(range(100))),
+    "cifar100-coarse": ("cifar100-coarse", tuple(range(20))),
+    "svhn": ("svhn", tuple(range(10))),
+    **{f"{name}{part}": (name, classes) for name in ("mnist", "fashion-mnist", "kmnist")
+       for part, classes in (("", tuple(range(10))), ("-0to4", (0, 1, 2, 3, 4)),
+                             ("-5to9", (5, 6, 7, 8, 9)))},
 }
+
+
+def parse_image_folder(name: str) -> tuple[str, int | None]:
+    """(directory, size or None) of an `imagefolder:<dir>[@<size>]` task name."""
+    spec = name[len(IMAGEFOLDER):]
+    path, sep, size = spec.rpartition("@")
+    if not sep or not size.isdigit():
+        path, size = spec, ""
+    if not path:
+        raise UserError(f"task {name!r} names no directory; use imagefolder:<dir> or "
+                        "imagefolder:<dir>@<size>")
+    if size and int(size) < 1:
+        raise UserError(f"image size in task {name!r} must be >= 1")
+    return path, int(size) if size else None
+
+
+def check_task(name: str) -> None:
+    """Raise `UserError` unless `name` is a task: one of `TASKS` or `imagefolder:<dir>[@N]`
+    (whose directory is checked when it is loaded)."""
+    if isinstance(name, str) and name.startswith(IMAGEFOLDER):
+        parse_image_folder(name)
+        return
+    check_choice("task", name, [*TASKS, f"{IMAGEFOLDER}<dir>[@<size>]"])
 
 
 @cache
 def _dataset(name: str) -> ImageSet | tuple[ImageSet, ImageSet]:
+    if name.startswith(IMAGEFOLDER):
+        return image_folder(*parse_image_folder(name))
     return _DATASETS[name]()
 
 
@@ -90,8 +133,13 @@ def _split(data: ImageSet) -> tuple[ImageSet, ImageSet]:
 @cache
 def load_task(name: str) -> Task:
     """The task called `name` (see `TASKS`), with its fixed train/test split."""
-    check_choice("task", name, TASKS)
-    dataset_name, classes = TASKS[name]
+    check_task(name)
+    if name.startswith(IMAGEFOLDER):
+        data = _dataset(name)
+        labels = (data[0] if isinstance(data, tuple) else data).y
+        dataset_name, classes = name, tuple(range(int(labels.max()) + 1))
+    else:
+        dataset_name, classes = TASKS[name]
     data = _dataset(dataset_name)
     if isinstance(data, tuple):
         train, test = (_select(part, classes) for part in data)

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from robust_transfer import __version__
 from robust_transfer.atomic import atomic_path, atomic_write_text
 from robust_transfer.errors import UserError
-from robust_transfer.models.nets import ConvNet, ModelSpec, build_model
+from robust_transfer.models.nets import BlockNet, ModelSpec, build_model
 
 WEIGHTS = "weights.safetensors"
 META = "meta.json"
@@ -29,7 +29,7 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def save_checkpoint(model: ConvNet, directory: str | Path, meta: dict | None = None) -> Path:
+def save_checkpoint(model: BlockNet, directory: str | Path, meta: dict | None = None) -> Path:
     """Save `model` to `directory` (created); `meta` is merged into the JSON sidecar."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -64,7 +64,7 @@ def read_meta(directory: str | Path) -> dict:
 
 def load_checkpoint(
     directory: str | Path, device: str | torch.device = "cpu"
-) -> tuple[ConvNet, dict]:
+) -> tuple[BlockNet, dict]:
     """Rebuild the model from the metadata alone, load its weights, return (model, meta).
 
     The model comes back in eval mode. A hash mismatch or unreadable weights is a `UserError`.

@@ -1,4 +1,6 @@
-"""Small CNNs with the conventions every other layer relies on.
+"""Small CNNs, and the architecture registry (`ARCHS`, `build_model`, `num_blocks`).
+
+Conventions every architecture follows (the seam lives in `models.base.BlockNet`):
 
 - Inputs are images in [0,1]; normalisation (mean/std) is the first module, so attacks and
   eps live in pixel space.
@@ -6,7 +8,8 @@
   protocol freezes and unfreezes); `model.head` is the linear classifier.
 - `features(x)` is the penultimate representation; `forward(x)` returns logits.
 
-The seam other layers use instead of reaching inside (every architecture offers it):
+The seam other layers use instead of reaching inside (every architecture offers it, and
+`spec`, `reset_head(num_classes, generator)`):
 - `block_names`: the blocks' names in forward order;
 - `split(k)`: (frozen prefix, trainable suffix) for fine-tuning the head plus the last k
   blocks, as `nn.Module`s that share the model's parameters, with suffix(prefix(x)) == model(x);
@@ -16,57 +19,25 @@ The seam other layers use instead of reaching inside (every architecture offers 
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
-from typing import Literal
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from robust_transfer.errors import UserError, check_choice
+from robust_transfer.errors import check_choice
+from robust_transfer.models.base import BlockNet, ModelSpec, Normalize, check_normaliser
+from robust_transfer.models.resnets import PREACT_RESNETS, RESNETS, PreActResNet, ResNet
 
-# arch name -> (channel widths per block, stride per block)
-ARCHS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
+__all__ = ["ARCHS", "Arch", "BlockNet", "ConvNet", "ModelSpec", "Normalize", "build_model",
+           "num_blocks"]
+
+# ConvNet arch name -> (channel widths per block, stride per block)
+CONV_ARCHS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     # 8x8 inputs (digits): three conv blocks, 8x8 -> 8 -> 4 -> 2, then global average pool.
     "cnn-small": ((32, 64, 128), (1, 2, 2)),
     # 32x32 inputs (CIFAR-size): four wider blocks, 32 -> 16 -> 8 -> 4 -> 2.
     "cnn-medium": ((64, 128, 256, 256), (2, 2, 2, 2)),
 }
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Everything needed to rebuild a model before loading its weights."""
-
-    arch: str = "cnn-small"
-    num_classes: int = 5
-    in_channels: int = 1
-    mean: tuple[float, ...] = field(default=(0.5,))
-    std: tuple[float, ...] = field(default=(0.5,))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ModelSpec:
-        return cls(
-            arch=d["arch"],
-            num_classes=int(d["num_classes"]),
-            in_channels=int(d["in_channels"]),
-            mean=tuple(float(v) for v in d["mean"]),
-            std=tuple(float(v) for v in d["std"]),
-        )
-
-
-class Normalize(nn.Module):
-    """(x - mean) / std per channel; buffers, so they travel with the checkpoint."""
-
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
 
 
 def _conv_block(c_in: int, c_out: int, stride: int) -> nn.Sequential:
@@ -77,16 +48,15 @@ def _conv_block(c_in: int, c_out: int, stride: int) -> nn.Sequential:
     )
 
 
-class ConvNet(nn.Module):
+class ConvNet(BlockNet):
     """normalizer -> blocks (block1..blockB) -> global average pool -> head."""
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
-        check_choice("arch", spec.arch, ARCHS)
-        if len(spec.mean) != spec.in_channels or len(spec.std) != spec.in_channels:
-            raise UserError(f"mean/std need {spec.in_channels} values, got {spec.mean}/{spec.std}")
+        check_choice("arch", spec.arch, CONV_ARCHS)
+        check_normaliser(spec)
         self.spec = spec
-        widths, strides = ARCHS[spec.arch]
+        widths, strides = CONV_ARCHS[spec.arch]
         channels = (spec.in_channels, *widths)
         self.normalizer = Normalize(spec.mean, spec.std)
         self.blocks = nn.Sequential(
@@ -98,96 +68,58 @@ class ConvNet(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Linear(widths[-1], spec.num_classes)
 
-    @property
-    def feature_dim(self) -> int:
-        return self.head.in_features
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Penultimate representation (N, feature_dim) of images in [0,1]."""
-        return self.pool(self.blocks(self.normalizer(x))).flatten(1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
-
-    @property
-    def block_names(self) -> list[str]:
-        """Names of the blocks in forward order (`block1`..`blockB`)."""
-        return [name for name, _ in self.blocks.named_children()]
-
-    def split(self, k: int | Literal["all"] | None) -> tuple[nn.Sequential, nn.Sequential]:
-        """(frozen prefix, trainable suffix) for training the head plus the last `k` blocks.
-
-        The transfer protocol of Utrera et al. (arXiv 2007.05869) freezes all but the last k
-        blocks, and influence functions (Koh & Liang 2017) differentiate the suffix on cached
-        prefix outputs; both take the cut from here rather than rebuilding the model.
-
-        - k = 0: prefix = normaliser, every block, pool, flatten (its output is `features`);
-          suffix = the head.
-        - 0 < k < B: prefix = normaliser + the first B - k blocks; suffix = the last k blocks,
-          pool, flatten, head.
-        - k = B, None or "all": prefix = the normaliser alone (buffers only, no parameters).
-
-        The parts are `nn.Sequential`s of the model's own modules (named as in the model:
-        `normalizer`, `block1`, ..., `pool`, `flatten`, `head`), not copies: parameters,
-        buffers and train/eval flags are the model's, and suffix(prefix(x)) equals model(x)
-        exactly (the same operations in the same order). Split again after `reset_head`.
-
-        Shape: prefix (N, C, H, W) -> activations; suffix activations -> (N, num_classes).
-
-        Example:
-            prefix, suffix = model.split(1)
-            prefix.requires_grad_(False)  # train the last block and the head
-        """
-        names = self.block_names
-        if k is None or k == "all":
-            k = len(names)
-        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= len(names):
-            raise UserError(
-                f"unfrozen blocks must be 0..{len(names)} (0 = head only) or 'all', got {k!r}"
-            )
-        blocks = list(self.blocks.named_children())
-        normalizer, head = ("normalizer", self.normalizer), ("head", self.head)
-        pooling = [("pool", self.pool), ("flatten", nn.Flatten())]
-        if k == 0:
-            prefix, suffix = [normalizer, *blocks, *pooling], [head]
-        else:
-            cut = len(blocks) - k
-            prefix, suffix = [normalizer, *blocks[:cut]], [*blocks[cut:], *pooling, head]
-        return nn.Sequential(OrderedDict(prefix)), nn.Sequential(OrderedDict(suffix))
-
-    def forward_to(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """Output (N, C, H', W') of block `name` for images `x` in [0,1]: the normaliser and
-        the blocks up to and including `name`. For layer-wise analyses such as Szegedy et
-        al.'s units vs random directions (arXiv 1312.6199, sec. 3)."""
-        names = self.block_names
-        if name not in names:
-            raise UserError(f"unknown block {name!r}; allowed: {', '.join(names)}")
-        h = self.normalizer(x)
-        for block_name, block in self.blocks.named_children():
-            h = block(h)
-            if block_name == name:
-                break
-        return h
-
-    def reset_head(self, num_classes: int, generator: torch.Generator | None = None) -> None:
-        """Replace the classifier with a freshly initialised one for `num_classes` classes.
-
-        Initialisation matches `nn.Linear`'s default (uniform +-1/sqrt(fan_in)) but draws
-        from `generator`, so the same seed gives the same head.
-        """
-        head = nn.Linear(self.feature_dim, num_classes)
-        bound = 1.0 / self.feature_dim**0.5
-        with torch.no_grad():
-            head.weight.uniform_(-bound, bound, generator=generator)
-            head.bias.uniform_(-bound, bound, generator=generator)
-        self.head = head.to(next(self.parameters()).device)
-        self.spec = ModelSpec(**{**self.spec.to_dict(), "num_classes": num_classes})
+    def post_modules(self) -> list[tuple[str, nn.Module]]:
+        return [("pool", self.pool), ("flatten", nn.Flatten())]
 
 
-def build_model(spec: ModelSpec, seed: int | None = None) -> ConvNet:
-    """A freshly initialised model; `seed` makes the initialisation reproducible."""
+@dataclass(frozen=True)
+class Arch:
+    """One registered architecture: how to build it, how many freezable blocks it has, and
+    the input size it is designed for (a note for users; every net pools globally)."""
+
+    name: str
+    build: type[BlockNet]  # the class; called with a ModelSpec
+    num_blocks: int
+    input_size: int
+    summary: str
+
+
+def _registry() -> dict[str, Arch]:
+    archs = {
+        name: Arch(name, ConvNet, len(widths), size, summary)
+        for (name, (widths, _)), size, summary in zip(
+            CONV_ARCHS.items(), (8, 32), ("3 conv blocks, for 8x8", "4 strided blocks, 32x32"),
+            strict=True)
+    }
+    for name, (_, depths) in RESNETS.items():
+        archs[name] = Arch(name, ResNet, 1 + sum(depths), 224,
+                           f"torchvision {name} layout, ImageNet stem (stem + {sum(depths)} "
+                           "residual blocks)")
+    for name, (depths, final_bn) in PREACT_RESNETS.items():
+        layout = "fast_adversarial layout" if final_bn else "BackdoorBench layout, no final BN"
+        archs[name] = Arch(name, PreActResNet, 1 + sum(depths), 32,
+                           f"CIFAR-style pre-activation ResNet-18, {layout} (stem + "
+                           f"{sum(depths)} blocks)")
+    return archs
+
+
+# arch name -> Arch: the one registry (CLI --arch, specs, checkpoints, imports).
+ARCHS: dict[str, Arch] = _registry()
+
+
+def num_blocks(arch: str) -> int:
+    """How many freezable blocks `arch` has (the range of "unfrozen blocks" is 0..this)."""
+    check_choice("arch", arch, ARCHS)
+    return ARCHS[arch].num_blocks
+
+
+def build_model(spec: ModelSpec, seed: int | None = None) -> BlockNet:
+    """A freshly initialised model of `spec.arch`; `seed` makes the initialisation
+    reproducible."""
+    check_choice("arch", spec.arch, ARCHS)
+    build = ARCHS[spec.arch].build
     if seed is None:
-        return ConvNet(spec)
+        return build(spec)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return ConvNet(spec)
+        return build(spec)

@@ -24,7 +24,13 @@ def frozen_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def set_train_mode(model: nn.Module) -> None:
-    """`model.train()`, except frozen blocks, which stay in eval mode (BN stats untouched)."""
+    """`model.train()`, except frozen blocks, which stay in eval mode (BN stats untouched),
+    and any other module whose own parameters are all frozen (e.g. PreActResNet's final BN,
+    which runs after the blocks)."""
     model.train()
     for block in frozen_blocks(model):
         block.eval()
+    for module in model.modules():
+        own = list(module.parameters(recurse=False))
+        if own and not any(p.requires_grad for p in own):
+            module.eval()

@@ -8,10 +8,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from robust_transfer.attacks import PGD, evaluate, make_threat
-from robust_transfer.data import TASKS, load_task
+from robust_transfer.data import check_task, load_task
 from robust_transfer.errors import UserError, check_choice
 from robust_transfer.models import ModelSpec, build_model
-from robust_transfer.models.nets import ARCHS, ConvNet
+from robust_transfer.models.nets import ARCHS, BlockNet
 from robust_transfer.models.runtime import accuracy
 from robust_transfer.train.examples import PGDExamples
 from robust_transfer.train.loop import TrainConfig, fit
@@ -33,7 +33,7 @@ class SourceConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
-        check_choice("task", self.task, TASKS)
+        check_task(self.task)
         check_choice("arch", self.arch, ARCHS)
         make_threat(self.norm, self.eps)  # validates norm and eps
         if self.attack_steps < 1:
@@ -43,7 +43,7 @@ class SourceConfig:
         return asdict(self)
 
 
-def evaluate_source(model: ConvNet, task_name: str, eps: float, norm: str) -> dict:
+def evaluate_source(model: BlockNet, task_name: str, eps: float, norm: str) -> dict:
     """Clean and PGD-20 robust test accuracy (robust = clean when eps is 0), through the one
     evaluation path (`attacks.evaluate`)."""
     test = load_task(task_name).test
@@ -65,11 +65,12 @@ def train_source(
     cfg: SourceConfig,
     device: torch.device | str = "cpu",
     on_epoch: Callable[[int], None] | None = None,
-) -> tuple[ConvNet, dict]:
+) -> tuple[BlockNet, dict]:
     """Train the source model `cfg` describes; return (model, metadata for its checkpoint)."""
     task = load_task(cfg.task)
     channels = task.input_shape[0]
-    spec = ModelSpec(cfg.arch, task.num_classes, channels, (0.5,) * channels, (0.5,) * channels)
+    spec = ModelSpec(cfg.arch, task.num_classes, channels, (0.5,) * channels, (0.5,) * channels,
+                     input_size=task.input_shape[-1])
     model = build_model(spec, seed=cfg.train.seed).to(device)
     objective = (
         natural_loss

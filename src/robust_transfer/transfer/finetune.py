@@ -9,10 +9,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from robust_transfer.data import load_task, shots_per_class
-from robust_transfer.data.tasks import TASKS, Shots, parse_shots
-from robust_transfer.errors import UserError, check_choice
-from robust_transfer.models.nets import ConvNet
+from robust_transfer.data import adapt_images, check_task, load_task, shots_per_class
+from robust_transfer.data.tasks import Shots, parse_shots
+from robust_transfer.errors import UserError
+from robust_transfer.models.nets import BlockNet
 from robust_transfer.models.runtime import accuracy
 from robust_transfer.train import TrainConfig, fit, freeze_all_but_last
 
@@ -44,7 +44,7 @@ class FinetuneConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check_choice("task", self.target_task, TASKS)
+        check_task(self.target_task)
         object.__setattr__(self, "images_per_class", parse_shots(self.images_per_class))
         object.__setattr__(self, "unfrozen_blocks", parse_blocks(self.unfrozen_blocks))
 
@@ -58,24 +58,25 @@ class FinetuneConfig:
         return asdict(self)
 
 
-def finetune(model: ConvNet, cfg: FinetuneConfig) -> list[dict]:
+def finetune(model: BlockNet, cfg: FinetuneConfig) -> list[dict]:
     """Fine-tune `model` in place on `cfg.target_task`; one record per epoch.
 
     The same seed draws the same k-shot subset and the same new head whichever source is
     being fine-tuned, so natural and robust sources are compared on identical data.
+    Target images are adapted to the source (`adapt_images`): grey images repeated to the
+    model's channels, and resized to its recorded input size when it has one.
     Records: epoch, train_loss, epoch_lr, train_images, test_accuracy.
     """
     task = load_task(cfg.target_task)
-    if task.input_shape[0] != model.spec.in_channels:
-        raise UserError(
-            f"target task {cfg.target_task!r} has {task.input_shape[0]} channels but the "
-            f"source model takes {model.spec.in_channels}"
-        )
+    spec = model.spec
+    what = f"target task {cfg.target_task!r} images"
     train = task.train.subset(shots_per_class(task.train.y, cfg.images_per_class, cfg.seed))
+    train = adapt_images(train, spec.in_channels, spec.input_size, what)
+    test = adapt_images(task.test, spec.in_channels, spec.input_size, what)
     device = next(model.parameters()).device
     model.reset_head(task.num_classes, torch.Generator().manual_seed(cfg.seed))
     freeze_all_but_last(model, cfg.unfrozen_blocks)
-    test_x, test_y = task.test.x.to(device), task.test.y.to(device)
+    test_x, test_y = test.x.to(device), test.y.to(device)
 
     def test_accuracy(m, _epoch):
         return {"train_images": len(train), "test_accuracy": accuracy(m, test_x, test_y)}

@@ -23,7 +23,7 @@ import yaml
 
 from robust_transfer.data.tasks import ALL, check_shots, load_task, parse_shots
 from robust_transfer.errors import UserError
-from robust_transfer.models.nets import ARCHS
+from robust_transfer.models.nets import num_blocks
 from robust_transfer.train import SourceConfig, TrainConfig
 from robust_transfer.transfer.finetune import FinetuneConfig, parse_blocks
 
@@ -194,9 +194,10 @@ def parse_spec(d: dict) -> GridSpec:
 def check_against_data(spec: GridSpec) -> None:
     """What the names alone cannot tell, checked before any source trains: unfrozen blocks
     within the architecture, images per class within every target's smallest class, and
-    targets with the source's number of channels. Loads the tasks (cached)."""
+    targets with the source's number of channels (or grey: fine-tuning repeats it to RGB).
+    Loads the tasks (cached)."""
     arch = spec.source.arch
-    n_blocks = len(ARCHS[arch][0])
+    n_blocks = num_blocks(arch)
     for k in spec.unfrozen_blocks:
         if k is not None and k > n_blocks:
             raise UserError(f"unfrozen blocks {k} is more than arch {arch!r} has ({n_blocks}); "
@@ -204,7 +205,7 @@ def check_against_data(spec: GridSpec) -> None:
     channels = load_task(spec.source.task).input_shape[0]
     for target in spec.targets:
         task = load_task(target)
-        if task.input_shape[0] != channels:
+        if task.input_shape[0] not in (channels, 1):  # grey targets are repeated to RGB
             raise UserError(f"target task {target!r} has {task.input_shape[0]} channel(s) but "
                             f"source task {spec.source.task!r} has {channels}")
         for k in spec.images_per_class:
