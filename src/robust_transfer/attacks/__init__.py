@@ -12,6 +12,7 @@ from robust_transfer.attacks.evaluate import evaluate
 from robust_transfer.attacks.fab import FAB, FABT
 from robust_transfer.attacks.fooling import FoolingImages
 from robust_transfer.attacks.gradient import BIM, FGSM, PGD
+from robust_transfer.attacks.kl import KLPGD
 from robust_transfer.attacks.masking import GradientMaskingWarning, check_model
 from robust_transfer.attacks.minimal import CW, LBFGS, DeepFool
 from robust_transfer.attacks.registry import ATTACKS, AUTOATTACK, CASCADES, make_attack
@@ -33,6 +34,7 @@ __all__ = [
     "FGSM",
     "BIM",
     "PGD",
+    "KLPGD",
     "APGD",
     "APGDDLR",
     "APGDT",

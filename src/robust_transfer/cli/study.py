@@ -26,6 +26,8 @@ from robust_transfer.models import ARCHS, save_checkpoint
 from robust_transfer.models.runtime import resolve_device
 from robust_transfer.report.study import headline_rows, make_report
 from robust_transfer.train import SourceConfig, TrainConfig, train_source
+from robust_transfer.train.methods import METHODS
+from robust_transfer.train.overfit import ACTIONS
 from robust_transfer.transfer import FinetuneConfig
 from robust_transfer.transfer.grid import demo_spec_path, plan, previous_spec_differs, run_grid
 from robust_transfer.transfer.results import manifest_run_ids, read_results
@@ -42,36 +44,56 @@ def train(
     out: Path = typer.Option(..., "--out", help="Directory for the checkpoint."),
     task: str = typer.Option("digits-0to4", help=f"Source task: {TASK_NAMES}."),
     arch: str = typer.Option("cnn-small", help=f"Architecture: {ARCH_NAMES}."),
-    eps: float = typer.Option(0.0, help="PGD-AT radius; 0 trains naturally."),
+    eps: float = typer.Option(0.0, help="Adversarial-training radius; 0 trains naturally."),
     norm: str = typer.Option("l2", help=f"Threat model of adversarial training: {NORM_NAMES}."),
     attack_steps: int = typer.Option(7, help="PGD steps per training batch."),
     epochs: int = typer.Option(30, help="Training epochs."),
     lr: float = typer.Option(0.1, help="SGD learning rate (step decay /10 every epochs//3)."),
     batch_size: int = typer.Option(64, help="Batch size."),
     seed: int = typer.Option(0, help="Seed for initialisation, shuffling and attacks."),
+    method: str = typer.Option(None, "--method", help=f"{' | '.join(METHODS)} (default: "
+                               "natural if eps is 0, else pgd)."),
+    trades_beta: float = typer.Option(None, "--trades-beta",
+                                      help="TRADES: weight of the KL term (default 6)."),
+    free_replays: int = typer.Option(None, "--free-replays", help="free: replays m of each "
+                                     "minibatch (default 8); --epochs counts passes."),
+    on_overfit: str = typer.Option(None, "--on-overfit", help=f"{' | '.join(ACTIONS)}: "
+                                   "catastrophic-overfitting watch on a held-out batch "
+                                   "(default: warn for fast, off otherwise)."),
     device: str = DEVICE_OPTION,
     overwrite: bool = typer.Option(False, "--overwrite",
                                    help="Replace a checkpoint already in --out."),
 ) -> None:
-    """Train a source model (natural or PGD adversarial) and save it as a checkpoint.
+    """Train a source model (natural, or adversarially: pgd, fgsm, fast, free, trades) and
+    save it as a checkpoint; per-epoch wall time goes into its metrics.
 
     Refuses an --out that already holds a checkpoint unless --overwrite is given.
     """
     cfg = SourceConfig(
         task=task, arch=arch, eps=eps, norm=norm, attack_steps=attack_steps,
         train=TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed),
+        method=method, trades_beta=trades_beta, free_replays=free_replays,
+        on_overfit=on_overfit,
     )
     dev = resolve_device(device)
     check_checkpoint_out(out, overwrite)
-    label = "natural" if eps == 0 else f"PGD-AT {norm} eps={eps}"
-    with progress_bar(f"train {task} ({label})", epochs) as advance:
+    label = "natural" if eps == 0 else f"{cfg.method.upper()}-AT {norm} eps={eps}"
+    with progress_bar(f"train {task} ({label})", cfg.sweeps) as advance:
         model, meta = train_source(cfg, dev, on_epoch=lambda _epoch: advance())
     save_checkpoint(model, out, meta)
     m = meta["metrics"]
-    row = {"checkpoint": str(out), "task": task, "clean accuracy": m["clean_accuracy"]}
+    row = {"checkpoint": str(out), "task": task, "method": cfg.method,
+           "clean accuracy": m["clean_accuracy"]}
     if eps > 0:
         row[f"PGD-20 {norm} eps={eps:g}"] = m["robust_accuracy"]
+    row["s/epoch"] = m["train_seconds"] / m["history"][-1]["passes"]  # free: per pass
     print_table("source model", [row])
+    overfit = m.get("overfit")
+    if overfit and overfit["catastrophic_overfit_epochs"]:
+        kept = ("rolled back to" if overfit["rolled_back"] else "last good")
+        console.print(f"warning: catastrophic overfitting at epoch(s) "
+                      f"{overfit['catastrophic_overfit_epochs']}; {kept} epoch "
+                      f"{overfit['last_good_epoch']}")
 
 
 @app.command()

@@ -12,6 +12,9 @@ lr, batch size, attack steps, seed), same fine-tune (`FINETUNE_FACETS` plus unfr
 images per class), same seed and epoch. So n in every band is a number of seeds. A table with
 several source recipes, targets, learning rates, epoch budgets or batch sizes is reported per
 facet (`FACETS`): one figure set and one summary section each, never pooled.
+The training method (`source_method`: pgd, fgsm, fast, free, trades) is part of a source's
+treatment, like eps and norm: each (method, norm, eps) is its own line, labelled e.g.
+"FAST L2 ε=0.5" (PGD-AT keeps the plain "L2 ε=0.5"), never pooled with another method's.
 Natural means eps = 0 whatever the recorded norm (natural training ignores it). Two eps=0
 sources of one recipe are the same model trained twice: used once if their fine-tunes agree,
 an error if they differ (the pairing would be ambiguous).
@@ -48,8 +51,19 @@ PAIR_KEYS = [*FACETS, "unfrozen_blocks", "images_per_class", "seed", "epoch"]
 NATURAL = "natural"
 
 
-def source_label(eps: float, norm: str) -> str:
-    return NATURAL if eps == 0 else f"{norm.upper()} ε={eps:g}"
+def source_label(eps: float, norm: str, method: str = "pgd") -> str:
+    if eps == 0:
+        return NATURAL
+    prefix = "" if method == "pgd" else f"{method.upper()} "
+    return f"{prefix}{norm.upper()} ε={eps:g}"
+
+
+def _with_method(df: pd.DataFrame) -> pd.DataFrame:
+    """`source_method` filled in for rows stored before methods (natural or PGD-AT)."""
+    legacy = np.where(df.source_eps == 0, NATURAL, "pgd")
+    if "source_method" not in df.columns:
+        return df.assign(source_method=legacy)
+    return df.assign(source_method=df.source_method.where(df.source_method.notna(), legacy))
 
 
 def _blocks_title(blocks: str) -> str:
@@ -97,11 +111,12 @@ def _one_natural(df: pd.DataFrame) -> pd.DataFrame:
 def prepare(df: pd.DataFrame) -> pd.DataFrame:
     """Add `source` label and `shots` (numeric images per class; "all" = its mean count);
     one natural source per recipe; check that every (pair keys, source) is one row."""
-    df = df.copy()
+    df = _with_method(df.copy())
     df["images_per_class"] = df["images_per_class"].map(parse_shots).astype(object)
     df["unfrozen_blocks"] = df["unfrozen_blocks"].astype(str)
     df = _one_natural(df)
-    df["source"] = [source_label(e, n) for e, n in zip(df.source_eps, df.source_norm, strict=True)]
+    df["source"] = [source_label(e, n, m) for e, n, m in
+                    zip(df.source_eps, df.source_norm, df.source_method, strict=True)]
     df["shots"] = df["train_images"] / df["target_classes"]
     dup = df.duplicated([*PAIR_KEYS, "source"], keep=False)
     if dup.any():
@@ -127,7 +142,9 @@ def paired_delta(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _sources_order(df: pd.DataFrame) -> list[str]:
-    order = df.drop_duplicates("source").sort_values(["source_eps", "source_norm"])
+    order = df.drop_duplicates("source").sort_values(
+        ["source_eps", "source_norm", "source_method"],
+        key=lambda c: c.map({"pgd": ""}).fillna(c) if c.name == "source_method" else c)
     return list(order.source)
 
 

@@ -23,20 +23,25 @@ def natural_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torc
 class PGDExamples:
     """PGD-AT inputs: `steps`-step PGD at radius `eps`, step `alpha` (None: 2.5*eps/steps).
 
+    `steps=1, alpha=1.25*eps` is fast FGSM-RS (Wong et al. 2020, arXiv 2001.03994): one FGSM
+    step from a uniform random start; `random_start=False` starts from x itself.
+
     PGD's random starts are keyed by (seed, image content), so one seed would give an image
     the same start every epoch; each call therefore uses its own seed, derived from `seed`
     and the call count (fresh starts every batch, the same sequence for the same seed).
     """
 
     def __init__(
-        self, eps: float, norm: str, steps: int = 7, alpha: float | None = None, seed: int = 0
+        self, eps: float, norm: str, steps: int = 7, alpha: float | None = None, seed: int = 0,
+        random_start: bool = True,
     ) -> None:
         self.eps, self.norm, self.steps, self.alpha, self.seed = eps, norm, steps, alpha, seed
+        self.random_start = random_start
         self.calls = 0
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         seed = self.seed * 2**32 + self.calls  # distinct per (seed, call); ExampleRNG mixes it
         self.calls += 1
-        attack = PGD(model, self.eps, self.alpha, self.steps, self.norm, random_start=True,
-                     seed=seed)
+        attack = PGD(model, self.eps, self.alpha, self.steps, self.norm,
+                     random_start=self.random_start, seed=seed)
         return attack(x, y)

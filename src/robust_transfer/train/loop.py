@@ -6,8 +6,10 @@ only in the objective (`train.objectives`) and in which parameters are trainable
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -60,25 +62,36 @@ def fit(
     cfg: TrainConfig,
     objective: Objective = natural_loss,
     on_epoch: Callable[[nn.Module, int], dict] | None = None,
+    monitor: Callable[[nn.Module, int], dict] | None = None,
 ) -> list[dict]:
     """Train the parameters of `model` that require grad to minimise `objective`; return one
     record per epoch.
 
-    Each record has `epoch`, `train_loss` (mean over the epoch's examples), `epoch_lr`, plus
-    whatever `on_epoch(model, epoch)` returns (e.g. test accuracy). Frozen blocks keep
-    BatchNorm in eval mode throughout. Leaves the model in eval mode.
+    Each record has `epoch`, `train_loss` (mean over the epoch's examples), `epoch_lr`,
+    `epoch_seconds` (wall time of the epoch's training steps, without `on_epoch` and
+    `monitor`), `passes` (passes over the data so far), plus whatever `on_epoch(model, epoch)`
+    and `monitor(model, epoch)` return. A monitor whose `stop` attribute turns true ends
+    training after that epoch (`train.overfit.OverfitMonitor`). Frozen blocks keep BatchNorm
+    in eval mode throughout. Leaves the model in eval mode.
+
+    An objective with `replays = m` (free AT) takes m steps on each minibatch; an epoch is
+    then a sweep of m passes, and the loop runs ceil(cfg.epochs / m) sweeps (the schedule
+    counts sweeps), so `cfg.epochs` counts passes over the data and the cost matches that
+    many natural epochs.
     """
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(
         params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
     )
-    schedule = _scheduler(opt, cfg)
+    replays = int(getattr(objective, "replays", 1))
+    sweeps = math.ceil(cfg.epochs / replays)
+    schedule = _scheduler(opt, replace(cfg, epochs=sweeps))
     shuffle = torch.Generator().manual_seed(cfg.seed)
     x_all, y_all = data.x.to(device), data.y.to(device)
-    replays = int(getattr(objective, "replays", 1))
     history = []
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(1, sweeps + 1):
+        start = time.perf_counter()
         lr = opt.param_groups[0]["lr"]
         order = torch.randperm(len(data), generator=shuffle).to(device)
         total = torch.zeros((), device=device)
@@ -94,9 +107,14 @@ def fit(
             total += loss.detach() * len(idx)
         schedule.step()
         model.eval()
-        record = {"epoch": epoch, "train_loss": total.item() / len(data), "epoch_lr": lr}
+        record = {"epoch": epoch, "train_loss": total.item() / len(data), "epoch_lr": lr,
+                  "epoch_seconds": time.perf_counter() - start, "passes": epoch * replays}
         if on_epoch is not None:
             record.update(on_epoch(model, epoch))
+        if monitor is not None:
+            record.update(monitor(model, epoch))
         history.append(record)
+        if monitor is not None and getattr(monitor, "stop", False):
+            break
     model.eval()
     return history

@@ -1,7 +1,9 @@
-"""Train a source model on a source task, naturally (eps=0) or with PGD-AT, and evaluate it."""
+"""Train a source model on a source task, naturally or adversarially (`train.methods`), and
+evaluate it."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -13,16 +15,29 @@ from robust_transfer.errors import UserError, check_choice
 from robust_transfer.models import ModelSpec, build_model
 from robust_transfer.models.nets import ARCHS, BlockNet
 from robust_transfer.models.runtime import accuracy
-from robust_transfer.train.examples import PGDExamples
 from robust_transfer.train.loop import TrainConfig, fit
-from robust_transfer.train.objectives import ExampleLoss, natural_loss
+from robust_transfer.train.methods import (
+    FREE_REPLAYS,
+    METHODS,
+    TRADES_BETA,
+    make_objective,
+)
+from robust_transfer.train.overfit import ACTIONS, OverfitMonitor, hold_out
 
 EVAL_STEPS = 20
 
 
 @dataclass(frozen=True)
 class SourceConfig:
-    """A source model's recipe. eps=0 is natural training; otherwise PGD-AT at (norm, eps)."""
+    """A source model's recipe: training `method` (`train.methods.METHODS`) at (norm, eps).
+
+    `method=None` means natural when eps is 0, else PGD-AT (the recipes before methods
+    existed). A method's options apply to it alone and stay None otherwise (None also picks
+    the default): `trades_beta` (TRADES, default 6), `free_replays` (free AT's m, default 8;
+    `train.epochs` then counts passes over the data), `on_overfit` (off | warn | stop |
+    rollback: catastrophic-overfitting watch for a robust method, default warn for `fast`,
+    off for the rest). Inapplicable or out-of-range values are `UserError`s.
+    """
 
     task: str = "digits-0to4"
     arch: str = "cnn-small"
@@ -31,6 +46,10 @@ class SourceConfig:
     attack_steps: int = 7
     attack_alpha: float | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
+    method: str | None = None
+    trades_beta: float | None = None
+    free_replays: int | None = None
+    on_overfit: str | None = None
 
     def __post_init__(self) -> None:
         check_task(self.task)
@@ -38,6 +57,41 @@ class SourceConfig:
         make_threat(self.norm, self.eps)  # validates norm and eps
         if self.attack_steps < 1:
             raise UserError(f"attack steps must be >= 1, got {self.attack_steps}")
+        self._check_method()
+
+    def _check_method(self) -> None:
+        method = self.method or ("natural" if self.eps == 0 else "pgd")
+        check_choice("method", method, METHODS)
+        if method == "natural" and self.eps != 0:
+            raise UserError(f"method 'natural' takes eps 0, got eps {self.eps:g}; give a "
+                            f"robust method ({', '.join(METHODS[1:])}) or eps 0")
+        if method != "natural" and self.eps == 0:
+            raise UserError(f"method {method!r} needs eps > 0; eps 0 is natural training")
+        defaults = {"trades_beta": ("trades", TRADES_BETA),
+                    "free_replays": ("free", FREE_REPLAYS)}
+        for name, (owner, default) in defaults.items():
+            value = getattr(self, name)
+            if value is not None and method != owner:
+                raise UserError(f"{name} applies to method {owner!r} only, not {method!r}")
+            if method == owner and value is None:
+                object.__setattr__(self, name, default)
+        if method == "trades" and not 0 <= self.trades_beta < float("inf"):
+            raise UserError(f"trades beta must be >= 0 and finite, got {self.trades_beta}")
+        if method == "free" and (self.free_replays != int(self.free_replays)
+                                 or self.free_replays < 1):
+            raise UserError(f"free replays must be an integer >= 1, got {self.free_replays}")
+        action = self.on_overfit or ("warn" if method == "fast" else "off")
+        check_choice("on-overfit", action, ACTIONS)
+        if method == "natural" and action != "off":
+            raise UserError("on-overfit watches adversarial training; natural training has "
+                            "nothing to watch (use 'off')")
+        object.__setattr__(self, "method", method)
+        object.__setattr__(self, "on_overfit", action)
+
+    @property
+    def sweeps(self) -> int:
+        """Epochs the loop runs: free AT sweeps the data ceil(epochs / m) times (m passes each)."""
+        return math.ceil(self.train.epochs / (self.free_replays or 1))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,20 +126,27 @@ def train_source(
     spec = ModelSpec(cfg.arch, task.num_classes, channels, (0.5,) * channels, (0.5,) * channels,
                      input_size=task.input_shape[-1])
     model = build_model(spec, seed=cfg.train.seed).to(device)
-    objective = (
-        natural_loss
-        if cfg.eps == 0
-        else ExampleLoss(
-            PGDExamples(cfg.eps, cfg.norm, cfg.attack_steps, cfg.attack_alpha, cfg.train.seed)
-        )
-    )
+    objective = make_objective(cfg.method, cfg.eps, cfg.norm, cfg.attack_steps,
+                               cfg.attack_alpha, cfg.train.seed, cfg.trades_beta,
+                               cfg.free_replays)
+    train, monitor = task.train, None
+    if cfg.on_overfit != "off":  # the watched batch is held out of training
+        train, held = hold_out(task.train, cfg.train.seed)
+        monitor = OverfitMonitor(held.x.to(device), held.y.to(device), cfg.eps, cfg.norm,
+                                 cfg.on_overfit, seed=cfg.train.seed)
     callback = None if on_epoch is None else (lambda _m, epoch: on_epoch(epoch) or {})
-    history = fit(model, task.train, cfg.train, objective, callback)
+    history = fit(model, train, cfg.train, objective, callback, monitor)
     metrics = evaluate_source(model, cfg.task, cfg.eps, cfg.norm)
     metrics["final_train_loss"] = history[-1]["train_loss"]
+    metrics["epoch_seconds"] = [r["epoch_seconds"] for r in history]
+    metrics["train_seconds"] = sum(metrics["epoch_seconds"])
+    metrics["history"] = history
+    if monitor is not None:
+        metrics["overfit"] = monitor.summary()
     # CPU float sums differ with the number of intra-op threads, so the same recipe and seed
     # give bit-identical weights only at the same thread count: record it.
     meta = {"role": "source", "recipe": cfg.to_dict(), "eps": cfg.eps, "norm": cfg.norm,
+            "method": cfg.method,
             "seed": cfg.train.seed, "task": cfg.task, "metrics": metrics,
             "torch_threads": torch.get_num_threads()}
     return model, meta

@@ -81,4 +81,7 @@ def finetune(model: BlockNet, cfg: FinetuneConfig) -> list[dict]:
     def test_accuracy(m, _epoch):
         return {"train_images": len(train), "test_accuracy": accuracy(m, test_x, test_y)}
 
-    return fit(model, train, cfg.train_config(), on_epoch=test_accuracy)
+    history = fit(model, train, cfg.train_config(), on_epoch=test_accuracy)
+    # Wall time is not a result: the same run must give the same rows (resume, dedup).
+    return [{k: v for k, v in r.items() if k not in ("epoch_seconds", "passes")}
+            for r in history]

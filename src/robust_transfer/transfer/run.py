@@ -12,13 +12,14 @@ from robust_transfer.models.checkpoint import read_meta
 from robust_transfer.transfer.finetune import FinetuneConfig, finetune
 from robust_transfer.transfer.spec import content_id
 
-# The recipe fields that make two sources the same model but for the threat model: sources
-# that share them are one comparison group (natural vs robust), whatever their eps and norm.
-THREAT_FIELDS = ("eps", "norm")
+# The recipe fields that make two sources the same model but for the treatment (threat model
+# and training method with its options): sources that share the rest are one comparison
+# group (natural vs robust), whatever their eps, norm and method.
+THREAT_FIELDS = ("eps", "norm", "method", "trades_beta", "free_replays", "on_overfit")
 
 
 def source_recipe(source_meta: dict) -> dict:
-    """How a source was trained, less its threat model (eps, norm).
+    """How a source was trained, less its treatment (`THREAT_FIELDS`).
 
     From the checkpoint's recorded recipe; a checkpoint without one (trained elsewhere) is
     identified by what its metadata does say (task, arch, seed).
@@ -28,6 +29,12 @@ def source_recipe(source_meta: dict) -> dict:
         return {"task": source_meta.get("task", ""), "arch": source_meta["model"]["arch"],
                 "seed": source_meta.get("seed", 0)}
     return {k: v for k, v in recipe.items() if k not in THREAT_FIELDS}
+
+
+def source_method(source_meta: dict) -> str:
+    """The source's training method; checkpoints from before methods: natural or PGD-AT."""
+    method = source_meta.get("method") or (source_meta.get("recipe") or {}).get("method")
+    return method or ("natural" if float(source_meta.get("eps", 0.0)) == 0 else "pgd")
 
 
 def source_columns(source_meta: dict) -> dict:
@@ -45,6 +52,7 @@ def source_columns(source_meta: dict) -> dict:
         "source_arch": source_meta["model"]["arch"],
         "source_eps": float(source_meta.get("eps", 0.0)),
         "source_norm": source_meta.get("norm", ""),
+        "source_method": source_method(source_meta),
         "source_seed": int(source_meta.get("seed", 0)),
         "source_epochs": int(train.get("epochs", -1)),
         "source_lr": float(train.get("lr", float("nan"))),

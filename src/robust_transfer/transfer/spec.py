@@ -55,13 +55,19 @@ class SourceEntry:
 
     eps: float = 0.0
     norm: str = "l2"
+    # Training method and its options (`SourceConfig`): None = the default (natural at eps
+    # 0, else PGD-AT); an option that does not apply to the method is an error there.
+    method: str | None = None
+    trades_beta: float | None = None
+    free_replays: int | None = None
+    on_overfit: str | None = None
 
     @property
     def natural(self) -> bool:
         return self.eps == 0
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 @dataclass(frozen=True)
@@ -88,7 +94,8 @@ class Run:
     @property
     def source_id(self) -> str:
         s = self.source
-        return f"{s.norm}-eps{s.eps:g}-{content_id(s.to_dict(), 8)}"
+        method = "" if s.method in ("natural", "pgd") else f"{s.method}-"
+        return f"{method}{s.norm}-eps{s.eps:g}-{content_id(s.to_dict(), 8)}"
 
     @property
     def run_id(self) -> str:
@@ -156,7 +163,18 @@ def _parse_source(s: dict) -> SourceEntry:
     eps = _number(s.get("eps", 0.0), "sources.eps")
     if eps < 0:
         raise UserError(f"source eps must be >= 0, got {eps}")
-    return SourceEntry(eps=eps, norm=str(s.get("norm", "l2")))
+    options = {}
+    for key, kind in (("trades_beta", float), ("free_replays", int)):
+        if s.get(key) is not None:
+            options[key] = _number(s[key], f"sources.{key}", kind)
+    if s.get("on_overfit") is not None:
+        options["on_overfit"] = str(s["on_overfit"])
+    # The default method is stored as None, so {eps: 0.5} and {eps: 0.5, method: pgd} are
+    # one source (one run id), not two.
+    method = s.get("method")
+    if method is not None and str(method) != ("natural" if eps == 0 else "pgd"):
+        options["method"] = str(method)
+    return SourceEntry(eps=eps, norm=str(s.get("norm", "l2")), **options)
 
 
 def parse_spec(d: dict) -> GridSpec:
@@ -240,7 +258,9 @@ def source_configs(spec: GridSpec) -> list[SourceConfig]:
     train = TrainConfig(epochs=r.epochs, lr=r.lr, batch_size=r.batch_size, seed=r.seed)
     return [
         SourceConfig(task=r.task, arch=r.arch, eps=e.eps, norm=e.norm,
-                     attack_steps=r.attack_steps, train=train)
+                     attack_steps=r.attack_steps, train=train, method=e.method,
+                     trades_beta=e.trades_beta, free_replays=e.free_replays,
+                     on_overfit=e.on_overfit)
         for e in spec.sources
     ]
 
