@@ -8,6 +8,8 @@ from __future__ import annotations
 import copy
 import warnings
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -221,3 +223,59 @@ def test_cli_bad_method_input_is_one_line_exit_2(args, tmp_path, capsys):
     assert exit_info.value.code == 2
     assert err.startswith("error: ") and err.strip().count("\n") == 0
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- grid and report
+
+def test_spec_sources_carry_the_method_and_its_options():
+    from test_study_seams import SPEC_DICT
+
+    from robust_transfer.transfer.spec import expand, parse_spec
+
+    sources = [{"eps": 0.0}, {"eps": 0.5}, {"eps": 0.5, "method": "fast"},
+               {"eps": 0.5, "method": "trades", "trades_beta": 3},
+               {"eps": 0.5, "method": "free", "free_replays": 2, "on_overfit": "warn"}]
+    runs = expand(parse_spec({**SPEC_DICT, "sources": sources, "seeds": [0]}))
+    configs = {r.source_id: r.source for r in runs}
+    assert [c.method for c in configs.values()] == ["natural", "pgd", "fast", "trades", "free"]
+    trades = next(c for c in configs.values() if c.method == "trades")
+    free = next(c for c in configs.values() if c.method == "free")
+    assert trades.trades_beta == 3.0 and free.free_replays == 2 and free.on_overfit == "warn"
+    assert any(i.startswith("fast-l2-eps0.5-") for i in configs)
+    with pytest.raises(UserError, match="twice"):  # the default method named is the same source
+        parse_spec({**SPEC_DICT, "sources": [{"eps": 0.5}, {"eps": 0.5, "method": "pgd"}]})
+    with pytest.raises(UserError, match="needs eps > 0"):
+        parse_spec({**SPEC_DICT, "sources": [{"eps": 0.0, "method": "trades"}]})
+
+
+def test_method_is_treatment_not_recipe_and_the_report_never_pools_methods():
+    from test_study_seams import GAIN, results_table
+
+    from robust_transfer.report.study import paired_delta, prepare, summary_markdown
+    from robust_transfer.transfer.run import source_columns
+
+    meta = {"model": {"arch": "cnn-small"}, "task": TASK, "seed": 0}
+    recipes = {m: SourceConfig(task=TASK, eps=0.5 if m != "natural" else 0.0, method=m)
+               for m in ("natural", "pgd", "fast", "trades")}
+    cols = {m: source_columns({**meta, "recipe": c.to_dict(), "method": c.method,
+                               "eps": c.eps, "norm": c.norm}) for m, c in recipes.items()}
+    assert len({c["source_recipe"] for c in cols.values()}) == 1  # one comparison group
+    assert [c["source_method"] for c in cols.values()] == list(recipes)
+    old = source_columns({**meta, "eps": 0.5, "norm": "l2"})  # a checkpoint from before
+    assert old["source_method"] == "pgd"
+
+    table = results_table(recipes=("rA",))
+    fast = table[table.source_eps > 0].assign(source_method="fast",
+                                              test_accuracy=lambda d: d.test_accuracy + 0.03)
+    both = pd.concat([table.assign(source_method=lambda d: d.source_eps.map(
+        lambda e: "natural" if e == 0 else "pgd")), fast])
+    df = prepare(both)
+    assert set(df.source) == {"natural", "L2 ε=0.5", "FAST L2 ε=0.5"}
+    delta = paired_delta(df)
+    np.testing.assert_allclose(delta[delta.source == "L2 ε=0.5"].delta, GAIN["rA"], atol=1e-9)
+    np.testing.assert_allclose(delta[delta.source == "FAST L2 ε=0.5"].delta, GAIN["rA"] + 0.03,
+                               atol=1e-9)
+    header = next(line for line in summary_markdown(df).splitlines()
+                  if line.startswith("| unfrozen"))
+    assert "| natural | L2 ε=0.5 | FAST L2 ε=0.5 |" in header
+    assert set(prepare(table).source) == {"natural", "L2 ε=0.5"}  # no method column: as before

@@ -1,0 +1,89 @@
+"""Adversarial-training variants on digits 0-4: cost per epoch relative to natural training,
+clean and PGD-20 robust test accuracy (a benchmark, not a test).
+
+Goals (issue 8): free <= 1.2x natural cost and fast <= 2.2x, each within 2 points of PGD-AT's
+robust accuracy. Cost: the fastest of `--repeats` timed passes over the training set (one
+sweep of m replays for free, divided by m) via `bench_attacks.timed`; the fast method's
+held-out overfitting watch is not in its cost (its own time is printed separately).
+
+    .venv/bin/python benchmarks/bench_methods.py [--eps 0.15] [--norm linf] [--epochs 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from bench_attacks import timed
+
+from robust_transfer.data import load_task
+from robust_transfer.models import ModelSpec, build_model
+from robust_transfer.train import SourceConfig, TrainConfig, fit, train_source
+from robust_transfer.train.methods import METHODS, make_objective
+
+
+def cost_per_pass(cfg: SourceConfig, repeats: int) -> float:
+    """Seconds per pass over the training data: one loop epoch, timed, / its passes."""
+    data = load_task(cfg.task).train
+    replays = cfg.free_replays or 1
+    one = TrainConfig(epochs=replays, batch_size=cfg.train.batch_size, lr=cfg.train.lr)
+
+    def run():
+        model = build_model(ModelSpec(cfg.arch, 5), seed=0)
+        objective = make_objective(cfg.method, cfg.eps, cfg.norm, cfg.attack_steps,
+                                   free_replays=replays)
+        fit(model, data, one, objective)
+
+    return timed(run, repeats) / replays
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--eps", type=float, default=0.15)
+    parser.add_argument("--norm", default="linf")
+    parser.add_argument("--epochs", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=7, help="PGD-AT / TRADES steps")
+    parser.add_argument("--free-replays", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    rows = []
+    for method in METHODS:
+        eps = 0.0 if method == "natural" else args.eps
+        cfg = SourceConfig(task="digits-0to4", eps=eps, norm=args.norm, method=method,
+                           attack_steps=args.steps,
+                           free_replays=args.free_replays if method == "free" else None,
+                           train=TrainConfig(epochs=args.epochs, batch_size=64))
+        seconds = cost_per_pass(cfg, args.repeats)
+        _, meta = train_source(cfg)
+        m = meta["metrics"]
+        monitor = sum(r.get("monitor_seconds", 0.0) for r in m["history"])
+        rows.append((method, seconds, m["clean_accuracy"], m["robust_accuracy"],
+                     m["history"][-1]["passes"], monitor, m.get("overfit")))
+    natural = rows[0][1]
+    pgd_robust = next(r[3] for r in rows if r[0] == "pgd")
+    print(f"digits-0to4, {args.norm} eps={args.eps:g}, {args.epochs} epochs (passes), "
+          f"PGD-AT/TRADES {args.steps} steps, free m={args.free_replays}; "
+          f"robust = PGD-20 at eps {args.eps:g} on the test set")
+    print("| method | s/epoch | × natural | clean | PGD-20 | Δ robust vs PGD-AT | passes |")
+    print("|---|---|---|---|---|---|---|")
+    for method, seconds, clean, robust, passes, _, _ in rows:
+        delta = "" if method == "natural" else f"{100 * (robust - pgd_robust):+.1f} pt"
+        print(f"| {method} | {seconds:.3f} | {seconds / natural:.2f} | {clean:.3f} | "
+              f"{robust:.3f} | {delta} | {passes} |")
+    for method, _, _, _, _, monitor, overfit in rows:
+        if overfit:
+            print(f"{method}: overfitting watch {monitor:.1f} s in all (not in s/epoch); "
+                  f"collapses at epochs {overfit['catastrophic_overfit_epochs']}, held out "
+                  f"{overfit['monitor_size']} training images")
+    goals = {"free": 1.2, "fast": 2.2}
+    for method, limit in goals.items():
+        row = next(r for r in rows if r[0] == method)
+        ratio, gap = row[1] / natural, 100 * (row[3] - pgd_robust)
+        ok = ratio <= limit and gap >= -2
+        print(f"goal {method}: cost {ratio:.2f}x (<= {limit}x), robust {gap:+.1f} pt vs PGD-AT "
+              f"(>= -2 pt): {'met' if ok else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()
