@@ -228,9 +228,8 @@ def test_cli_bad_method_input_is_one_line_exit_2(args, tmp_path, capsys):
 # ---------------------------------------------------------------- grid and report
 
 def test_spec_sources_carry_the_method_and_its_options():
-    from test_study_seams import SPEC_DICT
-
     from robust_transfer.transfer.spec import expand, parse_spec
+    from test_study_seams import SPEC_DICT
 
     sources = [{"eps": 0.0}, {"eps": 0.5}, {"eps": 0.5, "method": "fast"},
                {"eps": 0.5, "method": "trades", "trades_beta": 3},
@@ -249,10 +248,9 @@ def test_spec_sources_carry_the_method_and_its_options():
 
 
 def test_method_is_treatment_not_recipe_and_the_report_never_pools_methods():
-    from test_study_seams import GAIN, results_table
-
     from robust_transfer.report.study import paired_delta, prepare, summary_markdown
     from robust_transfer.transfer.run import source_columns
+    from test_study_seams import GAIN, results_table
 
     meta = {"model": {"arch": "cnn-small"}, "task": TASK, "seed": 0}
     recipes = {m: SourceConfig(task=TASK, eps=0.5 if m != "natural" else 0.0, method=m)

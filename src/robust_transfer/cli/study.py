@@ -82,12 +82,11 @@ def train(
         model, meta = train_source(cfg, dev, on_epoch=lambda _epoch: advance())
     save_checkpoint(model, out, meta)
     m = meta["metrics"]
-    row = {"checkpoint": str(out), "task": task, "method": cfg.method,
-           "clean accuracy": m["clean_accuracy"]}
+    row = {"checkpoint": str(out), "task": task, "clean accuracy": m["clean_accuracy"]}
     if eps > 0:
         row[f"PGD-20 {norm} eps={eps:g}"] = m["robust_accuracy"]
     row["s/epoch"] = m["train_seconds"] / m["history"][-1]["passes"]  # free: per pass
-    print_table("source model", [row])
+    print_table(f"source model ({cfg.method})", [row])
     overfit = m.get("overfit")
     if overfit and overfit["catastrophic_overfit_epochs"]:
         kept = ("rolled back to" if overfit["rolled_back"] else "last good")
