@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -75,9 +75,9 @@ def fit(
     in eval mode throughout. Leaves the model in eval mode.
 
     An objective with `replays = m` (free AT) takes m steps on each minibatch; an epoch is
-    then a sweep of m passes, and the loop runs ceil(cfg.epochs / m) sweeps (the schedule
-    counts sweeps), so `cfg.epochs` counts passes over the data and the cost matches that
-    many natural epochs.
+    then a sweep of m passes, and the loop runs ceil(cfg.epochs / m) sweeps, so `cfg.epochs`
+    counts passes over the data and the cost matches that many natural epochs. The LR
+    schedule counts passes too (a sweep uses the LR of the pass it starts at).
     """
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
@@ -86,7 +86,7 @@ def fit(
     )
     replays = int(getattr(objective, "replays", 1))
     sweeps = math.ceil(cfg.epochs / replays)
-    schedule = _scheduler(opt, replace(cfg, epochs=sweeps))
+    schedule = _scheduler(opt, cfg)  # over passes: stepped `replays` times per sweep
     shuffle = torch.Generator().manual_seed(cfg.seed)
     x_all, y_all = data.x.to(device), data.y.to(device)
     history = []
@@ -105,7 +105,8 @@ def fit(
                 loss.backward()
                 opt.step()
             total += loss.detach() * len(idx)
-        schedule.step()
+        for _ in range(replays):
+            schedule.step()
         model.eval()
         record = {"epoch": epoch, "train_loss": total.item() / len(data), "epoch_lr": lr,
                   "epoch_seconds": time.perf_counter() - start, "passes": epoch * replays}
