@@ -61,8 +61,12 @@ def finetune_from_checkpoint(
     cfg: FinetuneConfig,
     out_dir: str | Path | None = None,
     device: torch.device | str = "cpu",
+    engine: str = "auto",
 ) -> list[dict]:
     """Fine-tune the checkpoint at `source_dir` per `cfg`; one tidy row per epoch.
+
+    `engine` "auto" takes the batched engine where `batched.applies` (given the source's
+    metadata), "per-run" the reference path (`finetune.finetune_per_run`).
 
     Rows carry the source's identity (`source_columns`), every field of `cfg`
     (`images_per_class` as its one type, int or "all"; unfrozen blocks as text, "all" for
@@ -70,7 +74,8 @@ def finetune_from_checkpoint(
     there as a checkpoint whose metadata names its source and recipe.
     """
     model, source_meta = load_checkpoint(source_dir, device)
-    engine = "auto" if batched.applies(model, cfg, source_meta) else "per-run"
+    if not batched.applies(model, cfg, source_meta):
+        engine = "per-run"
     history = finetune(model, cfg, engine)
     rows = run_rows(source_meta, cfg, history)
     if out_dir is not None:
