@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import importlib
 import json
+import re
 import shutil
 
 import pandas as pd
@@ -205,3 +206,21 @@ def test_a_killed_batched_grid_resumes_without_duplicates(tmp_path):
     pd.testing.assert_frame_equal(a.drop(columns="train_loss"), b.drop(columns="train_loss"))
     assert (a.train_loss - b.train_loss).abs().max() < 1e-5
     assert json.loads((part / "runs.json").read_text())["run_ids"] == sorted(expected)
+
+
+def test_grid_command_ends_with_the_fine_tune_rate(tmp_path, capsys):
+    """`grid` ends with "N fine-tunes in S s (R per s)", N the fine-tunes it ran; a re-run
+    that finds everything done says 0."""
+    from robust_transfer.cli import main
+
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(json.dumps({**SPEC, "sources": SPEC["sources"][:1], "seeds": [0, 1],
+                                     "unfrozen_blocks": [0]}))
+    lines = []
+    for _ in range(2):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["grid", str(spec_file), "--out", str(tmp_path / "g"), "--workers", "1"])
+        assert (exit_info.value.code or 0) == 0
+        lines.append(capsys.readouterr().err.strip().splitlines()[-1])
+    assert re.fullmatch(r"2 fine-tunes in \d+\.\d s \(\d+\.\d per s\)", lines[0]), lines[0]
+    assert lines[1].startswith("0 fine-tunes in "), lines[1]
