@@ -125,6 +125,9 @@ def test_applies_covers_the_standard_protocol_only(source_dir):
     odd = copy.deepcopy(model)
     odd.blocks.block3 = _OtherBlock(odd.blocks.block3)
     assert not batched.applies(odd, cfg, meta)
+    hooked = copy.deepcopy(model)
+    hooked.blocks.block1.register_forward_hook(lambda *_: None)
+    assert not batched.applies(hooked, cfg, meta)
 
     @dataclasses.dataclass(frozen=True)
     class ExtraConfig(FinetuneConfig):
@@ -224,3 +227,15 @@ def test_grid_command_ends_with_the_fine_tune_rate(tmp_path, capsys):
         lines.append(capsys.readouterr().err.strip().splitlines()[-1])
     assert re.fullmatch(r"2 fine-tunes in \d+\.\d s \(\d+\.\d per s\)", lines[0]), lines[0]
     assert lines[1].startswith("0 fine-tunes in "), lines[1]
+
+
+def test_batched_runs_adapt_grey_targets_like_the_per_run_path():
+    """An RGB 16x16 source on the grey 8x8 target: the engine adapts the images as
+    `finetune_per_run` does (repeat to 3 channels, resize) before its prefix features."""
+    from robust_transfer.models import ModelSpec, build_model
+
+    model = build_model(ModelSpec("cnn-small", 5, 3, (0.5,) * 3, (0.5,) * 3, input_size=16),
+                        seed=0)
+    cfgs = _cfgs(1, seeds=(0, 1), epochs=2)
+    ref = [finetune_per_run(copy.deepcopy(model), c) for c in cfgs]
+    _assert_same_histories(batched.finetune_batch(copy.deepcopy(model), cfgs), ref)

@@ -78,7 +78,8 @@ def _standard_block(block: nn.Module) -> bool:
 def applies(model: nn.Module, cfg: FinetuneConfig, source_meta: dict | None = None) -> bool:
     """Whether this engine covers the run: else the per-run path must be used.
 
-    Covered: a `ConvNet` (normaliser, Conv-BN-ReLU blocks, global average pool, linear head),
+    Covered: a `ConvNet` (normaliser, Conv-BN-ReLU blocks, global average pool, linear head)
+    without forward hooks (the engine does not call the modules' forward),
     a `FinetuneConfig` of the standard protocol (step schedule; any field added later at its
     default), and, given its metadata, a source trained by `train_source` with nothing beyond
     the standard recipe (no backdoor, no extra per-epoch metrics, new recipe fields at their
@@ -91,6 +92,8 @@ def applies(model: nn.Module, cfg: FinetuneConfig, source_meta: dict | None = No
             and model.pool.output_size in (1, (1, 1))
             and all(_standard_block(b) for b in model.blocks)):
         return False
+    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+        return False  # this engine never calls the modules' forward: hooks would not fire
     if not _only_defaults(cfg.to_dict(), FinetuneConfig, KNOWN_FINETUNE):
         return False
     if cfg.train_config().schedule != "step":
