@@ -6,6 +6,7 @@ starts, so a bad value costs nothing and is one `error:` line.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import typer
@@ -139,13 +140,17 @@ def _run_grid_with_progress(spec, out: Path, workers: int, device: str) -> Path:
     if done:
         console.print(f"{done} of {total} fine-tunes already done; running the rest")
     bars = {"source models": len(todo.sources_to_train), "fine-tunes": total}
+    start = time.perf_counter()
     with progress_bars(bars) as advance:
         advance["fine-tunes"](done)
         table = run_grid(spec, out, workers, device=str(dev),
                          on_source_done=lambda _d: advance["source models"](),
                          on_run_done=lambda _r: advance["fine-tunes"]())
+    seconds = time.perf_counter() - start
     n_runs = read_results(table).run_id.nunique()
     console.print(f"results: {table}  ({n_runs} run{'' if n_runs == 1 else 's'})")
+    ran = len(todo.pending)  # this invocation's; the time includes training its sources
+    console.print(f"{ran} fine-tunes in {seconds:.1f} s ({ran / max(seconds, 1e-9):.1f} per s)")
     return table
 
 

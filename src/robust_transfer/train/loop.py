@@ -56,6 +56,19 @@ def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
+def lr_schedule(cfg: TrainConfig) -> list[float]:
+    """The learning rate of each epoch exactly as `fit` sets it (its scheduler, replayed on a
+    dummy optimiser), for code that trains many runs at once (`transfer.batched`)."""
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
+    schedule = _scheduler(opt, cfg)
+    lrs = []
+    for _ in range(cfg.epochs):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()  # no gradients: a no-op, but the scheduler expects it before its step
+        schedule.step()
+    return lrs
+
+
 def fit(
     model: nn.Module,
     data: ImageSet,

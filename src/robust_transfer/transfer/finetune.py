@@ -11,10 +11,12 @@ import torch
 
 from robust_transfer.data import adapt_images, check_task, load_task, shots_per_class
 from robust_transfer.data.tasks import Shots, parse_shots
-from robust_transfer.errors import UserError
+from robust_transfer.errors import UserError, check_choice
 from robust_transfer.models.nets import BlockNet
 from robust_transfer.models.runtime import accuracy
 from robust_transfer.train import TrainConfig, fit, freeze_all_but_last
+
+ENGINES = ("auto", "per-run")
 
 
 def parse_blocks(value: int | str | None) -> int | None:
@@ -58,8 +60,24 @@ class FinetuneConfig:
         return asdict(self)
 
 
-def finetune(model: BlockNet, cfg: FinetuneConfig) -> list[dict]:
+def finetune(model: BlockNet, cfg: FinetuneConfig, engine: str = "auto") -> list[dict]:
     """Fine-tune `model` in place on `cfg.target_task`; one record per epoch.
+
+    `engine`: "auto" takes the batched engine (`transfer.batched`: prefix features computed
+    once) where `batched.applies`, else the per-run reference; "per-run" forces the reference
+    (`finetune_per_run`). Both give the same records (up to float rounding of the loss) and
+    leave the model in the same state.
+    """
+    check_choice("engine", engine, ENGINES)
+    from robust_transfer.transfer import batched  # batched builds on this module
+
+    if engine == "auto" and batched.applies(model, cfg):
+        return batched.finetune_batch(model, [cfg], write_back=True)[0]
+    return finetune_per_run(model, cfg)
+
+
+def finetune_per_run(model: BlockNet, cfg: FinetuneConfig) -> list[dict]:
+    """The reference: one fine-tune through `train.fit`; one record per epoch.
 
     The same seed draws the same k-shot subset and the same new head whichever source is
     being fine-tuned, so natural and robust sources are compared on identical data.

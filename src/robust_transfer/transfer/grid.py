@@ -20,9 +20,11 @@ import torch
 import yaml
 
 from robust_transfer.atomic import atomic_write_text
+from robust_transfer.data.tasks import ALL
 from robust_transfer.models import save_checkpoint
 from robust_transfer.models.checkpoint import META
 from robust_transfer.train import SourceConfig, train_source
+from robust_transfer.transfer.batched import shape_key
 from robust_transfer.transfer.executors import Executor, LocalExecutor
 from robust_transfer.transfer.finetune import FinetuneConfig
 from robust_transfer.transfer.results import (
@@ -31,11 +33,15 @@ from robust_transfer.transfer.results import (
     done_run_ids,
     write_manifest,
 )
-from robust_transfer.transfer.run import finetune_from_checkpoint
+from robust_transfer.transfer.run import finetune_many_from_checkpoint
 from robust_transfer.transfer.spec import GridSpec, Run, expand
 
 SOURCES = "sources"
 SPEC = "spec.yaml"
+# Runs per executor work unit (`batches`): at most MAX_BATCH, and a shape with fewer than
+# MIN_BATCH pending runs is shipped run by run.
+MAX_BATCH = 64
+MIN_BATCH = 4
 
 
 def demo_spec_path() -> Path:
@@ -64,9 +70,48 @@ def _train_source_job(job: _SourceJob) -> Path:
     return job.directory
 
 
-def _finetune_job(job: _FinetuneJob) -> list[dict]:
-    rows = finetune_from_checkpoint(job.source_dir, job.config, device=job.device)
-    return [{"run_id": job.run_id, **row} for row in rows]
+@dataclass(frozen=True)
+class _FinetuneBatch:
+    """The unit of work shipped to an executor: runs of one source that differ only in their
+    seed (`batched.shape_key`), trained together where the batched engine applies."""
+
+    jobs: tuple[_FinetuneJob, ...]
+
+    @property
+    def device(self) -> str:
+        return self.jobs[0].device
+
+
+def _finetune_batch_job(batch: _FinetuneBatch) -> list[list[dict]]:
+    """Rows per run of the batch, in the batch's order (each tagged with its run id)."""
+    first = batch.jobs[0]
+    results = finetune_many_from_checkpoint(first.source_dir, [j.config for j in batch.jobs],
+                                            first.device)
+    return [[{"run_id": job.run_id, **row} for row in rows]
+            for job, rows in zip(batch.jobs, results, strict=True)]
+
+
+def batches(pending: list[_FinetuneJob], max_runs: int = MAX_BATCH) -> list[_FinetuneBatch]:
+    """Pending runs as executor work units: runs of one (source, shape) together, at most
+    `max_runs` per unit; a shape with fewer than `MIN_BATCH` pending runs goes run by run
+    (too few to gain from batching, and finer units balance workers and progress better).
+    Costliest units first (more unfrozen blocks, more images, more epochs), so that the
+    workers finish together."""
+    groups: dict[tuple, list[_FinetuneJob]] = {}
+    for job in pending:
+        groups.setdefault((job.source_dir, shape_key(job.config)), []).append(job)
+    units = []
+    for jobs in groups.values():
+        size = max_runs if len(jobs) >= MIN_BATCH else 1
+        units += [_FinetuneBatch(tuple(jobs[i : i + size])) for i in range(0, len(jobs), size)]
+
+    def cost(unit: _FinetuneBatch) -> tuple:
+        c = unit.jobs[0].config
+        blocks = float("inf") if c.unfrozen_blocks is None else c.unfrozen_blocks
+        shots = float("inf") if c.images_per_class == ALL else c.images_per_class
+        return (blocks, shots, c.epochs, len(unit.jobs))
+
+    return sorted(units, key=cost, reverse=True)
 
 
 @dataclass(frozen=True)
@@ -131,10 +176,11 @@ def run_grid(
         for _job, directory in pool.map_unordered(_train_source_job, todo.sources_to_train):
             if on_source_done:
                 on_source_done(directory)
-        for job, rows in pool.map_unordered(_finetune_job, todo.pending):
-            append_run(out, job.run_id, rows)
-            if on_run_done:
-                on_run_done(job.run_id)
+        for batch, results in pool.map_unordered(_finetune_batch_job, batches(todo.pending)):
+            for job, rows in zip(batch.jobs, results, strict=True):
+                append_run(out, job.run_id, rows)
+                if on_run_done:
+                    on_run_done(job.run_id)
     return consolidate(out)
 
 

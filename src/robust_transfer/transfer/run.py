@@ -9,6 +9,7 @@ import torch
 from robust_transfer.data import load_task
 from robust_transfer.models import load_checkpoint, save_checkpoint
 from robust_transfer.models.checkpoint import read_meta
+from robust_transfer.transfer import batched
 from robust_transfer.transfer.finetune import FinetuneConfig, finetune
 from robust_transfer.transfer.spec import content_id
 
@@ -68,8 +69,12 @@ def finetune_from_checkpoint(
     cfg: FinetuneConfig,
     out_dir: str | Path | None = None,
     device: torch.device | str = "cpu",
+    engine: str = "auto",
 ) -> list[dict]:
     """Fine-tune the checkpoint at `source_dir` per `cfg`; one tidy row per epoch.
+
+    `engine` "auto" takes the batched engine where `batched.applies` (given the source's
+    metadata), "per-run" the reference path (`finetune.finetune_per_run`).
 
     Rows carry the source's identity (`source_columns`), every field of `cfg`
     (`images_per_class` as its one type, int or "all"; unfrozen blocks as text, "all" for
@@ -77,18 +82,10 @@ def finetune_from_checkpoint(
     there as a checkpoint whose metadata names its source and recipe.
     """
     model, source_meta = load_checkpoint(source_dir, device)
-    history = finetune(model, cfg)
-    config = {
-        "target_task": cfg.target_task,
-        "target_classes": load_task(cfg.target_task).num_classes,
-        "images_per_class": cfg.images_per_class,
-        "unfrozen_blocks": "all" if cfg.unfrozen_blocks is None else str(cfg.unfrozen_blocks),
-        "epochs": cfg.epochs,
-        "lr": cfg.lr,
-        "batch_size": cfg.batch_size,
-        "seed": cfg.seed,
-    }
-    rows = [{**source_columns(source_meta), **config, **record} for record in history]
+    if not batched.applies(model, cfg, source_meta):
+        engine = "per-run"
+    history = finetune(model, cfg, engine)
+    rows = run_rows(source_meta, cfg, history)
     if out_dir is not None:
         meta = {
             "role": "finetune",
@@ -101,3 +98,42 @@ def finetune_from_checkpoint(
         }
         save_checkpoint(model, out_dir, meta)
     return rows
+
+
+def finetune_many_from_checkpoint(
+    source_dir: str | Path,
+    cfgs: list[FinetuneConfig],
+    device: torch.device | str = "cpu",
+) -> list[list[dict]]:
+    """Rows (as `finetune_from_checkpoint` gives them) of every fine-tune in `cfgs` of the
+    checkpoint at `source_dir`: runs of one shape (`batched.shape_key`) that the batched
+    engine covers (`batched.applies`) are trained together, every other run by the per-run
+    path, one at a time."""
+    model, source_meta = load_checkpoint(source_dir, device)
+    results: list[list[dict] | None] = [None] * len(cfgs)
+    groups: dict[tuple, list[int]] = {}
+    for i, cfg in enumerate(cfgs):
+        if batched.applies(model, cfg, source_meta):
+            groups.setdefault(batched.shape_key(cfg), []).append(i)
+        else:
+            results[i] = finetune_from_checkpoint(source_dir, cfg, device=device)
+    for members in groups.values():
+        group = [cfgs[i] for i in members]
+        for i, history in zip(members, batched.finetune_batch(model, group), strict=True):
+            results[i] = run_rows(source_meta, cfgs[i], history)
+    return results
+
+
+def run_rows(source_meta: dict, cfg: FinetuneConfig, history: list[dict]) -> list[dict]:
+    """One tidy row per epoch: the source's columns, the fine-tune's config, the record."""
+    config = {
+        "target_task": cfg.target_task,
+        "target_classes": load_task(cfg.target_task).num_classes,
+        "images_per_class": cfg.images_per_class,
+        "unfrozen_blocks": "all" if cfg.unfrozen_blocks is None else str(cfg.unfrozen_blocks),
+        "epochs": cfg.epochs,
+        "lr": cfg.lr,
+        "batch_size": cfg.batch_size,
+        "seed": cfg.seed,
+    }
+    return [{**source_columns(source_meta), **config, **record} for record in history]
