@@ -41,11 +41,13 @@ from robust_transfer.train.loop import lr_schedule
 from robust_transfer.transfer.finetune import FinetuneConfig
 
 # What a standard source checkpoint's metadata holds (train_source + save_checkpoint).
-STANDARD_META = {"role", "recipe", "eps", "norm", "seed", "task", "metrics", "torch_threads",
-                 "model", "package_version", "sha256"}
+STANDARD_META = {"role", "recipe", "eps", "norm", "method", "seed", "task", "metrics",
+                 "torch_threads", "model", "package_version", "sha256"}
 # The recipe and fine-tune fields this engine implements; a field added later is covered only
-# while it keeps its default (new fields default to today's behaviour).
-KNOWN_RECIPE = {"task", "arch", "eps", "norm", "attack_steps", "attack_alpha", "train"}
+# while it keeps its default (new fields default to today's behaviour). How a source was
+# adversarially trained (method and its options) does not change how it is fine-tuned.
+KNOWN_RECIPE = {"task", "arch", "eps", "norm", "attack_steps", "attack_alpha", "train",
+                "method", "trades_beta", "free_replays", "on_overfit"}
 KNOWN_FINETUNE = {"target_task", "images_per_class", "unfrozen_blocks", "epochs", "lr",
                   "batch_size", "seed"}
 # Test images per evaluation chunk (measured: 64 is 1.4-1.9x faster than the whole test set
