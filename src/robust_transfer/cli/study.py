@@ -27,6 +27,7 @@ from robust_transfer.models.runtime import resolve_device
 from robust_transfer.report.study import headline_rows, make_report
 from robust_transfer.train import SourceConfig, TrainConfig, train_source
 from robust_transfer.transfer import FinetuneConfig
+from robust_transfer.transfer.executors import Executor, make_executor
 from robust_transfer.transfer.grid import demo_spec_path, plan, previous_spec_differs, run_grid
 from robust_transfer.transfer.results import manifest_run_ids, read_results
 from robust_transfer.transfer.run import finetune_from_checkpoint
@@ -104,7 +105,8 @@ def finetune(
         console.print(f"fine-tuned model saved to {out}")
 
 
-def _run_grid_with_progress(spec, out: Path, workers: int, device: str) -> Path:
+def _run_grid_with_progress(spec, out: Path, workers: int, device: str,
+                            executor: Executor | None = None) -> Path:
     """Run the grid with progress bars; print what is reused; end with the results line."""
     dev = resolve_device(device)
     if previous_spec_differs(spec, out):
@@ -120,7 +122,7 @@ def _run_grid_with_progress(spec, out: Path, workers: int, device: str) -> Path:
     bars = {"source models": len(todo.sources_to_train), "fine-tunes": total}
     with progress_bars(bars) as advance:
         advance["fine-tunes"](done)
-        table = run_grid(spec, out, workers, device=str(dev),
+        table = run_grid(spec, out, workers, executor=executor, device=str(dev),
                          on_source_done=lambda _d: advance["source models"](),
                          on_run_done=lambda _r: advance["fine-tunes"]())
     n_runs = read_results(table).run_id.nunique()
@@ -132,12 +134,21 @@ def _run_grid_with_progress(spec, out: Path, workers: int, device: str) -> Path:
 def grid(
     spec_file: Path = typer.Argument(..., help="YAML spec (see specs/demo.yaml)."),
     out: Path = typer.Option(..., "--out", help="Directory for sources, results and spec."),
-    workers: int = typer.Option(2, "--workers", help="Parallel worker processes."),
+    workers: int = typer.Option(2, "--workers", help="Parallel runs per machine (each gets "
+                                "cores/workers threads)."),
     device: str = DEVICE_OPTION,
+    executor: str = typer.Option("local", "--executor", help="local (this machine's "
+                                 "processes) | ray (pip install robust_transfer[ray])."),
+    address: str = typer.Option(None, "--address", help="Ray cluster address (e.g. auto, "
+                                "ray://host:10001); default: a local Ray for this run."),
+    tasks_per_gpu: int = typer.Option(4, "--tasks-per-gpu", help="Ray: runs sharing one GPU "
+                                      "when the cluster has GPUs."),
 ) -> None:
     """Run a study grid: train missing sources, run every fine-tune not yet in the results.
 
-    Safe to interrupt and re-run: finished runs are kept, only missing ones run.
+    Safe to interrupt and re-run: finished runs are kept, only missing ones run. With
+    --executor ray the runs are Ray tasks (same code, same numbers); this process still writes
+    every result.
 
     Re-run with a changed spec into the same --out: runs the two specs share are reused and
     the old spec's other runs stay under OUT/results/, but OUT/spec.yaml, results.parquet,
@@ -145,7 +156,8 @@ def grid(
     """
     spec = load_spec(spec_file)
     check_output_dir(out, "--out")
-    _run_grid_with_progress(spec, out, workers, device)
+    pool = make_executor(executor, workers, address, tasks_per_gpu)
+    _run_grid_with_progress(spec, out, workers, device, pool)
 
 
 @app.command()
