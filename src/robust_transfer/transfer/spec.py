@@ -5,10 +5,11 @@ class, unfrozen blocks, epochs, seeds and learning rates. `expand` turns it into
 per combination; each run has a content id, so a re-run can tell what is already done.
 
 Everything is validated when the spec is parsed, before anything trains: names, numbers,
-unfrozen blocks against the architecture's blocks, images per class against every target's
-smallest class, and source/target channels. An eps=0 source is the natural model whatever
-its norm, so a spec lists it once: later eps=0 entries with another norm are dropped
-(training the same natural model twice would make the report's pairing ambiguous).
+unfrozen blocks against every source architecture's blocks, images per class against every
+target's smallest class, and source/target channels. An eps=0 source is the natural model
+whatever its norm, so a spec lists it once: later eps=0 entries with another norm are dropped
+(training the same natural model twice would make the report's pairing ambiguous); sources
+may differ in `arch`, and then there is one natural source per arch.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from pathlib import Path
 import yaml
 
 from robust_transfer.data.tasks import ALL, check_shots, load_task, parse_shots
-from robust_transfer.errors import UserError
-from robust_transfer.models.nets import num_blocks
+from robust_transfer.errors import UserError, check_choice
+from robust_transfer.models.nets import ARCHS, num_blocks
 from robust_transfer.train import SourceConfig, TrainConfig
 from robust_transfer.transfer.finetune import FinetuneConfig, parse_blocks
 
@@ -55,13 +56,18 @@ class SourceEntry:
 
     eps: float = 0.0
     norm: str = "l2"
+    # Architecture of this source (Kornblith et al. 2019, "Do Better ImageNet Models Transfer
+    # Better?"); None: the spec's `source.arch`.
+    arch: str | None = None
 
     @property
     def natural(self) -> bool:
         return self.eps == 0
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """As written in the recorded spec; unset (None) keys are left out, so a spec that
+        does not use a key records the same text as before the key existed."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 @dataclass(frozen=True)
@@ -124,10 +130,13 @@ def _no_repeats(values: list, key: str) -> list:
     return values
 
 
-def _one_natural(sources: list[SourceEntry]) -> list[SourceEntry]:
-    """Keep the first natural source: natural training does not depend on the norm."""
-    natural = [s for s in sources if s.natural]
-    return [s for s in sources if not s.natural or s is natural[0]]
+def _one_natural(sources: list[SourceEntry], default_arch: str) -> list[SourceEntry]:
+    """Keep the first natural source of each arch: natural training ignores the norm."""
+    first = {}
+    for s in sources:
+        if s.natural:
+            first.setdefault(s.arch or default_arch, s)
+    return [s for s in sources if not s.natural or first[s.arch or default_arch] is s]
 
 
 def _number(value, key: str, kind=float):
@@ -156,7 +165,11 @@ def _parse_source(s: dict) -> SourceEntry:
     eps = _number(s.get("eps", 0.0), "sources.eps")
     if eps < 0:
         raise UserError(f"source eps must be >= 0, got {eps}")
-    return SourceEntry(eps=eps, norm=str(s.get("norm", "l2")))
+    arch = s.get("arch")
+    if arch is not None:
+        check_choice("arch", str(arch), ARCHS)
+    return SourceEntry(eps=eps, norm=str(s.get("norm", "l2")),
+                       arch=None if arch is None else str(arch))
 
 
 def parse_spec(d: dict) -> GridSpec:
@@ -175,7 +188,7 @@ def parse_spec(d: dict) -> GridSpec:
         return tuple(_no_repeats([parse(v) for v in raw], key))
 
     spec = GridSpec(
-        sources=tuple(_one_natural(_no_repeats(sources, "sources"))),
+        sources=tuple(_one_natural(_no_repeats(sources, "sources"), recipe.arch)),
         targets=values("targets", str),
         images_per_class=values("images_per_class", parse_shots),
         unfrozen_blocks=values("unfrozen_blocks", parse_blocks),
@@ -195,13 +208,13 @@ def check_against_data(spec: GridSpec) -> None:
     """What the names alone cannot tell, checked before any source trains: unfrozen blocks
     within the architecture, images per class within every target's smallest class, and
     targets with the source's number of channels (or grey: fine-tuning repeats it to RGB).
-    Loads the tasks (cached)."""
-    arch = spec.source.arch
-    n_blocks = num_blocks(arch)
-    for k in spec.unfrozen_blocks:
-        if k is not None and k > n_blocks:
-            raise UserError(f"unfrozen blocks {k} is more than arch {arch!r} has ({n_blocks}); "
-                            f"use 0..{n_blocks} or 'all'")
+    Loads the tasks (cached). Unfrozen blocks are checked against every source's arch."""
+    for arch in dict.fromkeys(e.arch or spec.source.arch for e in spec.sources):
+        n_blocks = num_blocks(arch)
+        for k in spec.unfrozen_blocks:
+            if k is not None and k > n_blocks:
+                raise UserError(f"unfrozen blocks {k} is more than arch {arch!r} has "
+                                f"({n_blocks}); use 0..{n_blocks} or 'all'")
     channels = load_task(spec.source.task).input_shape[0]
     for target in spec.targets:
         task = load_task(target)
@@ -239,7 +252,7 @@ def source_configs(spec: GridSpec) -> list[SourceConfig]:
     r = spec.source
     train = TrainConfig(epochs=r.epochs, lr=r.lr, batch_size=r.batch_size, seed=r.seed)
     return [
-        SourceConfig(task=r.task, arch=r.arch, eps=e.eps, norm=e.norm,
+        SourceConfig(task=r.task, arch=e.arch or r.arch, eps=e.eps, norm=e.norm,
                      attack_steps=r.attack_steps, train=train)
         for e in spec.sources
     ]
