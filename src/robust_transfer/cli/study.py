@@ -89,12 +89,15 @@ def finetune(
     device: str = DEVICE_OPTION,
     overwrite: bool = typer.Option(False, "--overwrite",
                                    help="Replace a checkpoint already in --out."),
+    augment: bool = typer.Option(False, "--augment", help="Random crop with size/8 padding, "
+                                 "plus horizontal flips for natural images (not digits)."),
 ) -> None:
     """Fine-tune a source checkpoint on a target task (re-initialised head, last k blocks).
 
     Refuses an --out that already holds a checkpoint unless --overwrite is given.
     """
-    cfg = FinetuneConfig(task, images_per_class, unfrozen_blocks, epochs, lr, seed=seed)
+    cfg = FinetuneConfig(task, images_per_class, unfrozen_blocks, epochs, lr, seed=seed,
+                         augment=augment)
     dev = resolve_device(device)
     check_checkpoint_out(out, overwrite)
     rows = finetune_from_checkpoint(checkpoint, cfg, out, dev)

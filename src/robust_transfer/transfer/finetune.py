@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from robust_transfer.data import adapt_images, check_task, load_task, shots_per_class
-from robust_transfer.data.tasks import Shots, parse_shots
+from robust_transfer.data.augment import RandomCropFlip, mirror_safe
+from robust_transfer.data.tasks import IMAGEFOLDER, TASKS, Shots, parse_shots
 from robust_transfer.errors import UserError
 from robust_transfer.models.nets import BlockNet
 from robust_transfer.models.runtime import accuracy
@@ -33,7 +34,9 @@ def parse_blocks(value: int | str | None) -> int | None:
 @dataclass(frozen=True)
 class FinetuneConfig:
     """One fine-tune. `images_per_class` is an int or "all" (`parse_shots`: the one type it
-    keeps from the spec to the results table); `unfrozen_blocks` None means all blocks."""
+    keeps from the spec to the results table); `unfrozen_blocks` None means all blocks.
+    `augment`: random crop with padding, plus horizontal flips where the target's images
+    allow them (`data.augment`); off by default (the paper's few-shot protocol has none)."""
 
     target_task: str = "digits-5to9"
     images_per_class: Shots = 5
@@ -42,6 +45,7 @@ class FinetuneConfig:
     lr: float = 0.1
     batch_size: int = 32
     seed: int = 0
+    augment: bool = False
 
     def __post_init__(self) -> None:
         check_task(self.target_task)
@@ -55,17 +59,33 @@ class FinetuneConfig:
         )
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The config as recorded (and hashed into run ids); `augment` only when on, so the
+        runs of specs without it keep their ids."""
+        d = asdict(self)
+        if not d["augment"]:
+            del d["augment"]
+        return d
 
 
-def finetune(model: BlockNet, cfg: FinetuneConfig) -> list[dict]:
+def augmentation(cfg: FinetuneConfig) -> RandomCropFlip | None:
+    """The training augmentation `cfg` asks for: crops always, flips where the target's data
+    set is mirror-safe; seeded by the fine-tune's seed."""
+    if not cfg.augment:
+        return None
+    name = cfg.target_task
+    dataset = "imagefolder" if name.startswith(IMAGEFOLDER) else TASKS[name][0]
+    return RandomCropFlip(flip=mirror_safe(dataset), seed=cfg.seed)
+
+
+def finetune(model: BlockNet, cfg: FinetuneConfig, amp: bool | None = None) -> list[dict]:
     """Fine-tune `model` in place on `cfg.target_task`; one record per epoch.
 
     The same seed draws the same k-shot subset and the same new head whichever source is
     being fine-tuned, so natural and robust sources are compared on identical data.
     Target images are adapted to the source (`adapt_images`): grey images repeated to the
     model's channels, and resized to its recorded input size when it has one.
-    Records: epoch, train_loss, epoch_lr, train_images, test_accuracy.
+    Records: epoch, train_loss, epoch_lr, train_images, test_accuracy. `amp`: bf16 autocast
+    for training and test accuracy (None: on CUDA only).
     """
     task = load_task(cfg.target_task)
     spec = model.spec
@@ -79,6 +99,7 @@ def finetune(model: BlockNet, cfg: FinetuneConfig) -> list[dict]:
     test_x, test_y = test.x.to(device), test.y.to(device)
 
     def test_accuracy(m, _epoch):
-        return {"train_images": len(train), "test_accuracy": accuracy(m, test_x, test_y)}
+        return {"train_images": len(train), "test_accuracy": accuracy(m, test_x, test_y, amp=amp)}
 
-    return fit(model, train, cfg.train_config(), on_epoch=test_accuracy)
+    return fit(model, train, cfg.train_config(), on_epoch=test_accuracy,
+               augment=augmentation(cfg), amp=amp)

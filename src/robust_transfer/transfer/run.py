@@ -79,6 +79,7 @@ def finetune_from_checkpoint(
         "lr": cfg.lr,
         "batch_size": cfg.batch_size,
         "seed": cfg.seed,
+        "augment": cfg.augment,
     }
     rows = [{**source_columns(source_meta), **config, **record} for record in history]
     if out_dir is not None:

@@ -82,6 +82,7 @@ class GridSpec:
     batch_size: int = 32
     source: SourceRecipe = SourceRecipe()
     name: str = "grid"
+    augment: bool = False  # fine-tuning augmentation (`FinetuneConfig.augment`)
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,12 @@ def _number(value, key: str, kind=float):
     return kind(value)
 
 
+def _flag(value, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise UserError(f"spec key {key!r} must be true or false, got {value!r}")
+    return value
+
+
 def _parse_recipe(d: dict) -> SourceRecipe:
     _check_keys(d, {f.name for f in fields(SourceRecipe)}, "spec.source")
     kinds = {"str": str, "int": int, "float": float}
@@ -198,6 +205,7 @@ def parse_spec(d: dict) -> GridSpec:
         batch_size=_number(d.get("batch_size", 32), "batch_size", int),
         source=recipe,
         name=str(d.get("name", "grid")),
+        augment=_flag(d.get("augment", False), "augment"),
     )
     expand(spec)  # validates every name and number through the configs' own checks
     check_against_data(spec)
@@ -265,6 +273,7 @@ def expand(spec: GridSpec) -> list[Run]:
         source_configs(spec), spec.targets, spec.images_per_class, spec.unfrozen_blocks,
         spec.epochs, spec.lr, spec.seeds,
     ):
-        cfg = FinetuneConfig(target, k, blocks, epochs, lr, spec.batch_size, seed)
+        cfg = FinetuneConfig(target, k, blocks, epochs, lr, spec.batch_size, seed,
+                             augment=spec.augment)
         runs.append(Run(source, cfg))
     return runs
