@@ -41,11 +41,11 @@ EPS = 0.5
 
 
 def cuda_tests() -> str:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+    cmd = [sys.executable, "-m", "pytest", "-rs", "-p", "no:cacheprovider",
            str(ROOT / "tests/test_gpu_path.py"), str(ROOT / "tests/test_attacks_contract.py"),
            "-k", "cuda"]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    lines = done.stdout.strip().splitlines()
+    lines = [line.strip("= ") for line in done.stdout.strip().splitlines()]
     if done.returncode:
         print(done.stdout[-4000:], done.stderr[-2000:])
     return lines[-1] if lines else f"pytest exit {done.returncode}"
@@ -105,6 +105,7 @@ def transfer_grid(device, quick: bool) -> list[str]:
     spec = parse_spec({**GRID, "epochs": 2, "source": {**GRID["source"], "epochs": 2}}
                       if quick else GRID)
     lines, tables = [], {}
+    workers = 4 if device.type == "cuda" else 1  # runs sharing the GPU (4 per GPU on Ray)
     names = ["local"]
     try:
         import ray  # noqa: F401
@@ -114,14 +115,15 @@ def transfer_grid(device, quick: bool) -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             start = time.perf_counter()
-            out = run_grid(spec, Path(tmp) / name, executor=make_executor(name, workers=1),
+            out = run_grid(spec, Path(tmp) / name, executor=make_executor(name, workers),
                            device=str(device))
             seconds = time.perf_counter() - start
             df = read_results(out).sort_values(["run_id", "epoch"]).reset_index(drop=True)
             tables[name] = df
             final = df[df.epoch == df.epochs]
             means = final.groupby("source_eps").test_accuracy.mean()
-            lines.append(f"grid ({name}): {df.run_id.nunique()} fine-tunes + 2 sources in "
+            lines.append(f"grid ({name}, {workers} workers): {df.run_id.nunique()} fine-tunes"
+                         " + 2 sources in "
                          f"{seconds:.1f} s; mean final acc natural {means.iloc[0]:.3f}, "
                          f"L2 eps 0.5 {means.iloc[-1]:.3f}")
     if len(tables) == 2:

@@ -104,3 +104,12 @@ def test_missing_ray_is_one_line_saying_how_to_install(monkeypatch):
         make_executor("local", address="auto")
     with pytest.raises(UserError, match="unknown executor 'dask'"):
         make_executor("dask")
+
+
+def test_tasks_ask_for_a_gpu_fraction_only_where_gpus_are(ray_local, monkeypatch):
+    assert make_executor("ray", tasks_per_gpu=4).gpus_per_task() == 0  # this Ray: CPUs only
+    monkeypatch.setattr(ray_local, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 2.0})
+    assert make_executor("ray", tasks_per_gpu=4).gpus_per_task() == 0.25
+    assert make_executor("ray", tasks_per_gpu=4, use_gpus=False).gpus_per_task() == 0
+    with pytest.raises(UserError, match="tasks per GPU must be >= 1"):
+        make_executor("ray", tasks_per_gpu=0)

@@ -159,7 +159,8 @@ def grid(
     """
     spec = load_spec(spec_file)
     check_output_dir(out, "--out")
-    pool = make_executor(executor, workers, address, tasks_per_gpu)
+    use_gpus = resolve_device(device).type == "cuda"
+    pool = make_executor(executor, workers, address, tasks_per_gpu, use_gpus)
     _run_grid_with_progress(spec, out, workers, device, pool)
 
 

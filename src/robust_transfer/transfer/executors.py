@@ -114,9 +114,10 @@ EXECUTORS = ("local", "ray")
 
 
 def make_executor(name: str = "local", workers: int = 1, address: str | None = None,
-                  tasks_per_gpu: int = 4) -> Executor:
+                  tasks_per_gpu: int = 4, use_gpus: bool = True) -> Executor:
     """The executor a user names: `local` (this machine's processes) or `ray` (a Ray cluster
-    at `address`, or a local Ray started for the run). `address` is for Ray only."""
+    at `address`, or a local Ray started for the run; `tasks_per_gpu` runs share a GPU
+    unless not `use_gpus`). `address` is for Ray only."""
     check_choice("executor", name, EXECUTORS)
     if name == "local":
         if address is not None:
@@ -124,4 +125,4 @@ def make_executor(name: str = "local", workers: int = 1, address: str | None = N
         return LocalExecutor(workers)
     from robust_transfer.transfer.ray_executor import RayExecutor
 
-    return RayExecutor(workers, address, tasks_per_gpu)
+    return RayExecutor(workers, address, tasks_per_gpu, use_gpus)

@@ -56,7 +56,8 @@ class RayExecutor:
     local Ray for the run (all this machine's CPUs and GPUs, no dashboard) and shuts it down
     after. A Ray already initialised in this process is used as it is and left running.
     `workers`: runs that share one machine's cores (sets the threads per task, as for
-    `LocalExecutor`). `tasks_per_gpu`: runs that share one GPU when the cluster has GPUs.
+    `LocalExecutor`). `tasks_per_gpu`: runs that share one GPU when the cluster has GPUs;
+    `use_gpus` False (runs on CPU) asks for none.
 
     Shape: items and results must pickle (they travel to the workers and back).
 
@@ -66,13 +67,14 @@ class RayExecutor:
     """
 
     def __init__(self, workers: int = 1, address: str | None = None,
-                 tasks_per_gpu: int = 4) -> None:
+                 tasks_per_gpu: int = 4, use_gpus: bool = True) -> None:
         if tasks_per_gpu < 1:
             raise UserError(f"tasks per GPU must be >= 1, got {tasks_per_gpu}")
         self.ray = import_ray()
         self.workers = max(1, int(workers))
         self.address = address
         self.tasks_per_gpu = int(tasks_per_gpu)
+        self.use_gpus = bool(use_gpus)
         self.threads = worker_threads(self.workers)
         self._started = False
         self._pending: dict = {}
@@ -102,8 +104,8 @@ class RayExecutor:
             self._started = False
 
     def gpus_per_task(self) -> float:
-        """1 / tasks_per_gpu when the cluster has GPUs, else 0 (CPU-only tasks)."""
-        has_gpus = self.ray.cluster_resources().get("GPU", 0) > 0
+        """1 / tasks_per_gpu when the cluster has GPUs (and runs use them), else 0."""
+        has_gpus = self.use_gpus and self.ray.cluster_resources().get("GPU", 0) > 0
         return 1.0 / self.tasks_per_gpu if has_gpus else 0.0
 
     def map_unordered(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[tuple[T, R]]:
