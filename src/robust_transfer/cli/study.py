@@ -30,6 +30,7 @@ from robust_transfer.train import SourceConfig, TrainConfig, train_source
 from robust_transfer.train.methods import METHODS
 from robust_transfer.train.overfit import ACTIONS
 from robust_transfer.transfer import FinetuneConfig
+from robust_transfer.transfer.executors import Executor, make_executor
 from robust_transfer.transfer.grid import demo_spec_path, plan, previous_spec_differs, run_grid
 from robust_transfer.transfer.results import manifest_run_ids, read_results
 from robust_transfer.transfer.run import finetune_from_checkpoint
@@ -110,12 +111,15 @@ def finetune(
     device: str = DEVICE_OPTION,
     overwrite: bool = typer.Option(False, "--overwrite",
                                    help="Replace a checkpoint already in --out."),
+    augment: bool = typer.Option(False, "--augment", help="Random crop with size/8 padding, "
+                                 "plus horizontal flips for natural images (not digits)."),
 ) -> None:
     """Fine-tune a source checkpoint on a target task (re-initialised head, last k blocks).
 
     Refuses an --out that already holds a checkpoint unless --overwrite is given.
     """
-    cfg = FinetuneConfig(task, images_per_class, unfrozen_blocks, epochs, lr, seed=seed)
+    cfg = FinetuneConfig(task, images_per_class, unfrozen_blocks, epochs, lr, seed=seed,
+                         augment=augment)
     dev = resolve_device(device)
     check_checkpoint_out(out, overwrite)
     rows = finetune_from_checkpoint(checkpoint, cfg, out, dev)
@@ -126,7 +130,8 @@ def finetune(
         console.print(f"fine-tuned model saved to {out}")
 
 
-def _run_grid_with_progress(spec, out: Path, workers: int, device: str) -> Path:
+def _run_grid_with_progress(spec, out: Path, workers: int, device: str,
+                            executor: Executor | None = None) -> Path:
     """Run the grid with progress bars; print what is reused; end with the results line."""
     dev = resolve_device(device)
     if previous_spec_differs(spec, out):
@@ -143,7 +148,7 @@ def _run_grid_with_progress(spec, out: Path, workers: int, device: str) -> Path:
     start = time.perf_counter()
     with progress_bars(bars) as advance:
         advance["fine-tunes"](done)
-        table = run_grid(spec, out, workers, device=str(dev),
+        table = run_grid(spec, out, workers, executor=executor, device=str(dev),
                          on_source_done=lambda _d: advance["source models"](),
                          on_run_done=lambda _r: advance["fine-tunes"]())
     seconds = time.perf_counter() - start
@@ -158,12 +163,21 @@ def _run_grid_with_progress(spec, out: Path, workers: int, device: str) -> Path:
 def grid(
     spec_file: Path = typer.Argument(..., help="YAML spec (see specs/demo.yaml)."),
     out: Path = typer.Option(..., "--out", help="Directory for sources, results and spec."),
-    workers: int = typer.Option(2, "--workers", help="Parallel worker processes."),
+    workers: int = typer.Option(2, "--workers", help="Parallel runs per machine (each gets "
+                                "cores/workers threads)."),
     device: str = DEVICE_OPTION,
+    executor: str = typer.Option("local", "--executor", help="local (this machine's "
+                                 "processes) | ray (pip install robust_transfer[ray])."),
+    address: str = typer.Option(None, "--address", help="Ray cluster address (e.g. auto, "
+                                "ray://host:10001); default: a local Ray for this run."),
+    tasks_per_gpu: int = typer.Option(4, "--tasks-per-gpu", help="Ray: runs sharing one GPU "
+                                      "when the cluster has GPUs."),
 ) -> None:
     """Run a study grid: train missing sources, run every fine-tune not yet in the results.
 
-    Safe to interrupt and re-run: finished runs are kept, only missing ones run.
+    Safe to interrupt and re-run: finished runs are kept, only missing ones run. With
+    --executor ray the runs are Ray tasks (same code, same numbers); this process still writes
+    every result.
 
     Re-run with a changed spec into the same --out: runs the two specs share are reused and
     the old spec's other runs stay under OUT/results/, but OUT/spec.yaml, results.parquet,
@@ -171,7 +185,9 @@ def grid(
     """
     spec = load_spec(spec_file)
     check_output_dir(out, "--out")
-    _run_grid_with_progress(spec, out, workers, device)
+    use_gpus = resolve_device(device).type == "cuda"
+    pool = make_executor(executor, workers, address, tasks_per_gpu, use_gpus)
+    _run_grid_with_progress(spec, out, workers, device, pool)
 
 
 @app.command()

@@ -35,9 +35,17 @@ __all__ = ["ARCHS", "Arch", "BlockNet", "ConvNet", "ModelSpec", "Normalize", "bu
 CONV_ARCHS: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     # 8x8 inputs (digits): three conv blocks, 8x8 -> 8 -> 4 -> 2, then global average pool.
     "cnn-small": ((32, 64, 128), (1, 2, 2)),
+    # 8x8 inputs, wider and deeper (4 blocks, 1.5x the widths; 8 -> 8 -> 4 -> 2 -> 2): the
+    # other side of an architecture comparison on the embedded data (specs/archs.yaml).
+    "cnn-small-wide": ((48, 96, 192, 192), (1, 2, 2, 1)),
     # 32x32 inputs (CIFAR-size): four wider blocks, 32 -> 16 -> 8 -> 4 -> 2.
     "cnn-medium": ((64, 128, 256, 256), (2, 2, 2, 2)),
 }
+
+
+# (input size, summary) per CONV_ARCHS entry, in its order.
+CONV_NOTES = ((8, "3 conv blocks, for 8x8"), (8, "4 wider conv blocks, for 8x8"),
+              (32, "4 strided blocks, 32x32"))
 
 
 def _conv_block(c_in: int, c_out: int, stride: int) -> nn.Sequential:
@@ -87,9 +95,8 @@ class Arch:
 def _registry() -> dict[str, Arch]:
     archs = {
         name: Arch(name, ConvNet, len(widths), size, summary)
-        for (name, (widths, _)), size, summary in zip(
-            CONV_ARCHS.items(), (8, 32), ("3 conv blocks, for 8x8", "4 strided blocks, 32x32"),
-            strict=True)
+        for (name, (widths, _)), (size, summary) in zip(CONV_ARCHS.items(), CONV_NOTES,
+                                                         strict=True)
     }
     for name, (_, depths) in RESNETS.items():
         archs[name] = Arch(name, ResNet, 1 + sum(depths), 224,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -19,6 +19,20 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("device 'cuda' requested but no CUDA device is available; use cpu or auto")
     return torch.device(name)
+
+
+def amp_enabled(device: torch.device, amp: bool | None = None) -> bool:
+    """Whether to run in bf16 autocast: `amp` if given, else on CUDA only (off on CPU, so CPU
+    numbers are those of plain fp32)."""
+    return device.type == "cuda" if amp is None else bool(amp)
+
+
+def autocast(device: torch.device, amp: bool | None = None) -> AbstractContextManager:
+    """bf16 autocast on `device` when `amp_enabled` (Micikevicius et al. 2018, "Mixed
+    Precision Training"; bf16 keeps fp32's range, so no loss scaling), else a no-op."""
+    if amp_enabled(device, amp):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
 
 
 @contextmanager
@@ -46,8 +60,13 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 1024) ->
     return torch.cat(out).to(x.device)
 
 
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024) -> float:
-    """Fraction of `x` that `model` classifies as `y`."""
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1024,
+             amp: bool | None = None) -> float:
+    """Fraction of `x` that `model` classifies as `y`; under bf16 autocast when `amp` (None:
+    on CUDA only). Robust accuracy (`attacks.evaluate`) stays fp32: an attack's gradients in
+    low precision could mask the model's weakness."""
     if len(y) == 0:
         return float("nan")
-    return (predict_logits(model, x, batch_size).argmax(1) == y).float().mean().item()
+    with autocast(next(model.parameters()).device, amp):
+        logits = predict_logits(model, x, batch_size)
+    return (logits.argmax(1) == y.to(logits.device)).float().mean().item()

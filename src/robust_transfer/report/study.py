@@ -43,7 +43,7 @@ from robust_transfer.transfer.results import read_results  # noqa: E402
 # Which source model: runs of different recipes are never compared or pooled.
 SOURCE_GROUP = ["source_task", "source_arch", "source_recipe"]
 # Which fine-tuning protocol (besides blocks and shots, which are the figures' axes/columns).
-FINETUNE_FACETS = ["target_task", "lr", "epochs", "batch_size"]
+FINETUNE_FACETS = ["target_task", "lr", "epochs", "batch_size", "augment"]
 # One set of figures (and one summary section) per facet.
 FACETS = [*SOURCE_GROUP, *FINETUNE_FACETS]
 # A natural and a robust run are a pair when they agree on all of these.
@@ -112,6 +112,9 @@ def prepare(df: pd.DataFrame) -> pd.DataFrame:
     """Add `source` label and `shots` (numeric images per class; "all" = its mean count);
     one natural source per recipe; check that every (pair keys, source) is one row."""
     df = _with_method(df.copy())
+    # Tables written before fine-tunes could augment: none of their runs did.
+    augment = df["augment"] if "augment" in df else pd.Series(False, index=df.index)
+    df["augment"] = augment.astype("boolean").fillna(False).astype(bool)
     df["images_per_class"] = df["images_per_class"].map(parse_shots).astype(object)
     df["unfrozen_blocks"] = df["unfrozen_blocks"].astype(str)
     df = _one_natural(df)
@@ -307,11 +310,14 @@ def summary_markdown(df: pd.DataFrame) -> str:
              "Δ = robust − natural, paired by seed (same images, same new head) within one "
              "source recipe and fine-tune.", ""]
     for facet, part in _facets(final):
-        lr, epochs, batch_size = facet[-3:]
+        values = dict(zip(FACETS, facet, strict=True))
+        lr, epochs, batch_size = values["lr"], values["epochs"], values["batch_size"]
         sources = _sources_order(part)
         robust = [s for s in sources if s != NATURAL] if NATURAL in sources else []
         head = ["unfrozen blocks", "images/class", *sources, *(f"Δ {s}" for s in robust)]
         bs = f", batch {batch_size}" if df.batch_size.nunique() > 1 else ""
+        if values["augment"]:
+            bs += ", augmented"
         title = f"{_facet_title(part, df)}{_recipe_note(part, df, ' ')}"
         lines += [f"## {title} (lr {lr:g}, {epochs} epochs{bs})", "",
                   f"Sources: {recipe_text(part)}.", "",
@@ -398,6 +404,10 @@ def _facet_suffix(df: pd.DataFrame, facet: tuple) -> str:
               "epochs": "epochs", "batch_size": "bs"}
     parts = []
     for name in FACETS:
+        if name == "augment":
+            if df[name].nunique() > 1:
+                parts.append("_augment" if values[name] else "_noaugment")
+            continue
         if name == "source_recipe":
             if _recipes_named(df):
                 parts.append(f"_recipe{values[name]}")

@@ -14,7 +14,7 @@ from robust_transfer.data import check_task, load_task
 from robust_transfer.errors import UserError, check_choice
 from robust_transfer.models import ModelSpec, build_model
 from robust_transfer.models.nets import ARCHS, BlockNet
-from robust_transfer.models.runtime import accuracy
+from robust_transfer.models.runtime import accuracy, amp_enabled
 from robust_transfer.train.loop import TrainConfig, fit
 from robust_transfer.train.methods import (
     FREE_REPLAYS,
@@ -119,8 +119,10 @@ def train_source(
     cfg: SourceConfig,
     device: torch.device | str = "cpu",
     on_epoch: Callable[[int], None] | None = None,
+    amp: bool | None = None,
 ) -> tuple[BlockNet, dict]:
-    """Train the source model `cfg` describes; return (model, metadata for its checkpoint)."""
+    """Train the source model `cfg` describes; return (model, metadata for its checkpoint).
+    `amp`: bf16 autocast in training (None: on CUDA only; recorded in the metadata)."""
     task = load_task(cfg.task)
     channels = task.input_shape[0]
     spec = ModelSpec(cfg.arch, task.num_classes, channels, (0.5,) * channels, (0.5,) * channels,
@@ -135,7 +137,7 @@ def train_source(
         monitor = OverfitMonitor(held.x.to(device), held.y.to(device), cfg.eps, cfg.norm,
                                  cfg.on_overfit, seed=cfg.train.seed)
     callback = None if on_epoch is None else (lambda _m, epoch: on_epoch(epoch) or {})
-    history = fit(model, train, cfg.train, objective, callback, monitor)
+    history = fit(model, train, cfg.train, objective, callback, monitor, amp=amp)
     metrics = evaluate_source(model, cfg.task, cfg.eps, cfg.norm)
     metrics["final_train_loss"] = history[-1]["train_loss"]
     metrics["epoch_seconds"] = [r["epoch_seconds"] for r in history]
@@ -148,5 +150,6 @@ def train_source(
     meta = {"role": "source", "recipe": cfg.to_dict(), "eps": cfg.eps, "norm": cfg.norm,
             "method": cfg.method,
             "seed": cfg.train.seed, "task": cfg.task, "metrics": metrics,
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(),
+            "amp": amp_enabled(torch.device(device), amp)}
     return model, meta

@@ -41,7 +41,7 @@ from robust_transfer.train.loop import lr_schedule
 from robust_transfer.transfer.finetune import FinetuneConfig
 
 # What a standard source checkpoint's metadata holds (train_source + save_checkpoint).
-STANDARD_META = {"role", "recipe", "eps", "norm", "method", "seed", "task", "metrics",
+STANDARD_META = {"role", "recipe", "eps", "norm", "method", "amp", "seed", "task", "metrics",
                  "torch_threads", "model", "package_version", "sha256"}
 # The recipe and fine-tune fields this engine implements; a field added later is covered only
 # while it keeps its default (new fields default to today's behaviour). How a source was

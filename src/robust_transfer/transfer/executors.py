@@ -2,7 +2,8 @@
 
 An executor is anything with the `Executor` interface: a context manager whose
 `map_unordered(fn, items)` yields `(item, fn(item))` as runs finish. `run_grid` takes one as a
-parameter, so a cluster executor (Ray, in a later issue) plugs in without touching the grid.
+parameter, so a cluster executor (`RayExecutor`, in `transfer.ray_executor`) plugs in without
+touching the grid.
 
 `LocalExecutor(workers)` runs in this process (workers <= 1) or in a pool of spawned worker
 processes (spawn, not fork: forking a process whose OpenMP threads have run can deadlock).
@@ -25,6 +26,8 @@ from typing import Protocol, TypeVar
 
 import torch
 
+from robust_transfer.errors import UserError, check_choice
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -46,6 +49,12 @@ class Executor(Protocol):
 
     def map_unordered(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[tuple[T, R]]:
         ...
+
+
+def worker_threads(workers: int) -> int:
+    """Intra-op threads per worker when `workers` share this machine's cores. Every executor
+    uses it: CPU float sums depend on the thread count, so equal counts give equal numbers."""
+    return max(1, (os.cpu_count() or 1) // max(1, int(workers)))
 
 
 def _init_worker(threads: int, parent_pid: int) -> None:
@@ -75,7 +84,7 @@ class LocalExecutor:
 
     def _get_pool(self) -> ProcessPoolExecutor:
         if self._pool is None:
-            threads = max(1, (os.cpu_count() or 1) // self.workers)
+            threads = worker_threads(self.workers)
             self._pool = ProcessPoolExecutor(
                 self.workers, mp_context=multiprocessing.get_context("spawn"),
                 initializer=_init_worker, initargs=(threads, os.getpid()),
@@ -99,3 +108,21 @@ class LocalExecutor:
             for future in done:
                 item = pending.pop(future)
                 yield item, future.result()
+
+
+EXECUTORS = ("local", "ray")
+
+
+def make_executor(name: str = "local", workers: int = 1, address: str | None = None,
+                  tasks_per_gpu: int = 4, use_gpus: bool = True) -> Executor:
+    """The executor a user names: `local` (this machine's processes) or `ray` (a Ray cluster
+    at `address`, or a local Ray started for the run; `tasks_per_gpu` runs share a GPU
+    unless not `use_gpus`). `address` is for Ray only."""
+    check_choice("executor", name, EXECUTORS)
+    if name == "local":
+        if address is not None:
+            raise UserError("--address is for the Ray executor; add --executor ray")
+        return LocalExecutor(workers)
+    from robust_transfer.transfer.ray_executor import RayExecutor
+
+    return RayExecutor(workers, address, tasks_per_gpu, use_gpus)

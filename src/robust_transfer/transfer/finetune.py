@@ -10,10 +10,11 @@ from dataclasses import asdict, dataclass
 import torch
 
 from robust_transfer.data import adapt_images, check_task, load_task, shots_per_class
-from robust_transfer.data.tasks import Shots, parse_shots
+from robust_transfer.data.augment import RandomCropFlip, mirror_safe
+from robust_transfer.data.tasks import IMAGEFOLDER, TASKS, Shots, parse_shots
 from robust_transfer.errors import UserError, check_choice
 from robust_transfer.models.nets import BlockNet
-from robust_transfer.models.runtime import accuracy
+from robust_transfer.models.runtime import accuracy, amp_enabled
 from robust_transfer.train import TrainConfig, fit, freeze_all_but_last
 
 ENGINES = ("auto", "per-run")
@@ -35,7 +36,9 @@ def parse_blocks(value: int | str | None) -> int | None:
 @dataclass(frozen=True)
 class FinetuneConfig:
     """One fine-tune. `images_per_class` is an int or "all" (`parse_shots`: the one type it
-    keeps from the spec to the results table); `unfrozen_blocks` None means all blocks."""
+    keeps from the spec to the results table); `unfrozen_blocks` None means all blocks.
+    `augment`: random crop with padding, plus horizontal flips where the target's images
+    allow them (`data.augment`); off by default (the paper's few-shot protocol has none)."""
 
     target_task: str = "digits-5to9"
     images_per_class: Shots = 5
@@ -44,6 +47,7 @@ class FinetuneConfig:
     lr: float = 0.1
     batch_size: int = 32
     seed: int = 0
+    augment: bool = False
 
     def __post_init__(self) -> None:
         check_task(self.target_task)
@@ -57,10 +61,26 @@ class FinetuneConfig:
         )
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The config as recorded (and hashed into run ids); `augment` only when on, so the
+        runs of specs without it keep their ids."""
+        d = asdict(self)
+        if not d["augment"]:
+            del d["augment"]
+        return d
 
 
-def finetune(model: BlockNet, cfg: FinetuneConfig, engine: str = "auto") -> list[dict]:
+def augmentation(cfg: FinetuneConfig) -> RandomCropFlip | None:
+    """The training augmentation `cfg` asks for: crops always, flips where the target's data
+    set is mirror-safe; seeded by the fine-tune's seed."""
+    if not cfg.augment:
+        return None
+    name = cfg.target_task
+    dataset = "imagefolder" if name.startswith(IMAGEFOLDER) else TASKS[name][0]
+    return RandomCropFlip(flip=mirror_safe(dataset), seed=cfg.seed)
+
+
+def finetune(model: BlockNet, cfg: FinetuneConfig, engine: str = "auto",
+             amp: bool | None = None) -> list[dict]:
     """Fine-tune `model` in place on `cfg.target_task`; one record per epoch.
 
     `engine`: "auto" takes the batched engine (`transfer.batched`: prefix features computed
@@ -71,19 +91,22 @@ def finetune(model: BlockNet, cfg: FinetuneConfig, engine: str = "auto") -> list
     check_choice("engine", engine, ENGINES)
     from robust_transfer.transfer import batched  # batched builds on this module
 
-    if engine == "auto" and batched.applies(model, cfg):
+    device = next(model.parameters()).device
+    if engine == "auto" and batched.applies(model, cfg) and not amp_enabled(device, amp):
         return batched.finetune_batch(model, [cfg], write_back=True)[0]
-    return finetune_per_run(model, cfg)
+    return finetune_per_run(model, cfg, amp)
 
 
-def finetune_per_run(model: BlockNet, cfg: FinetuneConfig) -> list[dict]:
+def finetune_per_run(model: BlockNet, cfg: FinetuneConfig, amp: bool | None = None
+                     ) -> list[dict]:
     """The reference: one fine-tune through `train.fit`; one record per epoch.
 
     The same seed draws the same k-shot subset and the same new head whichever source is
     being fine-tuned, so natural and robust sources are compared on identical data.
     Target images are adapted to the source (`adapt_images`): grey images repeated to the
     model's channels, and resized to its recorded input size when it has one.
-    Records: epoch, train_loss, epoch_lr, train_images, test_accuracy.
+    Records: epoch, train_loss, epoch_lr, train_images, test_accuracy. `amp`: bf16 autocast
+    for training and test accuracy (None: on CUDA only).
     """
     task = load_task(cfg.target_task)
     spec = model.spec
@@ -97,9 +120,10 @@ def finetune_per_run(model: BlockNet, cfg: FinetuneConfig) -> list[dict]:
     test_x, test_y = test.x.to(device), test.y.to(device)
 
     def test_accuracy(m, _epoch):
-        return {"train_images": len(train), "test_accuracy": accuracy(m, test_x, test_y)}
+        return {"train_images": len(train), "test_accuracy": accuracy(m, test_x, test_y, amp=amp)}
 
-    history = fit(model, train, cfg.train_config(), on_epoch=test_accuracy)
+    history = fit(model, train, cfg.train_config(), on_epoch=test_accuracy,
+                  augment=augmentation(cfg), amp=amp)
     # Wall time is not a result: the same run must give the same rows (resume, dedup).
     return [{k: v for k, v in r.items() if k not in ("epoch_seconds", "passes")}
             for r in history]

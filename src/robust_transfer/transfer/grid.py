@@ -186,7 +186,7 @@ def run_grid(
 
 def _spec_dict(spec: GridSpec) -> dict:
     """The spec as plain YAML-able data, as it was run (for the record)."""
-    return {
+    d = {
         "name": spec.name,
         "source": vars(spec.source),
         "sources": [e.to_dict() for e in spec.sources],
@@ -198,3 +198,6 @@ def _spec_dict(spec: GridSpec) -> dict:
         "lr": list(spec.lr),
         "batch_size": spec.batch_size,
     }
+    if spec.augment:  # recorded only when on: specs without it keep their recorded text
+        d["augment"] = True
+    return d

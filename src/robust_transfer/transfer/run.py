@@ -135,5 +135,6 @@ def run_rows(source_meta: dict, cfg: FinetuneConfig, history: list[dict]) -> lis
         "lr": cfg.lr,
         "batch_size": cfg.batch_size,
         "seed": cfg.seed,
+        "augment": cfg.augment,
     }
     return [{**source_columns(source_meta), **config, **record} for record in history]

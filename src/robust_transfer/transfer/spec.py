@@ -5,10 +5,11 @@ class, unfrozen blocks, epochs, seeds and learning rates. `expand` turns it into
 per combination; each run has a content id, so a re-run can tell what is already done.
 
 Everything is validated when the spec is parsed, before anything trains: names, numbers,
-unfrozen blocks against the architecture's blocks, images per class against every target's
-smallest class, and source/target channels. An eps=0 source is the natural model whatever
-its norm, so a spec lists it once: later eps=0 entries with another norm are dropped
-(training the same natural model twice would make the report's pairing ambiguous).
+unfrozen blocks against every source architecture's blocks, images per class against every
+target's smallest class, and source/target channels. An eps=0 source is the natural model
+whatever its norm, so a spec lists it once: later eps=0 entries with another norm are dropped
+(training the same natural model twice would make the report's pairing ambiguous); sources
+may differ in `arch`, and then there is one natural source per arch.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from pathlib import Path
 import yaml
 
 from robust_transfer.data.tasks import ALL, check_shots, load_task, parse_shots
-from robust_transfer.errors import UserError
-from robust_transfer.models.nets import num_blocks
+from robust_transfer.errors import UserError, check_choice
+from robust_transfer.models.nets import ARCHS, num_blocks
 from robust_transfer.train import SourceConfig, TrainConfig
 from robust_transfer.transfer.finetune import FinetuneConfig, parse_blocks
 
@@ -62,12 +63,17 @@ class SourceEntry:
     trades_beta: float | None = None
     free_replays: int | None = None
     on_overfit: str | None = None
+    # Architecture of this source (Kornblith et al. 2019, "Do Better ImageNet Models Transfer
+    # Better?"); None: the spec's `source.arch`.
+    arch: str | None = None
 
     @property
     def natural(self) -> bool:
         return self.eps == 0
 
     def to_dict(self) -> dict:
+        """As written in the recorded spec; unset (None) keys are left out, so a spec that
+        does not use a key records the same text as before the key existed."""
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
@@ -83,6 +89,7 @@ class GridSpec:
     batch_size: int = 32
     source: SourceRecipe = SourceRecipe()
     name: str = "grid"
+    augment: bool = False  # fine-tuning augmentation (`FinetuneConfig.augment`)
 
 
 @dataclass(frozen=True)
@@ -139,10 +146,13 @@ def _no_repeats(values: list, key: str) -> list:
     return values
 
 
-def _one_natural(sources: list[SourceEntry]) -> list[SourceEntry]:
-    """Keep the first natural source: natural training does not depend on the norm."""
-    natural = [s for s in sources if s.natural]
-    return [s for s in sources if not s.natural or s is natural[0]]
+def _one_natural(sources: list[SourceEntry], default_arch: str) -> list[SourceEntry]:
+    """Keep the first natural source of each arch: natural training ignores the norm."""
+    first = {}
+    for s in sources:
+        if s.natural:
+            first.setdefault(s.arch or default_arch, s)
+    return [s for s in sources if not s.natural or first[s.arch or default_arch] is s]
 
 
 def _number(value, key: str, kind=float):
@@ -151,6 +161,12 @@ def _number(value, key: str, kind=float):
     if kind is int and value != int(value):
         raise UserError(f"spec key {key!r} must be an integer, got {value!r}")
     return kind(value)
+
+
+def _flag(value, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise UserError(f"spec key {key!r} must be true or false, got {value!r}")
+    return value
 
 
 def _parse_recipe(d: dict) -> SourceRecipe:
@@ -182,6 +198,9 @@ def _parse_source(s: dict) -> SourceEntry:
     method = s.get("method")
     if method is not None and str(method) != ("natural" if eps == 0 else "pgd"):
         options["method"] = str(method)
+    if s.get("arch") is not None:
+        options["arch"] = str(s["arch"])
+        check_choice("arch", options["arch"], ARCHS)
     return SourceEntry(eps=eps, norm=str(s.get("norm", "l2")), **options)
 
 
@@ -201,7 +220,7 @@ def parse_spec(d: dict) -> GridSpec:
         return tuple(_no_repeats([parse(v) for v in raw], key))
 
     spec = GridSpec(
-        sources=tuple(_one_natural(_no_repeats(sources, "sources"))),
+        sources=tuple(_one_natural(_no_repeats(sources, "sources"), recipe.arch)),
         targets=values("targets", str),
         images_per_class=values("images_per_class", parse_shots),
         unfrozen_blocks=values("unfrozen_blocks", parse_blocks),
@@ -211,6 +230,7 @@ def parse_spec(d: dict) -> GridSpec:
         batch_size=_number(d.get("batch_size", 32), "batch_size", int),
         source=recipe,
         name=str(d.get("name", "grid")),
+        augment=_flag(d.get("augment", False), "augment"),
     )
     expand(spec)  # validates every name and number through the configs' own checks
     check_against_data(spec)
@@ -221,13 +241,13 @@ def check_against_data(spec: GridSpec) -> None:
     """What the names alone cannot tell, checked before any source trains: unfrozen blocks
     within the architecture, images per class within every target's smallest class, and
     targets with the source's number of channels (or grey: fine-tuning repeats it to RGB).
-    Loads the tasks (cached)."""
-    arch = spec.source.arch
-    n_blocks = num_blocks(arch)
-    for k in spec.unfrozen_blocks:
-        if k is not None and k > n_blocks:
-            raise UserError(f"unfrozen blocks {k} is more than arch {arch!r} has ({n_blocks}); "
-                            f"use 0..{n_blocks} or 'all'")
+    Loads the tasks (cached). Unfrozen blocks are checked against every source's arch."""
+    for arch in dict.fromkeys(e.arch or spec.source.arch for e in spec.sources):
+        n_blocks = num_blocks(arch)
+        for k in spec.unfrozen_blocks:
+            if k is not None and k > n_blocks:
+                raise UserError(f"unfrozen blocks {k} is more than arch {arch!r} has "
+                                f"({n_blocks}); use 0..{n_blocks} or 'all'")
     channels = load_task(spec.source.task).input_shape[0]
     for target in spec.targets:
         task = load_task(target)
@@ -265,7 +285,7 @@ def source_configs(spec: GridSpec) -> list[SourceConfig]:
     r = spec.source
     train = TrainConfig(epochs=r.epochs, lr=r.lr, batch_size=r.batch_size, seed=r.seed)
     return [
-        SourceConfig(task=r.task, arch=r.arch, eps=e.eps, norm=e.norm,
+        SourceConfig(task=r.task, arch=e.arch or r.arch, eps=e.eps, norm=e.norm,
                      attack_steps=r.attack_steps, train=train, method=e.method,
                      trades_beta=e.trades_beta, free_replays=e.free_replays,
                      on_overfit=e.on_overfit)
@@ -280,6 +300,7 @@ def expand(spec: GridSpec) -> list[Run]:
         source_configs(spec), spec.targets, spec.images_per_class, spec.unfrozen_blocks,
         spec.epochs, spec.lr, spec.seeds,
     ):
-        cfg = FinetuneConfig(target, k, blocks, epochs, lr, spec.batch_size, seed)
+        cfg = FinetuneConfig(target, k, blocks, epochs, lr, spec.batch_size, seed,
+                             augment=spec.augment)
         runs.append(Run(source, cfg))
     return runs
