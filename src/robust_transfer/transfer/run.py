@@ -9,12 +9,15 @@ import torch
 from robust_transfer.data import load_task
 from robust_transfer.models import load_checkpoint, save_checkpoint
 from robust_transfer.models.checkpoint import read_meta
+from robust_transfer.train.distill import distill_label
 from robust_transfer.transfer.finetune import FinetuneConfig, finetune
 from robust_transfer.transfer.spec import content_id
 
 # The recipe fields that make two sources the same model but for the threat model: sources
 # that share them are one comparison group (natural vs robust), whatever their eps and norm.
-THREAT_FIELDS = ("eps", "norm")
+# A distilled source's `distill` settings are its treatment too: the student pairs with the
+# natural source of its recipe.
+THREAT_FIELDS = ("eps", "norm", "distill")
 
 
 def source_recipe(source_meta: dict) -> dict:
@@ -49,6 +52,7 @@ def source_columns(source_meta: dict) -> dict:
         "source_epochs": int(train.get("epochs", -1)),
         "source_lr": float(train.get("lr", float("nan"))),
         "source_attack_steps": int(recipe.get("attack_steps", -1)),
+        "source_distill": distill_label(source_meta.get("distill")),
         "source_recipe": content_id(source_recipe(source_meta), 8),
         "source_clean_accuracy": float(metrics.get("clean_accuracy", float("nan"))),
         "source_robust_accuracy": float(metrics.get("robust_accuracy", float("nan"))),
