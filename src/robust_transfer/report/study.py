@@ -52,8 +52,9 @@ NATURAL = "natural"
 
 
 def source_label(eps: float, norm: str, distill: str = "") -> str:
+    """"natural", "L2 ε=0.5", or a distilled student's own text (`source_distill`)."""
     if distill:
-        return f"{distill} ({norm.upper()} ε={eps:g})" if eps else distill
+        return distill
     return NATURAL if eps == 0 else f"{norm.upper()} ε={eps:g}"
 
 

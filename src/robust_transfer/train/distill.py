@@ -190,14 +190,18 @@ def distill_objective(cfg: DistillConfig, teacher: nn.Module, eps: float, norm: 
     return KDLoss(teacher, cfg.temperature, cfg.alpha)
 
 
-def distill_label(d: dict | None) -> str:
+def distill_label(d: dict | None, eps: float = 0.0, norm: str = "") -> str:
     """Readable text for a checkpoint's `distill` record ("" when not distilled), e.g.
-    "ARD T=4 α=0.9 ← L2 ε=0.5": the results column `source_distill` and the report's label."""
+    "ARD T=4 α=0.9 ← L2 ε=0.5": the results column `source_distill` and the report's label.
+    An ARD student's own threat model (eps, norm) is named when it is not its teacher's."""
     if not d:
         return ""
     cfg = DistillConfig(d["method"], d["temperature"], d["alpha"])
     teacher = d.get("teacher") or {}
-    eps = float(teacher.get("eps", 0.0) or 0.0)
-    norm = str(teacher.get("norm", ""))
-    source = "natural" if eps == 0 else f"{norm.upper()} ε={eps:g}"
-    return f"{cfg.label()} ← {source}"
+    t_eps = float(teacher.get("eps", 0.0) or 0.0)
+    t_norm = str(teacher.get("norm", ""))
+    source = "natural" if t_eps == 0 else f"{t_norm.upper()} ε={t_eps:g}"
+    own = ""
+    if cfg.method == "ard" and (eps, norm) != (t_eps, t_norm):
+        own = f" at {norm.upper()} ε={eps:g}"
+    return f"{cfg.label()}{own} ← {source}"
