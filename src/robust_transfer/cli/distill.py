@@ -89,7 +89,8 @@ def distill(
     print_table(f"distillation (T={plan.temperature:g}, alpha={alpha:g}) on "
                 f"{plan.students[plan.saved].task} test set", [
                     {"model": r["model"], "clean accuracy": r["clean"], robust: r["robust"],
-                     "robustness kept": r["robust_kept"], "KL to teacher": r["kl_to_teacher"]}
+                     "robustness kept": r["robust_kept"],
+                     "KL to teacher (T=1)": r["kl_to_teacher"]}
                     for r in result.rows])
     if result.story:
         print_table(f"defensive distillation at T = 1: attacks at {plan.norm} "
