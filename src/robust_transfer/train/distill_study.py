@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robust_transfer.attacks import CW, PGD, GradientMaskingWarning, evaluate
-from robust_transfer.data import TASKS, load_task
+from robust_transfer.data import TASKS, check_task, load_task
 from robust_transfer.errors import UserError, check_choice
 from robust_transfer.models import load_checkpoint
 from robust_transfer.models.nets import ARCHS
@@ -87,7 +87,7 @@ def _teacher_task(meta: dict, task: str | None) -> str:
     task = task or own
     if not task:
         raise UserError("the teacher checkpoint names no task; give --task")
-    check_choice("task", task, TASKS)
+    check_task(task)
     classes = meta["model"]["num_classes"]
     if classes != load_task(task).num_classes:
         raise UserError(f"the teacher has {classes} classes but task {task!r} has "
