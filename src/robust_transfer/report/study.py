@@ -15,7 +15,10 @@ facet (`FACETS`): one figure set and one summary section each, never pooled.
 The training method (`source_method`: pgd, fgsm, fast, free, trades) is part of a source's
 treatment, like eps and norm: each (method, norm, eps) is its own line, labelled e.g.
 "FAST L2 ε=0.5" (PGD-AT keeps the plain "L2 ε=0.5"), never pooled with another method's.
-Natural means eps = 0 whatever the recorded norm (natural training ignores it). Two eps=0
+Natural means eps = 0 whatever the recorded norm (natural training ignores it), and not
+distilled: a student distilled from a teacher (`source_distill`, e.g. "KD T=4 α=0.9 ← L2
+ε=0.5") is its own source, labelled by that text, paired with the natural source of its
+recipe like a robust one and never pooled with its teacher. Two eps=0
 sources of one recipe are the same model trained twice: used once if their fine-tunes agree,
 an error if they differ (the pairing would be ambiguous).
 """
@@ -51,7 +54,11 @@ PAIR_KEYS = [*FACETS, "unfrozen_blocks", "images_per_class", "seed", "epoch"]
 NATURAL = "natural"
 
 
-def source_label(eps: float, norm: str, method: str = "pgd") -> str:
+def source_label(eps: float, norm: str, method: str = "pgd", distill: str = "") -> str:
+    """"natural", "L2 ε=0.5", "FAST L2 ε=0.5", or a distilled student's own text
+    (`source_distill`)."""
+    if distill:
+        return distill
     if eps == 0:
         return NATURAL
     prefix = "" if method == "pgd" else f"{method.upper()} "
@@ -64,6 +71,13 @@ def _with_method(df: pd.DataFrame) -> pd.DataFrame:
     if "source_method" not in df.columns:
         return df.assign(source_method=legacy)
     return df.assign(source_method=df.source_method.where(df.source_method.notna(), legacy))
+
+
+def is_natural(df: pd.DataFrame) -> pd.Series:
+    """Rows of natural sources: eps 0 and not distilled (tables from before distillation
+    have no `source_distill` column)."""
+    distilled = df["source_distill"].fillna("") != "" if "source_distill" in df else False
+    return (df.source_eps == 0) & ~distilled
 
 
 def _blocks_title(blocks: str) -> str:
@@ -83,7 +97,7 @@ def _shots_key(k) -> float:
 def _one_natural(df: pd.DataFrame) -> pd.DataFrame:
     """Keep one eps=0 source per recipe: two (e.g. recorded as l2 and linf) are the same model
     trained twice, so their fine-tunes must agree; if they differ, pairing is ambiguous."""
-    natural = df[df.source_eps == 0]
+    natural = df[is_natural(df)]
     norms = natural.groupby(SOURCE_GROUP, dropna=False).source_norm.unique()
     twice = norms[norms.map(len) > 1]
     if twice.empty:
@@ -92,9 +106,9 @@ def _one_natural(df: pd.DataFrame) -> pd.DataFrame:
     for group, found in twice.items():
         keep, *others = sorted(found)
         in_group = (df[SOURCE_GROUP] == pd.Series(group, index=SOURCE_GROUP)).all(axis=1)
-        ref = df[in_group & (df.source_eps == 0) & (df.source_norm == keep)]
+        ref = df[in_group & is_natural(df) & (df.source_norm == keep)]
         for other in others:
-            rows = df[in_group & (df.source_eps == 0) & (df.source_norm == other)]
+            rows = df[in_group & is_natural(df) & (df.source_norm == other)]
             both = ref.merge(rows, on=PAIR_KEYS, suffixes=("", "_other"))
             if len(both) != len(rows) or not np.allclose(both.test_accuracy,
                                                          both.test_accuracy_other, atol=1e-9):
@@ -104,7 +118,7 @@ def _one_natural(df: pd.DataFrame) -> pd.DataFrame:
                     f"{keep!r} and {other!r}, whose fine-tunes differ; natural training "
                     "ignores the norm, so keep one eps=0 source per recipe"
                 )
-            drop |= in_group & (df.source_eps == 0) & (df.source_norm == other)
+            drop |= in_group & is_natural(df) & (df.source_norm == other)
     return df[~drop]
 
 
@@ -115,11 +129,14 @@ def prepare(df: pd.DataFrame) -> pd.DataFrame:
     # Tables written before fine-tunes could augment: none of their runs did.
     augment = df["augment"] if "augment" in df else pd.Series(False, index=df.index)
     df["augment"] = augment.astype("boolean").fillna(False).astype(bool)
+    df["source_distill"] = (df["source_distill"].fillna("") if "source_distill" in df
+                            else "")
     df["images_per_class"] = df["images_per_class"].map(parse_shots).astype(object)
     df["unfrozen_blocks"] = df["unfrozen_blocks"].astype(str)
     df = _one_natural(df)
-    df["source"] = [source_label(e, n, m) for e, n, m in
-                    zip(df.source_eps, df.source_norm, df.source_method, strict=True)]
+    df["source"] = [source_label(e, n, m, d) for e, n, m, d in
+                    zip(df.source_eps, df.source_norm, df.source_method, df.source_distill,
+                        strict=True)]
     df["shots"] = df["train_images"] / df["target_classes"]
     dup = df.duplicated([*PAIR_KEYS, "source"], keep=False)
     if dup.any():
@@ -135,8 +152,8 @@ def prepare(df: pd.DataFrame) -> pd.DataFrame:
 def paired_delta(df: pd.DataFrame) -> pd.DataFrame:
     """Robust minus natural accuracy, matched on `PAIR_KEYS` (source recipe, fine-tune, seed,
     epoch): one natural row per robust row, so n counts seeds."""
-    natural = df[df.source_eps == 0][PAIR_KEYS + ["test_accuracy"]]
-    robust = df[df.source_eps > 0]
+    natural = df[is_natural(df)][PAIR_KEYS + ["test_accuracy"]]
+    robust = df[~is_natural(df)]
     if natural.empty or robust.empty:
         return robust.iloc[0:0].assign(delta=[])
     merged = robust.merge(natural, on=PAIR_KEYS, suffixes=("", "_natural"),
@@ -146,7 +163,7 @@ def paired_delta(df: pd.DataFrame) -> pd.DataFrame:
 
 def _sources_order(df: pd.DataFrame) -> list[str]:
     order = df.drop_duplicates("source").sort_values(
-        ["source_eps", "source_norm", "source_method"],
+        ["source_distill", "source_eps", "source_norm", "source_method"],
         key=lambda c: c.map({"pgd": ""}).fillna(c) if c.name == "source_method" else c)
     return list(order.source)
 

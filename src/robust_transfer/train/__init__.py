@@ -1,5 +1,13 @@
 """One training loop with pluggable example makers, optimiser/schedule and freezing."""
 
+from robust_transfer.train.distill import (
+    ARDLoss,
+    DistillConfig,
+    KDLoss,
+    SoftLabelLoss,
+    TemperatureLoss,
+    kd_loss,
+)
 from robust_transfer.train.examples import ExampleMaker, PGDExamples, natural_examples
 from robust_transfer.train.freeze import freeze_all_but_last, frozen_blocks, set_train_mode
 from robust_transfer.train.loop import TrainConfig, fit
@@ -20,4 +28,10 @@ __all__ = [
     "fit",
     "SourceConfig",
     "train_source",
+    "kd_loss",
+    "KDLoss",
+    "ARDLoss",
+    "SoftLabelLoss",
+    "TemperatureLoss",
+    "DistillConfig",
 ]

@@ -15,6 +15,7 @@ from robust_transfer.errors import UserError, check_choice
 from robust_transfer.models import ModelSpec, build_model
 from robust_transfer.models.nets import ARCHS, BlockNet
 from robust_transfer.models.runtime import accuracy, amp_enabled
+from robust_transfer.train.distill import DistillConfig, distill_objective
 from robust_transfer.train.loop import TrainConfig, fit
 from robust_transfer.train.methods import (
     FREE_REPLAYS,
@@ -37,6 +38,9 @@ class SourceConfig:
     `train.epochs` then counts passes over the data), `on_overfit` (off | warn | stop |
     rollback: catastrophic-overfitting watch for a robust method, default warn for `fast`,
     off for the rest). Inapplicable or out-of-range values are `UserError`s.
+
+    `distill` set: the source is a student distilled from a teacher (`train.distill`); eps/norm
+    are then ARD's threat model (0 for plain KD and defensive distillation).
     """
 
     task: str = "digits-0to4"
@@ -50,6 +54,7 @@ class SourceConfig:
     trades_beta: float | None = None
     free_replays: int | None = None
     on_overfit: str | None = None
+    distill: DistillConfig | None = None
 
     def __post_init__(self) -> None:
         check_task(self.task)
@@ -94,7 +99,12 @@ class SourceConfig:
         return math.ceil(self.train.epochs / (self.free_replays or 1))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The recipe as plain data; `distill` only when set, so that the content ids of
+        sources that are not distilled stay what they were before the field existed."""
+        d = asdict(self)
+        if d["distill"] is None:
+            del d["distill"]
+        return d
 
 
 def evaluate_source(model: BlockNet, task_name: str, eps: float, norm: str) -> dict:
@@ -115,22 +125,43 @@ def evaluate_source(model: BlockNet, task_name: str, eps: float, norm: str) -> d
             "robust_accuracy": float(worst.robust_accuracy)}
 
 
-def train_source(
-    cfg: SourceConfig,
-    device: torch.device | str = "cpu",
-    on_epoch: Callable[[int], None] | None = None,
-    amp: bool | None = None,
-) -> tuple[BlockNet, dict]:
-    """Train the source model `cfg` describes; return (model, metadata for its checkpoint).
-    `amp`: bf16 autocast in training (None: on CUDA only; recorded in the metadata)."""
+def build_source_model(cfg: SourceConfig, device: torch.device | str = "cpu") -> BlockNet:
+    """The untrained model of recipe `cfg` (its task's classes, channels and size, its seed)."""
     task = load_task(cfg.task)
     channels = task.input_shape[0]
     spec = ModelSpec(cfg.arch, task.num_classes, channels, (0.5,) * channels, (0.5,) * channels,
                      input_size=task.input_shape[-1])
-    model = build_model(spec, seed=cfg.train.seed).to(device)
-    objective = make_objective(cfg.method, cfg.eps, cfg.norm, cfg.attack_steps,
-                               cfg.attack_alpha, cfg.train.seed, cfg.trades_beta,
-                               cfg.free_replays)
+    return build_model(spec, seed=cfg.train.seed).to(device)
+
+
+def train_source(
+    cfg: SourceConfig,
+    device: torch.device | str = "cpu",
+    on_epoch: Callable[[int], None] | None = None,
+    teacher: torch.nn.Module | None = None,
+    amp: bool | None = None,
+) -> tuple[BlockNet, dict]:
+    """Train the source model `cfg` describes; return (model, metadata for its checkpoint).
+
+    A distilled source (`cfg.distill`) needs its trained `teacher`; its robust accuracy is
+    measured at the teacher's eps/norm when its own eps is 0. `amp`: bf16 autocast in
+    training (None: on CUDA only; recorded in the metadata).
+    """
+    task = load_task(cfg.task)
+    model = build_source_model(cfg, device)
+    eval_eps, eval_norm = cfg.eps, cfg.norm
+    if cfg.distill is not None:
+        if teacher is None:
+            raise UserError("a distilled source needs its teacher model")
+        objective = distill_objective(cfg.distill, teacher, cfg.eps, cfg.norm, cfg.attack_steps,
+                                      cfg.attack_alpha, cfg.train.seed)
+        if cfg.eps == 0:
+            eval_eps = float(cfg.distill.teacher.get("eps", 0.0))
+            eval_norm = str(cfg.distill.teacher.get("norm", cfg.norm))
+    else:
+        objective = make_objective(cfg.method, cfg.eps, cfg.norm, cfg.attack_steps,
+                                   cfg.attack_alpha, cfg.train.seed, cfg.trades_beta,
+                                   cfg.free_replays)
     train, monitor = task.train, None
     if cfg.on_overfit != "off":  # the watched batch is held out of training
         train, held = hold_out(task.train, cfg.train.seed)
@@ -138,7 +169,7 @@ def train_source(
                                  cfg.on_overfit, seed=cfg.train.seed)
     callback = None if on_epoch is None else (lambda _m, epoch: on_epoch(epoch) or {})
     history = fit(model, train, cfg.train, objective, callback, monitor, amp=amp)
-    metrics = evaluate_source(model, cfg.task, cfg.eps, cfg.norm)
+    metrics = evaluate_source(model, cfg.task, eval_eps, eval_norm)
     metrics["final_train_loss"] = history[-1]["train_loss"]
     metrics["epoch_seconds"] = [r["epoch_seconds"] for r in history]
     metrics["train_seconds"] = sum(metrics["epoch_seconds"])
@@ -152,4 +183,7 @@ def train_source(
             "seed": cfg.train.seed, "task": cfg.task, "metrics": metrics,
             "torch_threads": torch.get_num_threads(),
             "amp": amp_enabled(torch.device(device), amp)}
+    if cfg.distill is not None:
+        meta["distill"] = cfg.distill.to_dict()
+        metrics |= {"robust_eps": eval_eps, "robust_norm": eval_norm}
     return model, meta

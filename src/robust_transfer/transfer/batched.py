@@ -42,12 +42,13 @@ from robust_transfer.transfer.finetune import FinetuneConfig
 
 # What a standard source checkpoint's metadata holds (train_source + save_checkpoint).
 STANDARD_META = {"role", "recipe", "eps", "norm", "method", "amp", "seed", "task", "metrics",
-                 "torch_threads", "model", "package_version", "sha256"}
+                 "torch_threads", "model", "package_version", "sha256", "distill",
+                 "teacher_path"}
 # The recipe and fine-tune fields this engine implements; a field added later is covered only
 # while it keeps its default (new fields default to today's behaviour). How a source was
-# adversarially trained (method and its options) does not change how it is fine-tuned.
+# trained (method and its options, distillation) does not change how it is fine-tuned.
 KNOWN_RECIPE = {"task", "arch", "eps", "norm", "attack_steps", "attack_alpha", "train",
-                "method", "trades_beta", "free_replays", "on_overfit"}
+                "method", "trades_beta", "free_replays", "on_overfit", "distill"}
 KNOWN_FINETUNE = {"target_task", "images_per_class", "unfrozen_blocks", "epochs", "lr",
                   "batch_size", "seed"}
 # Test images per evaluation chunk (measured: 64 is 1.4-1.9x faster than the whole test set

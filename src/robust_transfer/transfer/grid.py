@@ -6,8 +6,10 @@ done exactly when its Parquet part exists. Re-running the same spec finishes the
 Running a different spec into the same directory keeps the results of both on disk (runs the
 two specs share are not run again) but the directory then stands for the new spec:
 `spec.yaml`, `runs.json`, `results.parquet` and `report` cover the new spec's runs only.
-Where runs execute is the `executor` parameter (`LocalExecutor` by default); on which device,
-the `device` parameter, passed to source training and to every fine-tune.
+Distilled sources (a `distill:` key in the spec) train after the other sources, from their
+teacher's checkpoint. Where runs execute is the `executor` parameter (`LocalExecutor` by
+default); on which device, the `device` parameter, passed to source training and to every
+fine-tune.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import yaml
 
 from robust_transfer.atomic import atomic_write_text
 from robust_transfer.data.tasks import ALL
-from robust_transfer.models import save_checkpoint
+from robust_transfer.models import load_checkpoint, save_checkpoint
 from robust_transfer.models.checkpoint import META
 from robust_transfer.train import SourceConfig, train_source
 from robust_transfer.transfer.batched import shape_key
@@ -34,7 +36,7 @@ from robust_transfer.transfer.results import (
     write_manifest,
 )
 from robust_transfer.transfer.run import finetune_many_from_checkpoint
-from robust_transfer.transfer.spec import GridSpec, Run, expand
+from robust_transfer.transfer.spec import GridSpec, Run, content_id, expand
 
 SOURCES = "sources"
 SPEC = "spec.yaml"
@@ -54,6 +56,7 @@ class _SourceJob:
     config: SourceConfig
     directory: Path
     device: str = "cpu"
+    teacher_dir: Path | None = None  # a distilled source's teacher checkpoint
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,12 @@ class _FinetuneJob:
 
 
 def _train_source_job(job: _SourceJob) -> Path:
-    model, meta = train_source(job.config, job.device)
+    teacher = None
+    if job.teacher_dir is not None:
+        teacher, _ = load_checkpoint(job.teacher_dir, job.device)
+    model, meta = train_source(job.config, job.device, teacher=teacher)
+    if job.teacher_dir is not None:
+        meta["teacher_path"] = str(job.teacher_dir)
     save_checkpoint(model, job.directory, meta)
     return job.directory
 
@@ -126,8 +134,13 @@ def plan(spec: GridSpec, out: Path, device: str = "cpu") -> GridPlan:
     out, device = Path(out), str(device)
     runs = expand(spec)
     source_dirs = {r.source_id: (r.source, out / SOURCES / r.source_id) for r in runs}
+    by_recipe = {content_id(cfg.to_dict()): d for cfg, d in source_dirs.values()}
+
+    def teacher_dir(cfg: SourceConfig) -> Path | None:
+        return None if cfg.distill is None else by_recipe[content_id(cfg.distill.teacher)]
+
     to_train = [
-        _SourceJob(cfg, d, device) for cfg, d in source_dirs.values()
+        _SourceJob(cfg, d, device, teacher_dir(cfg)) for cfg, d in source_dirs.values()
         if not (d / META).is_file()
     ]
     done = done_run_ids(out)
@@ -173,9 +186,12 @@ def run_grid(
     write_manifest(out, [r.run_id for r in runs])
     todo = plan(spec, out, str(device))
     with (executor if executor is not None else LocalExecutor(workers)) as pool:
-        for _job, directory in pool.map_unordered(_train_source_job, todo.sources_to_train):
-            if on_source_done:
-                on_source_done(directory)
+        teachers_first = ([j for j in todo.sources_to_train if j.teacher_dir is None],
+                          [j for j in todo.sources_to_train if j.teacher_dir is not None])
+        for stage in teachers_first:
+            for _job, directory in pool.map_unordered(_train_source_job, stage):
+                if on_source_done:
+                    on_source_done(directory)
         for batch, results in pool.map_unordered(_finetune_batch_job, batches(todo.pending)):
             for job, rows in zip(batch.jobs, results, strict=True):
                 append_run(out, job.run_id, rows)

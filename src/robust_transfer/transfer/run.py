@@ -9,14 +9,16 @@ import torch
 from robust_transfer.data import load_task
 from robust_transfer.models import load_checkpoint, save_checkpoint
 from robust_transfer.models.checkpoint import read_meta
+from robust_transfer.train.distill import distill_label
 from robust_transfer.transfer import batched
 from robust_transfer.transfer.finetune import FinetuneConfig, finetune
 from robust_transfer.transfer.spec import content_id
 
-# The recipe fields that make two sources the same model but for the treatment (threat model
-# and training method with its options): sources that share the rest are one comparison
-# group (natural vs robust), whatever their eps, norm and method.
-THREAT_FIELDS = ("eps", "norm", "method", "trades_beta", "free_replays", "on_overfit")
+# The recipe fields that make two sources the same model but for the treatment (threat model,
+# training method with its options, distillation settings): sources that share the rest are
+# one comparison group (natural vs robust), whatever their eps, norm, method and distillation;
+# a distilled student pairs with the natural source of its recipe.
+THREAT_FIELDS = ("eps", "norm", "method", "trades_beta", "free_replays", "on_overfit", "distill")
 
 
 def source_recipe(source_meta: dict) -> dict:
@@ -58,6 +60,9 @@ def source_columns(source_meta: dict) -> dict:
         "source_epochs": int(train.get("epochs", -1)),
         "source_lr": float(train.get("lr", float("nan"))),
         "source_attack_steps": int(recipe.get("attack_steps", -1)),
+        "source_distill": distill_label(source_meta.get("distill"),
+                                        float(source_meta.get("eps", 0.0)),
+                                        str(source_meta.get("norm", ""))),
         "source_recipe": content_id(source_recipe(source_meta), 8),
         "source_clean_accuracy": float(metrics.get("clean_accuracy", float("nan"))),
         "source_robust_accuracy": float(metrics.get("robust_accuracy", float("nan"))),

@@ -10,6 +10,9 @@ target's smallest class, and source/target channels. An eps=0 source is the natu
 whatever its norm, so a spec lists it once: later eps=0 entries with another norm are dropped
 (training the same natural model twice would make the report's pairing ambiguous); sources
 may differ in `arch`, and then there is one natural source per arch.
+
+A source may be a student distilled from another source of the spec (`distill:` key, see
+`DistillEntry`); the grid trains its teacher first.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import functools
 import hashlib
 import itertools
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import yaml
@@ -26,7 +29,7 @@ import yaml
 from robust_transfer.data.tasks import ALL, check_shots, load_task, parse_shots
 from robust_transfer.errors import UserError, check_choice
 from robust_transfer.models.nets import ARCHS, num_blocks
-from robust_transfer.train import SourceConfig, TrainConfig
+from robust_transfer.train import DistillConfig, SourceConfig, TrainConfig
 from robust_transfer.transfer.finetune import FinetuneConfig, parse_blocks
 
 
@@ -50,6 +53,26 @@ class SourceRecipe:
 
 
 @dataclass(frozen=True)
+class DistillEntry:
+    """A `sources` entry's `distill:` key: this source is a student (same recipe and arch)
+    distilled from `teacher`, another source of the spec, by Hinton KD at `temperature` and
+    `alpha` (the weight of the KL term, `train.kd_loss`), or by ARD (`adversarial: true`,
+    Goldblum et al. 2020) under the entry's eps/norm (default: the teacher's). E.g.
+
+        {distill: {teacher: {eps: 0.5, norm: l2}, temperature: 4, alpha: 0.9, adversarial: true}}
+    """
+
+    teacher: SourceEntry
+    temperature: float = 4.0
+    alpha: float = 0.9
+    adversarial: bool = False
+
+    @property
+    def method(self) -> str:
+        return "ard" if self.adversarial else "kd"
+
+
+@dataclass(frozen=True)
 class SourceEntry:
     """One entry of the spec's `sources` list: what makes this source differ from the others
     (the treatment: threat model, and any other per-source setting); the rest of its recipe
@@ -66,15 +89,19 @@ class SourceEntry:
     # Architecture of this source (Kornblith et al. 2019, "Do Better ImageNet Models Transfer
     # Better?"); None: the spec's `source.arch`.
     arch: str | None = None
+    distill: DistillEntry | None = None
 
     @property
     def natural(self) -> bool:
-        return self.eps == 0
+        return self.eps == 0 and self.distill is None
 
     def to_dict(self) -> dict:
         """As written in the recorded spec; unset (None) keys are left out, so a spec that
         does not use a key records the same text as before the key existed."""
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        d = {k: v for k, v in asdict(self).items() if v is not None}
+        if self.distill is not None:
+            d["distill"]["teacher"] = self.distill.teacher.to_dict()
+        return d
 
 
 @dataclass(frozen=True)
@@ -102,9 +129,7 @@ class Run:
     # Cached: a paper-scale grid has 14,400 runs of a few sources, and `asdict` is slow.
     @functools.cached_property
     def source_id(self) -> str:
-        s = self.source
-        method = "" if s.method in ("natural", "pgd") else f"{s.method}-"
-        return f"{method}{s.norm}-eps{s.eps:g}-{content_id(_source_dict(s), 8)}"
+        return source_id(self.source)
 
     @functools.cached_property
     def run_id(self) -> str:
@@ -113,8 +138,24 @@ class Run:
 
 
 @functools.lru_cache(maxsize=256)
-def _source_dict(source: SourceConfig) -> dict:
+def _cached_source_dict(source: SourceConfig) -> dict:
     return source.to_dict()  # callers only read it
+
+
+def _source_dict(source: SourceConfig) -> dict:
+    try:
+        return _cached_source_dict(source)
+    except TypeError:  # unhashable: a student's recipe holds its teacher's as a dict
+        return source.to_dict()
+
+
+def source_id(s: SourceConfig) -> str:
+    """A source's directory name: readable treatment plus a hash of its whole recipe."""
+    if s.distill is not None:
+        prefix = f"{s.distill.method}-"
+    else:
+        prefix = "" if s.method in ("natural", "pgd") else f"{s.method}-"
+    return f"{prefix}{s.norm}-eps{s.eps:g}-{content_id(_source_dict(s), 8)}"
 
 
 def _as_list(value, key: str) -> list:
@@ -181,9 +222,11 @@ def _parse_recipe(d: dict) -> SourceRecipe:
     return SourceRecipe(**values)
 
 
-def _parse_source(s: dict) -> SourceEntry:
+def _parse_source(s: dict, teacher: bool = False) -> SourceEntry:
     """One `sources` entry (a mapping of SourceEntry's keys) into a `SourceEntry`."""
-    _check_keys(s, {f.name for f in fields(SourceEntry)}, "sources entry")
+    where = "sources.distill.teacher" if teacher else "sources entry"
+    _check_keys(s, {f.name for f in fields(SourceEntry)} - ({"distill"} if teacher else set()),
+                where)
     eps = _number(s.get("eps", 0.0), "sources.eps")
     if eps < 0:
         raise UserError(f"source eps must be >= 0, got {eps}")
@@ -201,7 +244,58 @@ def _parse_source(s: dict) -> SourceEntry:
     if s.get("arch") is not None:
         options["arch"] = str(s["arch"])
         check_choice("arch", options["arch"], ARCHS)
-    return SourceEntry(eps=eps, norm=str(s.get("norm", "l2")), **options)
+    norm = str(s.get("norm", "l2"))
+    distill = None if s.get("distill") is None else _parse_distill(s["distill"])
+    if distill is not None:
+        if options:
+            raise UserError(f"a distilled source takes no {sorted(options)[0]!r}: its "
+                            "recipe is the spec's, its treatment the distillation")
+        if not distill.adversarial and eps > 0:
+            raise UserError("a distilled source's eps is ARD's threat model: give eps only "
+                            "with adversarial: true")
+        if distill.adversarial and "eps" not in s:
+            eps = distill.teacher.eps
+            if eps == 0:
+                raise UserError("adversarial distillation from a natural teacher needs the "
+                                "source's own eps > 0")
+            norm = str(s.get("norm", distill.teacher.norm))
+    return SourceEntry(eps=eps, norm=norm, distill=distill, **options)
+
+
+def _parse_distill(d: dict) -> DistillEntry:
+    _check_keys(d, {f.name for f in fields(DistillEntry)}, "sources.distill")
+    if "teacher" not in d:
+        raise UserError("sources.distill needs a teacher (the eps/norm of another source)")
+    adversarial = d.get("adversarial", False)
+    if not isinstance(adversarial, bool):
+        raise UserError(f"sources.distill.adversarial must be true or false, got "
+                        f"{adversarial!r}")
+    entry = DistillEntry(
+        teacher=_parse_source(d["teacher"], teacher=True),
+        temperature=_number(d.get("temperature", 4.0), "sources.distill.temperature"),
+        alpha=_number(d.get("alpha", 0.9), "sources.distill.alpha"),
+        adversarial=adversarial,
+    )
+    DistillConfig(entry.method, entry.temperature, entry.alpha)  # validates T and alpha
+    return entry
+
+
+def _check_teachers(sources: list[SourceEntry]) -> list[SourceEntry]:
+    """Every distilled source's teacher must be one of the spec's (not distilled) sources;
+    a natural teacher matches the spec's natural source whatever its recorded norm."""
+    plain = [s for s in sources if s.distill is None]
+    out = []
+    for s in sources:
+        if s.distill is not None:
+            t = s.distill.teacher
+            match = [p for p in plain if p == t or (p.natural and t.natural)]
+            if not match:
+                shown = "natural (eps 0)" if t.natural else f"eps {t.eps:g}, norm {t.norm}"
+                raise UserError(f"the teacher of a distilled source ({shown}) is not one of "
+                                "the spec's sources; list it under sources")
+            s = replace(s, distill=replace(s.distill, teacher=match[0]))
+        out.append(s)
+    return out
 
 
 def parse_spec(d: dict) -> GridSpec:
@@ -212,7 +306,7 @@ def parse_spec(d: dict) -> GridSpec:
                       "seeds"} - set(d))
     if missing:
         raise UserError(f"spec is missing key {missing[0]!r}")
-    sources = [_parse_source(s) for s in _as_list(d["sources"], "sources")]
+    sources = _check_teachers([_parse_source(s) for s in _as_list(d["sources"], "sources")])
     recipe = _parse_recipe(d.get("source", {}))
 
     def values(key, parse, default=None):
@@ -281,16 +375,23 @@ def load_spec(path: str | Path) -> GridSpec:
     return parse_spec(d or {})
 
 
-def source_configs(spec: GridSpec) -> list[SourceConfig]:
+def source_config(spec: GridSpec, e: SourceEntry) -> SourceConfig:
+    """The full recipe of source entry `e` (a student's includes its teacher's recipe)."""
     r = spec.source
     train = TrainConfig(epochs=r.epochs, lr=r.lr, batch_size=r.batch_size, seed=r.seed)
-    return [
-        SourceConfig(task=r.task, arch=e.arch or r.arch, eps=e.eps, norm=e.norm,
-                     attack_steps=r.attack_steps, train=train, method=e.method,
-                     trades_beta=e.trades_beta, free_replays=e.free_replays,
-                     on_overfit=e.on_overfit)
-        for e in spec.sources
-    ]
+    distill = None
+    if e.distill is not None:
+        teacher = source_config(spec, e.distill.teacher).to_dict()
+        distill = DistillConfig(e.distill.method, e.distill.temperature, e.distill.alpha,
+                                teacher)
+    return SourceConfig(task=r.task, arch=e.arch or r.arch, eps=e.eps, norm=e.norm,
+                        attack_steps=r.attack_steps, train=train, method=e.method,
+                        trades_beta=e.trades_beta, free_replays=e.free_replays,
+                        on_overfit=e.on_overfit, distill=distill)
+
+
+def source_configs(spec: GridSpec) -> list[SourceConfig]:
+    return [source_config(spec, e) for e in spec.sources]
 
 
 def expand(spec: GridSpec) -> list[Run]:
