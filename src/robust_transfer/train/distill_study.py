@@ -148,7 +148,8 @@ def plan_distillation(teacher_dir, settings: DistillSettings) -> DistillPlan:
         saved = "KD student"
         if settings.adversarial:
             ard = DistillConfig("ard", temperature, settings.alpha, teacher)
-            students["ARD student"] = replace(base, eps=eps, norm=norm, distill=ard)
+            students["ARD student"] = replace(base, eps=eps, norm=norm, distill=ard,
+                                              method=None, on_overfit=None)
             saved = "ARD student"
     return DistillPlan(str(teacher_dir), meta, temperature, eps, norm, students,
                        defensive_teacher, saved)
