@@ -3,9 +3,11 @@
     atk = PGD(model, eps=0.5, norm="l2", steps=20)   # one class per attack
     x_adv = atk(x, y)                                # untargeted
     x_adv = atk(x, y, target=t)                      # targeted, where supported
+    atk.set_adaptive(bpda=True, eot_samples=30)      # BPDA / EOT against input defenses
     table = evaluate(model, x, y, ["autoattack"], eps=[8 / 255])   # the one evaluation path
 """
 
+from robust_transfer.attacks.adaptive import InputTransform, bpda_scope
 from robust_transfer.attacks.apgd import APGD, APGDDLR, APGDT
 from robust_transfer.attacks.base import Attack
 from robust_transfer.attacks.evaluate import evaluate
@@ -31,6 +33,8 @@ from robust_transfer.attacks.universal import UniversalPerturbation
 
 __all__ = [
     "Attack",
+    "InputTransform",
+    "bpda_scope",
     "FGSM",
     "BIM",
     "PGD",

@@ -101,6 +101,7 @@ class APGD(Attack):
     name = "apgd-ce"
     norms = ("linf", "l2", "l1")
     default_steps = 100
+    supports_eot = True
     default_loss = "ce"
 
     def __init__(
@@ -277,6 +278,7 @@ class APGDT(Attack):
     name = "apgd-t"
     norms = ("linf", "l2", "l1")
     default_steps = 100
+    supports_eot = True
 
     def __init__(
         self,
@@ -299,6 +301,12 @@ class APGDT(Attack):
         cls, model: nn.Module, eps: float, norm: str, steps: int | None = None, seed: int = 0
     ) -> APGDT:
         return cls(model, eps, norm, cls.default_steps if steps is None else steps, seed=seed)
+
+    def set_adaptive(self, bpda: bool = False, eot_samples: int = 1) -> APGDT:
+        """As `Attack.set_adaptive`; the inner APGD that takes the gradients gets them too."""
+        super().set_adaptive(bpda, eot_samples)
+        self.inner.set_adaptive(bpda, eot_samples)
+        return self
 
     def perturb(self, x, y, target):
         if target is not None:

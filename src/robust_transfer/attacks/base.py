@@ -6,6 +6,12 @@ detached tensor. Randomness inside `perturb` comes from `ExampleRNG` (attacks/rn
 example, keyed by `seed` and the example's content, so a fresh attack with the same seed gives
 the same examples and an example's result does not depend on its batch; no global flags.
 `generator()` remains for dataset-level sampling (fit order, start images).
+
+Adaptive options against input-transformation defenses (attacks/adaptive.py, Athalye et al.
+2018), set with `set_adaptive(bpda=..., eot_samples=...)` on any attack: BPDA holds for every
+gradient the attack takes (the scope spans its whole run); EOT averages the gradient over
+draws of the defense's randomness in `input_gradient`, the one place the gradient attacks
+(FGSM, BIM, PGD, APGD family) take their gradients, so only attacks with `supports_eot` take it.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from robust_transfer.attacks.adaptive import bpda_scope, check_adaptive, eot_gradient
 from robust_transfer.attacks.losses import get_loss
 from robust_transfer.errors import UserError
 from robust_transfer.models.runtime import eval_mode
@@ -31,7 +38,8 @@ class Attack:
       counts an example broken at eps only where that perturbation's norm is <= eps);
     - `black_box`: it uses no gradients;
     - `default_steps`: its published iteration/query budget (None: it has none);
-    - `norm`: the norm an instance's perturbations are measured in.
+    - `norm`: the norm an instance's perturbations are measured in;
+    - `supports_eot`: its gradients all come from `input_gradient`, so `eot_samples` applies.
 
     `build(model, eps, norm, steps, seed)` makes an instance from the evaluator's budget;
     subclasses override it to map `steps` onto their own parameter.
@@ -43,6 +51,9 @@ class Attack:
     black_box: bool = False
     default_steps: int | None = None
     norm: str = "linf"
+    supports_eot: bool = False
+    bpda: bool = False
+    eot_samples: int = 1
 
     @classmethod
     def check_norm(cls, norm: str) -> None:
@@ -67,6 +78,20 @@ class Attack:
         self.loss_fn = get_loss(loss)
         self._generator: torch.Generator | None = None
 
+    def set_adaptive(self, bpda: bool = False, eot_samples: int = 1) -> Attack:
+        """Adaptive options (Athalye et al. 2018): `bpda` backpropagates through the
+        differentiable approximation of every non-differentiable `InputTransform` in the model;
+        `eot_samples=n` averages each gradient over n draws of the model's randomness.
+        Returns the attack, so `PGD(defended, eps).set_adaptive(eot_samples=30)(x, y)` is one
+        line. `UserError` for eot_samples > 1 on an attack without `supports_eot`."""
+        check_adaptive(bpda, eot_samples)
+        if eot_samples > 1 and not self.supports_eot:
+            label = self.name or type(self).__name__
+            raise UserError(f"attack {label!r} does not take eot_samples (its gradients do not "
+                            "all come from input_gradient); use pgd, fgsm, bim or apgd-*")
+        self.bpda, self.eot_samples = bpda, eot_samples
+        return self
+
     def generator(self, device: torch.device) -> torch.Generator | None:
         """The attack's own random stream on `device` (None: torch's global stream)."""
         if self.seed is None:
@@ -80,7 +105,7 @@ class Attack:
     ) -> torch.Tensor:
         if target is not None:
             target = target.detach().to(y.device)
-        with eval_mode(self.model), torch.enable_grad():
+        with eval_mode(self.model), torch.enable_grad(), bpda_scope(self.bpda):
             x_adv = self.perturb(x.detach(), y.detach(), target)
         return x_adv.detach()
 
@@ -95,7 +120,12 @@ class Attack:
         Untargeted: gradient of loss(f(x), y), e.g. CE(f(x), y). Targeted: gradient of the
         targeted loss, e.g. -CE(f(x), target), so an ascent step moves toward the target class
         either way. One forward and one backward; `self.last_loss` keeps the per-example loss.
+        With `eot_samples=n`: gradient, logits and loss averaged over n draws (EOT).
         """
+        if self.eot_samples > 1:
+            grad, logits, self.last_loss = eot_gradient(self.model, self.loss_fn, x_adv, y,
+                                                        target, self.eot_samples)
+            return grad, logits
         x_adv = x_adv.detach().requires_grad_(True)
         logits = self.model(x_adv)
         loss = self.loss_fn(logits, y, target)

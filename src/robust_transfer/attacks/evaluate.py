@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from robust_transfer.attacks.adaptive import check_adaptive
 from robust_transfer.attacks.base import Attack
 from robust_transfer.attacks.masking import check_black_box, check_eps_curve, check_model
 from robust_transfer.attacks.registry import make_attack, stages
@@ -46,8 +47,9 @@ class _Minimal:
 
 
 def _resolve(model: nn.Module, attacks: Sequence[AttackSpec], norm: str, steps: int | None,
-             seed: int) -> list[_Stage]:
-    """Names (cascades expanded) and factories -> stages with unique labels."""
+             seed: int, bpda: bool = False, eot_samples: int = 1) -> list[_Stage]:
+    """Names (cascades expanded) and factories -> stages with unique labels; every attack
+    gets the adaptive options."""
     if not attacks:
         stages([])  # raises the "no attack given" error
     out: list[_Stage] = []
@@ -55,10 +57,14 @@ def _resolve(model: nn.Module, attacks: Sequence[AttackSpec], norm: str, steps: 
         if isinstance(spec, str):
             for stage in stages([spec], steps):
                 out.append(_Stage(stage.attack, lambda e, s=stage: make_attack(
-                    s.attack, model, e, norm, s.steps, seed)))
+                    s.attack, model, e, norm, s.steps, seed, bpda, eot_samples)))
         elif callable(spec):
             label = getattr(spec, "__name__", type(spec).__name__)
-            out.append(_Stage(label, lambda e, f=spec: f(model, e)))
+            if bpda or eot_samples > 1:
+                out.append(_Stage(label, lambda e, f=spec: f(model, e).set_adaptive(
+                    bpda, eot_samples)))
+            else:
+                out.append(_Stage(label, lambda e, f=spec: f(model, e)))
         else:
             raise UserError(f"an attack must be a name or a callable (model, eps) -> Attack, "
                             f"got {spec!r}")
@@ -172,6 +178,8 @@ def evaluate(
     check: bool = True,
     progress: Callable[[], None] | None = None,
     examples: dict | None = None,
+    bpda: bool = False,
+    eot_samples: int = 1,
 ) -> pd.DataFrame:
     """Clean and robust accuracy per eps under an attack cascade, as a tidy DataFrame.
 
@@ -184,20 +192,28 @@ def evaluate(
     called after each stage. Pass a dict as `examples` to get {eps: worst-case inputs} back
     (clean where no attack broke the example within eps). With `check`, the
     gradient-masking checks run and warn (`GradientMaskingWarning`).
+
+    Adaptive options for input-transformation defenses (Athalye et al. 2018; see
+    attacks/adaptive.py), given to every attack: `bpda` backpropagates through the
+    approximation of each non-differentiable `InputTransform`; `eot_samples=n` averages
+    every gradient over n draws of the model's randomness (gradient attacks only). The
+    masking checks then take their gradients the same way.
     """
     _check_data(x, y)
+    check_adaptive(bpda, eot_samples)
     eps = [float(e) for e in eps]
     if not eps:
         raise UserError("give at least one eps")
     for e in eps:
         make_threat(norm, e)
-    stage_list = _resolve(model, list(attacks), norm, steps, seed)
+    stage_list = _resolve(model, list(attacks), norm, steps, seed, bpda, eot_samples)
     for stage in stage_list:  # unsupported norms fail here, before any attack runs
         stage.make(eps[0])
     cascade = _Cascade(model, x, y, make_threat(norm, 0.0), batch_size)
     if check and len(y):
         k = min(len(y), batch_size)
-        check_model(model, x[:k].to(cascade.device), y[:k].to(cascade.device))
+        check_model(model, x[:k].to(cascade.device), y[:k].to(cascade.device), bpda,
+                    eot_samples)
     rows, worst = [], []
     for e in eps:
         eps_rows, x_worst = cascade.run(e, stage_list, progress)

@@ -40,6 +40,7 @@ class FGSM(Attack):
 
     name = "fgsm"
     norms = ("linf", "l2", "l1")
+    supports_eot = True
 
     def __init__(self, model: nn.Module, eps: float = 8 / 255, norm: str = "linf") -> None:
         super().__init__(model)
@@ -86,6 +87,7 @@ class PGD(Attack):
     name = "pgd"
     norms = ("linf", "l2", "l1")
     default_steps = 20
+    supports_eot = True
 
     def __init__(
         self,

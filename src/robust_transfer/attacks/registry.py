@@ -88,12 +88,16 @@ def make_attack(
     norm: str = "linf",
     steps: int | None = None,
     seed: int = 0,
+    bpda: bool = False,
+    eot_samples: int = 1,
 ) -> Attack:
     """The attack called `name` at (norm, eps) with `steps` iterations/queries (None: its
-    published default). An unknown name or an unsupported norm is a `UserError`."""
+    published default), with the adaptive options `bpda` and `eot_samples`
+    (`Attack.set_adaptive`). An unknown name or an unsupported norm or option is a
+    `UserError`."""
     cls = attack_class(name)
     cls.check_norm(norm)
     make_threat(norm, eps)  # validates eps
     if steps is not None and steps < 1:
         raise UserError(f"steps must be >= 1, got {steps}")
-    return cls.build(model, eps, norm, steps, seed)
+    return cls.build(model, eps, norm, steps, seed).set_adaptive(bpda, eot_samples)
