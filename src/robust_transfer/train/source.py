@@ -9,6 +9,7 @@ import torch
 
 from robust_transfer.attacks import PGD, evaluate, make_threat
 from robust_transfer.data import TASKS, load_task
+from robust_transfer.data.poison import BackdoorConfig, poison
 from robust_transfer.errors import UserError, check_choice
 from robust_transfer.models import ModelSpec, build_model
 from robust_transfer.models.nets import ARCHS, ConvNet
@@ -31,6 +32,8 @@ class SourceConfig:
     attack_steps: int = 7
     attack_alpha: float | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
+    # A backdoor planted while training (data poisoning, see `data.poison`); None: clean.
+    backdoor: BackdoorConfig | None = None
 
     def __post_init__(self) -> None:
         check_choice("task", self.task, TASKS)
@@ -38,9 +41,18 @@ class SourceConfig:
         make_threat(self.norm, self.eps)  # validates norm and eps
         if self.attack_steps < 1:
             raise UserError(f"attack steps must be >= 1, got {self.attack_steps}")
+        if isinstance(self.backdoor, dict):  # from YAML / a checkpoint's recipe
+            object.__setattr__(self, "backdoor", BackdoorConfig.from_dict(self.backdoor))
+        if self.backdoor is not None:
+            self.backdoor.check(len(TASKS[self.task][1]))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The recipe as a dict; `backdoor` only when set, so a clean recipe (and its hash,
+        the source's identity in the grid) is what it was before backdoors existed."""
+        d = asdict(self)
+        if self.backdoor is None:
+            d.pop("backdoor")
+        return d
 
 
 def evaluate_source(model: ConvNet, task_name: str, eps: float, norm: str) -> dict:
@@ -78,13 +90,23 @@ def train_source(
             PGDExamples(cfg.eps, cfg.norm, cfg.attack_steps, cfg.attack_alpha, cfg.train.seed)
         )
     )
+    train_set, backdoor = task.train, {}
+    if cfg.backdoor is not None:
+        # Backdoors planted by an objective (data.poison.OBJECTIVE_ATTACKS, e.g. NeuBA) are
+        # dispatched here, before the data-poisoning default below.
+        train_set, index = poison(task.train, cfg.backdoor, task.num_classes)
+        backdoor = {"poisoned_count": len(index), "poisoned_indices": index.tolist()}
     callback = None if on_epoch is None else (lambda _m, epoch: on_epoch(epoch) or {})
-    history = fit(model, task.train, cfg.train, objective, callback)
+    history = fit(model, train_set, cfg.train, objective, callback)
     metrics = evaluate_source(model, cfg.task, cfg.eps, cfg.norm)
     metrics["final_train_loss"] = history[-1]["train_loss"]
+    if backdoor:
+        metrics["poisoned_count"] = backdoor["poisoned_count"]
     # CPU float sums differ with the number of intra-op threads, so the same recipe and seed
     # give bit-identical weights only at the same thread count: record it.
     meta = {"role": "source", "recipe": cfg.to_dict(), "eps": cfg.eps, "norm": cfg.norm,
             "seed": cfg.train.seed, "task": cfg.task, "metrics": metrics,
             "torch_threads": torch.get_num_threads()}
+    if backdoor:
+        meta["backdoor"] = {**cfg.backdoor.to_dict(), **backdoor}
     return model, meta
