@@ -54,3 +54,19 @@ def train_backdoor_source(
         scores = source_backdoor_metrics(model, meta, cfg.backdoor)
         meta["metrics"].update({k: scores[k] for k in BACKDOOR_KEYS})
     return model, meta
+
+
+def gallery_examples(y: torch.Tensor, target: int | None, n: int = 8) -> torch.Tensor:
+    """Indices of up to `n` test images for a gallery: the first image of each class that is
+    not the target, then the second of each, and so on."""
+    keep = torch.ones_like(y, dtype=torch.bool) if target is None else y != target
+    candidates = torch.nonzero(keep).flatten()
+    # rank of each candidate within its class, so sorting by (rank, class) interleaves classes
+    labels = y[candidates]
+    order = torch.argsort(labels, stable=True)
+    sorted_labels = labels[order]
+    starts = torch.searchsorted(sorted_labels, sorted_labels, side="left")
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order)) - starts
+    key = rank * (int(y.max()) + 1 if len(y) else 1) + labels
+    return candidates[torch.argsort(key, stable=True)[:n]]

@@ -49,6 +49,7 @@ class BackdoorConfig:
     labels: str = "all-to-one"
     clean_label: bool = False
     seed: int = 0
+    patch_size: int | None = None  # badnets only: the patch's side (None: scaled to the image)
 
     def __post_init__(self) -> None:
         check_choice("backdoor attack", self.attack, (*TRIGGERS, *OBJECTIVE_ATTACKS))
@@ -56,6 +57,9 @@ class BackdoorConfig:
         if isinstance(self.rate, bool) or not isinstance(self.rate, (int, float)) \
                 or not 0.0 < self.rate <= 1.0:
             raise UserError(f"poison rate must be in (0, 1], got {self.rate!r}")
+        if self.patch_size is not None and self.attack != "badnets":
+            raise UserError(f"patch size applies to the badnets trigger only, not "
+                            f"{self.attack!r}")
         if self.clean_label and self.labels != "all-to-one":
             raise UserError("clean-label poisoning needs all-to-one labels (it poisons only "
                             "target-class images)")
@@ -66,7 +70,11 @@ class BackdoorConfig:
                             f"{self.target!r}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The config as a dict; `patch_size` only when set (older records lack it)."""
+        d = asdict(self)
+        if self.patch_size is None:
+            d.pop("patch_size")
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> BackdoorConfig:
@@ -87,7 +95,8 @@ class BackdoorConfig:
         """This backdoor's trigger for images of `input_shape` (its pattern from `seed`)."""
         if self.attack not in TRIGGERS:
             raise UserError(f"backdoor attack {self.attack!r} has no single data trigger")
-        return make_trigger(self.attack, input_shape, seed=self.seed)
+        options = {} if self.patch_size is None else {"size": self.patch_size}
+        return make_trigger(self.attack, input_shape, seed=self.seed, **options)
 
     def backdoor_labels(self, y: torch.Tensor, num_classes: int) -> torch.Tensor:
         """The labels the backdoor wants for triggered images whose true labels are `y`."""
