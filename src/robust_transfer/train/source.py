@@ -9,13 +9,14 @@ import torch
 
 from robust_transfer.attacks import PGD, evaluate, make_threat
 from robust_transfer.data import TASKS, load_task
-from robust_transfer.data.poison import BackdoorConfig, poison
+from robust_transfer.data.poison import OBJECTIVE_ATTACKS, BackdoorConfig, poison
 from robust_transfer.errors import UserError, check_choice
 from robust_transfer.models import ModelSpec, build_model
 from robust_transfer.models.nets import ARCHS, ConvNet
 from robust_transfer.models.runtime import accuracy
 from robust_transfer.train.examples import PGDExamples
 from robust_transfer.train.loop import TrainConfig, fit
+from robust_transfer.train.neuba import neuba_objective
 from robust_transfer.train.objectives import ExampleLoss, natural_loss
 
 EVAL_STEPS = 20
@@ -92,10 +93,13 @@ def train_source(
     )
     train_set, backdoor = task.train, {}
     if cfg.backdoor is not None:
-        # Backdoors planted by an objective (data.poison.OBJECTIVE_ATTACKS, e.g. NeuBA) are
-        # dispatched here, before the data-poisoning default below.
-        train_set, index = poison(task.train, cfg.backdoor, task.num_classes)
-        backdoor = {"poisoned_count": len(index), "poisoned_indices": index.tolist()}
+        if cfg.backdoor.attack in OBJECTIVE_ATTACKS:  # planted by the loss, on clean data
+            objective = neuba_objective(cfg.backdoor, task.input_shape, model.feature_dim,
+                                        objective)
+            backdoor = {"poisoned_count": 0}
+        else:
+            train_set, index = poison(task.train, cfg.backdoor, task.num_classes)
+            backdoor = {"poisoned_count": len(index), "poisoned_indices": index.tolist()}
     callback = None if on_epoch is None else (lambda _m, epoch: on_epoch(epoch) or {})
     history = fit(model, train_set, cfg.train, objective, callback)
     metrics = evaluate_source(model, cfg.task, cfg.eps, cfg.norm)
