@@ -52,7 +52,13 @@ def _root(
     _state["command"] = ctx.invoked_subcommand
 
 
-from robust_transfer.cli import attack, backdoor, explain, study  # noqa: E402,F401  (register commands)
+from robust_transfer.cli import (  # noqa: E402,F401  (register commands)
+    attack,
+    backdoor,
+    backdoor_transfer,
+    explain,
+    study,
+)
 
 # Options that take several values after one flag (`--eps 0.1 0.2 0.3`); click wants the
 # flag repeated, so argv is rewritten before parsing.

@@ -48,8 +48,15 @@ PAIR_KEYS = [*FACETS, "unfrozen_blocks", "images_per_class", "seed", "epoch"]
 NATURAL = "natural"
 
 
-def source_label(eps: float, norm: str) -> str:
-    return NATURAL if eps == 0 else f"{norm.upper()} ε={eps:g}"
+def source_label(eps: float, norm: str, backdoor: str = "") -> str:
+    """"natural" / "L2 ε=0.5", plus " + badnets" for a source with a planted backdoor."""
+    label = NATURAL if eps == 0 else f"{norm.upper()} ε={eps:g}"
+    return f"{label} + {backdoor}" if backdoor else label
+
+
+def _clean_natural(df: pd.DataFrame) -> pd.Series:
+    """Rows of natural sources without a planted backdoor: the reference of every delta."""
+    return (df.source_eps == 0) & (df.source_backdoor == "")
 
 
 def _blocks_title(blocks: str) -> str:
@@ -69,7 +76,7 @@ def _shots_key(k) -> float:
 def _one_natural(df: pd.DataFrame) -> pd.DataFrame:
     """Keep one eps=0 source per recipe: two (e.g. recorded as l2 and linf) are the same model
     trained twice, so their fine-tunes must agree; if they differ, pairing is ambiguous."""
-    natural = df[df.source_eps == 0]
+    natural = df[_clean_natural(df)]
     norms = natural.groupby(SOURCE_GROUP, dropna=False).source_norm.unique()
     twice = norms[norms.map(len) > 1]
     if twice.empty:
@@ -78,9 +85,9 @@ def _one_natural(df: pd.DataFrame) -> pd.DataFrame:
     for group, found in twice.items():
         keep, *others = sorted(found)
         in_group = (df[SOURCE_GROUP] == pd.Series(group, index=SOURCE_GROUP)).all(axis=1)
-        ref = df[in_group & (df.source_eps == 0) & (df.source_norm == keep)]
+        ref = df[in_group & _clean_natural(df) & (df.source_norm == keep)]
         for other in others:
-            rows = df[in_group & (df.source_eps == 0) & (df.source_norm == other)]
+            rows = df[in_group & _clean_natural(df) & (df.source_norm == other)]
             both = ref.merge(rows, on=PAIR_KEYS, suffixes=("", "_other"))
             if len(both) != len(rows) or not np.allclose(both.test_accuracy,
                                                          both.test_accuracy_other, atol=1e-9):
@@ -90,7 +97,7 @@ def _one_natural(df: pd.DataFrame) -> pd.DataFrame:
                     f"{keep!r} and {other!r}, whose fine-tunes differ; natural training "
                     "ignores the norm, so keep one eps=0 source per recipe"
                 )
-            drop |= in_group & (df.source_eps == 0) & (df.source_norm == other)
+            drop |= in_group & _clean_natural(df) & (df.source_norm == other)
     return df[~drop]
 
 
@@ -100,8 +107,11 @@ def prepare(df: pd.DataFrame) -> pd.DataFrame:
     df = df.copy()
     df["images_per_class"] = df["images_per_class"].map(parse_shots).astype(object)
     df["unfrozen_blocks"] = df["unfrozen_blocks"].astype(str)
+    df["source_backdoor"] = (df["source_backdoor"].fillna("").astype(str)
+                             if "source_backdoor" in df else "")
     df = _one_natural(df)
-    df["source"] = [source_label(e, n) for e, n in zip(df.source_eps, df.source_norm, strict=True)]
+    df["source"] = [source_label(e, n, b) for e, n, b in
+                    zip(df.source_eps, df.source_norm, df.source_backdoor, strict=True)]
     df["shots"] = df["train_images"] / df["target_classes"]
     dup = df.duplicated([*PAIR_KEYS, "source"], keep=False)
     if dup.any():
@@ -116,9 +126,10 @@ def prepare(df: pd.DataFrame) -> pd.DataFrame:
 
 def paired_delta(df: pd.DataFrame) -> pd.DataFrame:
     """Robust minus natural accuracy, matched on `PAIR_KEYS` (source recipe, fine-tune, seed,
-    epoch): one natural row per robust row, so n counts seeds."""
-    natural = df[df.source_eps == 0][PAIR_KEYS + ["test_accuracy"]]
-    robust = df[df.source_eps > 0]
+    epoch): one natural row per robust row, so n counts seeds. The natural reference is the
+    clean natural source; a backdoored source (natural or robust) is compared with it too."""
+    natural = df[_clean_natural(df)][PAIR_KEYS + ["test_accuracy"]]
+    robust = df[~_clean_natural(df)]
     if natural.empty or robust.empty:
         return robust.iloc[0:0].assign(delta=[])
     merged = robust.merge(natural, on=PAIR_KEYS, suffixes=("", "_natural"),
@@ -127,7 +138,8 @@ def paired_delta(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _sources_order(df: pd.DataFrame) -> list[str]:
-    order = df.drop_duplicates("source").sort_values(["source_eps", "source_norm"])
+    order = df.drop_duplicates("source").sort_values(["source_eps", "source_norm",
+                                                       "source_backdoor"])
     return list(order.source)
 
 

@@ -5,9 +5,11 @@ k blocks, train on n images per class, record test accuracy after every epoch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
+from torch import nn
 
 from robust_transfer.data import load_task, shots_per_class
 from robust_transfer.data.tasks import TASKS, Shots, parse_shots
@@ -58,12 +60,14 @@ class FinetuneConfig:
         return asdict(self)
 
 
-def finetune(model: ConvNet, cfg: FinetuneConfig) -> list[dict]:
+def finetune(model: ConvNet, cfg: FinetuneConfig,
+             on_epoch: Callable[[nn.Module, int], dict] | None = None) -> list[dict]:
     """Fine-tune `model` in place on `cfg.target_task`; one record per epoch.
 
     The same seed draws the same k-shot subset and the same new head whichever source is
     being fine-tuned, so natural and robust sources are compared on identical data.
-    Records: epoch, train_loss, epoch_lr, train_images, test_accuracy.
+    Records: epoch, train_loss, epoch_lr, train_images, test_accuracy, plus whatever
+    `on_epoch(model, epoch)` returns (e.g. a backdoor's ASR on the target test set).
     """
     task = load_task(cfg.target_task)
     if task.input_shape[0] != model.spec.in_channels:
@@ -77,7 +81,8 @@ def finetune(model: ConvNet, cfg: FinetuneConfig) -> list[dict]:
     freeze_all_but_last(model, cfg.unfrozen_blocks)
     test_x, test_y = task.test.x.to(device), task.test.y.to(device)
 
-    def test_accuracy(m, _epoch):
-        return {"train_images": len(train), "test_accuracy": accuracy(m, test_x, test_y)}
+    def test_accuracy(m, epoch):
+        record = {"train_images": len(train), "test_accuracy": accuracy(m, test_x, test_y)}
+        return record if on_epoch is None else {**record, **on_epoch(m, epoch)}
 
     return fit(model, train, cfg.train_config(), on_epoch=test_accuracy)

@@ -20,9 +20,10 @@ import torch
 import yaml
 
 from robust_transfer.atomic import atomic_write_text
+from robust_transfer.backdoors.source import train_backdoor_source
 from robust_transfer.models import save_checkpoint
 from robust_transfer.models.checkpoint import META
-from robust_transfer.train import SourceConfig, train_source
+from robust_transfer.train import SourceConfig
 from robust_transfer.transfer.executors import Executor, LocalExecutor
 from robust_transfer.transfer.finetune import FinetuneConfig
 from robust_transfer.transfer.results import (
@@ -43,6 +44,11 @@ def demo_spec_path() -> Path:
     return Path(__file__).resolve().parent.parent / "specs" / "demo.yaml"
 
 
+def backdoor_spec_path() -> Path:
+    """The backdoor-transfer spec shipped inside the package (`backdoor transfer`)."""
+    return Path(__file__).resolve().parent.parent / "specs" / "backdoor.yaml"
+
+
 @dataclass(frozen=True)
 class _SourceJob:
     config: SourceConfig
@@ -56,16 +62,18 @@ class _FinetuneJob:
     source_dir: Path
     config: FinetuneConfig
     device: str = "cpu"
+    probes: tuple = ()  # backdoors whose triggers are evaluated per epoch (`Run.probes`)
 
 
 def _train_source_job(job: _SourceJob) -> Path:
-    model, meta = train_source(job.config, job.device)
+    model, meta = train_backdoor_source(job.config, job.device)  # + ASR when backdoored
     save_checkpoint(model, job.directory, meta)
     return job.directory
 
 
 def _finetune_job(job: _FinetuneJob) -> list[dict]:
-    rows = finetune_from_checkpoint(job.source_dir, job.config, device=job.device)
+    rows = finetune_from_checkpoint(job.source_dir, job.config, device=job.device,
+                                    probes=job.probes)
     return [{"run_id": job.run_id, **row} for row in rows]
 
 
@@ -87,7 +95,7 @@ def plan(spec: GridSpec, out: Path, device: str = "cpu") -> GridPlan:
     ]
     done = done_run_ids(out)
     pending = [
-        _FinetuneJob(r.run_id, out / SOURCES / r.source_id, r.finetune, device)
+        _FinetuneJob(r.run_id, out / SOURCES / r.source_id, r.finetune, device, r.probes)
         for r in runs if r.run_id not in done
     ]
     return GridPlan(runs, to_train, pending)

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from robust_transfer.data import load_task
+from robust_transfer.data.poison import BackdoorConfig
 from robust_transfer.models import load_checkpoint, save_checkpoint
 from robust_transfer.models.checkpoint import read_meta
+from robust_transfer.transfer.backdoor_eval import backdoor_epoch_hook
 from robust_transfer.transfer.finetune import FinetuneConfig, finetune
 from robust_transfer.transfer.spec import content_id
 
-# The recipe fields that make two sources the same model but for the threat model: sources
-# that share them are one comparison group (natural vs robust), whatever their eps and norm.
-THREAT_FIELDS = ("eps", "norm")
+# The recipe fields that make two sources the same model but for the treatment (threat model,
+# planted backdoor): sources that share the rest are one comparison group (natural vs robust,
+# clean vs backdoored), whatever their eps, norm and backdoor.
+THREAT_FIELDS = ("eps", "norm", "backdoor")
 
 
 def source_recipe(source_meta: dict) -> dict:
-    """How a source was trained, less its threat model (eps, norm).
+    """How a source was trained, less its treatment (eps, norm, backdoor).
 
     From the checkpoint's recorded recipe; a checkpoint without one (trained elsewhere) is
     identified by what its metadata does say (task, arch, seed).
@@ -52,7 +56,21 @@ def source_columns(source_meta: dict) -> dict:
         "source_recipe": content_id(source_recipe(source_meta), 8),
         "source_clean_accuracy": float(metrics.get("clean_accuracy", float("nan"))),
         "source_robust_accuracy": float(metrics.get("robust_accuracy", float("nan"))),
+        "source_backdoor": source_backdoor_label(source_meta),
     }
+
+
+def source_backdoor(source_meta: dict) -> BackdoorConfig | None:
+    """The backdoor recorded in a source's recipe (None: a clean source)."""
+    d = (source_meta.get("recipe") or {}).get("backdoor")
+    return None if not d else BackdoorConfig.from_dict(d)
+
+
+def source_backdoor_label(source_meta: dict) -> str:
+    """The `source_backdoor` column: the planted backdoor's attack ("badnets", "neuba"), or
+    "" for a clean source."""
+    backdoor = source_backdoor(source_meta)
+    return "" if backdoor is None else backdoor.attack
 
 
 def finetune_from_checkpoint(
@@ -60,6 +78,7 @@ def finetune_from_checkpoint(
     cfg: FinetuneConfig,
     out_dir: str | Path | None = None,
     device: torch.device | str = "cpu",
+    probes: Sequence[BackdoorConfig] | None = None,
 ) -> list[dict]:
     """Fine-tune the checkpoint at `source_dir` per `cfg`; one tidy row per epoch.
 
@@ -67,9 +86,16 @@ def finetune_from_checkpoint(
     (`images_per_class` as its one type, int or "all"; unfrozen blocks as text, "all" for
     every block) and the epoch's test accuracy. With `out_dir`, the fine-tuned model is saved
     there as a checkpoint whose metadata names its source and recipe.
+
+    `probes`: backdoors whose triggers are measured after every epoch (`backdoor_eval`:
+    C-Acc, task-agnostic ASR, RA); None = the source's own backdoor, if it has one.
     """
     model, source_meta = load_checkpoint(source_dir, device)
-    history = finetune(model, cfg)
+    own = source_backdoor(source_meta)
+    test = load_task(cfg.target_task).test
+    dev = next(model.parameters()).device
+    hook = backdoor_epoch_hook(test.x.to(dev), test.y.to(dev), probes or (), own)
+    history = finetune(model, cfg, hook)
     config = {
         "target_task": cfg.target_task,
         "target_classes": load_task(cfg.target_task).num_classes,

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from robust_transfer.data.poison import BackdoorConfig
 from robust_transfer.data.tasks import ALL, check_shots, load_task, parse_shots
 from robust_transfer.errors import UserError
 from robust_transfer.models.nets import ARCHS
@@ -55,13 +56,19 @@ class SourceEntry:
 
     eps: float = 0.0
     norm: str = "l2"
+    # A planted backdoor (BadNets poisoning, NeuBA, ...): part of the treatment, so a
+    # backdoored and a clean source of the same eps are different sources.
+    backdoor: BackdoorConfig | None = None
 
     @property
     def natural(self) -> bool:
         return self.eps == 0
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.backdoor is None:  # clean sources are recorded as before backdoors existed
+            del d["backdoor"]
+        return d
 
 
 @dataclass(frozen=True)
@@ -80,19 +87,30 @@ class GridSpec:
 
 @dataclass(frozen=True)
 class Run:
-    """One fine-tune of the grid: which source, and the fine-tuning config."""
+    """One fine-tune of the grid: which source, and the fine-tuning config.
+
+    `probes`: the backdoors whose triggers are evaluated after every epoch (C-Acc, ASR, RA;
+    `transfer.backdoor_eval`). A grid with any backdoored source probes every run with the
+    triggers of all its backdoors, so a clean source gives the baseline ASR of each trigger.
+    """
 
     source: SourceConfig
     finetune: FinetuneConfig
+    probes: tuple[BackdoorConfig, ...] = ()
 
     @property
     def source_id(self) -> str:
         s = self.source
-        return f"{s.norm}-eps{s.eps:g}-{content_id(s.to_dict(), 8)}"
+        backdoor = getattr(s, "backdoor", None)
+        attack = f"-{backdoor.attack}" if backdoor is not None else ""
+        return f"{s.norm}-eps{s.eps:g}{attack}-{content_id(s.to_dict(), 8)}"
 
     @property
     def run_id(self) -> str:
-        return content_id({"source": self.source.to_dict(), "finetune": self.finetune.to_dict()})
+        d = {"source": self.source.to_dict(), "finetune": self.finetune.to_dict()}
+        if self.probes:  # runs without probes keep the ids they had before probes existed
+            d["probes"] = [p.to_dict() for p in self.probes]
+        return content_id(d)
 
 
 def _as_list(value, key: str) -> list:
@@ -125,9 +143,13 @@ def _no_repeats(values: list, key: str) -> list:
 
 
 def _one_natural(sources: list[SourceEntry]) -> list[SourceEntry]:
-    """Keep the first natural source: natural training does not depend on the norm."""
-    natural = [s for s in sources if s.natural]
-    return [s for s in sources if not s.natural or s is natural[0]]
+    """Keep the first natural source of each backdoor (None = clean): natural training does
+    not depend on the norm."""
+    first: dict = {}
+    for s in sources:
+        if s.natural:
+            first.setdefault(s.backdoor, s)
+    return [s for s in sources if not s.natural or first[s.backdoor] is s]
 
 
 def _number(value, key: str, kind=float):
@@ -156,7 +178,19 @@ def _parse_source(s: dict) -> SourceEntry:
     eps = _number(s.get("eps", 0.0), "sources.eps")
     if eps < 0:
         raise UserError(f"source eps must be >= 0, got {eps}")
-    return SourceEntry(eps=eps, norm=str(s.get("norm", "l2")))
+    return SourceEntry(eps=eps, norm=str(s.get("norm", "l2")),
+                       backdoor=_parse_backdoor(s.get("backdoor")))
+
+
+def _parse_backdoor(d) -> BackdoorConfig | None:
+    """A `sources` entry's `backdoor` mapping (e.g. {attack: badnets, rate: 0.1, target: 0})
+    into a `BackdoorConfig`, whose own checks name a bad attack, rate or label mode."""
+    if d is None:
+        return None
+    if not isinstance(d, dict):
+        raise UserError(f"sources.backdoor must be a mapping such as {{attack: badnets, rate: "
+                        f"0.1, target: 0}}, got {d!r}")
+    return BackdoorConfig.from_dict(d)
 
 
 def parse_spec(d: dict) -> GridSpec:
@@ -201,7 +235,11 @@ def check_against_data(spec: GridSpec) -> None:
         if k is not None and k > n_blocks:
             raise UserError(f"unfrozen blocks {k} is more than arch {arch!r} has ({n_blocks}); "
                             f"use 0..{n_blocks} or 'all'")
-    channels = load_task(spec.source.task).input_shape[0]
+    source_task = load_task(spec.source.task)
+    channels = source_task.input_shape[0]
+    for entry in spec.sources:
+        if entry.backdoor is not None:
+            entry.backdoor.check(source_task.num_classes)
     for target in spec.targets:
         task = load_task(target)
         if task.input_shape[0] != channels:
@@ -239,18 +277,24 @@ def source_configs(spec: GridSpec) -> list[SourceConfig]:
     train = TrainConfig(epochs=r.epochs, lr=r.lr, batch_size=r.batch_size, seed=r.seed)
     return [
         SourceConfig(task=r.task, arch=r.arch, eps=e.eps, norm=e.norm,
-                     attack_steps=r.attack_steps, train=train)
+                     attack_steps=r.attack_steps, train=train,
+                     **({} if e.backdoor is None else {"backdoor": e.backdoor}))
         for e in spec.sources
     ]
 
 
+def probes(spec: GridSpec) -> tuple[BackdoorConfig, ...]:
+    """The distinct backdoors of the spec's sources, in spec order (`Run.probes`)."""
+    return tuple(dict.fromkeys(e.backdoor for e in spec.sources if e.backdoor is not None))
+
+
 def expand(spec: GridSpec) -> list[Run]:
     """Every combination of the spec's variables, as `Run`s (sources outermost)."""
-    runs = []
+    runs, probed = [], probes(spec)
     for source, target, k, blocks, epochs, lr, seed in itertools.product(
         source_configs(spec), spec.targets, spec.images_per_class, spec.unfrozen_blocks,
         spec.epochs, spec.lr, spec.seeds,
     ):
         cfg = FinetuneConfig(target, k, blocks, epochs, lr, spec.batch_size, seed)
-        runs.append(Run(source, cfg))
+        runs.append(Run(source, cfg, probed))
     return runs
