@@ -4,11 +4,16 @@ fine-pruning, ABL, with C-Acc / ASR bars). Thin: parse, validate, call `backdoor
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
 from pathlib import Path
 
+import pandas as pd
+import torch
 import typer
 
-from robust_transfer.atomic import atomic_write_text
+from robust_transfer.atomic import atomic_path, atomic_write_text
+from robust_transfer.backdoors.defenses import DEFENSES, DefenseConfig, defense_table
 from robust_transfer.backdoors.source import (
     gallery_examples,
     recorded_backdoor,
@@ -27,9 +32,10 @@ from robust_transfer.cli.common import (
 from robust_transfer.data import TASKS, load_task
 from robust_transfer.data.poison import LABELS, BackdoorConfig
 from robust_transfer.data.triggers import TRIGGERS
+from robust_transfer.errors import UserError, check_choice
 from robust_transfer.models import load_checkpoint, save_checkpoint
 from robust_transfer.models.runtime import predict_logits, resolve_device
-from robust_transfer.report.backdoor_figures import trigger_gallery
+from robust_transfer.report.backdoor_figures import defense_bars, trigger_gallery
 from robust_transfer.train import SourceConfig, TrainConfig
 
 backdoor_app = typer.Typer(help="Backdoored source models: plant (attack), measure (evaluate), "
@@ -107,8 +113,6 @@ def evaluate(
                 [_metric_row(str(checkpoint), m)])
     if out is None:
         return
-    import json
-
     task = load_task(meta["task"])
     trig = backdoor.trigger(task.input_shape)
     target = backdoor.target if backdoor.labels == "all-to-one" else None
@@ -121,3 +125,69 @@ def evaluate(
                               f"ASR {m['asr']:.3f}, RA {m['ra']:.3f}")
     atomic_write_text(out / "metrics.json", json.dumps(m, indent=2))
     console.print(f"figure: {gallery}")
+
+
+@app.command("backdoor-defend")
+def backdoor_defend(
+    checkpoint: Path = typer.Argument(..., help="A backdoored checkpoint (backdoor attack)."),
+    out: Path = typer.Option(..., "--out", help="Directory for defenses.csv, the bar figure "
+                             "and one defended checkpoint per defense."),
+    defense: list[str] = typer.Option(None, "--defense", help=f"{' | '.join(DEFENSES)} "
+                                      "(repeatable; default: all)."),
+    clean_fraction: float = typer.Option(0.1, help="Share of the clean training set the "
+                                         "defender has (FT, super-FT, fine-pruning)."),
+    epochs: int = typer.Option(10, help="Fine-tuning epochs (super-FT: per phase)."),
+    lr: float = typer.Option(0.01, help="Fine-tuning learning rate (FT, fine-pruning)."),
+    prune_drop: float = typer.Option(0.05, help="Fine-pruning stops when clean accuracy "
+                                     "drops by more than this."),
+    seed: int = typer.Option(0, help="Seed for the clean subset and the defenses."),
+    device: str = DEVICE_OPTION,
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Replace defended checkpoints already in --out."),
+) -> None:
+    """Remove a backdoor with FT, super-fine-tuning, fine-pruning or ABL; report C-Acc / ASR /
+    RA before and after, the clean data used, and the sequela (PGD-20 robust accuracy, ASR of
+    a fresh backdoor), as a table, defenses.csv and C-Acc / ASR bars."""
+    defenses = list(dict.fromkeys(defense or DEFENSES))
+    for name in defenses:
+        check_choice("defense", name, DEFENSES)
+    cfg = DefenseConfig(clean_fraction=clean_fraction, epochs=epochs, lr=lr,
+                        prune_drop=prune_drop, seed=seed)
+    check_output_dir(out, "--out")
+    for name in defenses:
+        check_checkpoint_out(out / name, overwrite, f"--out/{name}")
+    dev = resolve_device(device)
+    model, meta = load_checkpoint(checkpoint, dev)
+    backdoor = recorded_backdoor(meta)
+    if backdoor.attack not in TRIGGERS:
+        raise UserError(f"backdoor-defend needs a data-poisoning backdoor ({', '.join(TRIGGERS)})"
+                        f", the checkpoint has {backdoor.attack!r}")
+    task = load_task(meta["task"])
+    recipe = (meta.get("recipe") or {}).get("train")
+    source_train = TrainConfig(**recipe) if recipe else None
+    index = meta["backdoor"].get("poisoned_indices")
+    with progress_bar(f"defenses on {checkpoint}", len(defenses)) as advance:
+        rows, models = defense_table(
+            model, defenses, task, backdoor, cfg, source_train,
+            None if index is None else torch.tensor(index, dtype=torch.long),
+            on_defense=lambda _d: advance())
+    table = pd.DataFrame(rows)
+    for name, defended in models.items():
+        save_checkpoint(defended, out / name, {
+            "role": "defended", "task": meta["task"], "defense": name,
+            "defense_config": asdict(cfg), "source_checkpoint": str(checkpoint),
+            "backdoor": meta["backdoor"], "recipe": meta.get("recipe"),
+            "metrics": {k.removesuffix("_after"): v for k, v in
+                        table[table.defense == name].iloc[0].items() if k.endswith("_after")}})
+    with atomic_path(out / "defenses.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    figure = defense_bars(table, out / "defenses.png",
+                          title=f"{backdoor.attack} on {meta['task']}: defenses")
+    shown = {"defense": "defense", "clean_data_fraction": "clean data",
+             "clean_accuracy_before": "C-Acc", "clean_accuracy_after": "C-Acc after",
+             "asr_before": "ASR", "asr_after": "ASR after", "ra_after": "RA after",
+             "robust_accuracy_before": "PGD acc", "robust_accuracy_after": "PGD acc after",
+             "fresh_asr_before": "fresh ASR", "fresh_asr_after": "fresh ASR after"}
+    print_table("backdoor defenses (sequela: PGD-20 accuracy, ASR of a fresh backdoor)",
+                table[list(shown)].rename(columns=shown).to_dict("records"))
+    console.print(f"table: {out / 'defenses.csv'}\nfigure: {figure}")
