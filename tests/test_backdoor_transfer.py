@@ -101,7 +101,8 @@ def test_report_draws_asr_figures_a_person_can_read(grid, tmp_path):
     final = final[final.epoch == final.epochs]
     fig, axes = asr_vs_images_figure(final)
     ax = axes[0, 0]
-    labels = ax.get_legend_handles_labels()[1]
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == ax.get_legend_handles_labels()[1]  # the legend names the panel's curves
     assert "natural + neuba" in labels and "natural (clean), neuba trigger" in labels
     assert any(label.startswith("1/K") for label in labels)
     assert ax.get_xlabel() == "training images per class (log scale)"

@@ -103,10 +103,17 @@ def _panels(long: pd.DataFrame, panel: str, x: str, titles, xlabel: str, title: 
         if ticks:
             ticks(ax, part)
     axes[0, 0].set_ylabel("task-agnostic ASR (final epoch)")
-    axes[0, -1].legend(fontsize=8, loc="best")
+    # Below the panels, so no curve is hidden under it.
+    entries: dict = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            entries.setdefault(label, handle)
+    labels, handles = list(entries), list(entries.values())
+    fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=9,
+               bbox_to_anchor=(0.5, 0.0))
     fig.suptitle(f"{title}\nbands: 95% t-interval over seeds ({', '.join(sorted(ns))} seeds)",
                  fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(labels) - 1) // 3), 1, 1))
     return fig, axes
 
 

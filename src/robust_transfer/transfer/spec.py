@@ -9,6 +9,11 @@ unfrozen blocks against the architecture's blocks, images per class against ever
 smallest class, and source/target channels. An eps=0 source is the natural model whatever
 its norm, so a spec lists it once: later eps=0 entries with another norm are dropped
 (training the same natural model twice would make the report's pairing ambiguous).
+
+A `sources` entry may plant a backdoor: `backdoor: {attack: badnets, rate: 0.1, target: 0}`
+(data poisoning) or `{attack: neuba}` (NeuBA pre-training). The backdoor is part of the
+source's treatment (a backdoored and a clean source of the same eps are two sources), and a
+grid with any backdoor measures every run with the triggers of all of them (`Run.probes`).
 """
 
 from __future__ import annotations
