@@ -6,7 +6,9 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
+from robust_transfer.cli import main
 from robust_transfer.data import load_task
 from robust_transfer.errors import UserError
 from robust_transfer.models import load_checkpoint
@@ -147,3 +149,33 @@ def test_backdoored_and_clean_sources_are_distinct_and_clean_ids_unchanged():
 def test_bad_backdoor_keys_are_user_errors(backdoor, match):
     with pytest.raises(UserError, match=match):
         parse_spec({**GRID, "sources": [{"eps": 0.0, "backdoor": backdoor}]})
+
+
+def _cli(capsys, *args):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return exit_info.value.code or 0, captured.out, captured.err
+
+
+@pytest.mark.parametrize("sources, match", [
+    ([{"eps": 0.0}], "no backdoored source"),
+    ([{"eps": 0.0, "backdoor": {"attack": "badnets", "rate": 2}}], "poison rate"),
+])
+def test_backdoor_transfer_cli_refuses_bad_specs_before_any_work(tmp_path, capsys, sources,
+                                                                 match):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({**GRID, "sources": sources}))
+    code, _, err = _cli(capsys, "backdoor", "transfer", spec, "--out", tmp_path / "out")
+    assert code == 2 and err.startswith("error: ") and match in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_report_cli_draws_the_asr_figures_for_a_backdoor_table(grid, tmp_path, capsys):
+    out, _ = grid
+    code, _, _ = _cli(capsys, "report", out, "--out", tmp_path / "rep")
+    assert code == 0
+    names = {p.name for p in (tmp_path / "rep").iterdir()}
+    assert {"figB1_asr_vs_images.png", "figB2_asr_vs_blocks.png", "backdoor_summary.md",
+            "fig1_accuracy_vs_images.png", "summary.md"} <= names
