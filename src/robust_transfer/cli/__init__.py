@@ -54,6 +54,8 @@ def _root(
 
 from robust_transfer.cli import (  # noqa: E402,F401  (register commands)
     attack,
+    backdoor,
+    backdoor_transfer,
     checkpoints,
     defend,
     distill,

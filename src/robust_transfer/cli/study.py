@@ -25,6 +25,7 @@ from robust_transfer.cli.common import (
 from robust_transfer.data import TASKS
 from robust_transfer.models import ARCHS, save_checkpoint
 from robust_transfer.models.runtime import resolve_device
+from robust_transfer.report.backdoor_transfer import make_backdoor_report
 from robust_transfer.report.study import headline_rows, make_report
 from robust_transfer.train import SourceConfig, TrainConfig, train_source
 from robust_transfer.train.methods import METHODS
@@ -200,6 +201,9 @@ def report(
 ) -> None:
     """Figures 1-2 (accuracy vs images and vs epochs, delta robust - natural) and summary.md.
 
+    A table with backdoored sources also gets Figures B1-B2 (task-agnostic ASR vs images per
+    class and vs unfrozen blocks) and backdoor_summary.md.
+
     A grid directory reports the finished runs of the spec it was last run with. Robust and
     natural runs are paired per source recipe (task, arch, training), fine-tune and seed; a
     table with several recipes or fine-tuning setups gets one figure set per setup.
@@ -207,8 +211,8 @@ def report(
     out = out or (results if results.is_dir() else results.parent) / "report"
     check_output_dir(out, "--out")
     rep = make_report(results, out, epoch_shots or None)
-    for f in rep.figures:
-        console.print(f"figure: {f}")
+    for f in [*rep.figures, *make_backdoor_report(results, out)]:
+        console.print(f"{'summary' if f.suffix == '.md' else 'figure'}: {f}")
     console.print(f"summary: {rep.summary}")
     grid_dir = results if results.is_dir() else results.parent
     planned = manifest_run_ids(grid_dir)

@@ -54,15 +54,18 @@ PAIR_KEYS = [*FACETS, "unfrozen_blocks", "images_per_class", "seed", "epoch"]
 NATURAL = "natural"
 
 
-def source_label(eps: float, norm: str, method: str = "pgd", distill: str = "") -> str:
+def source_label(eps: float, norm: str, method: str = "pgd", distill: str = "",
+                 backdoor: str = "") -> str:
     """"natural", "L2 ε=0.5", "FAST L2 ε=0.5", or a distilled student's own text
-    (`source_distill`)."""
+    (`source_distill`); plus " + badnets" for a source with a planted backdoor."""
     if distill:
-        return distill
-    if eps == 0:
-        return NATURAL
-    prefix = "" if method == "pgd" else f"{method.upper()} "
-    return f"{prefix}{norm.upper()} ε={eps:g}"
+        label = distill
+    elif eps == 0:
+        label = NATURAL
+    else:
+        prefix = "" if method == "pgd" else f"{method.upper()} "
+        label = f"{prefix}{norm.upper()} ε={eps:g}"
+    return f"{label} + {backdoor}" if backdoor else label
 
 
 def _with_method(df: pd.DataFrame) -> pd.DataFrame:
@@ -74,10 +77,11 @@ def _with_method(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def is_natural(df: pd.DataFrame) -> pd.Series:
-    """Rows of natural sources: eps 0 and not distilled (tables from before distillation
-    have no `source_distill` column)."""
+    """Rows of the clean natural source, the reference of every delta: eps 0, not distilled,
+    no planted backdoor (tables from before these columns have none)."""
     distilled = df["source_distill"].fillna("") != "" if "source_distill" in df else False
-    return (df.source_eps == 0) & ~distilled
+    backdoored = df["source_backdoor"].fillna("") != "" if "source_backdoor" in df else False
+    return (df.source_eps == 0) & ~distilled & ~backdoored
 
 
 def _blocks_title(blocks: str) -> str:
@@ -133,10 +137,12 @@ def prepare(df: pd.DataFrame) -> pd.DataFrame:
                             else "")
     df["images_per_class"] = df["images_per_class"].map(parse_shots).astype(object)
     df["unfrozen_blocks"] = df["unfrozen_blocks"].astype(str)
+    df["source_backdoor"] = (df["source_backdoor"].fillna("").astype(str)
+                             if "source_backdoor" in df else "")
     df = _one_natural(df)
-    df["source"] = [source_label(e, n, m, d) for e, n, m, d in
+    df["source"] = [source_label(e, n, m, d, b) for e, n, m, d, b in
                     zip(df.source_eps, df.source_norm, df.source_method, df.source_distill,
-                        strict=True)]
+                        df.source_backdoor, strict=True)]
     df["shots"] = df["train_images"] / df["target_classes"]
     dup = df.duplicated([*PAIR_KEYS, "source"], keep=False)
     if dup.any():
@@ -151,7 +157,8 @@ def prepare(df: pd.DataFrame) -> pd.DataFrame:
 
 def paired_delta(df: pd.DataFrame) -> pd.DataFrame:
     """Robust minus natural accuracy, matched on `PAIR_KEYS` (source recipe, fine-tune, seed,
-    epoch): one natural row per robust row, so n counts seeds."""
+    epoch): one natural row per robust row, so n counts seeds. The natural reference is the
+    clean natural source; a backdoored source (natural or robust) is compared with it too."""
     natural = df[is_natural(df)][PAIR_KEYS + ["test_accuracy"]]
     robust = df[~is_natural(df)]
     if natural.empty or robust.empty:
@@ -163,7 +170,7 @@ def paired_delta(df: pd.DataFrame) -> pd.DataFrame:
 
 def _sources_order(df: pd.DataFrame) -> list[str]:
     order = df.drop_duplicates("source").sort_values(
-        ["source_distill", "source_eps", "source_norm", "source_method"],
+        ["source_distill", "source_eps", "source_norm", "source_method", "source_backdoor"],
         key=lambda c: c.map({"pgd": ""}).fillna(c) if c.name == "source_method" else c)
     return list(order.source)
 

@@ -27,12 +27,15 @@ from robust_transfer.models.runtime import autocast
 from robust_transfer.train.freeze import set_train_mode
 from robust_transfer.train.objectives import Objective, natural_loss
 
-SCHEDULES = ("step", "cosine", "constant")
+SCHEDULES = ("step", "cosine", "constant", "triangular")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimiser and schedule. `step` decays LR by 10x every epochs//3 epochs (the paper's)."""
+    """Optimiser and schedule. `step` decays LR by 10x every epochs//3 epochs (the paper's);
+    `triangular` is one cycle of a triangular cyclic LR (Smith 2017) over the run, set per
+    epoch: rising linearly to `lr` at mid-training and falling back (super-fine-tuning,
+    Sha et al. 2022, runs two such cycles)."""
 
     epochs: int = 30
     lr: float = 0.1
@@ -61,6 +64,9 @@ def _scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig):
         return torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, cfg.epochs // 3), gamma=0.1)
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
+    if cfg.schedule == "triangular":  # epoch e of E at 1 - |2 (e + 1/2) / E - 1| of the peak
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda e: 1.0 - abs(2.0 * (e + 0.5) / cfg.epochs - 1.0))
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 

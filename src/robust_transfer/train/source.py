@@ -11,6 +11,7 @@ import torch
 
 from robust_transfer.attacks import PGD, evaluate, make_threat
 from robust_transfer.data import check_task, load_task
+from robust_transfer.data.poison import OBJECTIVE_ATTACKS, BackdoorConfig, poison
 from robust_transfer.errors import UserError, check_choice
 from robust_transfer.models import ModelSpec, build_model
 from robust_transfer.models.nets import ARCHS, BlockNet
@@ -23,6 +24,7 @@ from robust_transfer.train.methods import (
     TRADES_BETA,
     make_objective,
 )
+from robust_transfer.train.neuba import neuba_objective
 from robust_transfer.train.overfit import ACTIONS, OverfitMonitor, hold_out
 
 EVAL_STEPS = 20
@@ -55,6 +57,9 @@ class SourceConfig:
     free_replays: int | None = None
     on_overfit: str | None = None
     distill: DistillConfig | None = None
+    # A backdoor planted while training (data poisoning, see `data.poison`, or NeuBA's
+    # objective); None: clean.
+    backdoor: BackdoorConfig | None = None
 
     def __post_init__(self) -> None:
         check_task(self.task)
@@ -63,6 +68,10 @@ class SourceConfig:
         if self.attack_steps < 1:
             raise UserError(f"attack steps must be >= 1, got {self.attack_steps}")
         self._check_method()
+        if isinstance(self.backdoor, dict):  # from YAML / a checkpoint's recipe
+            object.__setattr__(self, "backdoor", BackdoorConfig.from_dict(self.backdoor))
+        if self.backdoor is not None:
+            self.backdoor.check(load_task(self.task).num_classes)
 
     def _check_method(self) -> None:
         method = self.method or ("natural" if self.eps == 0 else "pgd")
@@ -99,11 +108,12 @@ class SourceConfig:
         return math.ceil(self.train.epochs / (self.free_replays or 1))
 
     def to_dict(self) -> dict:
-        """The recipe as plain data; `distill` only when set, so that the content ids of
-        sources that are not distilled stay what they were before the field existed."""
+        """The recipe as plain data; `distill` and `backdoor` only when set, so that the
+        content ids of other sources stay what they were before the fields existed."""
         d = asdict(self)
-        if d["distill"] is None:
-            del d["distill"]
+        for key in ("distill", "backdoor"):
+            if d[key] is None:
+                del d[key]
         return d
 
 
@@ -162,9 +172,18 @@ def train_source(
         objective = make_objective(cfg.method, cfg.eps, cfg.norm, cfg.attack_steps,
                                    cfg.attack_alpha, cfg.train.seed, cfg.trades_beta,
                                    cfg.free_replays)
-    train, monitor = task.train, None
+    train, backdoor = task.train, {}
+    if cfg.backdoor is not None:
+        if cfg.backdoor.attack in OBJECTIVE_ATTACKS:  # planted by the loss, on clean data
+            objective = neuba_objective(cfg.backdoor, task.input_shape, model.feature_dim,
+                                        objective)
+            backdoor = {"poisoned_count": 0}
+        else:
+            train, index = poison(task.train, cfg.backdoor, task.num_classes)
+            backdoor = {"poisoned_count": len(index), "poisoned_indices": index.tolist()}
+    monitor = None
     if cfg.on_overfit != "off":  # the watched batch is held out of training
-        train, held = hold_out(task.train, cfg.train.seed)
+        train, held = hold_out(train, cfg.train.seed)
         monitor = OverfitMonitor(held.x.to(device), held.y.to(device), cfg.eps, cfg.norm,
                                  cfg.on_overfit, seed=cfg.train.seed)
     callback = None if on_epoch is None else (lambda _m, epoch: on_epoch(epoch) or {})
@@ -176,6 +195,8 @@ def train_source(
     metrics["history"] = history
     if monitor is not None:
         metrics["overfit"] = monitor.summary()
+    if backdoor:
+        metrics["poisoned_count"] = backdoor["poisoned_count"]
     # CPU float sums differ with the number of intra-op threads, so the same recipe and seed
     # give bit-identical weights only at the same thread count: record it.
     meta = {"role": "source", "recipe": cfg.to_dict(), "eps": cfg.eps, "norm": cfg.norm,
@@ -186,4 +207,6 @@ def train_source(
     if cfg.distill is not None:
         meta["distill"] = cfg.distill.to_dict()
         metrics |= {"robust_eps": eval_eps, "robust_norm": eval_norm}
+    if backdoor:
+        meta["backdoor"] = {**cfg.backdoor.to_dict(), **backdoor}
     return model, meta

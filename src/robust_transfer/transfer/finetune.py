@@ -5,9 +5,11 @@ k blocks, train on n images per class, record test accuracy after every epoch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
+from torch import nn
 
 from robust_transfer.data import adapt_images, check_task, load_task, shots_per_class
 from robust_transfer.data.augment import RandomCropFlip, mirror_safe
@@ -80,33 +82,37 @@ def augmentation(cfg: FinetuneConfig) -> RandomCropFlip | None:
 
 
 def finetune(model: BlockNet, cfg: FinetuneConfig, engine: str = "auto",
-             amp: bool | None = None) -> list[dict]:
+             amp: bool | None = None,
+             on_epoch: Callable[[nn.Module, int], dict] | None = None) -> list[dict]:
     """Fine-tune `model` in place on `cfg.target_task`; one record per epoch.
 
     `engine`: "auto" takes the batched engine (`transfer.batched`: prefix features computed
     once) where `batched.applies`, else the per-run reference; "per-run" forces the reference
     (`finetune_per_run`). Both give the same records (up to float rounding of the loss) and
-    leave the model in the same state.
+    leave the model in the same state. An `on_epoch` hook (extra per-epoch measurements, e.g.
+    a backdoor's ASR) needs the per-run path.
     """
     check_choice("engine", engine, ENGINES)
     from robust_transfer.transfer import batched  # batched builds on this module
 
     device = next(model.parameters()).device
-    if engine == "auto" and batched.applies(model, cfg) and not amp_enabled(device, amp):
+    if (engine == "auto" and on_epoch is None and batched.applies(model, cfg)
+            and not amp_enabled(device, amp)):
         return batched.finetune_batch(model, [cfg], write_back=True)[0]
-    return finetune_per_run(model, cfg, amp)
+    return finetune_per_run(model, cfg, amp, on_epoch)
 
 
-def finetune_per_run(model: BlockNet, cfg: FinetuneConfig, amp: bool | None = None
-                     ) -> list[dict]:
+def finetune_per_run(model: BlockNet, cfg: FinetuneConfig, amp: bool | None = None,
+                     on_epoch: Callable[[nn.Module, int], dict] | None = None) -> list[dict]:
     """The reference: one fine-tune through `train.fit`; one record per epoch.
 
     The same seed draws the same k-shot subset and the same new head whichever source is
     being fine-tuned, so natural and robust sources are compared on identical data.
     Target images are adapted to the source (`adapt_images`): grey images repeated to the
     model's channels, and resized to its recorded input size when it has one.
-    Records: epoch, train_loss, epoch_lr, train_images, test_accuracy. `amp`: bf16 autocast
-    for training and test accuracy (None: on CUDA only).
+    Records: epoch, train_loss, epoch_lr, train_images, test_accuracy, plus whatever
+    `on_epoch(model, epoch)` returns (e.g. a backdoor's ASR on the target test set).
+    `amp`: bf16 autocast for training and test accuracy (None: on CUDA only).
     """
     task = load_task(cfg.target_task)
     spec = model.spec
@@ -119,8 +125,10 @@ def finetune_per_run(model: BlockNet, cfg: FinetuneConfig, amp: bool | None = No
     freeze_all_but_last(model, cfg.unfrozen_blocks)
     test_x, test_y = test.x.to(device), test.y.to(device)
 
-    def test_accuracy(m, _epoch):
-        return {"train_images": len(train), "test_accuracy": accuracy(m, test_x, test_y, amp=amp)}
+    def test_accuracy(m, epoch):
+        record = {"train_images": len(train),
+                  "test_accuracy": accuracy(m, test_x, test_y, amp=amp)}
+        return record if on_epoch is None else {**record, **on_epoch(m, epoch)}
 
     history = fit(model, train, cfg.train_config(), on_epoch=test_accuracy,
                   augment=augmentation(cfg), amp=amp)

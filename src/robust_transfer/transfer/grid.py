@@ -22,10 +22,11 @@ import torch
 import yaml
 
 from robust_transfer.atomic import atomic_write_text
+from robust_transfer.backdoors.source import train_backdoor_source
 from robust_transfer.data.tasks import ALL
 from robust_transfer.models import load_checkpoint, save_checkpoint
 from robust_transfer.models.checkpoint import META
-from robust_transfer.train import SourceConfig, train_source
+from robust_transfer.train import SourceConfig
 from robust_transfer.transfer.batched import shape_key
 from robust_transfer.transfer.executors import Executor, LocalExecutor
 from robust_transfer.transfer.finetune import FinetuneConfig
@@ -51,6 +52,11 @@ def demo_spec_path() -> Path:
     return Path(__file__).resolve().parent.parent / "specs" / "demo.yaml"
 
 
+def backdoor_spec_path() -> Path:
+    """The backdoor-transfer spec shipped inside the package (`backdoor transfer`)."""
+    return Path(__file__).resolve().parent.parent / "specs" / "backdoor.yaml"
+
+
 @dataclass(frozen=True)
 class _SourceJob:
     config: SourceConfig
@@ -65,13 +71,15 @@ class _FinetuneJob:
     source_dir: Path
     config: FinetuneConfig
     device: str = "cpu"
+    probes: tuple = ()  # backdoors whose triggers are evaluated per epoch (`Run.probes`)
 
 
 def _train_source_job(job: _SourceJob) -> Path:
     teacher = None
     if job.teacher_dir is not None:
         teacher, _ = load_checkpoint(job.teacher_dir, job.device)
-    model, meta = train_source(job.config, job.device, teacher=teacher)
+    # + the backdoor's ASR in the metrics when backdoored
+    model, meta = train_backdoor_source(job.config, job.device, teacher=teacher)
     if job.teacher_dir is not None:
         meta["teacher_path"] = str(job.teacher_dir)
     save_checkpoint(model, job.directory, meta)
@@ -94,7 +102,7 @@ def _finetune_batch_job(batch: _FinetuneBatch) -> list[list[dict]]:
     """Rows per run of the batch, in the batch's order (each tagged with its run id)."""
     first = batch.jobs[0]
     results = finetune_many_from_checkpoint(first.source_dir, [j.config for j in batch.jobs],
-                                            first.device)
+                                            first.device, first.probes)
     return [[{"run_id": job.run_id, **row} for row in rows]
             for job, rows in zip(batch.jobs, results, strict=True)]
 
@@ -145,7 +153,7 @@ def plan(spec: GridSpec, out: Path, device: str = "cpu") -> GridPlan:
     ]
     done = done_run_ids(out)
     pending = [
-        _FinetuneJob(r.run_id, out / SOURCES / r.source_id, r.finetune, device)
+        _FinetuneJob(r.run_id, out / SOURCES / r.source_id, r.finetune, device, r.probes)
         for r in runs if r.run_id not in done
     ]
     return GridPlan(runs, to_train, pending)

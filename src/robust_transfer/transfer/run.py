@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from robust_transfer.data import load_task
+from robust_transfer.data import adapt_images, load_task
+from robust_transfer.data.poison import BackdoorConfig
 from robust_transfer.models import load_checkpoint, save_checkpoint
 from robust_transfer.models.checkpoint import read_meta
 from robust_transfer.train.distill import distill_label
 from robust_transfer.transfer import batched
+from robust_transfer.transfer.backdoor_eval import backdoor_epoch_hook
 from robust_transfer.transfer.finetune import FinetuneConfig, finetune
 from robust_transfer.transfer.spec import content_id
 
 # The recipe fields that make two sources the same model but for the treatment (threat model,
-# training method with its options, distillation settings): sources that share the rest are
-# one comparison group (natural vs robust), whatever their eps, norm, method and distillation;
-# a distilled student pairs with the natural source of its recipe.
-THREAT_FIELDS = ("eps", "norm", "method", "trades_beta", "free_replays", "on_overfit", "distill")
+# training method with its options, distillation settings, planted backdoor): sources that
+# share the rest are one comparison group (natural vs robust, clean vs backdoored), whatever
+# their eps, norm, method, distillation and backdoor; a distilled student pairs with the
+# natural source of its recipe.
+THREAT_FIELDS = ("eps", "norm", "method", "trades_beta", "free_replays", "on_overfit", "distill",
+                 "backdoor")
 
 
 def source_recipe(source_meta: dict) -> dict:
@@ -66,7 +71,21 @@ def source_columns(source_meta: dict) -> dict:
         "source_recipe": content_id(source_recipe(source_meta), 8),
         "source_clean_accuracy": float(metrics.get("clean_accuracy", float("nan"))),
         "source_robust_accuracy": float(metrics.get("robust_accuracy", float("nan"))),
+        "source_backdoor": source_backdoor_label(source_meta),
     }
+
+
+def source_backdoor(source_meta: dict) -> BackdoorConfig | None:
+    """The backdoor recorded in a source's recipe (None: a clean source)."""
+    d = (source_meta.get("recipe") or {}).get("backdoor")
+    return None if not d else BackdoorConfig.from_dict(d)
+
+
+def source_backdoor_label(source_meta: dict) -> str:
+    """The `source_backdoor` column: the planted backdoor's attack ("badnets", "neuba"), or
+    "" for a clean source."""
+    backdoor = source_backdoor(source_meta)
+    return "" if backdoor is None else backdoor.attack
 
 
 def finetune_from_checkpoint(
@@ -75,6 +94,7 @@ def finetune_from_checkpoint(
     out_dir: str | Path | None = None,
     device: torch.device | str = "cpu",
     engine: str = "auto",
+    probes: Sequence[BackdoorConfig] | None = None,
 ) -> list[dict]:
     """Fine-tune the checkpoint at `source_dir` per `cfg`; one tidy row per epoch.
 
@@ -85,11 +105,22 @@ def finetune_from_checkpoint(
     (`images_per_class` as its one type, int or "all"; unfrozen blocks as text, "all" for
     every block) and the epoch's test accuracy. With `out_dir`, the fine-tuned model is saved
     there as a checkpoint whose metadata names its source and recipe.
+
+    `probes`: backdoors whose triggers are measured after every epoch (`backdoor_eval`:
+    C-Acc, task-agnostic ASR, RA); None = the source's own backdoor, if it has one.
     """
     model, source_meta = load_checkpoint(source_dir, device)
-    if not batched.applies(model, cfg, source_meta):
+    own = source_backdoor(source_meta)
+    hook = None
+    if probes or own is not None:  # extra per-epoch measurements: the per-run path
+        spec = model.spec
+        test = adapt_images(load_task(cfg.target_task).test, spec.in_channels, spec.input_size,
+                            f"target task {cfg.target_task!r} images")
+        dev = next(model.parameters()).device
+        hook = backdoor_epoch_hook(test.x.to(dev), test.y.to(dev), probes or (), own)
+    if hook is not None or not batched.applies(model, cfg, source_meta):
         engine = "per-run"
-    history = finetune(model, cfg, engine)
+    history = finetune(model, cfg, engine, on_epoch=hook)
     rows = run_rows(source_meta, cfg, history)
     if out_dir is not None:
         meta = {
@@ -109,19 +140,21 @@ def finetune_many_from_checkpoint(
     source_dir: str | Path,
     cfgs: list[FinetuneConfig],
     device: torch.device | str = "cpu",
+    probes: Sequence[BackdoorConfig] | None = None,
 ) -> list[list[dict]]:
     """Rows (as `finetune_from_checkpoint` gives them) of every fine-tune in `cfgs` of the
     checkpoint at `source_dir`: runs of one shape (`batched.shape_key`) that the batched
-    engine covers (`batched.applies`) are trained together, every other run by the per-run
-    path, one at a time."""
+    engine covers (`batched.applies`, and no backdoor `probes` to measure) are trained
+    together, every other run by the per-run path, one at a time."""
     model, source_meta = load_checkpoint(source_dir, device)
     results: list[list[dict] | None] = [None] * len(cfgs)
     groups: dict[tuple, list[int]] = {}
     for i, cfg in enumerate(cfgs):
-        if batched.applies(model, cfg, source_meta):
+        if not probes and batched.applies(model, cfg, source_meta):
             groups.setdefault(batched.shape_key(cfg), []).append(i)
         else:
-            results[i] = finetune_from_checkpoint(source_dir, cfg, device=device)
+            results[i] = finetune_from_checkpoint(source_dir, cfg, device=device,
+                                                  probes=probes)
     for members in groups.values():
         group = [cfgs[i] for i in members]
         for i, history in zip(members, batched.finetune_batch(model, group), strict=True):

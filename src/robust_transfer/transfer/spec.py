@@ -9,10 +9,15 @@ unfrozen blocks against every source architecture's blocks, images per class aga
 target's smallest class, and source/target channels. An eps=0 source is the natural model
 whatever its norm, so a spec lists it once: later eps=0 entries with another norm are dropped
 (training the same natural model twice would make the report's pairing ambiguous); sources
-may differ in `arch`, and then there is one natural source per arch.
+may differ in `arch`, and then there is one natural source per arch (and per backdoor).
 
 A source may be a student distilled from another source of the spec (`distill:` key, see
 `DistillEntry`); the grid trains its teacher first.
+
+A `sources` entry may plant a backdoor: `backdoor: {attack: badnets, rate: 0.1, target: 0}`
+(data poisoning) or `{attack: neuba}` (NeuBA pre-training). The backdoor is part of the
+source's treatment (a backdoored and a clean source of the same eps are two sources), and a
+grid with any backdoor measures every run with the triggers of all of them (`Run.probes`).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from pathlib import Path
 
 import yaml
 
+from robust_transfer.data.poison import BackdoorConfig
 from robust_transfer.data.tasks import ALL, check_shots, load_task, parse_shots
 from robust_transfer.errors import UserError, check_choice
 from robust_transfer.models.nets import ARCHS, num_blocks
@@ -90,6 +96,9 @@ class SourceEntry:
     # Better?"); None: the spec's `source.arch`.
     arch: str | None = None
     distill: DistillEntry | None = None
+    # A planted backdoor (BadNets poisoning, NeuBA, ...): part of the treatment, so a
+    # backdoored and a clean source of the same eps are different sources.
+    backdoor: BackdoorConfig | None = None
 
     @property
     def natural(self) -> bool:
@@ -121,10 +130,16 @@ class GridSpec:
 
 @dataclass(frozen=True)
 class Run:
-    """One fine-tune of the grid: which source, and the fine-tuning config."""
+    """One fine-tune of the grid: which source, and the fine-tuning config.
+
+    `probes`: the backdoors whose triggers are evaluated after every epoch (C-Acc, ASR, RA;
+    `transfer.backdoor_eval`). A grid with any backdoored source probes every run with the
+    triggers of all its backdoors, so a clean source gives the baseline ASR of each trigger.
+    """
 
     source: SourceConfig
     finetune: FinetuneConfig
+    probes: tuple[BackdoorConfig, ...] = ()
 
     # Cached: a paper-scale grid has 14,400 runs of a few sources, and `asdict` is slow.
     @functools.cached_property
@@ -133,8 +148,10 @@ class Run:
 
     @functools.cached_property
     def run_id(self) -> str:
-        return content_id({"source": _source_dict(self.source),
-                           "finetune": self.finetune.to_dict()})
+        d = {"source": _source_dict(self.source), "finetune": self.finetune.to_dict()}
+        if self.probes:  # runs without probes keep the ids they had before probes existed
+            d["probes"] = [p.to_dict() for p in self.probes]
+        return content_id(d)
 
 
 @functools.lru_cache(maxsize=256)
@@ -155,7 +172,8 @@ def source_id(s: SourceConfig) -> str:
         prefix = f"{s.distill.method}-"
     else:
         prefix = "" if s.method in ("natural", "pgd") else f"{s.method}-"
-    return f"{prefix}{s.norm}-eps{s.eps:g}-{content_id(_source_dict(s), 8)}"
+    attack = "" if s.backdoor is None else f"-{s.backdoor.attack}"
+    return f"{prefix}{s.norm}-eps{s.eps:g}{attack}-{content_id(_source_dict(s), 8)}"
 
 
 def _as_list(value, key: str) -> list:
@@ -188,12 +206,14 @@ def _no_repeats(values: list, key: str) -> list:
 
 
 def _one_natural(sources: list[SourceEntry], default_arch: str) -> list[SourceEntry]:
-    """Keep the first natural source of each arch: natural training ignores the norm."""
+    """Keep the first natural source of each (arch, backdoor): natural training ignores the
+    norm."""
     first = {}
     for s in sources:
         if s.natural:
-            first.setdefault(s.arch or default_arch, s)
-    return [s for s in sources if not s.natural or first[s.arch or default_arch] is s]
+            first.setdefault((s.arch or default_arch, s.backdoor), s)
+    return [s for s in sources
+            if not s.natural or first[(s.arch or default_arch, s.backdoor)] is s]
 
 
 def _number(value, key: str, kind=float):
@@ -244,6 +264,8 @@ def _parse_source(s: dict, teacher: bool = False) -> SourceEntry:
     if s.get("arch") is not None:
         options["arch"] = str(s["arch"])
         check_choice("arch", options["arch"], ARCHS)
+    if s.get("backdoor") is not None:
+        options["backdoor"] = _parse_backdoor(s["backdoor"])
     norm = str(s.get("norm", "l2"))
     distill = None if s.get("distill") is None else _parse_distill(s["distill"])
     if distill is not None:
@@ -260,6 +282,15 @@ def _parse_source(s: dict, teacher: bool = False) -> SourceEntry:
                                 "source's own eps > 0")
             norm = str(s.get("norm", distill.teacher.norm))
     return SourceEntry(eps=eps, norm=norm, distill=distill, **options)
+
+
+def _parse_backdoor(d) -> BackdoorConfig:
+    """A `sources` entry's `backdoor` mapping (e.g. {attack: badnets, rate: 0.1, target: 0})
+    into a `BackdoorConfig`, whose own checks name a bad attack, rate or label mode."""
+    if not isinstance(d, dict):
+        raise UserError(f"sources.backdoor must be a mapping such as {{attack: badnets, rate: "
+                        f"0.1, target: 0}}, got {d!r}")
+    return BackdoorConfig.from_dict(d)
 
 
 def _parse_distill(d: dict) -> DistillEntry:
@@ -342,7 +373,11 @@ def check_against_data(spec: GridSpec) -> None:
             if k is not None and k > n_blocks:
                 raise UserError(f"unfrozen blocks {k} is more than arch {arch!r} has "
                                 f"({n_blocks}); use 0..{n_blocks} or 'all'")
-    channels = load_task(spec.source.task).input_shape[0]
+    source_task = load_task(spec.source.task)
+    channels = source_task.input_shape[0]
+    for entry in spec.sources:
+        if entry.backdoor is not None:
+            entry.backdoor.check(source_task.num_classes)
     for target in spec.targets:
         task = load_task(target)
         if task.input_shape[0] not in (channels, 1):  # grey targets are repeated to RGB
@@ -387,21 +422,26 @@ def source_config(spec: GridSpec, e: SourceEntry) -> SourceConfig:
     return SourceConfig(task=r.task, arch=e.arch or r.arch, eps=e.eps, norm=e.norm,
                         attack_steps=r.attack_steps, train=train, method=e.method,
                         trades_beta=e.trades_beta, free_replays=e.free_replays,
-                        on_overfit=e.on_overfit, distill=distill)
+                        on_overfit=e.on_overfit, distill=distill, backdoor=e.backdoor)
 
 
 def source_configs(spec: GridSpec) -> list[SourceConfig]:
     return [source_config(spec, e) for e in spec.sources]
 
 
+def probes(spec: GridSpec) -> tuple[BackdoorConfig, ...]:
+    """The distinct backdoors of the spec's sources, in spec order (`Run.probes`)."""
+    return tuple(dict.fromkeys(e.backdoor for e in spec.sources if e.backdoor is not None))
+
+
 def expand(spec: GridSpec) -> list[Run]:
     """Every combination of the spec's variables, as `Run`s (sources outermost)."""
-    runs = []
+    runs, probed = [], probes(spec)
     for source, target, k, blocks, epochs, lr, seed in itertools.product(
         source_configs(spec), spec.targets, spec.images_per_class, spec.unfrozen_blocks,
         spec.epochs, spec.lr, spec.seeds,
     ):
         cfg = FinetuneConfig(target, k, blocks, epochs, lr, spec.batch_size, seed,
                              augment=spec.augment)
-        runs.append(Run(source, cfg))
+        runs.append(Run(source, cfg, probed))
     return runs

@@ -1,0 +1,261 @@
+"""Backdoor removal: fine-tuning (FT), super-fine-tuning, fine-pruning and ABL, each scored by
+C-Acc / ASR / RA before and after, the share of clean data it used, and its sequela.
+
+- FT: fine-tune every layer on a small clean subset (BackdoorBench's FT: 5% clean data).
+- Super-fine-tuning (Sha et al. 2022, "Fine-tuning is all you need to mitigate backdoor
+  attacks"): the same clean data, two phases of triangular cyclic learning rate, the second
+  with a lower peak (here a tenth).
+- Fine-pruning (Liu et al. 2018, "Fine-pruning: defending against backdooring attacks on deep
+  neural networks"): rank the last conv block's channels by mean activation on clean data,
+  prune the most dormant until clean accuracy on that data drops by more than `prune_drop`
+  (or `prune_max` of the channels are gone), then fine-tune. A pruned channel is removed by
+  zeroing its conv filter and its BatchNorm scale and shift, so the block outputs exactly
+  zero there (and the checkpoint stays a plain model); it stays zero through fine-tuning
+  (ReLU passes no gradient at 0) and is re-zeroed after it.
+- ABL (`backdoors.abl`): trains a fresh model on the poisoned training set; it uses all of it.
+
+Sequela ("backdoor sequela", Sha et al. 2022: what removal leaves behind): robust accuracy to
+PGD-20 through `attacks.evaluate` (`train.source.evaluate_source`), and vulnerability to a
+fresh backdoor — the ASR of a new trigger (blended, another target) after a short poisoned
+fine-tune — both before and after removal.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from robust_transfer.backdoors.abl import ABLConfig, anti_backdoor_learning
+from robust_transfer.backdoors.metrics import backdoor_metrics
+from robust_transfer.data import Task, shots_per_class
+from robust_transfer.data.poison import BackdoorConfig, poison
+from robust_transfer.errors import UserError, check_choice
+from robust_transfer.models import build_model
+from robust_transfer.models.runtime import accuracy, eval_mode
+from robust_transfer.train import TrainConfig, fit
+from robust_transfer.train.source import evaluate_source
+
+DEFENSES = ("ft", "super-ft", "fine-pruning", "abl")
+
+
+@dataclass(frozen=True)
+class DefenseConfig:
+    """The defender's budget and settings.
+
+    `clean_fraction` of the task's training set is the clean data FT, super-FT and
+    fine-pruning get (drawn per class with `seed`); `epochs` / `lr` their fine-tuning; super-FT
+    runs `epochs` per phase with peaks `super_lr` and `super_lr / 10` (Sha et al.'s point is
+    the large first peak). `prune_drop`: the clean-accuracy drop at
+    which fine-pruning stops; `prune_max`: the most channels it may prune. `sequela_eps` /
+    `sequela_norm`: the PGD-20 radius of the robustness sequela; `fresh_epochs` / `fresh_lr`: the
+    poisoned fine-tune of the fresh-backdoor sequela.
+    """
+
+    clean_fraction: float = 0.1
+    epochs: int = 10
+    lr: float = 0.01
+    super_lr: float = 0.1
+    batch_size: int = 32
+    prune_drop: float = 0.05
+    prune_max: float = 0.9
+    abl: ABLConfig = field(default_factory=ABLConfig)
+    sequela_eps: float = 0.5
+    sequela_norm: str = "l2"
+    fresh_epochs: int = 10
+    fresh_lr: float = 0.05
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.clean_fraction <= 1:
+            raise UserError(f"clean fraction must be in (0, 1], got {self.clean_fraction}")
+        if not 0 <= self.prune_drop < 1 or not 0 < self.prune_max < 1:
+            raise UserError(f"need 0 <= prune drop < 1 and 0 < prune max < 1, got "
+                            f"{self.prune_drop}, {self.prune_max}")
+        if self.epochs < 1 or self.fresh_epochs < 1 or not min(self.lr, self.super_lr,
+                                                                 self.fresh_lr) > 0:
+            raise UserError("defense epochs must be >= 1 and learning rates > 0")
+
+    def train(self, epochs: int | None = None, lr: float | None = None,
+              schedule: str = "constant") -> TrainConfig:
+        return TrainConfig(epochs=epochs or self.epochs, lr=lr or self.lr, schedule=schedule,
+                           batch_size=self.batch_size, seed=self.seed)
+
+
+def clean_subset(task: Task, fraction: float, seed: int):
+    """The defender's clean data: `fraction` of each class of the clean training set."""
+    per_class = max(1, int(fraction * int(torch.bincount(task.train.y).min())))
+    return task.train.subset(shots_per_class(task.train.y, per_class, seed))
+
+
+# ---- FT and super-FT ----------------------------------------------------------------------
+
+def fine_tune(model: nn.Module, clean, cfg: DefenseConfig) -> nn.Module:
+    """FT: every layer, constant `cfg.lr`, on the clean data."""
+    model.requires_grad_(True)
+    fit(model, clean, cfg.train())
+    return model
+
+
+def super_fine_tune(model: nn.Module, clean, cfg: DefenseConfig) -> nn.Module:
+    """Super-FT (Sha et al. 2022): two triangular cycles, peaks `super_lr`, `super_lr / 10`."""
+    model.requires_grad_(True)
+    fit(model, clean, cfg.train(lr=cfg.super_lr, schedule="triangular"))
+    fit(model, clean, cfg.train(lr=cfg.super_lr / 10, schedule="triangular"))
+    return model
+
+
+# ---- fine-pruning -------------------------------------------------------------------------
+
+def last_conv_block(model: nn.Module) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
+    """The conv and BatchNorm of the model's last block."""
+    block = model.blocks[-1]
+    convs = [m for m in block.modules() if isinstance(m, nn.Conv2d)]
+    norms = [m for m in block.modules() if isinstance(m, nn.BatchNorm2d)]
+    if not convs or not norms:
+        raise UserError("fine-pruning needs a last block with a conv and a BatchNorm layer")
+    return convs[-1], norms[-1]
+
+
+@torch.no_grad()
+def channel_activity(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Mean activation per channel of the last block's output on `x` (N, C, H, W)."""
+    name = model.block_names[-1]
+    device = next(model.parameters()).device
+    with eval_mode(model):
+        sums = sum(model.forward_to(x[i : i + batch_size].to(device), name).sum((0, 2, 3))
+                   for i in range(0, len(x), batch_size))
+        h, w = model.forward_to(x[:1].to(device), name).shape[2:]
+    return (sums / (len(x) * h * w)).cpu()
+
+
+@torch.no_grad()
+def prune_channels(model: nn.Module, channels: torch.Tensor) -> None:
+    """Remove `channels` of the last conv block: zero filter, BN scale and BN shift."""
+    conv, norm = last_conv_block(model)
+    channels = channels.to(conv.weight.device)
+    conv.weight[channels] = 0
+    if conv.bias is not None:
+        conv.bias[channels] = 0
+    norm.weight[channels] = 0
+    norm.bias[channels] = 0
+
+
+def choose_pruned(model: nn.Module, clean, cfg: DefenseConfig) -> torch.Tensor:
+    """The channels fine-pruning removes: the most dormant first (mean activation on the
+    clean data), as many as keep clean accuracy within `cfg.prune_drop` of the unpruned."""
+    order = torch.argsort(channel_activity(model, clean.x), stable=True)
+    limit = accuracy(model, clean.x, clean.y) - cfg.prune_drop
+    step = max(1, len(order) // 32)
+    chosen = order[:0]
+    for n in range(step, int(cfg.prune_max * len(order)) + 1, step):
+        trial = copy.deepcopy(model)
+        prune_channels(trial, order[:n])
+        if accuracy(trial, clean.x, clean.y) < limit:
+            break
+        chosen = order[:n]
+    return chosen.sort().values
+
+
+def fine_prune(model: nn.Module, clean, cfg: DefenseConfig) -> tuple[nn.Module, torch.Tensor]:
+    """Fine-pruning (Liu et al. 2018): prune `choose_pruned`, fine-tune, re-zero."""
+    pruned = choose_pruned(model, clean, cfg)
+    prune_channels(model, pruned)
+    fine_tune(model, clean, cfg)
+    prune_channels(model, pruned)
+    return model, pruned
+
+
+# ---- scoring ------------------------------------------------------------------------------
+
+def fresh_backdoor(backdoor: BackdoorConfig, num_classes: int) -> BackdoorConfig:
+    """The sequela's new backdoor: blended (or badnets, if the old one was blended), another
+    target, another seed."""
+    target = backdoor.target if backdoor.target is not None else 0
+    attack = "badnets" if backdoor.attack == "blended" else "blended"
+    return BackdoorConfig(attack, rate=0.2, target=(target + 1) % num_classes,
+                          seed=backdoor.seed + 1)
+
+
+def sequela(model: nn.Module, task: Task, clean, backdoor: BackdoorConfig,
+            cfg: DefenseConfig) -> dict:
+    """Robust accuracy to PGD-20 and the ASR of a fresh backdoor after a short poisoned
+    fine-tune of a copy of `model` on the clean data."""
+    robust = evaluate_source(model, task.name, cfg.sequela_eps, cfg.sequela_norm)
+    fresh = fresh_backdoor(backdoor, task.num_classes)
+    poisoned, _ = poison(clean, fresh, task.num_classes)
+    attacked = copy.deepcopy(model).requires_grad_(True)
+    fit(attacked, poisoned, cfg.train(epochs=cfg.fresh_epochs, lr=cfg.fresh_lr))
+    m = backdoor_metrics(attacked, task.test.x, task.test.y, fresh.trigger(task.input_shape),
+                         fresh.target)
+    return {"robust_accuracy": robust["robust_accuracy"], "fresh_asr": m["asr"]}
+
+
+def score(model: nn.Module, task: Task, clean, backdoor: BackdoorConfig,
+          cfg: DefenseConfig) -> dict:
+    """C-Acc / ASR / RA on the test set, plus the sequela."""
+    target = backdoor.target if backdoor.labels == "all-to-one" else None
+    m = backdoor_metrics(model, task.test.x, task.test.y, backdoor.trigger(task.input_shape),
+                         target, backdoor.labels)
+    return {"clean_accuracy": m["clean_accuracy"], "asr": m["asr"], "ra": m["ra"],
+            **sequela(model, task, clean, backdoor, cfg)}
+
+
+def defend(model: nn.Module, defense: str, task: Task, backdoor: BackdoorConfig,
+           cfg: DefenseConfig = DefenseConfig(), source_train: TrainConfig | None = None,
+           poisoned_index: torch.Tensor | None = None) -> tuple[nn.Module, dict]:
+    """Apply `defense` to a copy of backdoored `model` (trained on `task` with `backdoor`);
+    return (defended model, {defense, clean_data_fraction, seconds, and details}).
+
+    ABL retrains from scratch on the poisoned training set (rebuilt from `backdoor`) with the
+    source's optimiser `source_train`; it reports how many of its isolated examples are in
+    `poisoned_index` (the ones the source was poisoned with), when given.
+    """
+    check_choice("defense", defense, DEFENSES)
+    start = time.perf_counter()
+    clean = clean_subset(task, cfg.clean_fraction, cfg.seed)
+    info: dict = {"defense": defense, "clean_data_fraction": len(clean) / len(task.train)}
+    if defense == "abl":
+        data, index = poison(task.train, backdoor, task.num_classes)
+        if poisoned_index is not None:
+            index = poisoned_index
+        fresh = build_model(model.spec, seed=cfg.seed).to(next(model.parameters()).device)
+        defended, isolated = anti_backdoor_learning(fresh, data, source_train or TrainConfig(),
+                                                    cfg.abl)
+        info |= {"clean_data_fraction": 1.0, "isolated": len(isolated),
+                 "isolated_poisoned": int(torch.isin(isolated, index.cpu()).sum())}
+    else:
+        defended = copy.deepcopy(model)
+        if defense == "ft":
+            fine_tune(defended, clean, cfg)
+        elif defense == "super-ft":
+            super_fine_tune(defended, clean, cfg)
+        else:
+            defended, pruned = fine_prune(defended, clean, cfg)
+            info["pruned_channels"] = len(pruned)
+    info["seconds"] = time.perf_counter() - start
+    return defended.eval(), info
+
+
+def defense_table(model: nn.Module, defenses: list[str], task: Task, backdoor: BackdoorConfig,
+                  cfg: DefenseConfig = DefenseConfig(), source_train: TrainConfig | None = None,
+                  poisoned_index: torch.Tensor | None = None,
+                  on_defense=None) -> tuple[list[dict], dict[str, nn.Module]]:
+    """One row per defense: its info and every score `_before` and `_after` removal."""
+    for d in defenses:
+        check_choice("defense", d, DEFENSES)
+    clean = clean_subset(task, cfg.clean_fraction, cfg.seed)
+    before = score(model, task, clean, backdoor, cfg)
+    rows, models = [], {}
+    for d in defenses:
+        defended, info = defend(model, d, task, backdoor, cfg, source_train, poisoned_index)
+        after = score(defended, task, clean, backdoor, cfg)
+        rows.append({**info, **{f"{k}_before": v for k, v in before.items()},
+                     **{f"{k}_after": v for k, v in after.items()}})
+        models[d] = defended
+        if on_defense is not None:
+            on_defense(d)
+    return rows, models

@@ -1,0 +1,148 @@
+"""Data poisoning: a training set with a trigger stamped on some images, made on the fly.
+
+BadNets-style poisoning (Gu et al. 2017; defaults from BackdoorBench): pick `rate` of the
+training images with a seed, apply the trigger, and relabel them to the target class
+(all-to-one) or to the next class (all-to-all, y -> (y + 1) mod K). Clean-label poisoning
+(Turner et al. 2019; SIG, Barni et al. 2019) keeps every label and triggers only images of the
+target class, so the model learns "trigger -> target" from correctly labelled data.
+
+Which images are poisoned is returned (and recorded by the caller), so defenses such as ABL
+can be scored on how many of them they isolate.
+
+How many: dirty-label poisons round(rate * N) images of the N in the set, drawn from the
+images that a poison can change (all-to-one: those not already of the target class; at most
+all of them); clean-label poisons round(rate * N_target) of the target class's images. At
+least one image is poisoned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from robust_transfer.data.datasets import ImageSet
+from robust_transfer.data.triggers import TRIGGERS, Trigger, make_trigger
+from robust_transfer.errors import UserError, check_choice
+
+LABELS = ("all-to-one", "all-to-all")
+# Backdoors planted by a training objective rather than by poisoning data (e.g. NeuBA): they
+# are valid `BackdoorConfig.attack` names, `poison` refuses them, `train_source` dispatches.
+OBJECTIVE_ATTACKS: tuple[str, ...] = ("neuba",)
+
+
+@dataclass(frozen=True)
+class BackdoorConfig:
+    """A backdoor to plant: which trigger (`attack`), poison `rate` in (0, 1], `target`
+    class, `labels` all-to-one | all-to-all, `clean_label`, and the `seed` that picks the
+    poisoned images and fixes the trigger's random pattern. Objective attacks (NeuBA) are
+    task-agnostic: their `target` may be None, and `rate` is theirs to interpret.
+
+    Example:
+        cfg = BackdoorConfig("badnets", rate=0.1, target=0)
+        poisoned, index = poison(task.train, cfg, task.num_classes)
+    """
+
+    attack: str = "badnets"
+    rate: float = 0.1
+    target: int | None = 0
+    labels: str = "all-to-one"
+    clean_label: bool = False
+    seed: int = 0
+    patch_size: int | None = None  # badnets only: the patch's side (None: scaled to the image)
+
+    def __post_init__(self) -> None:
+        check_choice("backdoor attack", self.attack, (*TRIGGERS, *OBJECTIVE_ATTACKS))
+        check_choice("backdoor labels", self.labels, LABELS)
+        if isinstance(self.rate, bool) or not isinstance(self.rate, (int, float)) \
+                or not 0.0 < self.rate <= 1.0:
+            raise UserError(f"poison rate must be in (0, 1], got {self.rate!r}")
+        if self.patch_size is not None and self.attack != "badnets":
+            raise UserError(f"patch size applies to the badnets trigger only, not "
+                            f"{self.attack!r}")
+        if self.clean_label and self.labels != "all-to-one":
+            raise UserError("clean-label poisoning needs all-to-one labels (it poisons only "
+                            "target-class images)")
+        if self.target is None and self.attack in OBJECTIVE_ATTACKS:
+            return
+        if isinstance(self.target, bool) or not isinstance(self.target, int) or self.target < 0:
+            raise UserError(f"backdoor target class must be an integer >= 0, got "
+                            f"{self.target!r}")
+
+    def to_dict(self) -> dict:
+        """The config as a dict; `patch_size` only when set (older records lack it)."""
+        d = asdict(self)
+        if self.patch_size is None:
+            d.pop("patch_size")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> BackdoorConfig:
+        allowed = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - allowed)
+        if unknown:
+            raise UserError(f"unknown backdoor key(s) {', '.join(unknown)}; allowed: "
+                            f"{', '.join(sorted(allowed))}")
+        return cls(**d)
+
+    def check(self, num_classes: int) -> None:
+        """`UserError` unless the target class exists in a task of `num_classes` classes."""
+        if self.target is not None and self.target >= num_classes:
+            raise UserError(f"backdoor target class {self.target} does not exist: the task "
+                            f"has classes 0..{num_classes - 1}")
+
+    def trigger(self, input_shape: tuple[int, int, int]) -> Trigger:
+        """This backdoor's trigger for images of `input_shape` (its pattern from `seed`)."""
+        if self.attack not in TRIGGERS:
+            raise UserError(f"backdoor attack {self.attack!r} has no single data trigger")
+        options = {} if self.patch_size is None else {"size": self.patch_size}
+        return make_trigger(self.attack, input_shape, seed=self.seed, **options)
+
+    def backdoor_labels(self, y: torch.Tensor, num_classes: int) -> torch.Tensor:
+        """The labels the backdoor wants for triggered images whose true labels are `y`."""
+        if self.labels == "all-to-all":
+            return (y + 1) % num_classes
+        return torch.full_like(y, self.target)
+
+
+def poison_candidates(y: torch.Tensor, cfg: BackdoorConfig) -> torch.Tensor:
+    """Indices of the images `cfg` may poison (see the module docstring)."""
+    if cfg.clean_label:
+        return torch.nonzero(y == cfg.target).flatten()
+    if cfg.labels == "all-to-one":
+        return torch.nonzero(y != cfg.target).flatten()
+    return torch.arange(len(y))
+
+
+def poison_count(y: torch.Tensor, cfg: BackdoorConfig) -> int:
+    """How many images `cfg` poisons in a set with labels `y`."""
+    n = int((y == cfg.target).sum()) if cfg.clean_label else len(y)
+    available = len(poison_candidates(y, cfg))
+    if available == 0:
+        raise UserError(f"nothing to poison: no image can carry backdoor {cfg.attack!r} "
+                        f"(target {cfg.target}, clean-label {cfg.clean_label})")
+    return min(available, max(1, round(cfg.rate * n)))
+
+
+def poison(data: ImageSet, cfg: BackdoorConfig,
+           num_classes: int) -> tuple[ImageSet, torch.Tensor]:
+    """(poisoned copy of `data`, sorted indices of the poisoned images).
+
+    The indices are drawn with `cfg.seed`; the poisoned images carry `cfg`'s trigger and,
+    unless clean-label, the backdoor label. The other images are unchanged.
+
+    Shape: data.x (N, C, H, W) -> same; index (round(rate * N),) int64.
+    """
+    cfg.check(num_classes)
+    if cfg.attack in OBJECTIVE_ATTACKS:
+        raise UserError(f"backdoor {cfg.attack!r} is planted by a training objective, not by "
+                        "poisoning data")
+    candidates = poison_candidates(data.y, cfg)
+    k = poison_count(data.y, cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    index = candidates[torch.randperm(len(candidates), generator=gen)[:k]].sort().values
+    x, y = data.x.clone(), data.y.clone()
+    x[index] = cfg.trigger(tuple(data.x.shape[1:])).apply(data.x[index])
+    if not cfg.clean_label:
+        y[index] = cfg.backdoor_labels(data.y[index], num_classes)
+    return ImageSet(x, y), index
