@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from robust_transfer.cli import main
 from robust_transfer.models import save_checkpoint
 from robust_transfer.train import SourceConfig, TrainConfig, train_source
 
@@ -27,3 +28,16 @@ def source_dir(tmp_path_factory):
     """A naturally trained synthetic-0to4 source checkpoint directory."""
     model, meta = tiny_source()
     return save_checkpoint(model, tmp_path_factory.mktemp("src") / "natural", meta)
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run the CLI in-process; (exit code, stdout, stderr)."""
+
+    def run(*args):
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return exit_info.value.code or 0, captured.out, captured.err
+
+    return run

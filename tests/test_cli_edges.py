@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from robust_transfer.cli import main
 from robust_transfer.cli import study as study_cli
 from robust_transfer.models.checkpoint import META, WEIGHTS
 
@@ -20,19 +19,6 @@ SPEC = {
     "epochs": 1,
     "seeds": [0],
 }
-
-
-@pytest.fixture
-def cli(capsys):
-    """Run the CLI in-process; (exit code, stdout, stderr)."""
-
-    def run(*args):
-        with pytest.raises(SystemExit) as exit_info:
-            main([str(a) for a in args])
-        captured = capsys.readouterr()
-        return exit_info.value.code or 0, captured.out, captured.err
-
-    return run
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import re
 import pytest
 import torch
 
-from robust_transfer.cli import main
 from robust_transfer.data import load_task
 from robust_transfer.errors import UserError
 from robust_transfer.models import load_checkpoint
@@ -97,17 +96,6 @@ def test_defensive_distillation_masks_gradients_and_the_margin_loss_breaks_it():
     assert ce["clean"] > 0.9
     assert ce["success_rate"] < 0.2 and margin["success_rate"] > 0.8
     assert any("all-zero input gradients" in w for w in ce["warnings"])
-
-
-@pytest.fixture
-def cli(capsys):
-    def run(*args):
-        with pytest.raises(SystemExit) as exit_info:
-            main([str(a) for a in args])
-        captured = capsys.readouterr()
-        return exit_info.value.code or 0, captured.out, captured.err
-
-    return run
 
 
 @pytest.mark.parametrize("args,match", [
