@@ -153,7 +153,7 @@ def test_figure_1_shows_one_curve_per_source_and_one_delta_per_robust_source():
         assert _legend(dax) == ["L2 ε=0.5 − natural", "L2 ε=1 − natural"]
         assert len(dax.get_lines()) == 3  # two deltas + the zero line
         assert ax.get_ylabel() == "test accuracy"
-        assert dax.get_ylabel() == "Δ accuracy (robust − natural)"
+        assert dax.get_ylabel() == "Δ accuracy (source − natural)"
         assert dax.get_xlabel() == "training images per class (log scale)"
         assert ax.get_xscale() == "log"
         np.testing.assert_allclose(ax.get_lines()[0].get_xdata(), [1, 5, 40])

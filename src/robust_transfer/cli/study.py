@@ -199,7 +199,7 @@ def report(
     epoch_shots: list[str] = typer.Option(None, "--epoch-shots", help="Images per class for "
                                           "the accuracy-vs-epochs figure (repeatable)."),
 ) -> None:
-    """Figures 1-2 (accuracy vs images and vs epochs, delta robust - natural) and summary.md.
+    """Figures 1-2 (accuracy vs images and vs epochs, delta vs the natural source) and summary.md.
 
     A table with backdoored sources also gets Figures B1-B2 (task-agnostic ASR vs images per
     class and vs unfrozen blocks) and backdoor_summary.md.

@@ -222,7 +222,7 @@ def _figure(df: pd.DataFrame, x: str, xlabel: str, title: str, log_x: bool):
             if not stats.empty:
                 _band(dax, stats[x], stats, f"{s} − natural", colors[s])
         dax.axhline(0, color="black", lw=0.8)
-        dax.set_ylabel("Δ accuracy (robust − natural)")
+        dax.set_ylabel("Δ accuracy (source − natural)")
         dax.set_xlabel(xlabel)
         dax.grid(alpha=0.3)
         if dpart.empty:
@@ -331,7 +331,7 @@ def summary_markdown(df: pd.DataFrame) -> str:
     delta = paired_delta(final)
     lines = ["# Robust transfer study: summary", "",
              "Final-epoch test accuracy, mean ± 95% t-interval half-width over seeds (n). "
-             "Δ = robust − natural, paired by seed (same images, same new head) within one "
+             "Δ = source − clean natural source, paired by seed (same images, same new head) within one "
              "source recipe and fine-tune.", ""]
     for facet, part in _facets(final):
         values = dict(zip(FACETS, facet, strict=True))
