@@ -17,7 +17,7 @@ from torch import nn
 
 from robust_transfer.models import load_checkpoint, save_checkpoint
 from robust_transfer.models.runtime import predict_logits
-from robust_transfer.transfer import batched
+from robust_transfer.transfer import batched, run
 from robust_transfer.transfer.finetune import FinetuneConfig, finetune, finetune_per_run
 from robust_transfer.transfer.grid import _FinetuneBatch, run_grid
 from robust_transfer.transfer.results import done_run_ids, read_results
@@ -156,6 +156,24 @@ def test_a_non_standard_source_takes_the_per_run_path(source_dir, tmp_path, monk
     for a, b in zip(odd, standard, strict=True):
         assert [r["test_accuracy"] for r in a] == [r["test_accuracy"] for r in b]
         assert {k for k in a[0] if k != "source_recipe"} == set(b[0]) - {"source_recipe"}
+
+
+def test_per_run_fallbacks_read_the_checkpoint_once_and_start_from_the_source(
+        source_dir, tmp_path, monkeypatch):
+    """Fallback runs of one checkpoint share one read of it, and each starts from the source's
+    weights, not from the previous run's: the same rows as one `finetune_from_checkpoint`
+    call per run (with an unfrozen block, so a leaked update would change them)."""
+    model, meta = load_checkpoint(source_dir)
+    odd_dir = save_checkpoint(model, tmp_path / "odd", {**meta, "backdoor": {"target": 0}})
+    cfgs = _cfgs(1, seeds=(0, 1))
+    separate = [run.finetune_from_checkpoint(odd_dir, c) for c in cfgs]
+    reads = []
+    original = run.load_checkpoint
+    monkeypatch.setattr(run, "load_checkpoint",
+                        lambda *a, **k: reads.append(1) or original(*a, **k))
+    together = finetune_many_from_checkpoint(odd_dir, cfgs)
+    assert reads == [1]
+    assert together == separate
 
 
 class _Recorder:

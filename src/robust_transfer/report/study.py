@@ -331,8 +331,8 @@ def summary_markdown(df: pd.DataFrame) -> str:
     delta = paired_delta(final)
     lines = ["# Robust transfer study: summary", "",
              "Final-epoch test accuracy, mean ± 95% t-interval half-width over seeds (n). "
-             "Δ = source − clean natural source, paired by seed (same images, same new head) within one "
-             "source recipe and fine-tune.", ""]
+             "Δ = source − clean natural source, paired by seed (same images, same new "
+             "head) within one source recipe and fine-tune.", ""]
     for facet, part in _facets(final):
         values = dict(zip(FACETS, facet, strict=True))
         lr, epochs, batch_size = values["lr"], values["epochs"], values["batch_size"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from robust_transfer.data import adapt_images, load_task
 from robust_transfer.data.poison import BackdoorConfig
 from robust_transfer.models import load_checkpoint, save_checkpoint
 from robust_transfer.models.checkpoint import read_meta
+from robust_transfer.models.nets import BlockNet
 from robust_transfer.train.distill import distill_label
 from robust_transfer.transfer import batched
 from robust_transfer.transfer.backdoor_eval import backdoor_epoch_hook
@@ -110,18 +112,7 @@ def finetune_from_checkpoint(
     C-Acc, task-agnostic ASR, RA); None = the source's own backdoor, if it has one.
     """
     model, source_meta = load_checkpoint(source_dir, device)
-    own = source_backdoor(source_meta)
-    hook = None
-    if probes or own is not None:  # extra per-epoch measurements: the per-run path
-        spec = model.spec
-        test = adapt_images(load_task(cfg.target_task).test, spec.in_channels, spec.input_size,
-                            f"target task {cfg.target_task!r} images")
-        dev = next(model.parameters()).device
-        hook = backdoor_epoch_hook(test.x.to(dev), test.y.to(dev), probes or (), own)
-    if hook is not None or not batched.applies(model, cfg, source_meta):
-        engine = "per-run"
-    history = finetune(model, cfg, engine, on_epoch=hook)
-    rows = run_rows(source_meta, cfg, history)
+    rows, history = _finetune_loaded(model, source_meta, cfg, engine, probes)
     if out_dir is not None:
         meta = {
             "role": "finetune",
@@ -134,6 +125,23 @@ def finetune_from_checkpoint(
         }
         save_checkpoint(model, out_dir, meta)
     return rows
+
+
+def _finetune_loaded(model: BlockNet, source_meta: dict, cfg: FinetuneConfig, engine: str,
+                     probes: Sequence[BackdoorConfig] | None) -> tuple[list[dict], list[dict]]:
+    """(rows, per-epoch history) of fine-tuning the loaded source `model` in place."""
+    own = source_backdoor(source_meta)
+    hook = None
+    if probes or own is not None:  # extra per-epoch measurements: the per-run path
+        spec = model.spec
+        test = adapt_images(load_task(cfg.target_task).test, spec.in_channels, spec.input_size,
+                            f"target task {cfg.target_task!r} images")
+        dev = next(model.parameters()).device
+        hook = backdoor_epoch_hook(test.x.to(dev), test.y.to(dev), probes or (), own)
+    if hook is not None or not batched.applies(model, cfg, source_meta):
+        engine = "per-run"
+    history = finetune(model, cfg, engine, on_epoch=hook)
+    return run_rows(source_meta, cfg, history), history
 
 
 def finetune_many_from_checkpoint(
@@ -153,8 +161,9 @@ def finetune_many_from_checkpoint(
         if not probes and batched.applies(model, cfg, source_meta):
             groups.setdefault(batched.shape_key(cfg), []).append(i)
         else:
-            results[i] = finetune_from_checkpoint(source_dir, cfg, device=device,
-                                                  probes=probes)
+            # a copy of the loaded source, not a second read of the checkpoint
+            results[i] = _finetune_loaded(copy.deepcopy(model), source_meta, cfg, "auto",
+                                          probes)[0]
     for members in groups.values():
         group = [cfgs[i] for i in members]
         for i, history in zip(members, batched.finetune_batch(model, group), strict=True):
