@@ -144,36 +144,54 @@ def test_trades_with_beta_zero_is_natural_training_and_beta_weights_the_kl():
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_catastrophic_overfitting_fires_on_overfit_fgsm_and_rollback_restores_last_good():
-    # Deliberately overfit: FGSM from x itself (no random start) at a large L2 radius, with a
-    # constant LR. On digits 0-4 its held-out PGD accuracy collapses at epoch 17 while its
-    # FGSM accuracy rises (found by sweeping eps and LR; CPU, one thread, deterministic).
+def test_catastrophic_overfitting_rule_warns_stops_and_rolls_back(monkeypatch):
+    """The monitor's rule and actions inside the real loop, on scripted held-out accuracies
+    (real FGSM-training trajectories are chaotic: the collapse epoch differs between CPUs).
+    Epoch 4 collapses (PGD 0.60 -> 0.10, FGSM 0.60 -> 0.90); epoch 2's dip is no collapse
+    (FGSM falls too)."""
+    pgd = iter([0.50, 0.20, 0.60, 0.10, 0.10])
+    fgsm = iter([0.50, 0.40, 0.60, 0.90, 0.95])
+    monkeypatch.setattr(OverfitMonitor, "_accuracy",
+                        lambda self, model, attack: next(pgd if attack(model, 0.1).__class__
+                                                         .__name__ == "PGD" else fgsm))
     task = load_task("digits-0to4")
     train, held = hold_out(task.train, seed=0)
     model = _model("digits-0to4")
-    monitor = OverfitMonitor(held.x, held.y, 1.5, "l2", action="rollback")
-    objective = ExampleLoss(PGDExamples(1.5, "l2", 1, 1.5, 0, random_start=False))
+    monitor = OverfitMonitor(held.x, held.y, 0.1, "linf", action="rollback")
     weights = {}
 
     def snapshot(m, epoch):
         weights[epoch] = copy.deepcopy(m.state_dict())
         return {}
 
-    cfg = TrainConfig(epochs=20, lr=0.1, schedule="constant", batch_size=64)
-    with pytest.warns(CatastrophicOverfittingWarning, match="catastrophic overfitting"):
-        history = fit(model, train, cfg, objective, snapshot, monitor)
-    fired = [r["epoch"] for r in history if r["catastrophic_overfit"]]
-    assert fired == [history[-1]["epoch"]] and len(history) < 20  # stopped at the collapse
-    before, after = history[-2], history[-1]
-    assert after["monitor_pgd_accuracy"] < before["monitor_pgd_accuracy"] / 2
-    assert after["monitor_fgsm_accuracy"] > before["monitor_fgsm_accuracy"]
-    good = monitor.last_good_epoch
-    assert good == fired[0] - 1 and monitor.rolled_back
+    cfg = TrainConfig(epochs=10, lr=0.1, schedule="constant", batch_size=64)
+    with pytest.warns(CatastrophicOverfittingWarning, match="catastrophic overfitting at "
+                      "epoch 4"):
+        history = fit(model, train, cfg, natural_loss, snapshot, monitor)
+    assert [r["catastrophic_overfit"] for r in history] == [False, False, False, True]
+    assert monitor.last_good_epoch == 3 and monitor.rolled_back
     for key, value in model.state_dict().items():
-        assert torch.equal(value, weights[good][key]), key
-    assert not torch.equal(weights[good]["head.weight"], weights[fired[0]]["head.weight"])
+        assert torch.equal(value, weights[3][key]), key
+    assert not torch.equal(weights[3]["head.weight"], weights[4]["head.weight"])
     assert len(train) + len(held) == len(task.train)  # the watched batch is not trained on
     assert not (torch.cdist(held.x.flatten(1), train.x.flatten(1)) == 0).any()
+
+
+def test_overfit_fgsm_training_masks_the_single_step_attack():
+    # Deliberately overfit: FGSM from x itself (no random start) at a large L2 radius, with a
+    # constant LR. The monitor's records show the phenomenon it watches for: the model ends
+    # far more accurate against FGSM than against PGD (Wong et al. 2020, Sec. 5).
+    task = load_task("digits-0to4")
+    train, held = hold_out(task.train, seed=0)
+    model = _model("digits-0to4")
+    monitor = OverfitMonitor(held.x, held.y, 1.5, "l2", action="off")
+    objective = ExampleLoss(PGDExamples(1.5, "l2", 1, 1.5, 0, random_start=False))
+    cfg = TrainConfig(epochs=20, lr=0.1, schedule="constant", batch_size=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CatastrophicOverfittingWarning)
+        history = fit(model, train, cfg, objective, monitor=monitor)
+    last = history[-1]
+    assert last["monitor_fgsm_accuracy"] > last["monitor_pgd_accuracy"] + 0.3
 
 
 def test_overfit_watch_stays_silent_on_pgd_at():
