@@ -56,6 +56,7 @@ from robust_transfer.cli import (  # noqa: E402,F401  (register commands)
     attack,
     backdoor,
     backdoor_transfer,
+    backdoor_updates,
     checkpoints,
     defend,
     distill,
@@ -65,7 +66,7 @@ from robust_transfer.cli import (  # noqa: E402,F401  (register commands)
 
 # Options that take several values after one flag (`--eps 0.1 0.2 0.3`); click wants the
 # flag repeated, so argv is rewritten before parsing.
-MULTI_VALUE_OPTIONS = {"--eps"}
+MULTI_VALUE_OPTIONS = {"--eps", "--strength", "--update-images"}
 
 
 def _is_number(token: str) -> bool:
