@@ -56,6 +56,7 @@ from robust_transfer.cli import (  # noqa: E402,F401  (register commands)
     attack,
     backdoor,
     backdoor_transfer,
+    bias,
     checkpoints,
     defend,
     distill,
