@@ -164,7 +164,8 @@ def test_cli_writes_table_summary_and_figure(cli, tmp_path):
     assert axes.shape == (2, 2)
     titles = [ax.get_title() for ax in axes.flat]
     assert "fixed-feature (head only)\nstandard target training set" in titles
-    assert "full-network fine-tuning\nde-biased target training set" in titles
+    assert ("full-network fine-tuning\nde-biased target training set (feature on 50% of each "
+            "class)") in titles
     for ax in axes.flat:
         assert [line.get_label() for line in ax.get_lines()][:2] == [
             "biased source", "clean source (baseline)"]

@@ -66,7 +66,10 @@ def bias_shift_figure(table: pd.DataFrame, title: str | None = None):
                                 color=STYLES[kind]["color"])
             ax.axhline(0.0, color="gray", lw=0.8, ls=":")
             ax.set_xscale("log")
-            ax.set_title(f"{MODE_TITLES[mode]}\n{data} target training set", fontsize=10)
+            what = (f"de-biased target training set (feature on {part.debias_share.iloc[0]:.0%}"
+                    " of each class)" if data == "de-biased" and "debias_share" in part
+                    else f"{data} target training set")
+            ax.set_title(f"{MODE_TITLES[mode]}\n{what}", fontsize=10)
             ax.grid(alpha=0.3)
             if j == 0:
                 ax.set_ylabel("prediction shift (max over classes)")
