@@ -20,6 +20,7 @@ from robust_transfer.cli.common import (
 from robust_transfer.data import TASKS
 from robust_transfer.data.triggers import TRIGGERS
 from robust_transfer.errors import UserError
+from robust_transfer.models.nets import ARCHS
 from robust_transfer.models.runtime import resolve_device
 from robust_transfer.report.bias_figures import make_bias_report
 from robust_transfer.transfer.bias_transfer import (
@@ -42,8 +43,9 @@ def _values(values: list[str] | None) -> list[str]:
 def bias_transfer(
     out: Path = typer.Option(..., "--out", help="Directory for the table, summary and figure."),
     source_task: str = typer.Option("digits-0to4", help=f"Source task: {', '.join(TASKS)}."),
-    target_task: str = typer.Option("digits-5to9", help="Target task (without the feature)."),
-    arch: str = typer.Option("cnn-small", help="cnn-small (8x8) | cnn-medium (32x32) | ..."),
+    target_task: str = typer.Option("digits-5to9", help="Target task (without the feature), "
+                                    "from the same list."),
+    arch: str = typer.Option("cnn-small", help=f"Source architecture: {' | '.join(ARCHS)}."),
     bias_class: int = typer.Option(0, help="Source class whose every training image gets "
                                    "the feature (labels kept)."),
     feature: str = typer.Option("blended", help=f"The spurious feature: {' | '.join(TRIGGERS)}"

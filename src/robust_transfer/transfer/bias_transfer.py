@@ -13,7 +13,9 @@ fine-tuned with seed s (the same k-shot subset and new head for both, `transfer.
 
 and each fine-tuned model's prediction shift towards one class is measured on the target test
 set (`backdoors.bias.prediction_shift`). One row per fine-tune; the same config gives the same
-table on CPU.
+table on CPU. `finetune` picks its engine: standard-target runs may take the batched one, the
+de-biased ones (a `train_transform`) always the per-run reference; both agree up to float
+rounding.
 """
 
 from __future__ import annotations
