@@ -22,10 +22,13 @@ from robust_transfer.models.runtime import eval_mode
 
 
 @torch.no_grad()
-def _predictions(model: nn.Module, x: torch.Tensor, trigger: Trigger,
-                 batch_size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def clean_and_triggered_predictions(model: nn.Module, x: torch.Tensor, trigger: Trigger,
+                                    batch_size: int = 1024
+                                    ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(clean, triggered) predicted labels and the number of classes, batched, in eval mode
-    (each module's flag restored after)."""
+    (each module's flag restored after). Shared by every trigger metric (ASR, bias shift).
+
+    Shape: x (N, C, H, W) -> (N,), (N,) int64 on the CPU."""
     device = next(model.parameters()).device
     clean, triggered, num_classes = [], [], 0
     with eval_mode(model):
@@ -70,7 +73,8 @@ def backdoor_metrics(
     if len(x) != len(y):
         raise UserError(f"{len(x)} images but {len(y)} labels")
     check_choice("backdoor labels", labels, ("all-to-one", "all-to-all"))
-    clean, triggered, num_classes = _predictions(model, x, trigger, batch_size)
+    clean, triggered, num_classes = clean_and_triggered_predictions(model, x, trigger,
+                                                                     batch_size)
     y = y.cpu()
     metrics = {"clean_accuracy": _share(clean == y)}
     if labels == "all-to-all":

@@ -57,6 +57,7 @@ from robust_transfer.cli import (  # noqa: E402,F401  (register commands)
     backdoor,
     backdoor_transfer,
     backdoor_updates,
+    bias,
     checkpoints,
     defend,
     distill,

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from robust_transfer.data import adapt_images, check_task, load_task, shots_per_class
+from robust_transfer.data import ImageSet, adapt_images, check_task, load_task, shots_per_class
 from robust_transfer.data.augment import RandomCropFlip, mirror_safe
 from robust_transfer.data.tasks import IMAGEFOLDER, TASKS, Shots, parse_shots
 from robust_transfer.errors import UserError, check_choice
@@ -83,27 +83,31 @@ def augmentation(cfg: FinetuneConfig) -> RandomCropFlip | None:
 
 def finetune(model: BlockNet, cfg: FinetuneConfig, engine: str = "auto",
              amp: bool | None = None,
-             on_epoch: Callable[[nn.Module, int], dict] | None = None) -> list[dict]:
+             on_epoch: Callable[[nn.Module, int], dict] | None = None,
+             train_transform: Callable[[ImageSet], ImageSet] | None = None) -> list[dict]:
     """Fine-tune `model` in place on `cfg.target_task`; one record per epoch.
 
     `engine`: "auto" takes the batched engine (`transfer.batched`: prefix features computed
     once) where `batched.applies`, else the per-run reference; "per-run" forces the reference
     (`finetune_per_run`). Both give the same records (up to float rounding of the loss) and
     leave the model in the same state. An `on_epoch` hook (extra per-epoch measurements, e.g.
-    a backdoor's ASR) needs the per-run path.
+    a backdoor's ASR) and a `train_transform` (a change to the k-shot training set, e.g. the
+    de-biased target of bias transfer) need the per-run path, so they force it.
     """
     check_choice("engine", engine, ENGINES)
     from robust_transfer.transfer import batched  # batched builds on this module
 
     device = next(model.parameters()).device
-    if (engine == "auto" and on_epoch is None and batched.applies(model, cfg)
-            and not amp_enabled(device, amp)):
+    if (engine == "auto" and on_epoch is None and train_transform is None
+            and batched.applies(model, cfg) and not amp_enabled(device, amp)):
         return batched.finetune_batch(model, [cfg], write_back=True)[0]
-    return finetune_per_run(model, cfg, amp, on_epoch)
+    return finetune_per_run(model, cfg, amp, on_epoch, train_transform)
 
 
 def finetune_per_run(model: BlockNet, cfg: FinetuneConfig, amp: bool | None = None,
-                     on_epoch: Callable[[nn.Module, int], dict] | None = None) -> list[dict]:
+                     on_epoch: Callable[[nn.Module, int], dict] | None = None,
+                     train_transform: Callable[[ImageSet], ImageSet] | None = None
+                     ) -> list[dict]:
     """The reference: one fine-tune through `train.fit`; one record per epoch.
 
     The same seed draws the same k-shot subset and the same new head whichever source is
@@ -113,6 +117,8 @@ def finetune_per_run(model: BlockNet, cfg: FinetuneConfig, amp: bool | None = No
     Records: epoch, train_loss, epoch_lr, train_images, test_accuracy, plus whatever
     `on_epoch(model, epoch)` returns (e.g. a backdoor's ASR on the target test set).
     `amp`: bf16 autocast for training and test accuracy (None: on CUDA only).
+    `train_transform`: applied once to the adapted k-shot training set (the images the model
+    is trained on; the test set is left alone); it must keep the set's size and labels.
     """
     task = load_task(cfg.target_task)
     spec = model.spec
@@ -120,6 +126,12 @@ def finetune_per_run(model: BlockNet, cfg: FinetuneConfig, amp: bool | None = No
     train = task.train.subset(shots_per_class(task.train.y, cfg.images_per_class, cfg.seed))
     train = adapt_images(train, spec.in_channels, spec.input_size, what)
     test = adapt_images(task.test, spec.in_channels, spec.input_size, what)
+    if train_transform is not None:
+        changed = train_transform(train)
+        if len(changed) != len(train) or not torch.equal(changed.y, train.y):
+            raise UserError("a fine-tuning train_transform must keep the training set's "
+                            "images and labels (it may only change pixels)")
+        train = changed
     device = next(model.parameters()).device
     model.reset_head(task.num_classes, torch.Generator().manual_seed(cfg.seed))
     freeze_all_but_last(model, cfg.unfrozen_blocks)

@@ -1,0 +1,111 @@
+"""`robust-transfer bias-transfer --out DIR`: the bias-transfer study (Salman et al. 2022,
+arXiv 2207.02842). Thin: parse, validate, call `transfer.bias_transfer` and
+`report.bias_figures`, print."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import typer
+
+from robust_transfer.cli import app
+from robust_transfer.cli.common import (
+    DEVICE_OPTION,
+    check_output_dir,
+    console,
+    print_table,
+    progress_bar,
+)
+from robust_transfer.data import TASKS
+from robust_transfer.data.triggers import TRIGGERS
+from robust_transfer.errors import UserError
+from robust_transfer.models.nets import ARCHS
+from robust_transfer.models.runtime import resolve_device
+from robust_transfer.report.bias_figures import make_bias_report
+from robust_transfer.transfer.bias_transfer import (
+    MODES,
+    TARGET_DATA,
+    BiasTransferConfig,
+    run_bias_transfer,
+    save_bias_table,
+)
+
+TABLE = "bias_transfer.parquet"
+
+
+def _values(values: list[str] | None) -> list[str]:
+    """Repeated and/or comma-separated option values, in order."""
+    return [v.strip() for value in values or [] for v in value.split(",") if v.strip()]
+
+
+@app.command("bias-transfer")
+def bias_transfer(
+    out: Path = typer.Option(..., "--out", help="Directory for the table, summary and figure."),
+    source_task: str = typer.Option("digits-0to4", help=f"Source task: {', '.join(TASKS)}."),
+    target_task: str = typer.Option("digits-5to9", help="Target task (without the feature), "
+                                    "from the same list."),
+    arch: str = typer.Option("cnn-small", help=f"Source architecture: {' | '.join(ARCHS)}."),
+    bias_class: int = typer.Option(0, help="Source class whose every training image gets "
+                                   "the feature (labels kept)."),
+    feature: str = typer.Option("blended", help=f"The spurious feature: {' | '.join(TRIGGERS)}"
+                                " (blended: a fixed random pattern at alpha 0.2; badnets: a "
+                                "white square in the corner)."),
+    patch_size: int = typer.Option(None, help="BadNets square side (default: scaled to the "
+                                   "image, 2 on 8x8, 3 on 32x32)."),
+    seeds: int = typer.Option(5, help="Number of seeds (0..N-1); each trains a biased and a "
+                              "clean source."),
+    shots: list[str] = typer.Option(None, "--shots", help="Images per class (repeat or "
+                                    "comma-separate; 'all' = every image). Default: 1,5,25,all."),
+    mode: list[str] = typer.Option(None, "--mode", help=f"{' | '.join(MODES)} (repeatable; "
+                                   "default: both). fixed = head only, full = all blocks."),
+    target_data: list[str] = typer.Option(None, "--target-data", help=f"{' | '.join(TARGET_DATA)}"
+                                          " (repeatable; default: both)."),
+    debias_share: float = typer.Option(0.5, help="De-biased target: share of every class's "
+                                       "training images that get the feature."),
+    source_epochs: int = typer.Option(20, help="Source training epochs."),
+    epochs: int = typer.Option(10, help="Fine-tuning epochs."),
+    lr: float = typer.Option(0.1, help="Fine-tuning learning rate (step schedule)."),
+    device: str = DEVICE_OPTION,
+) -> None:
+    """Does a spurious feature planted in the source move the target model's predictions?
+
+    Per seed, trains a source with the feature on every image of one class and a clean one,
+    fine-tunes both (fixed-feature and full, on the standard and on a de-biased target
+    training set, at each number of images per class), and measures how far adding the
+    feature to target test images moves predictions towards one class. Writes
+    bias_transfer.parquet, bias_summary.csv/.md and bias_shift.png into --out.
+    """
+    if seeds < 1:
+        raise UserError(f"--seeds must be >= 1, got {seeds}")
+    defaults = BiasTransferConfig.__dataclass_fields__
+    cfg = BiasTransferConfig(
+        source_task=source_task, target_task=target_task, arch=arch, bias_class=bias_class,
+        feature=feature, patch_size=patch_size, seeds=tuple(range(seeds)),
+        images_per_class=tuple(_values(shots)) or defaults["images_per_class"].default,
+        modes=tuple(_values(mode)) or defaults["modes"].default,
+        target_data=tuple(_values(target_data)) or defaults["target_data"].default,
+        debias_share=debias_share, source_epochs=source_epochs, epochs=epochs, lr=lr)
+    check_output_dir(out, "--out")
+    dev = resolve_device(device)
+    with progress_bar(f"bias transfer {source_task} → {target_task}",
+                      2 * len(cfg.seeds) + cfg.runs) as advance:
+        table = run_bias_transfer(cfg, dev, on_step=lambda _what: advance())
+    path = save_bias_table(table, Path(out) / TABLE)
+    figure, csv, md = make_bias_report(path, out)
+    console.print(f"table: {path}\nsummary: {csv}, {md}\nfigure: {figure}")
+    print_table("prediction shift towards one class (mean ± 95% t half-width over seeds)",
+                summary_rows(pd.read_csv(csv)))
+
+
+def _pm(mean: float, ci: float) -> str:
+    return f"{mean:.3f}" + ("" if pd.isna(ci) else f" ± {ci:.3f}")
+
+
+def summary_rows(summary: pd.DataFrame) -> list[dict]:
+    """The printed summary (`report.bias_figures.bias_summary`), as text cells."""
+    return [{"target": r.target_data, "mode": r.mode, "images/class": r.images_per_class,
+             "biased": _pm(r.biased_shift, r.biased_shift_ci),
+             "clean": _pm(r.clean_shift, r.clean_shift_ci),
+             "biased − clean": _pm(r.difference, r.difference_ci), "n": r.n}
+            for r in summary.itertuples()]

@@ -1,0 +1,209 @@
+"""Bias transfer (Salman et al. 2022): the prediction-shift metric, the de-biasing transform,
+the fine-tuning seam, the study (a biased source shifts target predictions, a clean one much
+less), its CLI and its figure."""
+
+from __future__ import annotations
+
+import copy
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from robust_transfer.backdoors.bias import (
+    DebiasedFeature,
+    bias_backdoor,
+    prediction_shift,
+    shift_from_predictions,
+)
+from robust_transfer.data import ImageSet
+from robust_transfer.data.triggers import make_trigger
+from robust_transfer.errors import UserError
+from robust_transfer.models import ModelSpec, build_model, load_checkpoint
+from robust_transfer.report.bias_figures import bias_shift_figure, bias_summary
+from robust_transfer.stats import t_interval
+from robust_transfer.transfer import batched
+from robust_transfer.transfer.bias_transfer import (
+    BiasTransferConfig,
+    read_bias_table,
+    run_bias_transfer,
+)
+from robust_transfer.transfer.finetune import FinetuneConfig, finetune
+
+TINY = dict(source_task="synthetic-0to4", target_task="synthetic-5to9", seeds=(0,),
+            images_per_class=(2, "all"), source_epochs=1, epochs=1)
+
+
+def test_shift_matches_a_hand_computation():
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    clean = torch.tensor([0, 1, 1, 1, 2, 0])
+    triggered = torch.tensor([2, 2, 2, 1, 2, 2])
+    m = shift_from_predictions(clean, triggered, y, 3)
+    # Class 2, over images 0-3 (not of class 2): clean 0/4 predicted 2, triggered 3/4.
+    # Class 0, over images 2-5: 1/4 -> 0/4; class 1, over images 0, 1, 4, 5: 1/4 -> 0/4.
+    assert m["shifts"] == pytest.approx([-0.25, -0.25, 0.75])
+    assert (m["prediction_shift"], m["shift_class"]) == (pytest.approx(0.75), 2)
+    assert m["shift_clean_share"] == 0.0 and m["shift_triggered_share"] == pytest.approx(0.75)
+    assert m["clean_accuracy"] == pytest.approx(4 / 6)
+
+
+class _Constant(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.logits = nn.Parameter(torch.tensor([0.0, 2.0, 1.0]))
+
+    def forward(self, x):
+        return self.logits.expand(len(x), -1)
+
+
+class _MaskOut(nn.Module):
+    """Zeros the pixels a trigger writes: the wrapped model never sees the feature."""
+
+    def __init__(self, mask):
+        super().__init__()
+        self.register_buffer("keep", ~mask)
+
+    def forward(self, x):
+        return x * self.keep
+
+
+def test_shift_is_zero_for_models_that_ignore_the_feature():
+    x, y = torch.rand(40, 1, 8, 8), torch.arange(40) % 3
+    square = make_trigger("badnets", (1, 8, 8))
+    assert prediction_shift(_Constant(), x, y, square)["prediction_shift"] == 0.0
+    net = build_model(ModelSpec("cnn-small", 3, 1, (0.5,), (0.5,), input_size=8), seed=0)
+    blind = nn.Sequential(_MaskOut(square.mask), net).train()
+    m = prediction_shift(blind, x, y, square)
+    assert m["prediction_shift"] == 0.0 and m["shifts"] == [0.0] * 3
+    assert blind.training  # eval mode only inside the measurement
+
+
+def test_debiased_feature_puts_the_same_share_on_every_class():
+    y = torch.tensor([0] * 5 + [1] * 4 + [2] * 1)
+    data = ImageSet(torch.zeros(10, 1, 8, 8), y)
+    square = make_trigger("badnets", (1, 8, 8))
+    debias = DebiasedFeature(square, share=0.5, seed=3)
+    out = debias(data)
+    marked = out.x[:, 0, 7, 7] == 1.0
+    assert torch.equal(marked, debias.chosen(y)) and torch.equal(out.y, y)
+    # round half up: 2.5 -> 3 of class 0, 2 of class 1, 0.5 -> 1 of class 2
+    assert torch.bincount(y[marked], minlength=3).tolist() == [3, 2, 1]
+    assert torch.equal(DebiasedFeature(square, 0.5, seed=3).chosen(y), debias.chosen(y))
+    assert not torch.equal(DebiasedFeature(square, 0.5, seed=4).chosen(y), debias.chosen(y))
+    assert data.x.sum() == 0  # the input set is not modified
+    with pytest.raises(UserError, match="share"):
+        DebiasedFeature(square, share=0.0)
+
+
+def test_finetune_applies_train_transform_on_the_per_run_path(source_dir):
+    source, _ = load_checkpoint(source_dir)
+    cfg = FinetuneConfig(target_task="synthetic-5to9", images_per_class=3, epochs=2, seed=1)
+    assert batched.applies(source, cfg)  # without a transform the batched engine would run
+    seen = []
+
+    def blank(data: ImageSet) -> ImageSet:
+        seen.append(len(data))
+        return ImageSet(torch.zeros_like(data.x), data.y)
+
+    plain = finetune(copy.deepcopy(source), cfg)
+    blanked = finetune(copy.deepcopy(source), cfg, train_transform=blank)
+    assert seen == [15]  # once, on the k-shot training set (3 images x 5 classes)
+    assert blanked[-1]["train_loss"] != pytest.approx(plain[-1]["train_loss"])
+    with pytest.raises(UserError, match="train_transform"):
+        finetune(copy.deepcopy(source), cfg, train_transform=lambda d: d.subset(torch.arange(2)))
+
+
+def test_biased_source_shifts_fixed_feature_predictions_more_than_clean():
+    cfg = BiasTransferConfig(seeds=(0, 1, 2), images_per_class=(5,), modes=("fixed",),
+                             target_data=("standard",))
+    table = run_bias_transfer(cfg)
+    shift = table.pivot(index="seed", columns="source", values="prediction_shift")
+    assert (shift.biased > shift.clean).all()
+    assert shift.biased.mean() > shift.clean.mean() + 0.15
+    assert (table.target_accuracy > 0.4).all()  # both sources transfer (chance is 0.2)
+
+
+def test_same_config_same_table():
+    cfg = BiasTransferConfig(**TINY, modes=("fixed",))
+    pd.testing.assert_frame_equal(run_bias_transfer(cfg), run_bias_transfer(cfg))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(bias_class=7), "bias class 7"),
+    (dict(images_per_class=(0,)), "images per class"),
+    (dict(images_per_class=(5, 5)), "must not repeat"),
+    (dict(modes=("partial",)), "mode"),
+    (dict(seeds=()), "at least one seed"),
+    (dict(debias_share=1.5), "share"),
+    (dict(feature="badnets", patch_size=9), "does not fit"),
+])
+def test_config_rejects_bad_values(bad, match):
+    with pytest.raises(UserError, match=match):
+        BiasTransferConfig(**{**TINY, **bad})
+
+
+def test_cli_writes_table_summary_and_figure(cli, tmp_path):
+    out = tmp_path / "bias"
+    code, stdout, stderr = cli("bias-transfer", "--out", out, "--source-task", "synthetic-0to4",
+                               "--target-task", "synthetic-5to9", "--seeds", "2", "--shots",
+                               "2,all", "--source-epochs", "1", "--epochs", "1",
+                               "--device", "cpu")
+    assert code == 0, stderr
+    assert {p.name for p in out.iterdir()} == {"bias_transfer.parquet", "bias_summary.csv",
+                                               "bias_summary.md", "bias_shift.png"}
+    table = read_bias_table(out / "bias_transfer.parquet")
+    assert len(table) == 2 * 2 * 2 * 2 * 2  # seeds x sources x modes x target data x shots
+    assert set(table.images_per_class) == {2, "all"}
+    assert set(table.target_data) == {"standard", "de-biased"}
+    assert "prediction shift" in stdout and "fixed" in stdout and "full" in stdout
+    summary = pd.read_csv(out / "bias_summary.csv")
+    assert len(summary) == 8 and (summary.n == 2).all()
+
+    fig, axes = bias_shift_figure(table)
+    assert axes.shape == (2, 2)
+    titles = [ax.get_title() for ax in axes.flat]
+    assert "fixed-feature (head only)\nstandard target training set" in titles
+    assert ("full-network fine-tuning\nde-biased target training set (feature on 50% of each "
+            "class)") in titles
+    for ax in axes.flat:
+        assert [line.get_label() for line in ax.get_lines()][:2] == [
+            "biased source", "clean source (baseline)"]
+        assert ax.get_xscale() == "log"
+    assert axes[0, 0].get_ylabel() == "prediction shift (max over classes)"
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [
+        "biased source", "clean source (baseline)"]
+    assert "n=2 seeds" in fig._suptitle.get_text()
+    assert [t.get_text() for t in axes[1, 0].get_xticklabels()] == ["2", "all\n(~42)"]
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--bias-class", "7"], "bias class 7"),
+    (["--shots", "0"], "images per class"),
+    (["--seeds", "0"], "--seeds"),
+    (["--feature", "hat"], "unknown bias feature"),
+])
+def test_cli_bad_input_is_one_line_and_writes_nothing(cli, tmp_path, args, match):
+    out = tmp_path / "bias"
+    code, _, stderr = cli("bias-transfer", "--out", out, *args)
+    assert code == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and match in lines[0]
+    assert not out.exists()
+
+
+def test_summary_pairs_seeds():
+    rows = [dict(seed=s, source=k, mode="fixed", images_per_class=5, target_data="standard",
+                 shots=5.0, prediction_shift=v, shift_class=1, target_accuracy=0.5)
+            for s, (b, c) in enumerate([(0.3, 0.1), (0.5, 0.2), (0.4, 0.2)])
+            for k, v in (("biased", b), ("clean", c))]
+    s = bias_summary(pd.DataFrame(rows)).iloc[0]
+    # paired by seed: the differences 0.2, 0.3, 0.2 (not the two means' separate spreads)
+    assert s.difference == pytest.approx(0.7 / 3) and s.n == 3
+    assert s.difference_ci == pytest.approx(t_interval([0.2, 0.3, 0.2])[1])
+    assert s.biased_shift == pytest.approx(0.4) and s.clean_shift == pytest.approx(0.5 / 3)
+
+
+def test_bias_backdoor_is_clean_label_at_rate_one():
+    b = bias_backdoor(2, "badnets")
+    assert (b.rate, b.target, b.clean_label, b.labels) == (1.0, 2, True, "all-to-one")
