@@ -146,9 +146,9 @@ def test_config_rejects_bad_values(bad, match):
 def test_cli_writes_table_summary_and_figure(cli, tmp_path):
     out = tmp_path / "bias"
     code, stdout, stderr = cli("bias-transfer", "--out", out, "--source-task", "synthetic-0to4",
-                               "--target-task", "synthetic-5to9", "--seeds", "2", "--shots",
-                               "2,all", "--source-epochs", "1", "--epochs", "1",
-                               "--device", "cpu")
+                               "--target-task", "synthetic-5to9", "--seeds", "2",
+                               "--images-per-class", "2,all", "--source-epochs", "1",
+                               "--epochs", "1", "--device", "cpu")
     assert code == 0, stderr
     assert {p.name for p in out.iterdir()} == {"bias_transfer.parquet", "bias_summary.csv",
                                                "bias_summary.md", "bias_shift.png"}
@@ -179,7 +179,7 @@ def test_cli_writes_table_summary_and_figure(cli, tmp_path):
 
 @pytest.mark.parametrize("args, match", [
     (["--bias-class", "7"], "bias class 7"),
-    (["--shots", "0"], "images per class"),
+    (["--images-per-class", "0"], "images per class"),
     (["--seeds", "0"], "--seeds"),
     (["--feature", "hat"], "unknown bias feature"),
 ])

@@ -55,8 +55,9 @@ def bias_transfer(
                                    "image, 2 on 8x8, 3 on 32x32)."),
     seeds: int = typer.Option(5, help="Number of seeds (0..N-1); each trains a biased and a "
                               "clean source."),
-    shots: list[str] = typer.Option(None, "--shots", help="Images per class (repeat or "
-                                    "comma-separate; 'all' = every image). Default: 1,5,25,all."),
+    images_per_class: list[str] = typer.Option(
+        None, "--images-per-class", help="Images per class (repeat or comma-separate; 'all' = "
+        "every image). Default: 1,5,25,all."),
     mode: list[str] = typer.Option(None, "--mode", help=f"{' | '.join(MODES)} (repeatable; "
                                    "default: both). fixed = head only, full = all blocks."),
     target_data: list[str] = typer.Option(None, "--target-data", help=f"{' | '.join(TARGET_DATA)}"
@@ -82,7 +83,7 @@ def bias_transfer(
     cfg = BiasTransferConfig(
         source_task=source_task, target_task=target_task, arch=arch, bias_class=bias_class,
         feature=feature, patch_size=patch_size, seeds=tuple(range(seeds)),
-        images_per_class=tuple(_values(shots)) or defaults["images_per_class"].default,
+        images_per_class=tuple(_values(images_per_class)) or defaults["images_per_class"].default,
         modes=tuple(_values(mode)) or defaults["modes"].default,
         target_data=tuple(_values(target_data)) or defaults["target_data"].default,
         debias_share=debias_share, source_epochs=source_epochs, epochs=epochs, lr=lr)
