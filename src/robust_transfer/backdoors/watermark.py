@@ -365,3 +365,22 @@ def remove(model: nn.Module, attack: str, task: Task, cfg: RemovalConfig = Remov
     fit(attacked, clean_subset(task, cfg.clean_fraction, cfg.seed), cfg.train())
     attacked.requires_grad_(True)
     return attacked.eval()
+
+
+# ---- the independent baseline -------------------------------------------------------------
+
+def independent_recipe(meta: dict, seed_offset: int = 1) -> SourceConfig:
+    """The clean baseline of a watermarked checkpoint: its recipe (`meta["recipe"]`), no key,
+    another seed (+`seed_offset`), so it differs from the watermarked model only in the key
+    and in the randomness."""
+    recipe = meta.get("recipe")
+    if not isinstance(recipe, dict) or "train" not in recipe:
+        raise UserError("the checkpoint records no training recipe to train an independent "
+                        "model with")
+    try:
+        train = TrainConfig(**{**recipe["train"],
+                               "seed": int(recipe["train"]["seed"]) + seed_offset})
+        fields = set(SourceConfig.__dataclass_fields__) - {"train", "distill", "backdoor"}
+        return SourceConfig(**{k: v for k, v in recipe.items() if k in fields}, train=train)
+    except (TypeError, KeyError) as e:
+        raise UserError(f"the checkpoint's recipe cannot be read: {e}") from None
