@@ -226,7 +226,7 @@ def trigger_batch_size(key_size: int, train_size: int, batch_size: int, repeats:
 
 
 def embed(model: nn.Module, train, key: WatermarkKey, cfg: TrainConfig,
-          base: Objective | None = None, repeats: int = 4, on_epoch=None) -> list[dict]:
+          base: Objective | None = None, repeats: int = 8, on_epoch=None) -> list[dict]:
     """Adi et al.'s "from scratch" embedding: train `model` on `train` with the key's trigger
     images in every batch (each seen `repeats` times per epoch), through `train.fit`.
 
@@ -240,7 +240,7 @@ def embed(model: nn.Module, train, key: WatermarkKey, cfg: TrainConfig,
     return fit(model, train, cfg, objective, on_epoch)
 
 
-def train_watermarked(cfg: SourceConfig, key: WatermarkKey, repeats: int = 4,
+def train_watermarked(cfg: SourceConfig, key: WatermarkKey, repeats: int = 8,
                       device: torch.device | str = "cpu",
                       on_epoch=None) -> tuple[nn.Module, dict]:
     """Train the source `cfg` describes with the watermark `key` embedded; return (model,

@@ -6,7 +6,8 @@ Top panel: per model, trigger-set accuracy (after transfer: the cross-fitted map
 and clean test accuracy (on the model's own task), means over seeds with 95% t-intervals
 (n >= 2), the chance level of each trigger bar as a black tick (1/K; after transfer the
 permutation null's mean), and the median p-value and the owned count written on the bar.
-Bottom panel: every seed's p-value on a log axis, with the ownership threshold alpha.
+Bottom panel: every seed's p-value on a log axis down to 1e-12 (smaller ones as triangles at
+the floor), with the ownership threshold alpha.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from robust_transfer.report.common import save_figure  # noqa: E402
 from robust_transfer.report.stats import summarise  # noqa: E402
 
 TRIGGER, TEST, INDEPENDENT = "#2171b5", "#9ecae1", "#969696"
-P_FLOOR = 1e-300  # a p-value that underflows to 0 is drawn at the floor of the log axis
+# The log axis stops here, so the region around alpha stays readable; smaller p-values are
+# drawn as triangles at the floor (their value is written on the bars).
+P_FLOOR = 1e-12
 
 
 def _order(table: pd.DataFrame) -> list[str]:
@@ -80,14 +83,20 @@ def watermark_figure(table: pd.DataFrame, title: str = ""):
     top.set_title(title or f"watermark after removal attacks and transfer "
                   f"(bars: mean over n={n_seeds} seeds, 95% t-interval)", fontsize=10)
     for i, m in enumerate(models):
-        p = table[table.model == m].p_value.clip(lower=P_FLOOR).to_numpy()
-        bottom.scatter(np.full(len(p), pos[i]), p, s=18, color=colours[i], zorder=3,
-                       label="p-value of one seed" if i == 0 else None)
+        p = table[table.model == m].p_value.to_numpy(dtype=float)
+        low = p < P_FLOOR
+        bottom.scatter(np.full(int((~low).sum()), pos[i]), p[~low], s=18, color=colours[i],
+                       zorder=3, label="p-value of one seed" if i == 0 else None)
+        bottom.scatter(np.full(int(low.sum()), pos[i]), np.full(int(low.sum()), P_FLOOR),
+                       s=26, marker="v", color=colours[i], zorder=3)
+    if (table.p_value < P_FLOOR).any():
+        bottom.scatter([], [], s=26, marker="v", color="k",
+                       label=f"p < {P_FLOOR:g} (value on the bar above)")
     alpha = float(table["alpha"].iloc[0]) if "alpha" in table else 0.01
     bottom.axhline(alpha, color="#cb181d", linestyle="--", linewidth=1,
                    label=f"alpha = {alpha:g} (owned below)")
     bottom.set_yscale("log")
-    bottom.set_ylim(top=2)
+    bottom.set_ylim(P_FLOOR / 5, 2)
     bottom.set_ylabel("p-value (log)")
     bottom.legend(fontsize=7, loc="lower right")
     bottom.grid(axis="y", alpha=0.3)
