@@ -63,6 +63,7 @@ from robust_transfer.cli import (  # noqa: E402,F401  (register commands)
     distill,
     explain,
     study,
+    watermark,
 )
 
 # Options that take several values after one flag (`--eps 0.1 0.2 0.3`); click wants the

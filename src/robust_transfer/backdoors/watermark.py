@@ -1,0 +1,386 @@
+"""Watermarking by backdoor (Adi et al. 2018, "Turning Your Weakness Into a Strength:
+Watermarking Deep Neural Networks by Backdooring", USENIX Security).
+
+The owner draws a secret *trigger set* — abstract images with random labels (the paper: 100) —
+and trains the model on the training set together with it ("from scratch" embedding), so the
+model memorises labels no one else's model would give those images. Ownership is verified in a
+black box: a model whose trigger-set accuracy is far above chance 1/K carries the watermark.
+The test here is the one-sided binomial tail P(X >= correct), X ~ Bin(n, 1/K): the chance that a
+model which knows nothing of the key (its predictions independent of the random labels) scores
+at least that well; ownership is claimed when it is below `alpha` (default 0.01).
+
+- The key (`WatermarkKey`): trigger images, labels, the seed and metadata, stored apart from
+  any checkpoint (`save_key`: `key.safetensors` + `key.json` with a content hash).
+- Trigger images (`make_key`): the paper's are abstract images from the web; here each is
+  low-resolution uniform noise (2x2 up to H/2 x W/2, seeded) upsampled bilinearly, with a sharp
+  rectangle of random intensity pasted on it, stretched to span [0,1]. Unlike any training image
+  and unlike each other, so their labels must be memorised.
+- Embedding (`embed`, `train_watermarked`): as in the paper's code, every training batch gets
+  `trigger_batch` trigger images appended (cycling through the key in a seeded order), and the
+  loss is the training objective on the batch plus cross-entropy on those images, weighted by
+  their counts (for natural training: cross-entropy on the concatenated batch).
+- Removal (`remove`): the paper's four fine-tuning attacks on a share of clean training data the
+  attacker holds — FTLL (fine-tune the last layer), FTAL (fine-tune all layers), RTLL (re-init
+  the last layer and re-train it), RTAL (re-init the last layer, train all layers).
+
+After transfer to a new task the head is new and its classes mean something else, so the
+binomial test against 1/K does not apply; `transfer.watermark_transfer` holds that verification.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from scipy.stats import binom
+from torch import nn
+
+from robust_transfer import __version__
+from robust_transfer.atomic import atomic_path, atomic_write_text
+from robust_transfer.backdoors.defenses import clean_subset
+from robust_transfer.data import Task, load_task
+from robust_transfer.errors import UserError, check_choice
+from robust_transfer.models.runtime import predict_logits
+from robust_transfer.train import TrainConfig, fit, freeze_all_but_last
+from robust_transfer.train.methods import make_objective
+from robust_transfer.train.objectives import Objective, natural_loss
+from robust_transfer.train.source import SourceConfig, build_source_model, evaluate_source
+
+KEY_WEIGHTS = "key.safetensors"
+KEY_META = "key.json"
+ALPHA = 0.01
+ATTACKS = ("FTLL", "FTAL", "RTLL", "RTAL")
+
+
+# ---- the key ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class WatermarkKey:
+    """A watermark's secret: trigger images `x` (n, C, H, W) in [0,1], their labels `y` (n,)
+    drawn uniformly over `num_classes`, and the `seed` they were drawn with."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    num_classes: int
+    seed: int
+
+    def __post_init__(self) -> None:
+        if self.x.ndim != 4 or len(self.x) != len(self.y) or len(self.y) == 0:
+            raise UserError(f"bad watermark key shapes {tuple(self.x.shape)} / "
+                            f"{tuple(self.y.shape)}")
+        if int(self.y.min()) < 0 or int(self.y.max()) >= self.num_classes:
+            raise UserError(f"watermark key labels must be in 0..{self.num_classes - 1}")
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.x.shape[1:])
+
+    def meta(self) -> dict:
+        return {"kind": "adi2018-trigger-set", "n": len(self), "num_classes": self.num_classes,
+                "input_shape": list(self.input_shape), "seed": self.seed,
+                "images": "bilinear-upsampled uniform noise + a sharp rectangle, in [0,1]",
+                "labels": "uniform over classes", "package_version": __version__}
+
+
+def abstract_images(n: int, input_shape: tuple[int, int, int],
+                    generator: torch.Generator) -> torch.Tensor:
+    """`n` abstract images (n, C, H, W) in [0,1]: smooth noise plus one sharp rectangle each."""
+    c, h, w = input_shape
+    top = max(2, min(h, w) // 2)
+    sides = torch.randint(2, top + 1, (n,), generator=generator)
+    images = torch.empty(n, c, h, w)
+    for side in sides.unique().tolist():  # one upsampling per resolution, not per image
+        rows = torch.nonzero(sides == side).flatten()
+        coarse = torch.rand(len(rows), c, side, side, generator=generator)
+        images[rows] = F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+    # A rectangle [r0, r1) x [c0, c1) of random intensity per image, by coordinate masks.
+    r0, r1 = torch.randint(0, h, (2, n), generator=generator).sort(0).values
+    c0, c1 = torch.randint(0, w, (2, n), generator=generator).sort(0).values
+    rr, cc = torch.arange(h).view(1, h, 1), torch.arange(w).view(1, 1, w)
+    mask = ((rr >= r0.view(-1, 1, 1)) & (rr <= r1.view(-1, 1, 1))
+            & (cc >= c0.view(-1, 1, 1)) & (cc <= c1.view(-1, 1, 1))).unsqueeze(1)
+    value = torch.rand(n, c, 1, 1, generator=generator)
+    images = torch.where(mask, value.expand(-1, -1, h, w), images)
+    lo = images.amin((1, 2, 3), keepdim=True)
+    hi = images.amax((1, 2, 3), keepdim=True)
+    return ((images - lo) / (hi - lo).clamp_min(1e-6)).clamp(0, 1)
+
+
+def make_key(num_classes: int, input_shape: tuple[int, int, int], n: int = 100,
+             seed: int = 0) -> WatermarkKey:
+    """A trigger set of `n` abstract images with labels uniform over `num_classes` (Adi et al.
+    2018: 100 images, random labels), all drawn from `seed`.
+
+    Shape: images (n, *input_shape) in [0,1], labels (n,).
+
+    Example:
+        key = make_key(5, (1, 8, 8), n=100, seed=7)
+        save_key(key, "wm_key")
+    """
+    if n < 1:
+        raise UserError(f"trigger set size must be >= 1, got {n}")
+    if num_classes < 2:
+        raise UserError(f"a watermark needs at least 2 classes, got {num_classes}")
+    gen = torch.Generator().manual_seed(seed)
+    x = abstract_images(n, tuple(input_shape), gen)
+    y = torch.randint(0, num_classes, (n,), generator=gen)
+    return WatermarkKey(x, y, num_classes, seed)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def save_key(key: WatermarkKey, directory: str | Path, extra: dict | None = None) -> Path:
+    """Write `key` to `directory` (created): `key.safetensors` (images, labels) and `key.json`
+    (metadata, `extra`, the tensors' sha256), each atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with atomic_path(directory / KEY_WEIGHTS) as tmp:
+        save_file({"x": key.x.contiguous(), "y": key.y.contiguous()}, tmp)
+    meta = {**key.meta(), **(extra or {}), "sha256": _sha256(directory / KEY_WEIGHTS)}
+    atomic_write_text(directory / KEY_META, json.dumps(meta, indent=2))
+    return directory
+
+
+def read_key_meta(directory: str | Path) -> dict:
+    """The JSON sidecar of a key, or `UserError` naming what is wrong."""
+    directory = Path(directory)
+    if not (directory / KEY_META).is_file() or not (directory / KEY_WEIGHTS).is_file():
+        raise UserError(f"no watermark key at {str(directory)!r}: expected a directory with "
+                        f"{KEY_WEIGHTS} and {KEY_META}")
+    try:
+        meta = json.loads((directory / KEY_META).read_text())
+        int(meta["num_classes"]), int(meta["seed"]), str(meta["sha256"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"corrupt watermark key metadata in {str(directory)!r}: {e}") from None
+    return meta
+
+
+def load_key(directory: str | Path) -> tuple[WatermarkKey, dict]:
+    """(key, metadata) from `directory`; a missing file, a hash mismatch or unreadable tensors
+    is a `UserError`."""
+    directory = Path(directory)
+    meta = read_key_meta(directory)
+    if _sha256(directory / KEY_WEIGHTS) != meta["sha256"]:
+        raise UserError(f"watermark key {str(directory)!r} is corrupt: {KEY_WEIGHTS} does not "
+                        "match its sha256")
+    try:
+        tensors = load_file(directory / KEY_WEIGHTS)
+        key = WatermarkKey(tensors["x"].float(), tensors["y"].long(), int(meta["num_classes"]),
+                           int(meta["seed"]))
+    except (SafetensorError, KeyError, OSError) as e:
+        raise UserError(f"corrupt watermark key {str(directory)!r}: {e}") from None
+    return key, meta
+
+
+# ---- embedding ----------------------------------------------------------------------------
+
+class WatermarkLoss:
+    """`base` on the training batch plus cross-entropy on `trigger_batch` trigger images,
+    weighted by counts: (B * base(x, y) + m * CE(trigger)) / (B + m); for natural training this
+    is cross-entropy on the batch with the trigger images appended (Adi et al.'s code). The
+    trigger images cycle through the key in an order drawn from `seed`."""
+
+    def __init__(self, key: WatermarkKey, base: Objective, trigger_batch: int,
+                 seed: int = 0) -> None:
+        if trigger_batch < 1:
+            raise UserError(f"trigger images per batch must be >= 1, got {trigger_batch}")
+        self.key, self.base, self.trigger_batch = key, base, trigger_batch
+        self.order = torch.randperm(len(key), generator=torch.Generator().manual_seed(seed))
+        self.position = 0
+        self.replays = getattr(base, "replays", 1)
+        self._device: dict = {}
+
+    def _next_triggers(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._device:
+            self._device = {device: (self.key.x.to(device), self.key.y.to(device),
+                                     self.order.to(device))}
+        x, y, order = self._device[device]
+        idx = order[(self.position + torch.arange(self.trigger_batch, device=device))
+                    % len(order)]
+        self.position = (self.position + self.trigger_batch) % len(order)
+        return x[idx], y[idx]
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        xt, yt = self._next_triggers(x.device)
+        m, b = len(yt), len(y)
+        return (b * self.base(model, x, y) + m * F.cross_entropy(model(xt), yt)) / (b + m)
+
+
+def trigger_batch_size(key_size: int, train_size: int, batch_size: int, repeats: int) -> int:
+    """Trigger images per batch so that each is seen `repeats` times per epoch."""
+    batches = math.ceil(train_size / batch_size)
+    return max(1, math.ceil(repeats * key_size / batches))
+
+
+def embed(model: nn.Module, train, key: WatermarkKey, cfg: TrainConfig,
+          base: Objective | None = None, repeats: int = 8, on_epoch=None) -> list[dict]:
+    """Adi et al.'s "from scratch" embedding: train `model` on `train` with the key's trigger
+    images in every batch (each seen `repeats` times per epoch), through `train.fit`.
+
+    Example:
+        history = embed(model, task.train, key, TrainConfig(epochs=30))
+    """
+    if repeats < 1:
+        raise UserError(f"trigger repeats per epoch must be >= 1, got {repeats}")
+    m = trigger_batch_size(len(key), len(train), cfg.batch_size, repeats)
+    objective = WatermarkLoss(key, base or natural_loss, m, cfg.seed)
+    return fit(model, train, cfg, objective, on_epoch)
+
+
+def train_watermarked(cfg: SourceConfig, key: WatermarkKey, repeats: int = 8,
+                      device: torch.device | str = "cpu",
+                      on_epoch=None) -> tuple[nn.Module, dict]:
+    """Train the source `cfg` describes with the watermark `key` embedded; return (model,
+    checkpoint metadata: the recipe, clean test metrics, and the key's verification — never
+    the key itself, which lives apart)."""
+    if cfg.backdoor is not None or cfg.distill is not None or cfg.on_overfit != "off":
+        raise UserError("a watermarked source takes a plain recipe (no backdoor, distillation "
+                        "or overfitting monitor)")
+    task = load_task(cfg.task)
+    check_key_fits(key, task.num_classes, task.input_shape)
+    model = build_source_model(cfg, device)
+    base = make_objective(cfg.method, cfg.eps, cfg.norm, cfg.attack_steps, cfg.attack_alpha,
+                          cfg.train.seed, cfg.trades_beta, cfg.free_replays)
+    callback = None if on_epoch is None else (lambda _m, epoch: on_epoch(epoch) or {})
+    history = embed(model, task.train, key, cfg.train, base, repeats, callback)
+    metrics = evaluate_source(model, cfg.task, cfg.eps, cfg.norm)
+    metrics |= {k: v for k, v in verify(model, key).items() if k != "owned"}
+    metrics["train_seconds"] = sum(r["epoch_seconds"] for r in history)
+    meta = {"role": "source", "recipe": cfg.to_dict(), "eps": cfg.eps, "norm": cfg.norm,
+            "method": cfg.method, "seed": cfg.train.seed, "task": cfg.task, "metrics": metrics,
+            "torch_threads": torch.get_num_threads(),
+            "watermark": {"key_seed": key.seed, "trigger_size": len(key), "repeats": repeats}}
+    return model, meta
+
+
+def check_key_fits(key: WatermarkKey, num_classes: int, input_shape) -> None:
+    """`UserError` unless the key is for `num_classes` classes and `input_shape` images."""
+    if key.num_classes != num_classes or tuple(key.input_shape) != tuple(input_shape):
+        raise UserError(f"the watermark key is for {key.num_classes} classes of images "
+                        f"{key.input_shape}; the model has {num_classes} classes of images "
+                        f"{tuple(input_shape)}")
+
+
+def check_model_fits(model: nn.Module, key: WatermarkKey) -> None:
+    """`UserError` unless `model` (a `BlockNet`) classifies the key's images into its classes."""
+    spec = model.spec
+    _, h, w = key.input_shape
+    size = (h, w) if spec.input_size is None else (spec.input_size, spec.input_size)
+    check_key_fits(key, spec.num_classes, (spec.in_channels, *size))
+
+
+# ---- verification -------------------------------------------------------------------------
+
+def binomial_p_value(correct: int, n: int, chance: float) -> float:
+    """One-sided binomial tail P(X >= correct), X ~ Bin(n, chance)."""
+    return float(binom.sf(correct - 1, n, chance))
+
+
+def key_predictions(model: nn.Module, key: WatermarkKey) -> torch.Tensor:
+    """The model's labels for the trigger images (n,)."""
+    return predict_logits(model, key.x).argmax(1).cpu()
+
+
+def verify(model: nn.Module, key: WatermarkKey, alpha: float = ALPHA) -> dict:
+    """Black-box ownership test (Adi et al. 2018): trigger-set accuracy against chance 1/K.
+
+    Returns {trigger_accuracy, correct, n, chance, p_value, owned}: `p_value` is the binomial
+    tail P(X >= correct) under X ~ Bin(n, 1/K); `owned` when it is below `alpha`.
+
+    Shape: the model takes the key's images (n, C, H, W) and returns K logits.
+
+    Example:
+        v = verify(model, key)          # {"trigger_accuracy": 0.98, "p_value": 1e-60, ...}
+        v["owned"]
+    """
+    if not 0 < alpha < 1:
+        raise UserError(f"alpha must be in (0, 1), got {alpha}")
+    check_model_fits(model, key)
+    pred = key_predictions(model, key)
+    correct, n = int((pred == key.y).sum()), len(key)
+    chance = 1.0 / key.num_classes
+    p = binomial_p_value(correct, n, chance)
+    return {"trigger_accuracy": correct / n, "correct": correct, "n": n, "chance": chance,
+            "p_value": p, "owned": bool(p < alpha)}
+
+
+# ---- removal attacks ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RemovalConfig:
+    """The attacker's budget: `clean_fraction` of each class of the clean training set (drawn
+    with `seed`), fine-tuned `epochs` at constant `lr`; `seed` also draws the re-initialised
+    head of RTLL / RTAL and the batch order."""
+
+    clean_fraction: float = 0.2
+    epochs: int = 20
+    lr: float = 0.01
+    batch_size: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.clean_fraction <= 1:
+            raise UserError(f"attacker's clean fraction must be in (0, 1], got "
+                            f"{self.clean_fraction}")
+        if self.epochs < 1 or not self.lr > 0 or self.batch_size < 1:
+            raise UserError("removal epochs and batch size must be >= 1 and lr > 0")
+
+    def train(self) -> TrainConfig:
+        return TrainConfig(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
+                           schedule="constant", seed=self.seed)
+
+
+def remove(model: nn.Module, attack: str, task: Task, cfg: RemovalConfig = RemovalConfig()
+           ) -> nn.Module:
+    """A copy of `model` after removal attack `attack` (FTLL | FTAL | RTLL | RTAL, Adi et al.
+    2018) on the attacker's clean share of `task`'s training set.
+
+    LL attacks train the head alone (every other parameter and BatchNorm statistic stays
+    as it was: `train.freeze_all_but_last(model, 0)`); AL attacks train every layer; RT attacks
+    first re-initialise the head (`model.reset_head`, drawn from `cfg.seed`).
+
+    Example:
+        attacked = remove(model, "RTAL", load_task("digits-0to4"), RemovalConfig(seed=1))
+        verify(attacked, key)["owned"]
+    """
+    check_choice("removal attack", attack, ATTACKS)
+    attacked = copy.deepcopy(model)
+    if attack.startswith("RT"):
+        attacked.reset_head(attacked.spec.num_classes,
+                            torch.Generator().manual_seed(cfg.seed))
+    freeze_all_but_last(attacked, 0 if attack.endswith("LL") else None)
+    fit(attacked, clean_subset(task, cfg.clean_fraction, cfg.seed), cfg.train())
+    attacked.requires_grad_(True)
+    return attacked.eval()
+
+
+# ---- the independent baseline -------------------------------------------------------------
+
+def independent_recipe(meta: dict, seed_offset: int = 1) -> SourceConfig:
+    """The clean baseline of a watermarked checkpoint: its recipe (`meta["recipe"]`), no key,
+    another seed (+`seed_offset`), so it differs from the watermarked model only in the key
+    and in the randomness."""
+    recipe = meta.get("recipe")
+    if not isinstance(recipe, dict) or "train" not in recipe:
+        raise UserError("the checkpoint records no training recipe to train an independent "
+                        "model with")
+    try:
+        train = TrainConfig(**{**recipe["train"],
+                               "seed": int(recipe["train"]["seed"]) + seed_offset})
+        fields = set(SourceConfig.__dataclass_fields__) - {"train", "distill", "backdoor"}
+        return SourceConfig(**{k: v for k, v in recipe.items() if k in fields}, train=train)
+    except (TypeError, KeyError) as e:
+        raise UserError(f"the checkpoint's recipe cannot be read: {e}") from None
