@@ -17,6 +17,7 @@ from torch import nn
 
 from robust_transfer.models import load_checkpoint, save_checkpoint
 from robust_transfer.models.runtime import predict_logits
+from robust_transfer.train.loop import batch_bounds
 from robust_transfer.transfer import batched, run
 from robust_transfer.transfer.finetune import FinetuneConfig, finetune, finetune_per_run
 from robust_transfer.transfer.grid import _FinetuneBatch, run_grid
@@ -53,6 +54,17 @@ def test_batched_runs_match_per_run_runs_epoch_by_epoch(source_dir, blocks, shot
     got = batched.finetune_batch(copy.deepcopy(model), cfgs)
     _assert_same_histories(got, ref)
     assert len({tuple(e["train_loss"] for e in h) for h in got}) == len(cfgs)
+
+
+@pytest.mark.parametrize("blocks", [0, None])
+def test_a_last_batch_of_one_joins_the_one_before_in_both_engines(source_dir, blocks):
+    """5 images (1 per class) in batches of 4: one batch of 5 per epoch, in both engines (a
+    batch of 1 cannot train BatchNorm where a block's output is 1x1)."""
+    model, _ = load_checkpoint(source_dir)
+    cfgs = [FinetuneConfig(TARGET, 1, blocks, 3, 0.1, 4, s) for s in (0, 1)]
+    ref = [finetune_per_run(copy.deepcopy(model), c) for c in cfgs]
+    _assert_same_histories(batched.finetune_batch(copy.deepcopy(model), cfgs), ref)
+    assert batch_bounds(5, 4) == [(0, 5)]
 
 
 @pytest.mark.parametrize("blocks", [0, 1, None])

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from robust_transfer.cli import main
+from robust_transfer.data import ImageSet
 from robust_transfer.errors import UserError
 from robust_transfer.models import (
     ModelSpec,
@@ -15,7 +16,9 @@ from robust_transfer.models import (
     num_blocks,
     save_checkpoint,
 )
+from robust_transfer.train import TrainConfig, fit
 from robust_transfer.train.freeze import freeze_all_but_last, set_train_mode
+from robust_transfer.train.loop import batch_bounds
 
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
@@ -231,3 +234,22 @@ def test_spec_checks_unfrozen_blocks_against_the_resnet():
     assert parse_spec(spec).unfrozen_blocks == (17,)
     with pytest.raises(UserError, match=r"more than arch 'resnet50' has \(17\); use 0..17"):
         parse_spec({**spec, "unfrozen_blocks": [18]})
+
+
+@pytest.mark.parametrize("n,size,bounds", [
+    (65, 32, [(0, 32), (32, 65)]), (64, 32, [(0, 32), (32, 64)]), (1, 32, [(0, 1)]),
+    (33, 32, [(0, 33)]), (10, 3, [(0, 3), (3, 6), (6, 10)]), (0, 4, [])])
+def test_batch_bounds_fold_a_last_single_example_into_the_batch_before(n, size, bounds):
+    assert batch_bounds(n, size) == bounds
+
+
+def test_a_resnet18_at_32x32_trains_when_one_image_would_be_left_over():
+    """torchvision's ResNet-18 ends in a 1x1 stage on 32x32 images, where BatchNorm cannot
+    train on one image; 5 images in batches of 4 used to end in that batch of one."""
+    spec = ModelSpec("resnet18", num_classes=3, in_channels=3, mean=(0.5,) * 3, std=(0.5,) * 3,
+                     input_size=32)
+    model = build_model(spec, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    data = ImageSet(torch.rand(5, 3, 32, 32, generator=gen), torch.tensor([0, 1, 2, 0, 1]))
+    history = fit(model, data, TrainConfig(epochs=1, batch_size=4))
+    assert len(history) == 1 and history[0]["train_loss"] > 0

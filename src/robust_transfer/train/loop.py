@@ -88,18 +88,34 @@ def use_channels_last(model: nn.Module, device: torch.device) -> bool:
     return device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
-class _SeededOrder(Sampler):
-    """One `randperm(n, generator)` per epoch: the in-memory path's order (torch's
-    RandomSampler draws a second permutation per epoch, so it would drift from it)."""
+def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """(start, stop) of each minibatch of an epoch over n examples: batches of `batch_size`,
+    the last one partial, except that a last batch of a single example joins the one before
+    (BatchNorm cannot train on one example where a block's output is 1x1, e.g. a torchvision
+    ResNet's last stage on 32x32 images). Both training engines batch by it."""
+    starts = list(range(0, n, batch_size))
+    if len(starts) > 1 and n - starts[-1] == 1:
+        starts.pop()
+    return list(zip(starts, [*starts[1:], n][: len(starts)], strict=True))
 
-    def __init__(self, n: int, generator: torch.Generator) -> None:
+
+class _SeededBatches(Sampler):
+    """One `randperm(n, generator)` per epoch, cut by `batch_bounds`: the in-memory path's
+    batches (torch's RandomSampler draws a second permutation per epoch, so it would drift
+    from it)."""
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator) -> None:
         self.n, self.generator = n, generator
+        self.bounds = batch_bounds(n, batch_size)
 
     def __len__(self) -> int:
-        return self.n
+        return len(self.bounds)
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(torch.randperm(self.n, generator=self.generator).tolist())
+    def __iter__(self) -> Iterator[list[int]]:
+        # A generator: the permutation is drawn when the first batch is asked for, not when
+        # the DataLoader merely creates an iterator (it does so more than once per epoch).
+        order = torch.randperm(self.n, generator=self.generator).tolist()
+        yield from (order[a:b] for a, b in self.bounds)
 
 
 def _batches(data: ImageSet | Dataset, batch_size: int, shuffle: torch.Generator,
@@ -112,12 +128,12 @@ def _batches(data: ImageSet | Dataset, batch_size: int, shuffle: torch.Generator
 
         def in_memory():
             order = torch.randperm(len(data), generator=shuffle).to(device)
-            for i in range(0, len(order), batch_size):
-                idx = order[i : i + batch_size]
+            for a, b in batch_bounds(len(order), batch_size):
+                idx = order[a:b]
                 yield x_all[idx], y_all[idx]
 
         return in_memory
-    loader = DataLoader(data, batch_size, sampler=_SeededOrder(len(data), shuffle),
+    loader = DataLoader(data, batch_sampler=_SeededBatches(len(data), batch_size, shuffle),
                         num_workers=loader_workers, pin_memory=cuda,
                         persistent_workers=loader_workers > 0)
 

@@ -12,7 +12,7 @@ running-stat updates as R separate models), one batched matmul for the R heads.
 
 Each run keeps everything the per-run path (`finetune.finetune_per_run`) gives it: its own
 k-shot subset and data order (its seed's subset, a fresh `randperm` from its own seeded
-generator every epoch, batches of `batch_size` with the last partial one), its own new head
+generator every epoch, batches cut by `train.loop.batch_bounds`), its own new head
 (`reset_head` with its seed's generator), PyTorch SGD semantics (weight decay added to the
 gradient, momentum buffer, dampening 0) and the same step schedule (`train.loop.lr_schedule`).
 Runs are independent: the loss is the sum of the runs' mean losses, so each run's gradient is
@@ -37,7 +37,7 @@ from robust_transfer.data import adapt_images, load_task, shots_per_class
 from robust_transfer.models.base import Normalize
 from robust_transfer.models.nets import ConvNet
 from robust_transfer.train import SourceConfig, TrainConfig, freeze_all_but_last
-from robust_transfer.train.loop import lr_schedule
+from robust_transfer.train.loop import batch_bounds, lr_schedule
 from robust_transfer.transfer.finetune import FinetuneConfig
 
 # What a standard source checkpoint's metadata holds (train_source + save_checkpoint).
@@ -227,8 +227,8 @@ def finetune_batch(model: ConvNet, cfgs: list[FinetuneConfig],
         orders = torch.stack([torch.randperm(n, generator=g) for g in shuffles]).to(device)
         batches = torch.gather(subsets, 1, orders).T.contiguous()  # (n, R) indices into train
         total = torch.zeros(len(cfgs), device=device)
-        for i in range(0, n, tc.batch_size):
-            idx = batches[i : i + tc.batch_size]
+        for a, b in batch_bounds(n, tc.batch_size):
+            idx = batches[a:b]
             logits = wide.forward(train_x[idx], shared=False, training=True)
             b = idx.shape[0]
             losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
@@ -254,7 +254,7 @@ def finetune_batch(model: ConvNet, cfgs: list[FinetuneConfig],
                             "train_images": n, "test_accuracy": a})
     if write_back:
         wide.write_back(model, 0)
-        steps_taken = cfg.epochs * -(-n // tc.batch_size)
+        steps_taken = cfg.epochs * len(batch_bounds(n, tc.batch_size))
         for _conv, bn, _relu in wide.blocks:
             bn.num_batches_tracked += steps_taken
     model.eval()
