@@ -50,6 +50,7 @@ from robust_transfer.data import Task, load_task
 from robust_transfer.errors import UserError, check_choice
 from robust_transfer.models.runtime import predict_logits
 from robust_transfer.train import TrainConfig, fit, freeze_all_but_last
+from robust_transfer.train.loop import batch_bounds
 from robust_transfer.train.methods import make_objective
 from robust_transfer.train.objectives import Objective, natural_loss
 from robust_transfer.train.source import SourceConfig, build_source_model, evaluate_source
@@ -221,7 +222,7 @@ class WatermarkLoss:
 
 def trigger_batch_size(key_size: int, train_size: int, batch_size: int, repeats: int) -> int:
     """Trigger images per batch so that each is seen `repeats` times per epoch."""
-    batches = math.ceil(train_size / batch_size)
+    batches = len(batch_bounds(train_size, batch_size))  # as `fit` cuts the epoch
     return max(1, math.ceil(repeats * key_size / batches))
 
 
