@@ -105,7 +105,7 @@ def abstract_images(n: int, input_shape: tuple[int, int, int],
         rows = torch.nonzero(sides == side).flatten()
         coarse = torch.rand(len(rows), c, side, side, generator=generator)
         images[rows] = F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
-    # A rectangle [r0, r1) x [c0, c1) of random intensity per image, by coordinate masks.
+    # A rectangle [r0, r1] x [c0, c1] (inclusive) of random intensity per image, by masks.
     r0, r1 = torch.randint(0, h, (2, n), generator=generator).sort(0).values
     c0, c1 = torch.randint(0, w, (2, n), generator=generator).sort(0).values
     rr, cc = torch.arange(h).view(1, h, 1), torch.arange(w).view(1, 1, w)

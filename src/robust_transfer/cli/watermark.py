@@ -38,7 +38,7 @@ from robust_transfer.errors import UserError, check_choice
 from robust_transfer.models import load_checkpoint, save_checkpoint
 from robust_transfer.models.runtime import resolve_device
 from robust_transfer.report.common import save_table
-from robust_transfer.report.watermark_figures import watermark_bars
+from robust_transfer.report.watermark_figures import watermark_bars, watermark_summary
 from robust_transfer.train import SourceConfig, TrainConfig, train_source
 from robust_transfer.transfer.watermark_transfer import (
     PERMUTATIONS,
@@ -191,14 +191,10 @@ def remove_command(
                                 on_step=lambda _s: adv())
     save_table(table, out / TABLE)
     figure = watermark_bars(table, out / FIGURE)
-    summary = (table.groupby("model", sort=False)
-               .agg(test_acc=("test_accuracy", "mean"), change=("accuracy_change", "mean"),
-                    trigger_acc=("trigger_accuracy", "mean"), chance=("chance", "mean"),
-                    p_median=("p_value", "median"), owned=("owned", "sum"), n=("owned", "size"))
-               .reset_index())
     rows = [{"model": r.model, "test acc": r.test_acc, "Δ test acc": float(r.change),
              "trigger acc": r.trigger_acc, "chance": r.chance, "median p": f"{r.p_median:.3g}",
-             "owned": f"{int(r.owned)}/{int(r.n)}"} for r in summary.itertuples()]
+             "owned": f"{int(r.owned)}/{int(r.n)}"}
+            for r in watermark_summary(table).itertuples()]
     print_table(f"watermark removal (means over {seeds} seed(s); Δ: vs the watermarked source, "
                 "after transfer vs the independent model's transfer)", rows)
     console.print(f"table: {out / TABLE}\nfigure: {figure}")

@@ -114,3 +114,13 @@ def watermark_bars(table: pd.DataFrame, path: str | Path, title: str = "") -> Pa
 def watermark_bars_from_parquet(parquet: str | Path, path: str | Path) -> Path:
     """Re-make the figure from the study's Parquet table."""
     return watermark_bars(pd.read_parquet(parquet), path)
+
+
+def watermark_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per model of the study's table, in its order: mean test accuracy and its
+    change, mean trigger accuracy and chance, median p-value, owned count of n seeds."""
+    return (table.groupby("model", sort=False)
+            .agg(test_acc=("test_accuracy", "mean"), change=("accuracy_change", "mean"),
+                 trigger_acc=("trigger_accuracy", "mean"), chance=("chance", "mean"),
+                 p_median=("p_value", "median"), owned=("owned", "sum"), n=("owned", "size"))
+            .reset_index())
