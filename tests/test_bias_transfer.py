@@ -115,12 +115,15 @@ def test_finetune_applies_train_transform_on_the_per_run_path(source_dir):
 
 
 def test_biased_source_shifts_fixed_feature_predictions_more_than_clean():
-    cfg = BiasTransferConfig(seeds=(0, 1, 2), images_per_class=(5,), modes=("fixed",),
+    # Per seed the paired difference is ~0.2 (0.02-0.28 over 8 seeds on one CPU); five seeds
+    # and a margin of half of it keep the test about the mechanism, not one trajectory (float
+    # rounding differs between CPUs, and training amplifies it).
+    cfg = BiasTransferConfig(seeds=(0, 1, 2, 3, 4), images_per_class=(5,), modes=("fixed",),
                              target_data=("standard",))
     table = run_bias_transfer(cfg)
     shift = table.pivot(index="seed", columns="source", values="prediction_shift")
-    assert (shift.biased > shift.clean).all()
-    assert shift.biased.mean() > shift.clean.mean() + 0.15
+    assert (shift.biased > shift.clean).sum() >= 4
+    assert shift.biased.mean() > shift.clean.mean() + 0.1
     assert (table.target_accuracy > 0.4).all()  # both sources transfer (chance is 0.2)
 
 
