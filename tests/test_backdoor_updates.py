@@ -13,6 +13,7 @@ from robust_transfer.backdoors.source import train_backdoor_source
 from robust_transfer.backdoors.updates import (
     SurvivalConfig,
     UpdateConfig,
+    drift_asr,
     run_survival,
     survival_curve,
     update_data,
@@ -27,6 +28,7 @@ from robust_transfer.data.drift import (
 )
 from robust_transfer.errors import UserError
 from robust_transfer.models import save_checkpoint
+from robust_transfer.models.runtime import predict_logits
 from robust_transfer.report.updates_figures import survival_figure
 
 # Small but real: the demo's task and backdoor, a shorter source and 3 updates.
@@ -124,6 +126,18 @@ def test_no_drift_is_one_run_for_every_drift_kind(poisoned):
         t[t.drift == "rotation"][cols].reset_index(drop=True))
 
 
+def test_drift_asr_stamps_the_trigger_on_the_drifted_test_images(poisoned, table):
+    model, _ = poisoned
+    task, backdoor = load_task(CFG.task), CFG.source(0).backdoor
+    start = table[table["update"] == 0]
+    assert start.drift_asr.to_numpy() == pytest.approx(start.asr.to_numpy())  # no drift yet
+    keep = task.test.y != backdoor.target
+    rotated = rotate(task.test.x[keep], 45.0)
+    pred = predict_logits(model, backdoor.trigger(task.input_shape).apply(rotated)).argmax(1)
+    by_hand = (pred == backdoor.target).float().mean().item()
+    assert drift_asr(model, task, backdoor, "rotation", 1.0, 0) == pytest.approx(by_hand)
+    assert by_hand != pytest.approx(drift_asr(model, task, backdoor, "rotation", 0.0, 0))
+
 def test_figure_shows_one_line_per_strength_and_lr_schedule(table):
     fig, axes = survival_figure(table)
     labels = [line.get_label() for line in axes[0, 0].get_lines()]
@@ -132,8 +146,12 @@ def test_figure_shows_one_line_per_strength_and_lr_schedule(table):
                      "strength 1, constant LR 0.01", "strength 1, triangular LR, peak 0.1",
                      "chance 1/K = 0.10"):
         assert expected in labels
-    assert axes.shape == (3, 1) and axes[0, 0].get_title() == "drift: rotation"
-    assert "ASR" in axes[0, 0].get_ylabel() and "current" in axes[2, 0].get_ylabel()
+    assert axes.shape == (4, 1) and axes[0, 0].get_title() == "drift: rotation"
+    assert axes[0, 0].get_ylabel().startswith("ASR") and "current" not in axes[0, 0].get_ylabel()
+    assert axes[1, 0].get_ylabel() == "ASR, current distribution"
+    assert axes[3, 0].get_ylabel() == "C-Acc, current distribution"
+    _, old = survival_figure(table.drop(columns="drift_asr"))  # a table from before drift_asr
+    assert old.shape == (3, 1)
     assert axes[-1, 0].get_xlabel().startswith("model update")
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
     assert "strength 1, triangular LR, peak 0.1" in legend

@@ -24,7 +24,8 @@ Protocol (one arm = one seed, drift kind, strength, update schedule and LR sched
 
 After every update: C-Acc on the original test set, C-Acc under the current drift (the test set
 rotated, or reweighted by p_t(y) / (1/K) for a class-prior shift; equal to C-Acc at update 0),
-and ASR / RA of the trigger on the original test set (`backdoors.metrics.backdoor_metrics`).
+ASR / RA of the trigger on the original test set (`backdoors.metrics.backdoor_metrics`), and
+ASR under the current drift (`drift_asr`: the trigger stamped on the drifted test images).
 Draws are paired: the update data of seed s, update t use the same sampling seed in every arm.
 """
 
@@ -38,7 +39,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from robust_transfer.backdoors.metrics import backdoor_metrics
+from robust_transfer.backdoors.metrics import backdoor_metrics, clean_and_triggered_predictions
 from robust_transfer.backdoors.source import train_backdoor_source
 from robust_transfer.data import ImageSet, Task, load_task
 from robust_transfer.data.drift import (
@@ -170,27 +171,55 @@ def update_data(task: Task, drift: str, magnitude: float, images: int, seed: int
     return ImageSet(shift_inputs(task.train.x[index], drift, magnitude), task.train.y[index])
 
 
+def current_test_set(task: Task, drift: str, magnitude: float,
+                     seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test set as the drifted deployment sees it: (images, per-image weights). Rotation
+    rotates the images (weights 1); a class-prior shift keeps them and weights each by
+    p_t(y) / (1/K) (the test split is stratified, so near-balanced)."""
+    if drift == "rotation":
+        return rotate(task.test.x, magnitude * ROTATION_DEGREES), torch.ones(len(task.test.y))
+    weights = class_priors(task.num_classes, magnitude if drift == "class-prior" else 0.0,
+                           seed)[task.test.y]
+    return task.test.x, weights
+
+
+def _weighted_share(hit: torch.Tensor, weights: torch.Tensor) -> float:
+    return float((weights * hit.float()).sum() / weights.sum()) if len(hit) else float("nan")
+
+
 def drift_accuracy(model: nn.Module, task: Task, drift: str, magnitude: float,
                    seed: int) -> float:
-    """Clean accuracy on the test set under the current drift: rotated test images, or each
-    test image weighted by p_t(y) / (1/K) (the test split is stratified, so near-balanced)."""
-    if drift == "rotation":
-        x = rotate(task.test.x, magnitude * ROTATION_DEGREES)
-        return (predict_logits(model, x).argmax(1).cpu() == task.test.y).float().mean().item()
-    correct = (predict_logits(model, task.test.x).argmax(1).cpu() == task.test.y).float()
-    weights = class_priors(task.num_classes, magnitude, seed)[task.test.y]
-    return float((weights * correct).sum() / weights.sum())
+    """Clean accuracy on the test set under the current drift (`current_test_set`)."""
+    x, weights = current_test_set(task, drift, magnitude, seed)
+    return _weighted_share(predict_logits(model, x).argmax(1).cpu() == task.test.y, weights)
+
+
+def drift_asr(model: nn.Module, task: Task, backdoor: BackdoorConfig, drift: str,
+              magnitude: float, seed: int) -> float:
+    """ASR on the current distribution: the trigger stamped on the drifted test images (after
+    the drift, as an attacker at deployment would), weighted like `drift_accuracy`, over the
+    images whose class is not the target (all-to-all: every image, wanting (y + 1) mod K)."""
+    x, weights = current_test_set(task, drift, magnitude, seed)
+    y = task.test.y
+    _, triggered, num_classes = clean_and_triggered_predictions(
+        model, x, backdoor.trigger(task.input_shape))
+    keep = torch.ones_like(y, dtype=torch.bool) if backdoor.labels == "all-to-all" else (
+        y != backdoor.target)
+    hit = triggered == backdoor.backdoor_labels(y, num_classes)
+    return _weighted_share(hit[keep], weights[keep])
 
 
 def evaluate_update(model: nn.Module, task: Task, backdoor: BackdoorConfig, drift: str,
                     magnitude: float, seed: int) -> dict:
-    """C-Acc (original test set), C-Acc under the drift, ASR and RA of the backdoor."""
+    """C-Acc and ASR of the backdoor on the original test set (with RA), and both under the
+    current drift."""
     target = backdoor.target if backdoor.labels == "all-to-one" else None
     m = backdoor_metrics(model, task.test.x, task.test.y, backdoor.trigger(task.input_shape),
                          target, backdoor.labels)
     return {"clean_accuracy": m["clean_accuracy"],
             "drift_accuracy": drift_accuracy(model, task, drift, magnitude, seed),
-            "asr": m["asr"], "ra": m["ra"]}
+            "asr": m["asr"], "ra": m["ra"],
+            "drift_asr": drift_asr(model, task, backdoor, drift, magnitude, seed)}
 
 
 def survival_curve(model: nn.Module, task: Task, backdoor: BackdoorConfig, drift: str,

@@ -23,8 +23,14 @@ from robust_transfer.report.common import save_figure  # noqa: E402
 from robust_transfer.report.stats import summarise  # noqa: E402
 
 ROWS = (("asr", "ASR (triggered test images → target)"),
+        ("drift_asr", "ASR, current distribution"),
         ("clean_accuracy", "C-Acc, original test set"),
         ("drift_accuracy", "C-Acc, current distribution"))
+
+
+def _rows(df: pd.DataFrame) -> list[tuple[str, str]]:
+    """The metrics the table holds (tables written before `drift_asr` existed lack it)."""
+    return [(metric, name) for metric, name in ROWS if metric in df]
 STYLES = {"constant": "-", "triangular": "--"}
 ASR_THRESHOLD = 0.5  # "survives" while the mean ASR is at least this (Li et al.'s survivability)
 
@@ -56,19 +62,20 @@ def _title(df: pd.DataFrame, n_text: str) -> str:
 
 
 def survival_figure(df: pd.DataFrame):
-    """Figure U1 from a survival table: (figure, axes of shape (3, columns))."""
-    columns = _columns(df)
+    """Figure U1 from a survival table: (figure, axes of shape (rows, columns)), one row per
+    metric of `ROWS` the table holds."""
+    columns, rows = _columns(df), _rows(df)
     strengths = sorted(df.strength.unique())
     colors = {s: plt.cm.viridis(0.85 * i / max(1, len(strengths) - 1))
               for i, s in enumerate(strengths)}
-    fig, axes = plt.subplots(len(ROWS), len(columns), figsize=(5.2 * len(columns), 9.6),
+    fig, axes = plt.subplots(len(rows), len(columns), figsize=(5.2 * len(columns), 3.2 * len(rows)),
                              squeeze=False, sharex=True, sharey="row")
     chance = 1 / float(df.num_classes.iloc[0])
     ns = set()
     for j, (drift, schedule) in enumerate(columns):
         col = df[(df.drift == drift) & (df.schedule == schedule)]
         for (strength, lr_schedule), part in col.groupby(["strength", "lr_schedule"], sort=True):
-            for i, (metric, _name) in enumerate(ROWS):
+            for i, (metric, _name) in enumerate(rows):
                 stats = summarise(part, ["update"], metric)
                 ax = axes[i, j]
                 ax.plot(stats["update"], stats["mean"], STYLES.get(lr_schedule, ":"), marker="o",
@@ -82,7 +89,7 @@ def survival_figure(df: pd.DataFrame):
         axes[0, j].set_title(f"drift: {drift}{extra}")
         axes[-1, j].set_xlabel("model update (0 = poisoned model, no update)")
         axes[-1, j].set_xticks(sorted(df["update"].unique()))
-    for i, (_metric, name) in enumerate(ROWS):
+    for i, (_metric, name) in enumerate(rows):
         axes[i, 0].set_ylabel(name)
         for ax in axes[i]:
             ax.axhline(chance, color="gray", ls=":", lw=1, label=f"chance 1/K = {chance:.2f}")
@@ -95,7 +102,9 @@ def survival_figure(df: pd.DataFrame):
     fig.legend(list(entries.values()), list(entries), loc="lower center", fontsize=9,
                ncol=min(2, len(entries)), bbox_to_anchor=(0.5, 0.0))
     fig.suptitle(_title(df, ", ".join(sorted(ns))), fontsize=11)
-    fig.tight_layout(rect=(0, 0.015 + 0.02 * ((len(entries) + 1) // 2), 1, 1))
+    height = fig.get_figheight()  # the legend and the two-line title, in inches
+    fig.tight_layout(rect=(0, (0.35 + 0.22 * ((len(entries) + 1) // 2)) / height, 1,
+                           1 - 0.15 / height))
     return fig, axes
 
 
@@ -144,9 +153,10 @@ def survival_summary_markdown(df: pd.DataFrame) -> str:
             .nunique().min())
     lines = ["# Backdoor survival under model updates: summary", "",
              f"Mean ± 95% t-interval half-width over {n} seeds. Update 0 is the poisoned model "
-             "before any update. ASR on the original test set; a backdoor 'survives' while the "
+             "before any update. ASR on the original test set, and on the current distribution "
+             "(the trigger stamped on drifted test images); a backdoor 'survives' while the "
              f"mean ASR is at least {ASR_THRESHOLD:g}.", ""]
-    for metric, name in ROWS:
+    for metric, name in _rows(df):
         lines += [f"## {name}", "",
                   "| drift | update schedule | strength | LR | "
                   + " | ".join(f"@{u}" for u in updates) + " |",
