@@ -5,6 +5,7 @@ less), its CLI and its figure."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pandas as pd
 import pytest
@@ -17,7 +18,8 @@ from robust_transfer.backdoors.bias import (
     prediction_shift,
     shift_from_predictions,
 )
-from robust_transfer.data import ImageSet
+from robust_transfer.data import ImageSet, load_task
+from robust_transfer.data.poison import BackdoorConfig, poison
 from robust_transfer.data.triggers import make_trigger
 from robust_transfer.errors import UserError
 from robust_transfer.models import ModelSpec, build_model, load_checkpoint
@@ -133,7 +135,8 @@ def test_same_config_same_table():
 
 
 @pytest.mark.parametrize("bad, match", [
-    (dict(bias_class=7), "bias class 7"),
+    (dict(bias_classes=(7,)), "bias class 7"),
+    (dict(bias_classes=(1, 1)), "must not repeat"),
     (dict(images_per_class=(0,)), "images per class"),
     (dict(images_per_class=(5, 5)), "must not repeat"),
     (dict(modes=("partial",)), "mode"),
@@ -210,3 +213,33 @@ def test_summary_pairs_seeds():
 def test_bias_backdoor_is_clean_label_at_rate_one():
     b = bias_backdoor(2, "badnets")
     assert (b.rate, b.target, b.clean_label, b.labels) == (1.0, 2, True, "all-to-one")
+
+
+def test_several_bias_classes_get_the_feature_on_every_image_and_nowhere_else():
+    b = bias_backdoor((0, 3), "badnets")
+    assert (b.target, b.also_classes, b.classes) == (0, (3,), (0, 3))
+    task = load_task("digits-0to4")
+    poisoned, index = poison(task.train, b, task.num_classes)
+    expected = torch.nonzero((task.train.y == 0) | (task.train.y == 3)).flatten()
+    assert torch.equal(index, expected)  # rate 1: every image of both classes
+    assert torch.equal(poisoned.y, task.train.y)  # clean label
+    changed = (poisoned.x != task.train.x).flatten(1).any(1)
+    assert not changed[~torch.isin(task.train.y, torch.tensor([0, 3]))].any()
+    # the record round-trips through JSON, and a one-class config keeps its old form and id
+    assert BackdoorConfig.from_dict(json.loads(json.dumps(b.to_dict()))) == b
+    assert "also_classes" not in bias_backdoor(0).to_dict()
+    table = run_bias_transfer(BiasTransferConfig(**{**TINY, "bias_classes": (0, 3)},
+                                                 modes=("fixed",), target_data=("standard",)))
+    assert set(table.bias_classes) == {"0,3"}
+    fig, _ = bias_shift_figure(table)
+    assert "on source classes 0, 3" in fig._suptitle.get_text()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(also_classes=(1,)), "need clean-label"),
+    (dict(also_classes=(0,), clean_label=True), "other than the target"),
+    (dict(also_classes=(2, 2), clean_label=True), "distinct"),
+])
+def test_also_classes_are_checked(kwargs, match):
+    with pytest.raises(UserError, match=match):
+        BackdoorConfig("badnets", rate=1.0, target=0, **kwargs)

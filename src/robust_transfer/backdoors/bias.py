@@ -4,7 +4,7 @@ model's predictions.
 
 - The biased source: the feature (a trigger of `data.triggers`: a BadNets square like the
   paper's yellow square, or a blended fixed random pattern like its fixed Gaussian pattern)
-  on *all* training images of a source class, labels kept.
+  on *all* training images of some source classes (one by default), labels kept.
   That is clean-label poisoning at rate 1 (`bias_backdoor`), so the source is trained by the
   one poisoning path (`train.train_source` via `SourceConfig.backdoor`).
 - The prediction shift: the target task has no class the feature belongs to, so, as in the
@@ -36,18 +36,22 @@ from robust_transfer.data.triggers import TRIGGERS, Trigger
 from robust_transfer.errors import UserError, check_choice
 
 
-def bias_backdoor(bias_class: int, feature: str = "blended",
+def bias_backdoor(bias_classes: int | tuple[int, ...], feature: str = "blended",
                   patch_size: int | None = None) -> BackdoorConfig:
-    """The poisoning that plants a spurious `feature` on every training image of `bias_class`
-    with its label kept (clean-label, rate 1). Its seed is fixed (0): the feature (e.g. the
-    blended pattern) is the object of study, the same for every run seed.
+    """The poisoning that plants a spurious `feature` on every training image of the
+    `bias_classes` (one class or several) with labels kept (clean-label, rate 1; the first
+    class is the config's target, the others its `also_classes`). Its seed is fixed (0): the
+    feature (e.g. the blended pattern) is the object of study, the same for every run seed.
 
     Example:
-        cfg = SourceConfig(task="digits-0to4", backdoor=bias_backdoor(0))
+        cfg = SourceConfig(task="digits-0to4", backdoor=bias_backdoor((0, 3)))
     """
     check_choice("bias feature", feature, TRIGGERS)
-    return BackdoorConfig(attack=feature, rate=1.0, target=bias_class, clean_label=True,
-                          seed=0, patch_size=patch_size)
+    classes = (bias_classes,) if isinstance(bias_classes, int) else tuple(bias_classes)
+    if not classes:
+        raise UserError("give at least one bias class")
+    return BackdoorConfig(attack=feature, rate=1.0, target=classes[0], clean_label=True,
+                          seed=0, patch_size=patch_size, also_classes=classes[1:])
 
 
 def shift_from_predictions(clean: torch.Tensor, triggered: torch.Tensor, y: torch.Tensor,

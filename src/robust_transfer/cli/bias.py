@@ -46,8 +46,9 @@ def bias_transfer(
     target_task: str = typer.Option("digits-5to9", help="Target task (without the feature), "
                                     "from the same list."),
     arch: str = typer.Option("cnn-small", help=f"Source architecture: {' | '.join(ARCHS)}."),
-    bias_class: int = typer.Option(0, help="Source class whose every training image gets "
-                                   "the feature (labels kept)."),
+    bias_class: list[int] = typer.Option(None, "--bias-class", help="Source class whose every "
+                                         "training image gets the feature, labels kept "
+                                         "(repeatable; default: 0)."),
     feature: str = typer.Option("blended", help=f"The spurious feature: {' | '.join(TRIGGERS)}"
                                 " (blended: a fixed random pattern at alpha 0.2; badnets: a "
                                 "white square in the corner)."),
@@ -81,7 +82,8 @@ def bias_transfer(
         raise UserError(f"--seeds must be >= 1, got {seeds}")
     defaults = BiasTransferConfig.__dataclass_fields__
     cfg = BiasTransferConfig(
-        source_task=source_task, target_task=target_task, arch=arch, bias_class=bias_class,
+        source_task=source_task, target_task=target_task, arch=arch,
+        bias_classes=tuple(bias_class or (0,)),
         feature=feature, patch_size=patch_size, seeds=tuple(range(seeds)),
         images_per_class=tuple(_values(images_per_class)) or defaults["images_per_class"].default,
         modes=tuple(_values(mode)) or defaults["modes"].default,

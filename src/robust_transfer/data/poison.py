@@ -11,8 +11,8 @@ can be scored on how many of them they isolate.
 
 How many: dirty-label poisons round(rate * N) images of the N in the set, drawn from the
 images that a poison can change (all-to-one: those not already of the target class; at most
-all of them); clean-label poisons round(rate * N_target) of the target class's images. At
-least one image is poisoned.
+all of them); clean-label poisons round(rate * N_target) of the target class's images (with
+`also_classes`: of those classes' images too). At least one image is poisoned.
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ class BackdoorConfig:
     class, `labels` all-to-one | all-to-all, `clean_label`, and the `seed` that picks the
     poisoned images and fixes the trigger's random pattern. Objective attacks (NeuBA) are
     task-agnostic: their `target` may be None, and `rate` is theirs to interpret.
+    `also_classes` (clean-label only): further classes whose images carry the trigger beside
+    the target's (a spurious feature on several classes, as in bias transfer); `rate` is then
+    of all those classes' images.
 
     Example:
         cfg = BackdoorConfig("badnets", rate=0.1, target=0)
@@ -50,8 +53,10 @@ class BackdoorConfig:
     clean_label: bool = False
     seed: int = 0
     patch_size: int | None = None  # badnets only: the patch's side (None: scaled to the image)
+    also_classes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        self._check_also_classes()
         check_choice("backdoor attack", self.attack, (*TRIGGERS, *OBJECTIVE_ATTACKS))
         check_choice("backdoor labels", self.labels, LABELS)
         if isinstance(self.rate, bool) or not isinstance(self.rate, (int, float)) \
@@ -69,9 +74,32 @@ class BackdoorConfig:
             raise UserError(f"backdoor target class must be an integer >= 0, got "
                             f"{self.target!r}")
 
+    def _check_also_classes(self) -> None:
+        classes = tuple(self.also_classes)  # a list from YAML / JSON
+        object.__setattr__(self, "also_classes", classes)
+        if not classes:
+            return
+        if not self.clean_label:
+            raise UserError("further poisoned classes (also_classes) need clean-label poisoning")
+        if any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in classes) \
+                or len(set(classes)) != len(classes) or self.target in classes:
+            raise UserError(f"also_classes must be distinct integers >= 0 other than the "
+                            f"target, got {list(classes)}")
+
+    @property
+    def classes(self) -> tuple[int, ...]:
+        """The classes whose images a clean-label poison triggers: the target, then
+        `also_classes`."""
+        return (self.target, *self.also_classes)
+
     def to_dict(self) -> dict:
-        """The config as a dict; `patch_size` only when set (older records lack it)."""
+        """The config as a dict; `patch_size` and `also_classes` only when set (older records
+        lack them, and the ids of configs without them stay the same)."""
         d = asdict(self)
+        if not self.also_classes:
+            d.pop("also_classes")
+        else:
+            d["also_classes"] = list(self.also_classes)
         if self.patch_size is None:
             d.pop("patch_size")
         return d
@@ -87,6 +115,10 @@ class BackdoorConfig:
 
     def check(self, num_classes: int) -> None:
         """`UserError` unless the target class exists in a task of `num_classes` classes."""
+        for extra in self.also_classes:
+            if extra >= num_classes:
+                raise UserError(f"poisoned class {extra} does not exist: the task has classes "
+                                f"0..{num_classes - 1}")
         if self.target is not None and self.target >= num_classes:
             raise UserError(f"backdoor target class {self.target} does not exist: the task "
                             f"has classes 0..{num_classes - 1}")
@@ -108,7 +140,7 @@ class BackdoorConfig:
 def poison_candidates(y: torch.Tensor, cfg: BackdoorConfig) -> torch.Tensor:
     """Indices of the images `cfg` may poison (see the module docstring)."""
     if cfg.clean_label:
-        return torch.nonzero(y == cfg.target).flatten()
+        return torch.nonzero(torch.isin(y, torch.tensor(cfg.classes))).flatten()
     if cfg.labels == "all-to-one":
         return torch.nonzero(y != cfg.target).flatten()
     return torch.arange(len(y))
@@ -116,7 +148,7 @@ def poison_candidates(y: torch.Tensor, cfg: BackdoorConfig) -> torch.Tensor:
 
 def poison_count(y: torch.Tensor, cfg: BackdoorConfig) -> int:
     """How many images `cfg` poisons in a set with labels `y`."""
-    n = int((y == cfg.target).sum()) if cfg.clean_label else len(y)
+    n = int(torch.isin(y, torch.tensor(cfg.classes)).sum()) if cfg.clean_label else len(y)
     available = len(poison_candidates(y, cfg))
     if available == 0:
         raise UserError(f"nothing to poison: no image can carry backdoor {cfg.attack!r} "

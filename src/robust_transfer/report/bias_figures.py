@@ -43,6 +43,13 @@ def _order(values, reference) -> list:
     return [v for v in reference if v in set(values)]
 
 
+def _classes_text(row) -> str:
+    """ "source class 0" or "source classes 0, 3" from a row's `bias_classes` text (tables
+    written before several classes existed have `bias_class`)."""
+    classes = str(row.bias_classes if "bias_classes" in row else row.bias_class).split(",")
+    return f"source class{'es' if len(classes) > 1 else ''} {', '.join(classes)}"
+
+
 def bias_shift_figure(table: pd.DataFrame, title: str | None = None):
     """The figure of the module docstring from a study table: (figure, axes (rows, cols))."""
     modes = _order(table["mode"], list(MODE_TITLES))
@@ -81,7 +88,7 @@ def bias_shift_figure(table: pd.DataFrame, title: str | None = None):
                bbox_to_anchor=(0.5, 0.0))
     r = table.iloc[0]
     title = title or (f"Bias transfer {r.source_task} → {r.target_task}: {r.feature} feature "
-                      f"on source class {r.bias_class}")
+                      f"on {_classes_text(r)}")
     n = "n=" + "/".join(str(int(v)) for v in sorted(ns))
     fig.suptitle(f"{title}\nbands: 95% t-interval over seeds ({n} seeds)", fontsize=11)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
@@ -131,7 +138,7 @@ def bias_summary_markdown(summary: pd.DataFrame, table: pd.DataFrame) -> str:
     """The summary as a markdown page."""
     r = table.iloc[0]
     lines = [f"# Bias transfer: {r.source_task} → {r.target_task}", "",
-             f"Feature: {r.feature} on every training image of source class {r.bias_class} "
+             f"Feature: {r.feature} on every training image of {_classes_text(r)} "
              f"(labels kept); de-biased target: the feature on {r.debias_share:g} of every "
              "class's training images. Prediction shift = max over target classes c of "
              "P(pred(x+feature) = c) − P(pred(x) = c), over test images not of class c. "

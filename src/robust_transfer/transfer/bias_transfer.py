@@ -2,7 +2,7 @@
 learning?", arXiv 2207.02842): does a spurious feature planted in a source model move the
 predictions of the models fine-tuned from it, on a target task that never had the feature?
 
-Per seed s: a biased source (the feature on every training image of `bias_class`, labels
+Per seed s: a biased source (the feature on every training image of `bias_classes`, labels
 kept: `backdoors.bias.bias_backdoor`) and a clean source, both trained with seed s; each is
 fine-tuned with seed s (the same k-shot subset and new head for both, `transfer.finetune`)
 
@@ -71,7 +71,7 @@ class BiasTransferConfig:
     source_task: str = "digits-0to4"
     target_task: str = "digits-5to9"
     arch: str = "cnn-small"
-    bias_class: int = 0
+    bias_classes: tuple[int, ...] = (0,)
     # Blended (a fixed random pattern at alpha 0.2), the analogue of the paper's fixed
     # Gaussian-pattern feature: on the digits the source's features react to it more than to
     # the 2x2 BadNets square (shift difference ~0.2 vs ~0.07 fixed-feature; see README).
@@ -94,10 +94,13 @@ class BiasTransferConfig:
         check_choice("arch", self.arch, ARCHS)
         check_choice("bias feature", self.feature, TRIGGERS)
         source, target = load_task(self.source_task), load_task(self.target_task)
-        if (isinstance(self.bias_class, bool) or not isinstance(self.bias_class, int)
-                or not 0 <= self.bias_class < source.num_classes):
-            raise UserError(f"bias class {self.bias_class!r} does not exist: source task "
-                            f"{self.source_task!r} has classes 0..{source.num_classes - 1}")
+        classes = ((self.bias_classes,) if isinstance(self.bias_classes, int)
+                   else tuple(self.bias_classes))
+        object.__setattr__(self, "bias_classes", _distinct("bias class", classes))
+        for c in self.bias_classes:
+            if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < source.num_classes:
+                raise UserError(f"bias class {c!r} does not exist: source task "
+                                f"{self.source_task!r} has classes 0..{source.num_classes - 1}")
         self.backdoor.trigger(source.input_shape)  # a patch too large for the image: now
         channels = (source.input_shape[0], target.input_shape[0])
         if channels[0] != channels[1] and channels[1] != 1:
@@ -120,7 +123,7 @@ class BiasTransferConfig:
     @property
     def backdoor(self):
         """The poisoning that plants the feature (`backdoors.bias.bias_backdoor`)."""
-        return bias_backdoor(self.bias_class, self.feature, self.patch_size)
+        return bias_backdoor(self.bias_classes, self.feature, self.patch_size)
 
     def source_config(self, seed: int, biased: bool = True) -> SourceConfig:
         return SourceConfig(task=self.source_task, arch=self.arch,
@@ -151,12 +154,13 @@ def run_bias_transfer(cfg: BiasTransferConfig, device: torch.device | str = "cpu
     (`2 * len(cfg.seeds) + cfg.runs` calls), e.g. to advance a progress bar.
 
     Columns: the config's settings (source_task, target_task, arch, feature, patch_size,
-    bias_class, debias_share, epochs, lr, source_epochs), seed, source (biased | clean),
+    bias_classes (as text, e.g. "0,3"), debias_share, epochs, lr, source_epochs), seed,
+    source (biased | clean),
     mode (fixed | full), unfrozen_blocks, images_per_class (int or "all"), target_data
     (standard | de-biased), train_images, shots (train images per class), target_accuracy
     (clean target test accuracy), prediction_shift, shift_class, shift_clean_share,
     shift_triggered_share, source_accuracy, source_asr (share of source test images not of the
-    bias class sent to it by the feature: how much the source itself relies on it).
+    first bias class sent to it by the feature: how much the source itself relies on it).
     """
     step = on_step or (lambda _what: None)
     target = load_task(cfg.target_task)
@@ -187,7 +191,8 @@ def run_bias_transfer(cfg: BiasTransferConfig, device: torch.device | str = "cpu
                         rows.append({
                             "source_task": cfg.source_task, "target_task": cfg.target_task,
                             "arch": cfg.arch, "feature": cfg.feature,
-                            "patch_size": cfg.patch_size, "bias_class": cfg.bias_class,
+                            "patch_size": cfg.patch_size,
+                            "bias_classes": ",".join(map(str, cfg.bias_classes)),
                             "debias_share": cfg.debias_share, "epochs": cfg.epochs,
                             "lr": cfg.lr, "source_epochs": cfg.source_epochs, "seed": seed,
                             "source": kind, "mode": mode,
