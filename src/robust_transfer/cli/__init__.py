@@ -20,7 +20,7 @@ from robust_transfer.errors import UserError
 app = typer.Typer(
     name="robust-transfer",
     help="What transfers from a pretrained source model: accuracy with little data, "
-    "adversarial robustness, backdoors and biases.",
+    "adversarial robustness, backdoors, biases and watermarks.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,

@@ -39,7 +39,8 @@ from robust_transfer.report.backdoor_figures import defense_bars, trigger_galler
 from robust_transfer.train import SourceConfig, TrainConfig
 
 backdoor_app = typer.Typer(help="Backdoored source models: plant (attack), measure (evaluate), "
-                           "and follow through transfer.", no_args_is_help=True)
+                           "follow through transfer (transfer) and model updates (updates).",
+                           no_args_is_help=True)
 app.add_typer(backdoor_app, name="backdoor")
 
 TASK_NAMES = ", ".join(TASKS)
