@@ -29,7 +29,7 @@ from robust_transfer.data.drift import (
 from robust_transfer.errors import UserError
 from robust_transfer.models import save_checkpoint
 from robust_transfer.models.runtime import predict_logits
-from robust_transfer.report.updates_figures import survival_figure
+from robust_transfer.report.updates_figures import headline_rows, survival_figure
 
 # Small but real: the demo's task and backdoor, a shorter source and 3 updates.
 CFG = SurvivalConfig(source_epochs=10, drifts=("rotation",), strengths=(0.0, 1.0), updates=3,
@@ -170,7 +170,12 @@ def test_cli_writes_its_files(cli, tmp_path):
         assert (out / name).is_file()
     t = pd.read_parquet(out / "survival.parquet")
     assert set(t.images_per_update) == {32, 64} and set(t.strength) == {0.0, 1.0}
-    assert "backdoor survival" in stdout and "ASR @1" in stdout
+    assert "backdoor survival" in stdout and "gone at" in stdout
+    # one row per arm: no drift once per update size (not once per drift kind), then the drift
+    rows = headline_rows(t)
+    assert [(r["drift"], r["update"]) for r in rows] == [
+        ("none", "32 img x 1 ep"), ("class-prior 1", "32 img x 1 ep"),
+        ("none", "64 img x 1 ep"), ("class-prior 1", "64 img x 1 ep")]
 
 
 def test_cli_from_a_checkpoint_and_its_task(cli, tmp_path, poisoned):

@@ -30,7 +30,11 @@ from robust_transfer.errors import UserError
 from robust_transfer.models import load_checkpoint
 from robust_transfer.models.runtime import resolve_device
 from robust_transfer.report.common import save_table
-from robust_transfer.report.updates_figures import headline_rows, make_survival_report
+from robust_transfer.report.updates_figures import (
+    ASR_THRESHOLD,
+    headline_rows,
+    make_survival_report,
+)
 
 TABLE = "survival.parquet"
 
@@ -101,5 +105,7 @@ def updates(
     paths = [save_table(table, out / TABLE), *make_survival_report(table, out)]
     for path in paths:
         console.print(f"wrote {path}")
-    print_table("backdoor survival (means over seeds; 95% intervals in survival_summary.md)",
+    print_table(f"backdoor survival after update {cfg.updates} (means over seeds; now: on "
+                f"the current distribution; gone at: first update with ASR < {ASR_THRESHOLD:g}; "
+                "95% intervals in survival_summary.md)",
                 headline_rows(table))

@@ -103,7 +103,7 @@ def print_table(title: str, rows: list[dict]) -> None:
         return
     table = Table(title=title)
     for key in rows[0]:
-        table.add_column(str(key))
+        table.add_column(str(key), overflow="fold")  # fold a long word, never cut it
     for row in rows:
         table.add_row(*(_cell(v) for v in row.values()))
     out.print(table)
