@@ -13,7 +13,7 @@ from robust_transfer.backdoors.source import train_backdoor_source
 from robust_transfer.backdoors.updates import (
     SurvivalConfig,
     UpdateConfig,
-    drift_asr,
+    drift_metrics,
     run_survival,
     survival_curve,
     update_data,
@@ -135,8 +135,10 @@ def test_drift_asr_stamps_the_trigger_on_the_drifted_test_images(poisoned, table
     rotated = rotate(task.test.x[keep], 45.0)
     pred = predict_logits(model, backdoor.trigger(task.input_shape).apply(rotated)).argmax(1)
     by_hand = (pred == backdoor.target).float().mean().item()
-    assert drift_asr(model, task, backdoor, "rotation", 1.0, 0) == pytest.approx(by_hand)
-    assert by_hand != pytest.approx(drift_asr(model, task, backdoor, "rotation", 0.0, 0))
+    drifted = drift_metrics(model, task, backdoor, "rotation", 1.0, 0)
+    assert drifted["drift_asr"] == pytest.approx(by_hand)
+    undrifted = drift_metrics(model, task, backdoor, "rotation", 0.0, 0)
+    assert by_hand != pytest.approx(undrifted["drift_asr"])
 
 def test_figure_shows_one_line_per_strength_and_lr_schedule(table):
     fig, axes = survival_figure(table)

@@ -25,7 +25,7 @@ Protocol (one arm = one seed, drift kind, strength, update schedule and LR sched
 After every update: C-Acc on the original test set, C-Acc under the current drift (the test set
 rotated, or reweighted by p_t(y) / (1/K) for a class-prior shift; equal to C-Acc at update 0),
 ASR / RA of the trigger on the original test set (`backdoors.metrics.backdoor_metrics`), and
-ASR under the current drift (`drift_asr`: the trigger stamped on the drifted test images).
+ASR under the current drift (`drift_metrics`: the trigger stamped on the drifted test images).
 Draws are paired: the update data of seed s, update t use the same sampling seed in every arm.
 """
 
@@ -54,7 +54,6 @@ from robust_transfer.data.drift import (
 )
 from robust_transfer.data.poison import BackdoorConfig
 from robust_transfer.errors import UserError, check_choice
-from robust_transfer.models.runtime import predict_logits
 from robust_transfer.train import SourceConfig, TrainConfig, fit
 
 LR_SCHEDULES = ("constant", "triangular")
@@ -187,26 +186,22 @@ def _weighted_share(hit: torch.Tensor, weights: torch.Tensor) -> float:
     return float((weights * hit.float()).sum() / weights.sum()) if len(hit) else float("nan")
 
 
-def drift_accuracy(model: nn.Module, task: Task, drift: str, magnitude: float,
-                   seed: int) -> float:
-    """Clean accuracy on the test set under the current drift (`current_test_set`)."""
-    x, weights = current_test_set(task, drift, magnitude, seed)
-    return _weighted_share(predict_logits(model, x).argmax(1).cpu() == task.test.y, weights)
-
-
-def drift_asr(model: nn.Module, task: Task, backdoor: BackdoorConfig, drift: str,
-              magnitude: float, seed: int) -> float:
-    """ASR on the current distribution: the trigger stamped on the drifted test images (after
-    the drift, as an attacker at deployment would), weighted like `drift_accuracy`, over the
-    images whose class is not the target (all-to-all: every image, wanting (y + 1) mod K)."""
+def drift_metrics(model: nn.Module, task: Task, backdoor: BackdoorConfig, drift: str,
+                  magnitude: float, seed: int) -> dict:
+    """C-Acc and ASR on the current distribution (`current_test_set`), from one pass over the
+    drifted test images, clean and triggered: `drift_accuracy`, and `drift_asr` with the
+    trigger stamped on the drifted images (after the drift, as an attacker at deployment
+    would) over the images whose class is not the target (all-to-all: every image, wanting
+    (y + 1) mod K); both weighted by the current class priors."""
     x, weights = current_test_set(task, drift, magnitude, seed)
     y = task.test.y
-    _, triggered, num_classes = clean_and_triggered_predictions(
+    clean, triggered, num_classes = clean_and_triggered_predictions(
         model, x, backdoor.trigger(task.input_shape))
     keep = torch.ones_like(y, dtype=torch.bool) if backdoor.labels == "all-to-all" else (
         y != backdoor.target)
     hit = triggered == backdoor.backdoor_labels(y, num_classes)
-    return _weighted_share(hit[keep], weights[keep])
+    return {"drift_accuracy": _weighted_share(clean == y, weights),
+            "drift_asr": _weighted_share(hit[keep], weights[keep])}
 
 
 def evaluate_update(model: nn.Module, task: Task, backdoor: BackdoorConfig, drift: str,
@@ -216,10 +211,9 @@ def evaluate_update(model: nn.Module, task: Task, backdoor: BackdoorConfig, drif
     target = backdoor.target if backdoor.labels == "all-to-one" else None
     m = backdoor_metrics(model, task.test.x, task.test.y, backdoor.trigger(task.input_shape),
                          target, backdoor.labels)
-    return {"clean_accuracy": m["clean_accuracy"],
-            "drift_accuracy": drift_accuracy(model, task, drift, magnitude, seed),
-            "asr": m["asr"], "ra": m["ra"],
-            "drift_asr": drift_asr(model, task, backdoor, drift, magnitude, seed)}
+    drifted = drift_metrics(model, task, backdoor, drift, magnitude, seed)
+    return {"clean_accuracy": m["clean_accuracy"], "drift_accuracy": drifted["drift_accuracy"],
+            "asr": m["asr"], "ra": m["ra"], "drift_asr": drifted["drift_asr"]}
 
 
 def survival_curve(model: nn.Module, task: Task, backdoor: BackdoorConfig, drift: str,
