@@ -30,7 +30,6 @@ binomial test against 1/K does not apply; `transfer.watermark_transfer` holds th
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ from robust_transfer.atomic import atomic_path, atomic_write_text
 from robust_transfer.backdoors.defenses import clean_subset
 from robust_transfer.data import Task, load_task
 from robust_transfer.errors import UserError, check_choice
+from robust_transfer.models.checkpoint import file_sha256
 from robust_transfer.models.runtime import predict_logits
 from robust_transfer.train import TrainConfig, fit, freeze_all_but_last
 from robust_transfer.train.loop import batch_bounds
@@ -139,10 +139,6 @@ def make_key(num_classes: int, input_shape: tuple[int, int, int], n: int = 100,
     return WatermarkKey(x, y, num_classes, seed)
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def save_key(key: WatermarkKey, directory: str | Path, extra: dict | None = None) -> Path:
     """Write `key` to `directory` (created): `key.safetensors` (images, labels) and `key.json`
     (metadata, `extra`, the tensors' sha256), each atomically."""
@@ -150,7 +146,7 @@ def save_key(key: WatermarkKey, directory: str | Path, extra: dict | None = None
     directory.mkdir(parents=True, exist_ok=True)
     with atomic_path(directory / KEY_WEIGHTS) as tmp:
         save_file({"x": key.x.contiguous(), "y": key.y.contiguous()}, tmp)
-    meta = {**key.meta(), **(extra or {}), "sha256": _sha256(directory / KEY_WEIGHTS)}
+    meta = {**key.meta(), **(extra or {}), "sha256": file_sha256(directory / KEY_WEIGHTS)}
     atomic_write_text(directory / KEY_META, json.dumps(meta, indent=2))
     return directory
 
@@ -174,7 +170,7 @@ def load_key(directory: str | Path) -> tuple[WatermarkKey, dict]:
     is a `UserError`."""
     directory = Path(directory)
     meta = read_key_meta(directory)
-    if _sha256(directory / KEY_WEIGHTS) != meta["sha256"]:
+    if file_sha256(directory / KEY_WEIGHTS) != meta["sha256"]:
         raise UserError(f"watermark key {str(directory)!r} is corrupt: {KEY_WEIGHTS} does not "
                         "match its sha256")
     try:

@@ -25,8 +25,9 @@ WEIGHTS = "weights.safetensors"
 META = "meta.json"
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes (hex): the content hash every sidecar records."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def save_checkpoint(model: BlockNet, directory: str | Path, meta: dict | None = None) -> Path:
@@ -40,7 +41,7 @@ def save_checkpoint(model: BlockNet, directory: str | Path, meta: dict | None = 
         "model": model.spec.to_dict(),
         **(meta or {}),
         "package_version": __version__,
-        "sha256": _sha256(directory / WEIGHTS),
+        "sha256": file_sha256(directory / WEIGHTS),
     }
     atomic_write_text(directory / META, json.dumps(sidecar, indent=2, default=str))
     return directory
@@ -71,7 +72,7 @@ def load_checkpoint(
     """
     directory = Path(directory)
     meta = read_meta(directory)
-    if "sha256" in meta and _sha256(directory / WEIGHTS) != meta["sha256"]:
+    if "sha256" in meta and file_sha256(directory / WEIGHTS) != meta["sha256"]:
         raise UserError(f"checkpoint {str(directory)!r} is corrupt: weights do not match sha256")
     model = build_model(ModelSpec.from_dict(meta["model"]))
     try:

@@ -21,7 +21,6 @@ Layouts read:
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import re
 from pathlib import Path
@@ -31,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from robust_transfer.errors import UserError, check_choice
-from robust_transfer.models.checkpoint import save_checkpoint
+from robust_transfer.models.checkpoint import file_sha256, save_checkpoint
 from robust_transfer.models.nets import ARCHS, BlockNet, ModelSpec, build_model
 
 FORMATS = ("robustness", "torchvision", "state-dict")
@@ -222,8 +221,7 @@ def _spec(arch: str, weights: dict, normaliser: dict, num_classes: int | None,
 
 
 def _provenance(path: Path, fmt: str, obj) -> dict:
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    info = {"path": str(path), "format": fmt, "sha256": digest}
+    info = {"path": str(path), "format": fmt, "sha256": file_sha256(path)}
     if isinstance(obj, dict):
         for key in ("epoch", "nat_prec1", "adv_prec1"):
             value = _scalar(obj.get(key))
