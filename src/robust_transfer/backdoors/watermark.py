@@ -53,7 +53,12 @@ from robust_transfer.train import TrainConfig, fit, freeze_all_but_last
 from robust_transfer.train.loop import batch_bounds
 from robust_transfer.train.methods import make_objective
 from robust_transfer.train.objectives import Objective, natural_loss
-from robust_transfer.train.source import SourceConfig, build_source_model, evaluate_source
+from robust_transfer.train.source import (
+    SourceConfig,
+    build_source_model,
+    evaluate_source,
+    source_meta,
+)
 
 KEY_WEIGHTS = "key.safetensors"
 KEY_META = "key.json"
@@ -256,9 +261,7 @@ def train_watermarked(cfg: SourceConfig, key: WatermarkKey, repeats: int = 8,
     metrics = evaluate_source(model, cfg.task, cfg.eps, cfg.norm)
     metrics |= {k: v for k, v in verify(model, key).items() if k != "owned"}
     metrics["train_seconds"] = sum(r["epoch_seconds"] for r in history)
-    meta = {"role": "source", "recipe": cfg.to_dict(), "eps": cfg.eps, "norm": cfg.norm,
-            "method": cfg.method, "seed": cfg.train.seed, "task": cfg.task, "metrics": metrics,
-            "torch_threads": torch.get_num_threads(),
+    meta = {**source_meta(cfg, metrics, device, None),
             "watermark": {"key_seed": key.seed, "trigger_size": len(key), "repeats": repeats}}
     return model, meta
 

@@ -144,6 +144,18 @@ def build_source_model(cfg: SourceConfig, device: torch.device | str = "cpu") ->
     return build_model(spec, seed=cfg.train.seed).to(device)
 
 
+def source_meta(cfg: SourceConfig, metrics: dict, device: torch.device | str,
+                amp: bool | None) -> dict:
+    """The checkpoint metadata every trained source carries: role, recipe, threat model,
+    method, seed, task, `metrics`, thread count and whether bf16 autocast was on."""
+    # CPU float sums differ with the number of intra-op threads, so the same recipe and seed
+    # give bit-identical weights only at the same thread count: record it.
+    return {"role": "source", "recipe": cfg.to_dict(), "eps": cfg.eps, "norm": cfg.norm,
+            "method": cfg.method, "seed": cfg.train.seed, "task": cfg.task, "metrics": metrics,
+            "torch_threads": torch.get_num_threads(),
+            "amp": amp_enabled(torch.device(device), amp)}
+
+
 def train_source(
     cfg: SourceConfig,
     device: torch.device | str = "cpu",
@@ -197,13 +209,7 @@ def train_source(
         metrics["overfit"] = monitor.summary()
     if backdoor:
         metrics["poisoned_count"] = backdoor["poisoned_count"]
-    # CPU float sums differ with the number of intra-op threads, so the same recipe and seed
-    # give bit-identical weights only at the same thread count: record it.
-    meta = {"role": "source", "recipe": cfg.to_dict(), "eps": cfg.eps, "norm": cfg.norm,
-            "method": cfg.method,
-            "seed": cfg.train.seed, "task": cfg.task, "metrics": metrics,
-            "torch_threads": torch.get_num_threads(),
-            "amp": amp_enabled(torch.device(device), amp)}
+    meta = source_meta(cfg, metrics, device, amp)
     if cfg.distill is not None:
         meta["distill"] = cfg.distill.to_dict()
         metrics |= {"robust_eps": eval_eps, "robust_norm": eval_norm}
