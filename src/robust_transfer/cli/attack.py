@@ -18,6 +18,7 @@ from robust_transfer.cli.common import (
     out,
     print_table,
     progress_bar,
+    split_values,
 )
 from robust_transfer.data import load_task
 from robust_transfer.errors import UserError
@@ -35,7 +36,7 @@ DEFAULT_EPS = {"linf": 0.1, "l2": 0.5, "l1": 2.0}
 
 
 def _attack_names(values: list[str]) -> list[str]:
-    names = [a.strip().lower() for v in values for a in v.split(",") if a.strip()]
+    names = [a.lower() for a in split_values(values)]
     if not names:
         raise UserError(f"no attack given; {names_help()}")
     return names

@@ -16,6 +16,7 @@ from robust_transfer.cli.common import (
     console,
     print_table,
     progress_bar,
+    split_values,
 )
 from robust_transfer.data import TASKS
 from robust_transfer.data.triggers import TRIGGERS
@@ -32,11 +33,6 @@ from robust_transfer.transfer.bias_transfer import (
 )
 
 TABLE = "bias_transfer.parquet"
-
-
-def _values(values: list[str] | None) -> list[str]:
-    """Repeated and/or comma-separated option values, in order."""
-    return [v.strip() for value in values or [] for v in value.split(",") if v.strip()]
 
 
 @app.command("bias-transfer")
@@ -85,9 +81,10 @@ def bias_transfer(
         source_task=source_task, target_task=target_task, arch=arch,
         bias_classes=tuple(bias_class or (0,)),
         feature=feature, patch_size=patch_size, seeds=tuple(range(seeds)),
-        images_per_class=tuple(_values(images_per_class)) or defaults["images_per_class"].default,
-        modes=tuple(_values(mode)) or defaults["modes"].default,
-        target_data=tuple(_values(target_data)) or defaults["target_data"].default,
+        images_per_class=(tuple(split_values(images_per_class))
+                          or defaults["images_per_class"].default),
+        modes=tuple(split_values(mode)) or defaults["modes"].default,
+        target_data=tuple(split_values(target_data)) or defaults["target_data"].default,
         debias_share=debias_share, source_epochs=source_epochs, epochs=epochs, lr=lr)
     check_output_dir(out, "--out")
     dev = resolve_device(device)

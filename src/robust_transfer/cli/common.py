@@ -28,6 +28,12 @@ out = Console()
 DEVICE_OPTION = typer.Option("auto", "--device", help="auto | cpu | cuda")
 
 
+def split_values(values: list[str] | None) -> list[str]:
+    """The values of a repeatable option that also takes comma-separated lists
+    (`--x a,b --x c` -> [a, b, c]), stripped, empty ones dropped, in order."""
+    return [v.strip() for value in values or [] for v in value.split(",") if v.strip()]
+
+
 def check_output_dir(path: Path, what: str = "output") -> None:
     """Refuse an output directory that exists as something else (a file, a broken link).
 
