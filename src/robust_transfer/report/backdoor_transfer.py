@@ -26,7 +26,7 @@ import pandas as pd  # noqa: E402
 
 from robust_transfer.atomic import atomic_write_text  # noqa: E402
 from robust_transfer.data.tasks import ALL  # noqa: E402
-from robust_transfer.report.common import save_figure  # noqa: E402
+from robust_transfer.report.common import legend_below, save_figure  # noqa: E402
 from robust_transfer.report.stats import summarise  # noqa: E402
 from robust_transfer.report.study import FACETS, _blocks_order, _blocks_title, prepare  # noqa: E402
 from robust_transfer.transfer.results import read_results  # noqa: E402
@@ -103,17 +103,10 @@ def _panels(long: pd.DataFrame, panel: str, x: str, titles, xlabel: str, title: 
         if ticks:
             ticks(ax, part)
     axes[0, 0].set_ylabel("task-agnostic ASR (final epoch)")
-    # Below the panels, so no curve is hidden under it.
-    entries: dict = {}
-    for ax in axes[0]:
-        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
-            entries.setdefault(label, handle)
-    labels, handles = list(entries), list(entries.values())
-    fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=9,
-               bbox_to_anchor=(0.5, 0.0))
+    entries = legend_below(fig, axes[0], ncol=3)
     fig.suptitle(f"{title}\nbands: 95% t-interval over seeds ({', '.join(sorted(ns))} seeds)",
                  fontsize=11)
-    fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(labels) - 1) // 3), 1, 1))
+    fig.tight_layout(rect=(0, 0.06 + 0.035 * ((entries - 1) // 3), 1, 1))
     return fig, axes
 
 

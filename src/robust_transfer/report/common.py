@@ -1,4 +1,4 @@
-"""Writing figures and tables: atomically, and closing the figure."""
+"""Writing figures and tables: atomically, and closing the figure; a shared legend."""
 
 from __future__ import annotations
 
@@ -21,6 +21,19 @@ def save_figure(fig, path: str | Path, dpi: int = 130) -> Path:
     finally:
         plt.close(fig)
     return Path(path)
+
+
+def legend_below(fig, axes, ncol: int) -> int:
+    """One figure legend under the panels, so that no curve hides under it: every distinct
+    label of `axes`, in the order first seen. Returns the number of entries (to size the
+    bottom margin)."""
+    entries: dict = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            entries.setdefault(label, handle)
+    fig.legend(list(entries.values()), list(entries), loc="lower center",
+               ncol=min(ncol, len(entries)), fontsize=9, bbox_to_anchor=(0.5, 0.0))
+    return len(entries)
 
 
 def save_table(table: pd.DataFrame, path: str | Path) -> Path:

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from robust_transfer.atomic import atomic_write_text  # noqa: E402
-from robust_transfer.report.common import save_figure  # noqa: E402
+from robust_transfer.report.common import legend_below, save_figure  # noqa: E402
 from robust_transfer.report.stats import summarise  # noqa: E402
 
 ROWS = (("asr", "ASR (triggered test images → target)"),
@@ -95,15 +95,10 @@ def survival_figure(df: pd.DataFrame):
             ax.axhline(chance, color="gray", ls=":", lw=1, label=f"chance 1/K = {chance:.2f}")
             ax.set_ylim(0, 1.02)
             ax.grid(alpha=0.3)
-    entries: dict = {}
-    for ax in axes[0]:
-        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
-            entries.setdefault(label, handle)
-    fig.legend(list(entries.values()), list(entries), loc="lower center", fontsize=9,
-               ncol=min(2, len(entries)), bbox_to_anchor=(0.5, 0.0))
+    entries = legend_below(fig, axes[0], ncol=2)
     fig.suptitle(_title(df, ", ".join(sorted(ns))), fontsize=11)
     height = fig.get_figheight()  # the legend and the two-line title, in inches
-    fig.tight_layout(rect=(0, (0.35 + 0.22 * ((len(entries) + 1) // 2)) / height, 1,
+    fig.tight_layout(rect=(0, (0.35 + 0.22 * ((entries + 1) // 2)) / height, 1,
                            1 - 0.15 / height))
     return fig, axes
 
