@@ -189,3 +189,127 @@ def test_cli_bad_sigma_is_one_line_exit_2(args, tmp_path, capsys):
     assert exit_info.value.code == 2
     assert err.startswith("error: ") and err.strip().count("\n") == 0
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- grid, fine-tuning, report
+
+DEMO_RUN_IDS = "ec882d255dbc0d85"  # sha256 of the demo spec's run ids, before smoothing existed
+DEMO_SOURCES = ["l2-eps0-73083e10", "l2-eps0.5-02d63024", "l2-eps1-064271ff"]
+DEMO_SPEC_TEXT = "8be62e415da3c3cc"
+
+SMOOTH_SPEC = {
+    "source": {"task": TASK, "epochs": 2, "attack_steps": 2},
+    "sources": [{"eps": 0.0}, {"method": "gaussian", "sigma": 0.25},
+                {"method": "smoothadv", "eps": 0.5, "sigma": 0.25, "noise_samples": 2}],
+    "targets": ["synthetic-5to9"], "images_per_class": [2], "unfrozen_blocks": [0],
+    "epochs": 2, "seeds": [0, 1], "noise_sigma": [0, 0.25],
+}
+
+
+def test_old_specs_keep_their_run_ids_source_ids_and_recorded_text():
+    import hashlib
+
+    from robust_transfer.transfer.grid import demo_spec_path, spec_text
+    from robust_transfer.transfer.spec import expand, load_spec
+
+    spec = load_spec(demo_spec_path())
+    runs = expand(spec)
+    digest = hashlib.sha256(" ".join(r.run_id for r in runs).encode()).hexdigest()[:16]
+    assert digest == DEMO_RUN_IDS and len(runs) == 216
+    assert sorted({r.source_id for r in runs}) == DEMO_SOURCES
+    assert hashlib.sha256(spec_text(spec).encode()).hexdigest()[:16] == DEMO_SPEC_TEXT
+    assert all("noise_sigma" not in r.finetune.to_dict() for r in runs)
+
+
+def test_smoothing_sources_parse_into_treatments_and_noise_is_a_finetune_variable():
+    from robust_transfer.transfer.grid import spec_text
+    from robust_transfer.transfer.run import source_columns
+    from robust_transfer.transfer.spec import expand, parse_spec
+
+    spec = parse_spec(SMOOTH_SPEC)
+    runs = expand(spec)
+    assert len(runs) == 3 * 2 * 2  # sources x noise_sigma x seeds
+    sources = {r.source_id: r.source for r in runs}
+    ids = sorted(sources)
+    assert ids[0].startswith("gaussian-l2-eps0-sigma0.25-")
+    assert ids[1].startswith("l2-eps0-")  # the natural source is kept beside gaussian
+    assert ids[2].startswith("smoothadv-l2-eps0.5-sigma0.25-")
+    smoothadv = sources[ids[2]]
+    assert smoothadv.noise_samples == 2 and smoothadv.attack_steps == 2
+    assert {r.finetune.noise_sigma for r in runs} == {0.0, 0.25}
+    assert "noise_sigma:\n- 0.0\n- 0.25\n" in spec_text(spec)
+    # one comparison group: the same recipe but for the treatment
+    meta = {"model": {"arch": "cnn-small"}, "task": TASK, "seed": 0}
+    cols = [source_columns({**meta, "recipe": c.to_dict(), "method": c.method, "eps": c.eps,
+                            "norm": c.norm}) for c in sources.values()]
+    assert len({c["source_recipe"] for c in cols}) == 1
+    assert sorted(c["source_sigma"] for c in cols) == [0.0, 0.25, 0.25]
+    with pytest.raises(UserError, match="sigma must be > 0"):
+        parse_spec({**SMOOTH_SPEC, "sources": [{"method": "gaussian", "sigma": 0}]})
+    with pytest.raises(UserError, match="noise sigma must be >= 0"):
+        parse_spec({**SMOOTH_SPEC, "noise_sigma": [-0.1]})
+    with pytest.raises(UserError, match="applies to method"):
+        parse_spec({**SMOOTH_SPEC, "sources": [{"eps": 0.5, "sigma": 0.25}]})
+
+
+def test_batched_engine_covers_smoothing_sources_but_not_noisy_fine_tunes(source_dir):
+    from robust_transfer.models import load_checkpoint
+    from robust_transfer.transfer import FinetuneConfig
+    from robust_transfer.transfer.batched import applies
+
+    model, meta = load_checkpoint(source_dir)
+    cfg = SourceConfig(task=TASK, method="smoothadv", eps=0.5, noise_samples=2)
+    smooth_meta = {**meta, "recipe": cfg.to_dict(), "method": "smoothadv", "eps": 0.5}
+    plain = FinetuneConfig("synthetic-5to9", 2)
+    assert applies(model, plain, smooth_meta)
+    assert not applies(model, FinetuneConfig("synthetic-5to9", 2, noise_sigma=0.25), meta)
+
+
+def test_finetune_noise_sigma_through_the_cli(source_dir, tmp_path, cli):
+    from robust_transfer.models.checkpoint import read_meta
+    from robust_transfer.transfer import FinetuneConfig
+    from robust_transfer.transfer.run import finetune_from_checkpoint
+
+    code, out, err = cli("finetune", source_dir, "--task", "synthetic-5to9", "--epochs", "2",
+                         "--images-per-class", "3", "--noise-sigma", "0.5", "--out",
+                         tmp_path / "ft")
+    assert code == 0, err
+    meta = read_meta(tmp_path / "ft")
+    assert meta["finetune"]["noise_sigma"] == 0.5
+    noisy = FinetuneConfig("synthetic-5to9", 3, epochs=2, noise_sigma=0.5)
+    rows = finetune_from_checkpoint(source_dir, noisy)
+    assert rows[-1]["test_accuracy"] == meta["metrics"]["test_accuracy"]  # seeded: the same
+    assert rows[-1]["noise_sigma"] == 0.5
+    plain = finetune_from_checkpoint(source_dir, FinetuneConfig("synthetic-5to9", 3, epochs=2))
+    assert plain[-1]["noise_sigma"] == 0.0 and plain[-1]["train_loss"] != rows[-1]["train_loss"]
+    assert "noise_sigma" not in FinetuneConfig("synthetic-5to9", 3).to_dict()
+    code, _, err = cli("finetune", source_dir, "--noise-sigma", "-1", "--out", tmp_path / "bad")
+    assert code == 2 and err.startswith("error: ") and err.strip().count("\n") == 0
+    assert "noise sigma" in err and not (tmp_path / "bad").exists()
+
+
+def test_grid_with_smoothing_sources_and_noise_reports_each_noise_apart(tmp_path):
+    from robust_transfer.report.study import make_report, paired_delta, prepare
+    from robust_transfer.transfer.grid import run_grid
+    from robust_transfer.transfer.results import read_results
+    from robust_transfer.transfer.spec import parse_spec
+
+    table = run_grid(parse_spec(SMOOTH_SPEC), tmp_path / "g", workers=1)
+    df = prepare(read_results(table))
+    assert set(df.source) == {"natural", "GAUSSIAN σ=0.25", "SMOOTHADV L2 ε=0.5 σ=0.25"}
+    assert set(df.noise_sigma) == {0.0, 0.25}
+    delta = paired_delta(df)  # each treated run pairs with the natural run of its noise
+    assert len(delta) == len(df[df.source != "natural"])
+    for _, row in delta.iterrows():
+        natural = df[(df.source == "natural") & (df.seed == row.seed) & (df.epoch == row.epoch)
+                     & (df.noise_sigma == row.noise_sigma)]
+        assert row.test_accuracy_natural == natural.test_accuracy.item()
+    by_noise = df.set_index(["source", "seed", "epoch", "noise_sigma"]).train_loss.unstack()
+    assert (by_noise[0.0] != by_noise[0.25]).all()  # the noise reached every noisy fine-tune
+    report = make_report(table, tmp_path / "report")
+    summary = report.summary.read_text()
+    assert summary.count("## ") == 2 and "fine-tuned with noise σ=0.25" in summary
+    assert "| natural | GAUSSIAN σ=0.25 | SMOOTHADV L2 ε=0.5 σ=0.25 |" in summary
+    names = sorted(p.name for p in report.figures)
+    assert any(n.endswith("_noise0.25.png") for n in names)
+    assert any(n.endswith("_noise0.png") for n in names)

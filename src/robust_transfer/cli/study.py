@@ -123,13 +123,16 @@ def finetune(
                                    help="Replace a checkpoint already in --out."),
     augment: bool = typer.Option(False, "--augment", help="Random crop with size/8 padding, "
                                  "plus horizontal flips for natural images (not digits)."),
+    noise_sigma: float = typer.Option(0.0, "--noise-sigma", help="Add N(0, S²) Gaussian noise "
+                                      "to every training batch (randomized smoothing at "
+                                      "noise level S after transfer); 0 = none."),
 ) -> None:
     """Fine-tune a source checkpoint on a target task (re-initialised head, last k blocks).
 
     Refuses an --out that already holds a checkpoint unless --overwrite is given.
     """
     cfg = FinetuneConfig(task, images_per_class, unfrozen_blocks, epochs, lr, seed=seed,
-                         augment=augment)
+                         augment=augment, noise_sigma=noise_sigma)
     dev = resolve_device(device)
     check_checkpoint_out(out, overwrite)
     rows = finetune_from_checkpoint(checkpoint, cfg, out, dev)
