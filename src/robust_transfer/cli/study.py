@@ -47,7 +47,8 @@ def train(
     out: Path = typer.Option(..., "--out", help="Directory for the checkpoint."),
     task: str = typer.Option("digits-0to4", help=f"Source task: {TASK_NAMES}."),
     arch: str = typer.Option("cnn-small", help=f"Architecture: {ARCH_NAMES}."),
-    eps: float = typer.Option(0.0, help="Adversarial-training radius; 0 trains naturally."),
+    eps: float = typer.Option(0.0, help="Adversarial-training radius (smoothadv: its L2 "
+                              "attack's); 0 trains naturally, or with --method gaussian."),
     norm: str = typer.Option("l2", help=f"Threat model of adversarial training: {NORM_NAMES}."),
     attack_steps: int = typer.Option(7, help="PGD steps per training batch."),
     epochs: int = typer.Option(30, help="Training epochs."),
