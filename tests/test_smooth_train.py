@@ -167,6 +167,7 @@ def test_recipes_without_noise_keep_their_dicts():
     ({"method": "gaussian", "eps": 0.5}, "takes eps 0"),
     ({"method": "smoothadv", "eps": 0.0}, "needs eps > 0"),
     ({"method": "smoothadv", "eps": 0.5, "norm": "linf"}, "L2 norm"),
+    ({"method": "gaussian", "norm": "linf"}, "L2 norm"),
     ({"method": "smoothadv", "eps": 0.5, "noise_samples": 0}, "noise samples must be"),
     ({"method": "pgd", "eps": 0.5, "sigma": 0.25}, "applies to method 'gaussian' and"),
     ({"method": "gaussian", "noise_samples": 2}, "applies to method 'smoothadv'"),

@@ -45,7 +45,7 @@ class SourceConfig:
     rollback: catastrophic-overfitting watch for a robust method, default warn for `fast`,
     off for the rest), `sigma` (Gaussian noise level of `gaussian` and `smoothadv`, default
     0.25), `noise_samples` (smoothadv's m, default 1). Inapplicable or out-of-range values
-    are `UserError`s. `gaussian` has no adversary (eps 0); `smoothadv` is L2 only (eps is
+    are `UserError`s. `gaussian` has no adversary (eps 0); both are L2 only (smoothadv's eps is
     its attack's radius, `attack_steps` its PGD steps).
 
     `distill` set: the source is a student distilled from a teacher (`train.distill`); eps/norm
@@ -91,9 +91,10 @@ class SourceConfig:
                             f"robust method ({', '.join(ROBUST_METHODS)}) or eps 0")
         if method in ROBUST_METHODS and self.eps == 0:
             raise UserError(f"method {method!r} needs eps > 0; eps 0 is natural training")
-        if method == "smoothadv" and self.norm != "l2":
-            raise UserError(f"method 'smoothadv' attacks in the L2 norm (its certificate's); "
-                            f"got norm {self.norm!r}")
+        # gaussian has no threat model: one norm, so that one sigma is one source
+        if method in NOISE_METHODS and self.norm != "l2":
+            raise UserError(f"method {method!r} works in the L2 norm (the smoothing "
+                            f"certificate's); got norm {self.norm!r}")
         defaults = {"trades_beta": (("trades",), TRADES_BETA),
                     "free_replays": (("free",), FREE_REPLAYS),
                     "sigma": (NOISE_METHODS, SIGMA),
