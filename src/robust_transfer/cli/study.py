@@ -38,7 +38,8 @@ from robust_transfer.transfer.results import manifest_run_ids, read_results, wri
 from robust_transfer.transfer.run import finetune_from_checkpoint
 from robust_transfer.transfer.spec import load_spec
 
-TASK_NAMES = ", ".join([*TASKS, "imagefolder:<dir>[@<size>]"])
+# In backticks: rich's markdown help would take <dir> for an HTML tag and drop it.
+TASK_NAMES = ", ".join([*TASKS, "`imagefolder:<dir>[@<size>]`"])
 NORM_NAMES = " | ".join(NORMS)
 ARCH_NAMES = " | ".join(f"{name} ({a.input_size}x{a.input_size})" for name, a in ARCHS.items())
 
