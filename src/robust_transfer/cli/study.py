@@ -155,7 +155,8 @@ def _run_grid_locked(spec, out: Path, workers: int, device: str,
     if done:
         console.print(f"{done} of {total} fine-tunes already done; running the rest")
     for part in todo.corrupt:
-        console.print(f"note: corrupt results part {part} cannot be read; re-running its run")
+        console.print(f"note: corrupt results part {part} cannot be read; re-running its run",
+                      soft_wrap=True)
     bars = {"source models": len(todo.sources_to_train), "fine-tunes": total}
     start = time.perf_counter()
     with progress_bars(bars) as advance:
