@@ -53,7 +53,7 @@ def _limit(directory: Path, name: str, fallback: int) -> int:
         return fallback
 
 
-def check_output_dir(path: Path, what: str = "output") -> None:
+def check_output_dir(path: Path, what: str = "--out") -> None:
     """Refuse an output directory that cannot be written: one that exists as something else
     (a file, a broken link), a name longer than the file system allows (a component, or the
     whole path with room for the files inside), or a place where no file can be created
