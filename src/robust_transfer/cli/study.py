@@ -178,8 +178,8 @@ def _run_grid_locked(spec, out: Path, workers: int, device: str,
 def grid(
     spec_file: Path = typer.Argument(..., help="YAML spec (see specs/demo.yaml)."),
     out: Path = typer.Option(..., "--out", help="Directory for sources, results and spec."),
-    workers: int = typer.Option(2, "--workers", help="Parallel runs per machine (each gets "
-                                "cores/workers threads)."),
+    workers: int = typer.Option(2, "--workers", help="Parallel runs per machine (each run "
+                                "uses one thread, so numbers do not depend on it)."),
     device: str = DEVICE_OPTION,
     executor: str = typer.Option("local", "--executor", help="local (this machine's "
                                  "processes) | ray (pip install robust_transfer[ray])."),
