@@ -93,14 +93,31 @@ def scan_parts(out: Path, run_ids: set[str] | None = None) -> PartScan:
     for part in part_files(Path(out) / PARTS):
         if run_ids is not None and part.stem not in run_ids:
             continue
-        try:
-            table = read_part(part)
-        except UserError:
+        state = _part_state(part)
+        if state == "corrupt":
             scan.corrupt.append(part)
-            continue
-        if _is_current(table):
+        elif state == "done":
             scan.done.add(part.stem)
     return scan
+
+
+# A part's state by (path, mtime, size): reading 14,400 parts in full takes seconds, and the
+# CLI plans a grid twice (to print what is left, then to run it); a changed file is re-read.
+_states: dict[Path, tuple[int, int, str]] = {}
+
+
+def _part_state(part: Path) -> str:
+    """"done", "old" (written by an older version) or "corrupt"."""
+    st = part.stat()
+    cached = _states.get(part)
+    if cached is not None and cached[:2] == (st.st_mtime_ns, st.st_size):
+        return cached[2]
+    try:
+        state = "done" if _is_current(read_part(part)) else "old"
+    except UserError:
+        state = "corrupt"
+    _states[part] = (st.st_mtime_ns, st.st_size, state)
+    return state
 
 
 def done_run_ids(out: Path) -> set[str]:
