@@ -26,7 +26,6 @@ hold that mixed column, so it is stored as text and parsed back on reading, by t
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 from collections.abc import Iterator
@@ -41,6 +40,11 @@ import pyarrow.parquet as pq
 from robust_transfer.atomic import atomic_path, atomic_write_text
 from robust_transfer.data.tasks import parse_shots
 from robust_transfer.errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; the folder then has no writer lock
+    fcntl = None
 
 PARTS = "results"
 TABLE = "results.parquet"
@@ -139,14 +143,16 @@ def writer_lock(out: str | Path) -> Iterator[None]:
     again to write). The OS drops the lock when its process dies, however it dies.
     """
     out = Path(out).resolve()
-    if out in _held:
-        _held[out] += 1
+    out.mkdir(parents=True, exist_ok=True)
+    if out in _held or fcntl is None:
+        _held[out] = _held.get(out, 0) + 1
         try:
             yield
         finally:
             _held[out] -= 1
+            if fcntl is None and not _held[out]:
+                del _held[out]
         return
-    out.mkdir(parents=True, exist_ok=True)
     path = out / LOCK
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -159,7 +165,7 @@ def writer_lock(out: str | Path) -> Iterator[None]:
                             "--out") from None
         try:
             same = os.stat(path).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:  # the holder we waited on removed it: lock the new one
+        except FileNotFoundError:  # the last holder removed it as we locked it: lock anew
             same = False
         if same:
             break
@@ -291,7 +297,7 @@ def read_results(path: str | Path) -> pd.DataFrame:
             files = part_files(path)
             if not files:
                 raise UserError(f"no results in {str(path)!r}: the directory holds no runs")
-            df = _read_parquet(files)
+            df = _concat([read_part(f) for f in files])  # a corrupt part is named
         else:
             df = _read_parquet([path])
     except UserError:
