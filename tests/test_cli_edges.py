@@ -176,10 +176,10 @@ def test_grid_prints_the_current_spec_runs_and_takes_a_device(cli, tmp_path):
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump({**SPEC, "seeds": [0, 1]}))
     out = tmp_path / "g"
-    code, _, err = cli("grid", spec, "--out", out, "--workers", "1", "--device", "cpu")
+    code, stdout, err = cli("grid", spec, "--out", out, "--workers", "1", "--device", "cpu")
     assert code == 0, err
-    assert "(2 runs)" in err
+    assert "(2 runs)" in stdout  # a result: on stdout, progress and notes on stderr
     spec.write_text(yaml.safe_dump({**SPEC, "seeds": [1]}))
-    code, _, err = cli("grid", spec, "--out", out, "--workers", "1", "--device", "cpu")
+    code, stdout, err = cli("grid", spec, "--out", out, "--workers", "1", "--device", "cpu")
     assert code == 0, err
-    assert "(1 run)" in err and "another spec" in " ".join(err.split())
+    assert "(1 run)" in stdout and "another spec" in " ".join(err.split())

@@ -5,7 +5,9 @@ Ray costs seconds, so the executors under test find it initialised and leave it 
 """
 
 import builtins
+import shutil
 import sys
+import tempfile
 
 import pandas as pd
 import pytest
@@ -33,10 +35,14 @@ SPEC = {
 def ray_local():
     ray = pytest.importorskip("ray", reason="ray is not installed (pip install "
                               "robust_transfer[ray]; `make test` installs it)")
+    # Ray's session files (logs, sockets, spilled objects) go to a folder of our own, removed
+    # afterwards, instead of piling up under /tmp/ray with every test session.
+    temp = tempfile.mkdtemp(prefix="ray-")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             object_store_memory=80 * 1024**2, configure_logging=False)
+             object_store_memory=80 * 1024**2, configure_logging=False, _temp_dir=temp)
     yield ray
     ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 def _sorted(path) -> pd.DataFrame:

@@ -242,8 +242,8 @@ def test_a_killed_batched_grid_resumes_without_duplicates(tmp_path):
 
 
 def test_grid_command_ends_with_the_fine_tune_rate(tmp_path, capsys):
-    """`grid` ends with "N fine-tunes in S s (R per s)", N the fine-tunes it ran; a re-run
-    that finds everything done says 0."""
+    """`grid` ends with "N fine-tunes in S s (R per s)" on stdout (a result, not progress),
+    N the fine-tunes it ran; a re-run that finds everything done says 0."""
     from robust_transfer.cli import main
 
     spec_file = tmp_path / "spec.yaml"
@@ -254,7 +254,9 @@ def test_grid_command_ends_with_the_fine_tune_rate(tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_info:
             main(["grid", str(spec_file), "--out", str(tmp_path / "g"), "--workers", "1"])
         assert (exit_info.value.code or 0) == 0
-        lines.append(capsys.readouterr().err.strip().splitlines()[-1])
+        captured = capsys.readouterr()
+        lines.append(captured.out.strip().splitlines()[-1])
+        assert "fine-tunes in" not in captured.err and "results:" not in captured.err
     assert re.fullmatch(r"2 fine-tunes in \d+\.\d s \(\d+\.\d per s\)", lines[0]), lines[0]
     assert lines[1].startswith("0 fine-tunes in "), lines[1]
 

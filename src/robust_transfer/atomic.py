@@ -3,7 +3,8 @@
 Everything the package writes (checkpoints, results, figures, tables) goes through
 `atomic_path`, so an interrupted command (Ctrl-C, kill -9, an error) never leaves a
 half-written file behind. The file gets the mode a plain `open(path, "w")` would give it
-(0666 less the umask): `mkstemp` creates its temporary file 0600, and a rename keeps that.
+(0666 less the umask): `mkstemp` creates its temporary file 0600, and a rename keeps that;
+a secret (a watermark key) asks for `mode=0o600` instead.
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ def current_umask() -> int:
 
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, mode: int | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` if the block succeeds.
 
     The temporary name keeps `path`'s suffix, so writers that infer the format from the
-    name (matplotlib, pandas) still work. On error the temporary file is removed.
+    name (matplotlib, pandas) still work. On error the temporary file is removed. The file
+    gets `mode` if given, else 0666 less the umask.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -43,14 +45,14 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~current_umask())
+        os.chmod(tmp, 0o666 & ~current_umask() if mode is None else mode)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write `text` to `path` atomically."""
-    with atomic_path(path) as tmp:
+def atomic_write_text(path: str | Path, text: str, mode: int | None = None) -> None:
+    """Write `text` to `path` atomically (with `mode`, as `atomic_path`)."""
+    with atomic_path(path, mode) as tmp:
         tmp.write_text(text)

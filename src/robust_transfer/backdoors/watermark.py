@@ -61,6 +61,7 @@ from robust_transfer.train.source import (
 )
 
 KEY_WEIGHTS = "key.safetensors"
+SECRET_MODE = 0o600
 KEY_META = "key.json"
 ALPHA = 0.01
 ATTACKS = ("FTLL", "FTAL", "RTLL", "RTAL")
@@ -146,13 +147,15 @@ def make_key(num_classes: int, input_shape: tuple[int, int, int], n: int = 100,
 
 def save_key(key: WatermarkKey, directory: str | Path, extra: dict | None = None) -> Path:
     """Write `key` to `directory` (created): `key.safetensors` (images, labels) and `key.json`
-    (metadata, `extra`, the tensors' sha256), each atomically."""
+    (metadata with the seed that regenerates it, `extra`, the tensors' sha256), each
+    atomically and 0600: the key is the owner's secret (whoever holds it can forge or strip
+    the watermark), so it is never readable by others whatever the umask."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    with atomic_path(directory / KEY_WEIGHTS) as tmp:
+    with atomic_path(directory / KEY_WEIGHTS, mode=SECRET_MODE) as tmp:
         save_file({"x": key.x.contiguous(), "y": key.y.contiguous()}, tmp)
     meta = {**key.meta(), **(extra or {}), "sha256": file_sha256(directory / KEY_WEIGHTS)}
-    atomic_write_text(directory / KEY_META, json.dumps(meta, indent=2))
+    atomic_write_text(directory / KEY_META, json.dumps(meta, indent=2), mode=SECRET_MODE)
     return directory
 
 

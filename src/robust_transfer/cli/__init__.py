@@ -4,18 +4,35 @@ Commands live in topic modules (`study`, ...), each registering on the one `app`
 error ends the same way: one `error: ...` line on stderr and exit code 2, whether it is a
 `UserError` raised anywhere below or a parse error of typer/click (`--eps abc`, a missing
 `--out`); `--debug` shows the traceback of a `UserError` instead. Ctrl-C is one line and exit
-code 130 (for `grid`/`demo` it says that re-running the same command resumes).
+code 130 (for `grid`/`demo` it says that re-running the same command resumes), also while
+the commands are still being imported (a second or more of torch).
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
-import typer
-from typer._click import exceptions as click_errors
-from typer.core import TyperOption
 
-from robust_transfer.errors import UserError
+def _interrupted_while_importing(_signum, _frame) -> None:
+    os.write(2, b"interrupted\n")
+    os._exit(130)
+
+
+# First thing, before the heavy imports: Ctrl-C during them is one line and exit 130, not a
+# traceback. The previous handler comes back once the commands are registered (below).
+try:
+    _sigint_before = signal.signal(signal.SIGINT, _interrupted_while_importing)
+    _sigint_set = True
+except ValueError:  # imported off the main thread: signals are not ours to handle
+    _sigint_before, _sigint_set = None, False
+
+import typer  # noqa: E402
+from typer._click import exceptions as click_errors  # noqa: E402
+from typer.core import TyperOption  # noqa: E402
+
+from robust_transfer.errors import UserError  # noqa: E402
 
 app = typer.Typer(
     name="robust-transfer",
@@ -65,6 +82,9 @@ from robust_transfer.cli import (  # noqa: E402,F401  (register commands)
     study,
     watermark,
 )
+
+if _sigint_set:  # None: a handler set outside Python, whose default we restore
+    signal.signal(signal.SIGINT, _sigint_before or signal.default_int_handler)
 
 # Options that take several values after one flag (`--eps 0.1 0.2 0.3`); click wants the
 # flag repeated, so argv is rewritten before parsing.

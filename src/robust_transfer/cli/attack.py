@@ -14,6 +14,7 @@ from robust_transfer.cli import app
 from robust_transfer.cli.common import (
     DEVICE_OPTION,
     check_output_dir,
+    checkpoint_task,
     console,
     out,
     print_table,
@@ -100,8 +101,8 @@ def attack(
         raise UserError(f"--gallery must be >= 0, got {gallery}")
     out_dir = out_dir or Path("attack-results") / Path(checkpoint).resolve().name
     check_output_dir(out_dir)
+    task = checkpoint_task(meta, task, checkpoint)
     model, meta = load_checkpoint(checkpoint, resolve_device(device))
-    task = task or meta.get("task", "digits-0to4")
     data, x, y = _test_set(task, model.spec.num_classes, n)
     examples: dict = {}
     total = len(eps) * len(stages(names, steps))
@@ -169,13 +170,13 @@ def transfer_matrix_command(
         raise UserError(f"the checkpoints were trained on different tasks ({listed}); a "
                         "transfer matrix compares models of one task")
     check_output_dir(out_dir)
+    task = checkpoint_task(metas[0], task, checkpoints[0])
     dev = resolve_device(device)
     models = {}
     for ckpt in checkpoints:
         model, _ = load_checkpoint(ckpt, dev)
         label = Path(ckpt).name if Path(ckpt).name not in models else str(ckpt)
         models[label] = model
-    task = task or metas[0].get("task", "digits-0to4")
     for model in models.values():
         _, x, y = _test_set(task, model.spec.num_classes, n)
     with progress_bar(f"transfer matrix ({name})", len(models)) as advance:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.measure import Measurement
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -34,22 +37,71 @@ def split_values(values: list[str] | None) -> list[str]:
     return [v.strip() for value in values or [] for v in value.split(",") if v.strip()]
 
 
-def check_output_dir(path: Path, what: str = "output") -> None:
-    """Refuse an output directory that exists as something else (a file, a broken link).
+# Room left under an output directory for the names written inside it (sources/<id>/...).
+INNER_ROOM = 255
 
-    Every command calls this before any work starts, so a bad `--out` costs nothing and is one
-    line instead of a FileExistsError traceback after the training has run.
+
+def _shown(path: Path) -> str:
+    text = str(path)
+    return repr(text if len(text) <= 120 else f"{text[:60]}...{text[-40:]}")
+
+
+def _limit(directory: Path, name: str, fallback: int) -> int:
+    try:
+        return os.pathconf(directory, name)
+    except (OSError, ValueError):
+        return fallback
+
+
+def check_output_dir(path: Path, what: str = "--out") -> None:
+    """Refuse an output directory that cannot be written: one that exists as something else
+    (a file, a broken link), a name longer than the file system allows (a component, or the
+    whole path with room for the files inside), or a place where no file can be created
+    (checked by creating and removing a probe file: read-only, /proc, permissions).
+
+    Every command that writes calls this before any work starts, so a bad `--out` costs
+    nothing and is one line instead of an OSError traceback after the training has run.
     """
     path = Path(path)
-    if path.is_dir():
-        return
-    if path.exists() or path.is_symlink():
-        raise UserError(f"{what} {str(path)!r} exists and is not a directory; "
+    root = Path(os.path.abspath(path)).anchor  # limits checked before any stat: a too-long
+    name_max = _limit(root, "PC_NAME_MAX", 255)  # name makes stat itself fail
+    long = next((part for part in path.parts if len(os.fsencode(part)) > name_max), None)
+    if long is not None:
+        raise UserError(f"{what} {_shown(path)} has a name of {len(os.fsencode(long))} bytes; "
+                        f"this file system allows {name_max}")
+    path_max = _limit(root, "PC_PATH_MAX", 4096)
+    length = len(os.fsencode(os.path.abspath(path)))
+    if length > path_max - INNER_ROOM:
+        raise UserError(f"{what} {_shown(path)} is {length} bytes long; this file system allows "
+                        f"{path_max}, and the files written inside need up to {INNER_ROOM} more")
+    if not path.is_dir() and (path.exists() or path.is_symlink()):
+        raise UserError(f"{what} {_shown(path)} exists and is not a directory; "
                         "give a new directory or an existing one")
-    parent = next((p for p in path.parents if p.exists() or p.is_symlink()), None)
-    if parent is not None and not parent.is_dir():
-        raise UserError(f"{what} {str(path)!r} cannot be created: {str(parent)!r} is not a "
+    parent = path if path.is_dir() else next(
+        (p for p in path.parents if p.exists() or p.is_symlink()), Path("."))
+    if not parent.is_dir():
+        raise UserError(f"{what} {_shown(path)} cannot be created: {_shown(parent)} is not a "
                         "directory")
+    try:
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".write-probe-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"{what} {_shown(path)} is not writable: cannot create a file in "
+                        f"{_shown(parent)} ({e.strerror})") from None
+
+
+def checkpoint_task(meta: dict, task: str | None, checkpoint: Path) -> str:
+    """The task to run a checkpoint on: `--task` if given, else the one its metadata records
+    (digits-0to4 for metadata without the key). An imported checkpoint records no task
+    (`task: ""`): then `--task` is needed, and the error says so."""
+    if task:
+        return task
+    recorded = meta.get("task", "digits-0to4")
+    if not recorded:
+        raise UserError(f"checkpoint {str(checkpoint)!r} records no task (an imported "
+                        "checkpoint); pass --task")
+    return recorded
 
 
 def check_checkpoint_out(path: Path | None, overwrite: bool, what: str = "--out") -> None:
@@ -103,13 +155,35 @@ def _cell(value) -> str:
     return str(value)
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text.replace(",", ""))
+    except ValueError:
+        return False
+    return True
+
+
 def print_table(title: str, rows: list[dict]) -> None:
-    """Print dict rows as a table on stdout (floats to 4 digits, NaN as a dash)."""
+    """Print dict rows as a table on stdout (floats to 4 digits, NaN as a dash).
+
+    A number is never split across lines: number columns do not wrap. When stdout is not a
+    terminal (a file, a pipe) there is no width to fit, so the table gets the width it needs
+    instead of folding at 80 columns.
+    """
     if not rows:
         return
+    cells = [[_cell(v) for v in row.values()] for row in rows]
     table = Table(title=title)
-    for key in rows[0]:
-        table.add_column(str(key), overflow="fold")  # fold a long word, never cut it
-    for row in rows:
-        table.add_row(*(_cell(v) for v in row.values()))
-    out.print(table)
+    for i, key in enumerate(rows[0]):
+        column = [row[i] for row in cells]
+        numbers = all(_is_number(c) or c == "–" for c in column)
+        # fold a long word, never cut it; a number is kept whole
+        table.add_column(str(key), overflow="fold", no_wrap=numbers,
+                         min_width=max(map(len, column)) if numbers else None)
+    for row in cells:
+        table.add_row(*row)
+    if out.is_terminal:
+        out.print(table)
+        return
+    needed = Measurement.get(out, out.options.update_width(10**5), table).maximum
+    Console(width=max(out.width, needed), file=out.file).print(table)

@@ -15,6 +15,7 @@ from robust_transfer.cli.attack import DEFAULT_EPS, NORM_HELP, _attack_names, _c
 from robust_transfer.cli.common import (
     DEVICE_OPTION,
     check_output_dir,
+    checkpoint_task,
     console,
     out,
     print_table,
@@ -86,8 +87,8 @@ def defend(
     meta = read_meta(checkpoint)
     out_dir = out_dir or Path("defense-results") / Path(checkpoint).resolve().name
     check_output_dir(out_dir)
+    task = checkpoint_task(meta, task, checkpoint)
     model, meta = load_checkpoint(checkpoint, resolve_device(device))
-    task = task or meta.get("task", "digits-0to4")
     data, x, y = _test_set(task, model.spec.num_classes, n)
     for spec in defenses:  # a bad canvas size for these images fails here, before attacking
         spec.build(model, seed)(x[:1].to(next(model.parameters()).device))

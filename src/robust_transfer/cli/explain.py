@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from robust_transfer.cli import app
-from robust_transfer.cli.common import DEVICE_OPTION, console, print_table
+from robust_transfer.cli.common import DEVICE_OPTION, check_output_dir, console, print_table
 from robust_transfer.data.tasks import parse_shots
 from robust_transfer.errors import UserError, check_choice
 from robust_transfer.explain import study as study_mod
@@ -56,6 +56,7 @@ def saliency(
     check_choice("saliency method", method, {*SALIENCY_METHODS, "both"})
     if per_class < 1:
         raise UserError(f"images per class must be >= 1, got {per_class}")
+    check_output_dir(out, "--out")
     methods = SALIENCY_METHODS if method == "both" else (method,)
     comparison = saliency_for_checkpoints(
         [str(c) for c in checkpoints], task, split, per_class, methods, threshold, samples,
@@ -95,6 +96,7 @@ def influence(
     class, robust vs natural source (Fig. 6); or --validate against leave-one-out."""
 
     dev = resolve_device(device)
+    check_output_dir(out, "--out")
     if validate:
         if paths:
             raise UserError("--validate runs on the embedded digits data; give no checkpoints")
@@ -157,6 +159,7 @@ def units(
 
     if rows < 1:
         raise UserError(f"rows must be >= 1, got {rows}")
+    check_output_dir(out, "--out")
     (loaded,) = load_labelled([str(checkpoint)], None, resolve_device(device))
     images = task_split(loaded.task, split)
     analysis = unit_analysis(loaded.model, images, layer, top_k, seed)

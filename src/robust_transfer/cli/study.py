@@ -22,6 +22,7 @@ from robust_transfer.cli.common import (
     progress_bar,
     progress_bars,
 )
+from robust_transfer.cli.common import out as stdout
 from robust_transfer.data import TASKS
 from robust_transfer.models import ARCHS, save_checkpoint
 from robust_transfer.models.runtime import resolve_device
@@ -33,11 +34,12 @@ from robust_transfer.train.overfit import ACTIONS
 from robust_transfer.transfer import FinetuneConfig
 from robust_transfer.transfer.executors import Executor, make_executor
 from robust_transfer.transfer.grid import demo_spec_path, plan, previous_spec_differs, run_grid
-from robust_transfer.transfer.results import manifest_run_ids, read_results
+from robust_transfer.transfer.results import manifest_run_ids, read_results, writer_lock
 from robust_transfer.transfer.run import finetune_from_checkpoint
 from robust_transfer.transfer.spec import load_spec
 
-TASK_NAMES = ", ".join([*TASKS, "imagefolder:<dir>[@<size>]"])
+# In backticks: rich's markdown help would take <dir> for an HTML tag and drop it.
+TASK_NAMES = ", ".join([*TASKS, "`imagefolder:<dir>[@<size>]`"])
 NORM_NAMES = " | ".join(NORMS)
 ARCH_NAMES = " | ".join(f"{name} ({a.input_size}x{a.input_size})" for name, a in ARCHS.items())
 
@@ -146,7 +148,14 @@ def finetune(
 
 def _run_grid_with_progress(spec, out: Path, workers: int, device: str,
                             executor: Executor | None = None) -> Path:
-    """Run the grid with progress bars; print what is reused; end with the results line."""
+    """Run the grid with progress bars; print what is reused; end with the results line
+    (on stdout; progress and notes on stderr). Holds `out`'s writer lock from the start."""
+    with writer_lock(out):
+        return _run_grid_locked(spec, out, workers, device, executor)
+
+
+def _run_grid_locked(spec, out: Path, workers: int, device: str,
+                     executor: Executor | None) -> Path:
     dev = resolve_device(device)
     if previous_spec_differs(spec, out):
         console.print(f"note: {out} was run with another spec; its runs stay on disk, but "
@@ -158,6 +167,9 @@ def _run_grid_with_progress(spec, out: Path, workers: int, device: str,
         console.print(f"training {len(todo.sources_to_train)} source model(s): {names}")
     if done:
         console.print(f"{done} of {total} fine-tunes already done; running the rest")
+    for part in todo.corrupt:
+        console.print(f"note: corrupt results part {part} cannot be read; re-running its run",
+                      soft_wrap=True)
     bars = {"source models": len(todo.sources_to_train), "fine-tunes": total}
     start = time.perf_counter()
     with progress_bars(bars) as advance:
@@ -167,9 +179,11 @@ def _run_grid_with_progress(spec, out: Path, workers: int, device: str,
                          on_run_done=lambda _r: advance["fine-tunes"]())
     seconds = time.perf_counter() - start
     n_runs = read_results(table).run_id.nunique()
-    console.print(f"results: {table}  ({n_runs} run{'' if n_runs == 1 else 's'})")
+    stdout.print(f"results: {table}  ({n_runs} run{'' if n_runs == 1 else 's'})",
+                 soft_wrap=True)
     ran = len(todo.pending)  # this invocation's; the time includes training its sources
-    console.print(f"{ran} fine-tunes in {seconds:.1f} s ({ran / max(seconds, 1e-9):.1f} per s)")
+    stdout.print(f"{ran} fine-tunes in {seconds:.1f} s ({ran / max(seconds, 1e-9):.1f} per s)",
+                 soft_wrap=True)
     return table
 
 
@@ -177,8 +191,8 @@ def _run_grid_with_progress(spec, out: Path, workers: int, device: str,
 def grid(
     spec_file: Path = typer.Argument(..., help="YAML spec (see specs/demo.yaml)."),
     out: Path = typer.Option(..., "--out", help="Directory for sources, results and spec."),
-    workers: int = typer.Option(2, "--workers", help="Parallel runs per machine (each gets "
-                                "cores/workers threads)."),
+    workers: int = typer.Option(2, "--workers", help="Parallel runs per machine (each run "
+                                "uses one thread, so numbers do not depend on it)."),
     device: str = DEVICE_OPTION,
     executor: str = typer.Option("local", "--executor", help="local (this machine's "
                                  "processes) | ray (pip install robust_transfer[ray])."),
@@ -248,8 +262,9 @@ def demo(
     spec = load_spec(spec_path)
     check_output_dir(out, "--out")
     console.print(f"spec: {spec_path}")
-    table = _run_grid_with_progress(spec, out, workers, device)
-    rep = make_report(table, out / "report")
+    with writer_lock(out):  # the report too: one demo writes a directory at a time
+        table = _run_grid_with_progress(spec, out, workers, device)
+        rep = make_report(table, out / "report")
     for f in rep.figures:
         console.print(f"figure: {f}")
     console.print(f"summary: {rep.summary}")

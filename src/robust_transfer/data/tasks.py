@@ -204,13 +204,13 @@ def shots_per_class(labels: torch.Tensor, k: int | str | None, seed: int) -> tor
         return torch.arange(len(labels))
     gen = np.random.default_rng(seed)
     y = labels.numpy()
+    classes, counts = np.unique(y, return_counts=True)
+    if k > counts.min():  # name the class that sets the limit: the smallest
+        c, n = classes[counts.argmin()], counts.min()
+        raise UserError(f"images per class {k} is more than class {c} has ({n}, the smallest "
+                        f"class); use at most {n} or 'all'")
     chosen = []
-    for c in np.unique(y):
+    for c in classes:
         members = np.flatnonzero(y == c)
-        if k > len(members):
-            raise UserError(
-                f"images per class {k} is more than class {c} has ({len(members)}); "
-                f"use at most {min(np.bincount(y))} or 'all'"
-            )
         chosen.append(gen.choice(members, size=k, replace=False))
     return torch.as_tensor(np.sort(np.concatenate(chosen)), dtype=torch.long)

@@ -26,6 +26,7 @@ from robust_transfer.data import load_task, shots_per_class
 from robust_transfer.errors import UserError
 from robust_transfer.explain.influence import ExactInfluence, InfluenceModule
 from robust_transfer.models.nets import ConvNet
+from robust_transfer.models.runtime import torch_threads
 
 
 @dataclass
@@ -53,12 +54,8 @@ class LeaveOneOutResult:
 def single_thread() -> Iterator[None]:
     """Run tiny-tensor work on one thread: intra-op thread hand-offs cost more than they
     save on a 645-parameter problem (and far more on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def minimise(module: InfluenceModule, theta0: torch.Tensor, weights: torch.Tensor | None = None,

@@ -36,6 +36,21 @@ def autocast(device: torch.device, amp: bool | None = None) -> AbstractContextMa
 
 
 @contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block on `n` intra-op CPU threads, then restore the caller's count.
+
+    CPU float sums depend on the thread count, so work that must give the same bits wherever
+    and whenever it runs (a grid's runs, resumed or not) fixes it rather than inheriting it.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Put every module in eval mode, then restore each module's own flag exactly.
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from numbers import Integral
 
 import torch
 from torch import nn
@@ -61,6 +62,9 @@ class FinetuneConfig:
                            check_sigma(self.noise_sigma, "noise sigma", allow_zero=True))
         object.__setattr__(self, "images_per_class", parse_shots(self.images_per_class))
         object.__setattr__(self, "unfrozen_blocks", parse_blocks(self.unfrozen_blocks))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, Integral) or self.seed < 0:
+            raise UserError(f"fine-tuning seed must be an integer >= 0, got {self.seed!r}")
+        self.train_config()  # epochs, lr, batch size: checked now, not after sources train
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(

@@ -1,7 +1,11 @@
 """Run a grid: train the missing source models, then every fine-tune not yet stored.
 
 Resumable by construction: sources are checkpoints (meta.json written last), and a run is
-done exactly when its Parquet part exists. Re-running the same spec finishes the rest.
+done exactly when its Parquet part exists and reads. Re-running the same spec finishes the
+rest, and gives the numbers of an uninterrupted run: every source training and fine-tune
+runs on `RUN_THREADS` intra-op threads, whichever executor, worker count or machine runs it
+and however many runs are left (CPU float sums depend on the thread count). One grid writes
+a directory at a time (`results.writer_lock`).
 
 Running a different spec into the same directory keeps the results of both on disk (runs the
 two specs share are not run again) but the directory then stands for the new spec:
@@ -26,6 +30,7 @@ from robust_transfer.backdoors.source import train_backdoor_source
 from robust_transfer.data.tasks import ALL
 from robust_transfer.models import load_checkpoint, save_checkpoint
 from robust_transfer.models.checkpoint import META
+from robust_transfer.models.runtime import torch_threads
 from robust_transfer.train import SourceConfig
 from robust_transfer.transfer.batched import shape_key
 from robust_transfer.transfer.executors import Executor, LocalExecutor
@@ -33,8 +38,9 @@ from robust_transfer.transfer.finetune import FinetuneConfig
 from robust_transfer.transfer.results import (
     append_run,
     consolidate,
-    done_run_ids,
+    scan_parts,
     write_manifest,
+    writer_lock,
 )
 from robust_transfer.transfer.run import finetune_many_from_checkpoint
 from robust_transfer.transfer.spec import GridSpec, Run, content_id, expand
@@ -45,6 +51,11 @@ SPEC = "spec.yaml"
 # MIN_BATCH pending runs is shipped run by run.
 MAX_BATCH = 64
 MIN_BATCH = 4
+# Intra-op threads of every source training and fine-tune of a grid: part of how a run is
+# computed, so fixed here rather than inherited from the worker (a resumed grid with one
+# source left used to train it in the main process on all cores: other weights). Grids
+# parallelise across runs (`--workers`).
+RUN_THREADS = 1
 
 
 def demo_spec_path() -> Path:
@@ -75,6 +86,11 @@ class _FinetuneJob:
 
 
 def _train_source_job(job: _SourceJob) -> Path:
+    with torch_threads(RUN_THREADS):
+        return _train_source(job)
+
+
+def _train_source(job: _SourceJob) -> Path:
     teacher = None
     if job.teacher_dir is not None:
         teacher, _ = load_checkpoint(job.teacher_dir, job.device)
@@ -101,8 +117,10 @@ class _FinetuneBatch:
 def _finetune_batch_job(batch: _FinetuneBatch) -> list[list[dict]]:
     """Rows per run of the batch, in the batch's order (each tagged with its run id)."""
     first = batch.jobs[0]
-    results = finetune_many_from_checkpoint(first.source_dir, [j.config for j in batch.jobs],
-                                            first.device, first.probes)
+    with torch_threads(RUN_THREADS):
+        results = finetune_many_from_checkpoint(first.source_dir,
+                                                [j.config for j in batch.jobs],
+                                                first.device, first.probes)
     return [[{"run_id": job.run_id, **row} for row in rows]
             for job, rows in zip(batch.jobs, results, strict=True)]
 
@@ -135,6 +153,7 @@ class GridPlan:
     runs: list[Run]
     sources_to_train: list[_SourceJob]
     pending: list[_FinetuneJob]
+    corrupt: list[Path]  # unreadable parts of the spec's runs: re-run (`pending`), overwritten
 
 
 def plan(spec: GridSpec, out: Path, device: str = "cpu") -> GridPlan:
@@ -151,12 +170,12 @@ def plan(spec: GridSpec, out: Path, device: str = "cpu") -> GridPlan:
         _SourceJob(cfg, d, device, teacher_dir(cfg)) for cfg, d in source_dirs.values()
         if not (d / META).is_file()
     ]
-    done = done_run_ids(out)
+    scan = scan_parts(out, {r.run_id for r in runs})
     pending = [
         _FinetuneJob(r.run_id, out / SOURCES / r.source_id, r.finetune, device, r.probes)
-        for r in runs if r.run_id not in done
+        for r in runs if r.run_id not in scan.done
     ]
-    return GridPlan(runs, to_train, pending)
+    return GridPlan(runs, to_train, pending, scan.corrupt)
 
 
 def spec_text(spec: GridSpec) -> str:
@@ -185,10 +204,17 @@ def run_grid(
     Sources train first, then the fine-tunes, both through `executor` (default: a
     `LocalExecutor` of `workers` processes; entered here as a context manager) on `device`.
     The main process alone writes results, one atomic Parquet part per finished run; the
-    returned `results.parquet` holds the finished runs of `spec` only.
+    returned `results.parquet` holds the finished runs of `spec` only. Holds `out`'s writer
+    lock throughout: a second writer is refused (`UserError`) before anything is written.
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with writer_lock(out):
+        return _run_locked(spec, out, workers, executor, device, on_source_done, on_run_done)
+
+
+def _run_locked(spec: GridSpec, out: Path, workers: int, executor: Executor | None,
+                device: str | torch.device, on_source_done: Callable[[Path], None] | None,
+                on_run_done: Callable[[str], None] | None) -> Path:
     runs = expand(spec)
     atomic_write_text(out / SPEC, spec_text(spec))
     write_manifest(out, [r.run_id for r in runs])

@@ -10,6 +10,16 @@ run with; `read_results(out)` returns exactly that spec's finished runs, read fr
 convenience copy that `consolidate` writes at the end of a grid; it is used only while it
 still matches the parts, so an interrupted grid never yields a stale table.
 
+One writer per directory: `writer_lock(out)` holds an OS file lock (`flock`) on `out/.lock`
+while a grid writes, so a second grid into the same directory is refused (one line naming
+the holder's pid) before it touches anything; the lock dies with its process, so a kill -9
+leaves no stale lock. Readers take no lock: every file is replaced atomically, so a reader
+sees each file wholly old or wholly new.
+
+A part that cannot be read (truncated, bytes overwritten: parts carry Parquet page
+checksums) is corrupt, not finished: the grid re-runs its run, and reading the table names
+the file instead of quietly leaving the run out.
+
 `images_per_class` is an int or "all" in memory (`data.tasks.parse_shots`); Parquet cannot
 hold that mixed column, so it is stored as text and parsed back on reading, by the same parse.
 """
@@ -17,6 +27,10 @@ hold that mixed column, so it is stored as text and parsed back on reading, by t
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -27,9 +41,15 @@ from robust_transfer.atomic import atomic_path, atomic_write_text
 from robust_transfer.data.tasks import parse_shots
 from robust_transfer.errors import UserError
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; the folder then has no writer lock
+    fcntl = None
+
 PARTS = "results"
 TABLE = "results.parquet"
 MANIFEST = "runs.json"
+LOCK = ".lock"
 # Columns the report needs; a part without them (an older format) is not a finished run.
 REQUIRED_COLUMNS = (
     "run_id", "source_task", "source_arch", "source_recipe", "source_eps", "source_norm",
@@ -45,18 +65,129 @@ def part_files(parts: Path) -> list[Path]:
     return sorted(p for p in Path(parts).glob("*.parquet") if not p.name.startswith("."))
 
 
-def _is_current(part: Path) -> bool:
+def read_part(part: Path) -> pa.Table:
+    """One stored run's rows, with the page checksums verified; `UserError` naming the file
+    if it cannot be read (a truncated or overwritten part is not a finished run)."""
     try:
-        names = set(pq.read_schema(part).names)
-    except Exception:  # unreadable: not a finished run; the grid re-runs it
-        return False
-    return all(c in names for c in REQUIRED_COLUMNS)
+        return pq.ParquetFile(part, page_checksum_verification=True).read()
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"corrupt results part {str(part)!r} ({first}); re-run the grid with "
+                        "the same spec and --out to re-run that run") from None
+
+
+def _is_current(table: pa.Table) -> bool:
+    return all(c in table.column_names for c in REQUIRED_COLUMNS)
+
+
+@dataclass
+class PartScan:
+    """What a directory's parts hold: ids of finished runs in the current format, and the
+    parts that cannot be read (their runs are not finished)."""
+
+    done: set[str] = field(default_factory=set)
+    corrupt: list[Path] = field(default_factory=list)
+
+
+def scan_parts(out: Path, run_ids: set[str] | None = None) -> PartScan:
+    """Read every stored part (of `run_ids`, if given) under `out`: which runs are finished,
+    which parts are corrupt. A part written by an older version, without the columns the
+    report pairs on, is neither: its run is re-run."""
+    scan = PartScan()
+    for part in part_files(Path(out) / PARTS):
+        if run_ids is not None and part.stem not in run_ids:
+            continue
+        state = _part_state(part)
+        if state == "corrupt":
+            scan.corrupt.append(part)
+        elif state == "done":
+            scan.done.add(part.stem)
+    return scan
+
+
+# A part's state by (path, mtime, size): reading 14,400 parts in full takes seconds, and the
+# CLI plans a grid twice (to print what is left, then to run it); a changed file is re-read.
+_states: dict[Path, tuple[int, int, str]] = {}
+
+
+def _part_state(part: Path) -> str:
+    """"done", "old" (written by an older version) or "corrupt"."""
+    st = part.stat()
+    cached = _states.get(part)
+    if cached is not None and cached[:2] == (st.st_mtime_ns, st.st_size):
+        return cached[2]
+    try:
+        state = "done" if _is_current(read_part(part)) else "old"
+    except UserError:
+        state = "corrupt"
+    _states[part] = (st.st_mtime_ns, st.st_size, state)
+    return state
 
 
 def done_run_ids(out: Path) -> set[str]:
-    """Ids of the runs whose rows are stored under `out` in the current format (a part
-    written by an older version, without the columns the report pairs on, is re-run)."""
-    return {p.stem for p in part_files(Path(out) / PARTS) if _is_current(p)}
+    """Ids of the runs whose rows are stored under `out`, readable and in the current
+    format (a corrupt part, or one written by an older version, is re-run)."""
+    return scan_parts(out).done
+
+
+_held: dict[Path, int] = {}  # directories this process holds the writer lock of: depth
+
+
+@contextmanager
+def writer_lock(out: str | Path) -> Iterator[None]:
+    """Be the one writer of results directory `out` for the block (created if missing).
+
+    An exclusive `flock` on `out/.lock`, which holds the holder's pid as text; another
+    process asking for it gets a `UserError` naming the directory and that pid, having
+    changed nothing. Re-entrant within a process (the CLI takes it before planning, the grid
+    again to write). The OS drops the lock when its process dies, however it dies.
+    """
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if out in _held or fcntl is None:
+        _held[out] = _held.get(out, 0) + 1
+        try:
+            yield
+        finally:
+            _held[out] -= 1
+            if fcntl is None and not _held[out]:
+                del _held[out]
+        return
+    path = out / LOCK
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UserError(f"{str(out)!r} is in use by another writer (pid "
+                            f"{_lock_holder(path)}); wait for it to finish, or give another "
+                            "--out") from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:  # the last holder removed it as we locked it: lock anew
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        _held[out] = 1
+        yield
+    finally:
+        _held.pop(out, None)
+        try:
+            os.remove(path)  # while still holding it: the next writer re-checks the inode
+        finally:
+            os.close(fd)
+
+
+def _lock_holder(path: Path) -> str:
+    try:
+        return path.read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"
 
 
 def append_run(out: Path, run_id: str, rows: list[dict]) -> None:
@@ -70,7 +201,7 @@ def append_run(out: Path, run_id: str, rows: list[dict]) -> None:
     table = table.cast(pa.schema([pa.field(f.name, pa.string()) if f.type == pa.large_string()
                                   else f for f in table.schema]))
     with atomic_path(Path(out) / PARTS / f"{run_id}.parquet") as tmp:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, write_page_checksum=True)
 
 
 def write_manifest(out: Path, run_ids: list[str]) -> None:
@@ -106,27 +237,43 @@ def _to_parquet(df: pd.DataFrame, path: Path) -> None:
 
 
 def _read_parquet(files: list[Path]) -> pd.DataFrame:
-    tables = [pq.read_table(f) for f in files]
+    return _concat([pq.read_table(f) for f in files])
+
+
+def _concat(tables: list[pa.Table]) -> pd.DataFrame:
     return pa.concat_tables(tables, promote_options="permissive").to_pandas()
 
 
 def _grid_table(out: Path) -> pd.DataFrame:
     """The current spec's finished runs in grid directory `out`, read from its parts (or from
-    `results.parquet` while that holds exactly those runs and is newer than all of them)."""
+    `results.parquet` while that holds exactly those runs and is newer than all of them).
+    A corrupt part is a `UserError` naming it: the table without that run is not the truth."""
     wanted = manifest_run_ids(out)
     candidates = [p for p in part_files(out / PARTS) if wanted is None or p.stem in wanted]
-    files = [p for p in candidates if _is_current(p)]
-    if not files:
+    table = out / TABLE
+    if candidates and table.is_file() and \
+            table.stat().st_mtime >= max(p.stat().st_mtime for p in candidates):
+        ids = set(pq.read_table(table, columns=["run_id"]).column("run_id").to_pylist())
+        if ids == {p.stem for p in candidates} and all(_schema_ok(p) for p in candidates):
+            return _read_parquet([table])
+    tables = [t for t in map(read_part, candidates) if _is_current(t)]
+    if not tables:
         what = "of its current spec " if wanted is not None else ""
         why = ("only runs stored by an older version, which the grid re-runs" if candidates
                else "run `robust-transfer grid` first")
         raise UserError(f"no results in {str(out)!r}: no finished runs {what}yet ({why})")
-    table = out / TABLE
-    if table.is_file() and table.stat().st_mtime >= max(p.stat().st_mtime for p in files):
-        ids = set(pq.read_table(table, columns=["run_id"]).column("run_id").to_pylist())
-        if ids == {p.stem for p in files}:
-            return _read_parquet([table])
-    return _read_parquet(files)
+    return _concat(tables)
+
+
+def _schema_ok(part: Path) -> bool:
+    """The part's footer reads and has the current columns (the cheap check the table copy
+    needs: a part changed after the copy was written is newer than it, and read in full)."""
+    try:
+        names = pq.read_schema(part).names
+    except Exception:
+        read_part(part)  # names the corrupt file
+        raise
+    return all(c in names for c in REQUIRED_COLUMNS)
 
 
 def read_results(path: str | Path) -> pd.DataFrame:
@@ -150,7 +297,7 @@ def read_results(path: str | Path) -> pd.DataFrame:
             files = part_files(path)
             if not files:
                 raise UserError(f"no results in {str(path)!r}: the directory holds no runs")
-            df = _read_parquet(files)
+            df = _concat([read_part(f) for f in files])  # a corrupt part is named
         else:
             df = _read_parquet([path])
     except UserError:

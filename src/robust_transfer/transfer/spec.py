@@ -31,6 +31,7 @@ import functools
 import hashlib
 import itertools
 import json
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -228,12 +229,29 @@ def _one_natural(sources: list[SourceEntry], default_arch: str) -> list[SourceEn
             if not s.natural or first[(s.arch or default_arch, s.backdoor)] is s]
 
 
-def _number(value, key: str, kind=float):
+def _number(value, key: str, kind=float, minimum: float | None = None):
+    """A finite number (an integer if `kind` is int), >= `minimum` if given (minimum 0 for a
+    float means > 0: a learning rate of 0 trains nothing)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise UserError(f"spec key {key!r} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise UserError(f"spec key {key!r} must be finite, got {value!r}")
     if kind is int and value != int(value):
         raise UserError(f"spec key {key!r} must be an integer, got {value!r}")
+    if minimum is not None and (value < minimum or (kind is float and value <= minimum)):
+        bound = f">= {minimum}" if kind is int else f"> {minimum:g}"
+        raise UserError(f"spec key {key!r} must be {bound}, got {value!r}")
     return kind(value)
+
+
+def _text(value, key: str) -> str:
+    if not isinstance(value, str):
+        raise UserError(f"spec key {key!r} must be text, got {value!r}")
+    return value
+
+
+# The least value of each number in the spec (float 0: must be > 0), checked when parsed.
+MINIMUM = {"epochs": 1, "batch_size": 1, "attack_steps": 1, "seed": 0, "seeds": 0, "lr": 0.0}
 
 
 def _flag(value, key: str) -> bool:
@@ -250,7 +268,9 @@ def _parse_recipe(d: dict) -> SourceRecipe:
         if f.name in d:
             kind = kinds[f.type]
             value = d[f.name]
-            values[f.name] = str(value) if kind is str else _number(value, f"source.{f.name}", kind)
+            key = f"source.{f.name}"
+            values[f.name] = (_text(value, key) if kind is str
+                              else _number(value, key, kind, MINIMUM.get(f.name)))
     return SourceRecipe(**values)
 
 
@@ -268,18 +288,19 @@ def _parse_source(s: dict, teacher: bool = False) -> SourceEntry:
         if s.get(key) is not None:
             options[key] = _number(s[key], f"sources.{key}", kind)
     if s.get("on_overfit") is not None:
-        options["on_overfit"] = str(s["on_overfit"])
+        options["on_overfit"] = _text(s["on_overfit"], "sources.on_overfit")
     # The default method is stored as None, so {eps: 0.5} and {eps: 0.5, method: pgd} are
     # one source (one run id), not two.
     method = s.get("method")
-    if method is not None and str(method) != ("natural" if eps == 0 else "pgd"):
-        options["method"] = str(method)
+    if method is not None and _text(method, "sources.method") != ("natural" if eps == 0
+                                                                  else "pgd"):
+        options["method"] = method
     if s.get("arch") is not None:
-        options["arch"] = str(s["arch"])
+        options["arch"] = _text(s["arch"], "sources.arch")
         check_choice("arch", options["arch"], ARCHS)
     if s.get("backdoor") is not None:
         options["backdoor"] = _parse_backdoor(s["backdoor"])
-    norm = str(s.get("norm", "l2"))
+    norm = _text(s.get("norm", "l2"), "sources.norm")
     distill = None if s.get("distill") is None else _parse_distill(s["distill"])
     if distill is not None:
         if options:
@@ -293,7 +314,7 @@ def _parse_source(s: dict, teacher: bool = False) -> SourceEntry:
             if eps == 0:
                 raise UserError("adversarial distillation from a natural teacher needs the "
                                 "source's own eps > 0")
-            norm = str(s.get("norm", distill.teacher.norm))
+            norm = _text(s.get("norm", distill.teacher.norm), "sources.norm")
     return SourceEntry(eps=eps, norm=norm, distill=distill, **options)
 
 
@@ -359,16 +380,16 @@ def parse_spec(d: dict) -> GridSpec:
 
     spec = GridSpec(
         sources=tuple(_one_natural(_no_repeats(sources, "sources"), recipe.arch)),
-        targets=values("targets", str),
+        targets=values("targets", lambda t: _text(t, "targets")),
         images_per_class=values("images_per_class", parse_shots),
         unfrozen_blocks=values("unfrozen_blocks", parse_blocks),
-        epochs=values("epochs", lambda e: _number(e, "epochs", int)),
-        seeds=values("seeds", lambda s: _number(s, "seeds", int)),
-        lr=values("lr", lambda v: _number(v, "lr"), default=0.1),
+        epochs=values("epochs", lambda e: _number(e, "epochs", int, MINIMUM["epochs"])),
+        seeds=values("seeds", lambda s: _number(s, "seeds", int, MINIMUM["seeds"])),
+        lr=values("lr", lambda v: _number(v, "lr", float, MINIMUM["lr"]), default=0.1),
         noise_sigma=values("noise_sigma", lambda v: _number(v, "noise_sigma"), default=0.0),
-        batch_size=_number(d.get("batch_size", 32), "batch_size", int),
+        batch_size=_number(d.get("batch_size", 32), "batch_size", int, MINIMUM["batch_size"]),
         source=recipe,
-        name=str(d.get("name", "grid")),
+        name=_text(d.get("name", "grid"), "name"),
         augment=_flag(d.get("augment", False), "augment"),
     )
     expand(spec)  # validates every name and number through the configs' own checks
