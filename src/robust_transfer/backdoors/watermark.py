@@ -274,12 +274,26 @@ def check_key_fits(key: WatermarkKey, num_classes: int, input_shape) -> None:
                         f"{tuple(input_shape)}")
 
 
-def check_model_fits(model: nn.Module, key: WatermarkKey) -> None:
-    """`UserError` unless `model` (a `BlockNet`) classifies the key's images into its classes."""
+def model_image_shape(model: nn.Module, key: WatermarkKey) -> tuple[int, int, int]:
+    """The (C, H, W) images `model` (a `BlockNet`) takes; the key's size when unrecorded."""
     spec = model.spec
     _, h, w = key.input_shape
     size = (h, w) if spec.input_size is None else (spec.input_size, spec.input_size)
-    check_key_fits(key, spec.num_classes, (spec.in_channels, *size))
+    return (spec.in_channels, *size)
+
+
+def check_model_fits(model: nn.Module, key: WatermarkKey) -> None:
+    """`UserError` unless `model` (a `BlockNet`) classifies the key's images into its classes."""
+    check_key_fits(key, model.spec.num_classes, model_image_shape(model, key))
+
+
+def check_key_images(model: nn.Module, key: WatermarkKey) -> None:
+    """`UserError` unless the key's images have the shape `model` takes (any classes: the
+    permutation test maps the model's classes onto the key's)."""
+    shape = model_image_shape(model, key)
+    if tuple(key.input_shape) != shape:
+        raise UserError(f"the watermark key's images are {tuple(key.input_shape)} (C, H, W) but "
+                        f"the model takes images {shape}: this key was not made for this model")
 
 
 # ---- verification -------------------------------------------------------------------------
