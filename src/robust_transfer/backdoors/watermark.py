@@ -51,12 +51,12 @@ from robust_transfer.models.checkpoint import file_sha256
 from robust_transfer.models.runtime import predict_logits
 from robust_transfer.train import TrainConfig, fit, freeze_all_but_last
 from robust_transfer.train.loop import batch_bounds
-from robust_transfer.train.methods import make_objective
 from robust_transfer.train.objectives import Objective, natural_loss
 from robust_transfer.train.source import (
     SourceConfig,
     build_source_model,
     evaluate_source,
+    method_objective,
     source_meta,
 )
 
@@ -254,8 +254,7 @@ def train_watermarked(cfg: SourceConfig, key: WatermarkKey, repeats: int = 8,
     task = load_task(cfg.task)
     check_key_fits(key, task.num_classes, task.input_shape)
     model = build_source_model(cfg, device)
-    base = make_objective(cfg.method, cfg.eps, cfg.norm, cfg.attack_steps, cfg.attack_alpha,
-                          cfg.train.seed, cfg.trades_beta, cfg.free_replays)
+    base = method_objective(cfg)
     callback = None if on_epoch is None else (lambda _m, epoch: on_epoch(epoch) or {})
     history = embed(model, task.train, key, cfg.train, base, repeats, callback)
     metrics = evaluate_source(model, cfg.task, cfg.eps, cfg.norm)

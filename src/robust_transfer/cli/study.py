@@ -28,7 +28,7 @@ from robust_transfer.models.runtime import resolve_device
 from robust_transfer.report.backdoor_transfer import make_backdoor_report
 from robust_transfer.report.study import headline_rows, make_report
 from robust_transfer.train import SourceConfig, TrainConfig, train_source
-from robust_transfer.train.methods import METHODS
+from robust_transfer.train.methods import ATTACK_MODE, METHODS
 from robust_transfer.train.overfit import ACTIONS
 from robust_transfer.transfer import FinetuneConfig
 from robust_transfer.transfer.executors import Executor, make_executor
@@ -39,6 +39,7 @@ from robust_transfer.transfer.spec import load_spec
 
 TASK_NAMES = ", ".join([*TASKS, "imagefolder:<dir>[@<size>]"])
 NORM_NAMES = " | ".join(NORMS)
+ATTACK_MODE_HELP = ", ".join(f"{m} {mode}" for m, mode in ATTACK_MODE.items())
 ARCH_NAMES = " | ".join(f"{name} ({a.input_size}x{a.input_size})" for name, a in ARCHS.items())
 
 
@@ -63,6 +64,13 @@ def train(
     on_overfit: str = typer.Option(None, "--on-overfit", help=f"{' | '.join(ACTIONS)}: "
                                    "catastrophic-overfitting watch on a held-out batch "
                                    "(default: warn for fast, off otherwise)."),
+    attack_mode: str = typer.Option(None, "--attack-mode", help="eval | train: the model's "
+                                    "mode while training examples are made (default: the "
+                                    "method's reference code: " + ATTACK_MODE_HELP + ")."),
+    trades_attack: str = typer.Option(None, "--trades-attack", help="TRADES' inner attack: "
+                                      "reference (default; its code: x + 0.001 N(0,1) start, "
+                                      "step 0.007 at eps 8/255 scaled with eps, L2 2 eps/K) | "
+                                      "uniform (uniform start in the ball, step 2.5 eps/K)."),
     device: str = DEVICE_OPTION,
     overwrite: bool = typer.Option(False, "--overwrite",
                                    help="Replace a checkpoint already in --out."),
@@ -76,7 +84,7 @@ def train(
         task=task, arch=arch, eps=eps, norm=norm, attack_steps=attack_steps,
         train=TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed),
         method=method, trades_beta=trades_beta, free_replays=free_replays,
-        on_overfit=on_overfit,
+        on_overfit=on_overfit, attack_mode=attack_mode, trades_attack=trades_attack,
     )
     dev = resolve_device(device)
     check_checkpoint_out(out, overwrite)

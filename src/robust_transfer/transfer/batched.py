@@ -48,7 +48,8 @@ STANDARD_META = {"role", "recipe", "eps", "norm", "method", "amp", "seed", "task
 # while it keeps its default (new fields default to today's behaviour). How a source was
 # trained (method and its options, distillation) does not change how it is fine-tuned.
 KNOWN_RECIPE = {"task", "arch", "eps", "norm", "attack_steps", "attack_alpha", "train",
-                "method", "trades_beta", "free_replays", "on_overfit", "distill"}
+                "method", "trades_beta", "free_replays", "on_overfit", "distill",
+                "attack_mode", "trades_attack"}
 KNOWN_FINETUNE = {"target_task", "images_per_class", "unfrozen_blocks", "epochs", "lr",
                   "batch_size", "seed"}
 # Test images per evaluation chunk (measured: 64 is 1.4-1.9x faster than the whole test set

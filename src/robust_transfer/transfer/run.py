@@ -26,7 +26,7 @@ from robust_transfer.transfer.spec import content_id
 # their eps, norm, method, distillation and backdoor; a distilled student pairs with the
 # natural source of its recipe.
 THREAT_FIELDS = ("eps", "norm", "method", "trades_beta", "free_replays", "on_overfit", "distill",
-                 "backdoor")
+                 "backdoor", "attack_mode", "trades_attack")
 
 
 def source_recipe(source_meta: dict) -> dict:
