@@ -11,8 +11,8 @@ C-Acc / ASR / RA before and after, the share of clean data it used, and its sequ
   al.), stopping before the step after which clean accuracy on that data has dropped by more
   than `prune_drop` (or once `prune_max` of the channels are gone), then fine-tune. A
   pruned channel is removed by zeroing its conv filter and its BatchNorm scale and shift, so
-  the block outputs exactly zero there (and the checkpoint stays a plain model); it stays zero through fine-tuning
-  (ReLU passes no gradient at 0) and is re-zeroed after it.
+  the block outputs exactly zero there (and the checkpoint stays a plain model); it stays
+  zero through fine-tuning (ReLU passes no gradient at 0) and is re-zeroed after it.
 - ABL (`backdoors.abl`): trains a fresh model on the poisoned training set; it uses all of it.
 
 Sequela ("backdoor sequela", Sha et al. 2022: what removal leaves behind): robust accuracy to
