@@ -205,3 +205,19 @@ def test_cli_records_the_attack_mode_and_refuses_bad_ones(cli, tmp_path):
                           "--ard-kl-scaling", "half")
     assert code == 2 and "unknown ARD KL scaling 'half'" in err and not (tmp_path / "d").exists()
 
+
+
+def test_spec_sources_carry_the_attack_options():
+    from test_study_seams import SPEC_DICT
+
+    from robust_transfer.transfer.spec import expand, parse_spec
+
+    sources = [{"eps": 0.5}, {"eps": 0.5, "method": "fast", "attack_mode": "eval"},
+               {"eps": 0.5, "method": "trades", "trades_attack": "uniform"}]
+    runs = expand(parse_spec({**SPEC_DICT, "sources": sources, "seeds": [0]}))
+    configs = list({r.source_id: r.source for r in runs}.values())
+    assert [(c.method, c.attack_mode, c.trades_attack) for c in configs] == [
+        ("pgd", "eval", None), ("fast", "eval", None), ("trades", "eval", "uniform")]
+    with pytest.raises(UserError, match="free AT"):
+        parse_spec({**SPEC_DICT, "sources": [{"eps": 0.5, "method": "free",
+                                              "attack_mode": "eval"}]})
