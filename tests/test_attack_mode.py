@@ -208,9 +208,8 @@ def test_cli_records_the_attack_mode_and_refuses_bad_ones(cli, tmp_path):
 
 
 def test_spec_sources_carry_the_attack_options():
-    from test_study_seams import SPEC_DICT
-
     from robust_transfer.transfer.spec import expand, parse_spec
+    from test_study_seams import SPEC_DICT
 
     sources = [{"eps": 0.5}, {"eps": 0.5, "method": "fast", "attack_mode": "eval"},
                {"eps": 0.5, "method": "trades", "trades_attack": "uniform"}]
