@@ -2,11 +2,11 @@
 
 Every attack runs the model in eval mode (`set_mode("train")`: in the mode the caller has
 it, as training-time attacks in some reference codes do) and restores each module's mode
-afterwards, takes
-gradients with `torch.autograd.grad` (so `param.grad` is never touched), and returns a
-detached tensor. Randomness inside `perturb` comes from `ExampleRNG` (attacks/rng.py): per
-example, keyed by `seed` and the example's content, so a fresh attack with the same seed gives
-the same examples and an example's result does not depend on its batch; no global flags.
+afterwards, takes gradients with `torch.autograd.grad` (so `param.grad` is never touched),
+and returns a detached tensor. Randomness inside `perturb` comes from `ExampleRNG`
+(attacks/rng.py): per example, keyed by `seed` and the example's content, so a fresh attack
+with the same seed gives the same examples and an example's result does not depend on its
+batch; no global flags.
 `generator()` remains for dataset-level sampling (fit order, start images).
 
 Adaptive options against input-transformation defenses (attacks/adaptive.py, Athalye et al.

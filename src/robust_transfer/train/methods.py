@@ -15,10 +15,11 @@ example a method trains on lies in the threat model's ball and in [0,1].
 Each method's defaults follow its reference code, including the model's mode while its
 examples are made (`ATTACK_MODE`; `Attack.set_mode`): eval for PGD (MadryLab robustness) and
 TRADES (its code calls `model.eval()` around the attack); train for fast (Wong et al.), free
-(Shafahi et al.) and FGSM (Goodfellow et al.'s objective takes the gradient of the training
-loss J(theta, x, y) itself, the training-mode network, as cleverhans' adversarial training
-does). In train mode BatchNorm normalises with the batch's statistics and the attack's
-forward passes update its running statistics too, as in those codes.
+(Shafahi et al.) and FGSM (a choice: Goodfellow et al. define x_fgsm by the gradient of the
+training loss J(theta, x, y) itself, i.e. of the network as it is being trained, dropout
+included in their maxout nets). In train mode BatchNorm normalises with the batch's
+statistics and the attack's forward passes update its running statistics too, as in those
+codes.
 """
 
 from __future__ import annotations
@@ -43,8 +44,8 @@ FREE_REPLAYS = 8  # Shafahi et al.'s m for CIFAR-10
 ATTACK_MODE = {"pgd": "eval", "trades": "eval", "fgsm": "train", "fast": "train",
                "free": "train"}
 # TRADES' inner maximisation: "reference" = its code (x + 0.001 N(0, I), step 0.007 at
-# eps 8/255 for Linf, scaled with eps; its L2 branch: 2 * eps / K), "uniform" = a uniform
-# start in the ball and PGD's step 2.5 * eps / K (this package's choice before).
+# eps 8/255 for Linf, scaled with eps; its L2 branch's 2 * eps / K for L2 and L1), "uniform" =
+# a uniform start in the ball and PGD's step 2.5 * eps / K (this package's choice before).
 TRADES_ATTACKS = ("reference", "uniform")
 TRADES_LINF_STEP = 0.007 / (8 / 255)  # TRADES' step as a multiple of eps (CIFAR-10: 0.2625)
 
