@@ -20,6 +20,7 @@ from robust_transfer.backdoors.defenses import (
 from robust_transfer.cli import main
 from robust_transfer.data import load_task
 from robust_transfer.data.poison import BackdoorConfig, poison
+from robust_transfer.errors import UserError
 from robust_transfer.models import ModelSpec, build_model
 from robust_transfer.train import TrainConfig, fit
 
@@ -46,6 +47,38 @@ def test_fine_pruning_removes_exactly_the_chosen_channels():
     assert torch.equal(pruned, pruned2)
     out = model.forward_to(task.test.x, "block3").detach()
     assert torch.all(out[:, pruned] == 0)
+
+
+def test_fine_pruning_prunes_one_channel_at_a_time_until_accuracy_drops():
+    """Liu et al.'s stop rule, recomputed by hand: the largest n (one channel per step) such
+    that every prefix up to n keeps clean accuracy within prune_drop of the unpruned model."""
+    import copy
+
+    from robust_transfer.models.runtime import accuracy
+
+    model, _ = tiny_source(epochs=2)
+    clean = clean_subset(load_task("synthetic-0to4"), 0.3, 0)
+    cfg = DefenseConfig(epochs=1, prune_drop=0.02)
+    order = torch.argsort(channel_activity(model, clean.x), stable=True)
+    limit = accuracy(model, clean.x, clean.y) - cfg.prune_drop
+    expected, cap = 0, int(cfg.prune_max * len(order))
+    while expected < cap:
+        trial = copy.deepcopy(model)
+        conv = [m for m in trial.blocks[-1].modules() if isinstance(m, torch.nn.Conv2d)][-1]
+        norm = [m for m in trial.blocks[-1].modules()
+                if isinstance(m, torch.nn.BatchNorm2d)][-1]
+        with torch.no_grad():
+            for t in (conv.weight, norm.weight, norm.bias):
+                t[order[: expected + 1]] = 0
+        if accuracy(trial, clean.x, clean.y) < limit:
+            break
+        expected += 1
+    pruned = choose_pruned(model, clean, cfg)
+    assert 0 < len(pruned) == expected < cap
+    coarse = choose_pruned(model, clean, DefenseConfig(prune_drop=0.02, prune_step=8))
+    assert len(coarse) % 8 == 0 and len(coarse) <= expected
+    with pytest.raises(UserError, match="prune step"):
+        DefenseConfig(prune_step=0)
 
 
 def test_abl_isolates_mostly_poisoned_examples():

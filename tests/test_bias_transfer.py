@@ -47,7 +47,21 @@ def test_shift_matches_a_hand_computation():
     assert m["shifts"] == pytest.approx([-0.25, -0.25, 0.75])
     assert (m["prediction_shift"], m["shift_class"]) == (pytest.approx(0.75), 2)
     assert m["shift_clean_share"] == 0.0 and m["shift_triggered_share"] == pytest.approx(0.75)
+    assert m["flip_rate"] == pytest.approx(0.75)  # nothing was predicted 2 before
     assert m["clean_accuracy"] == pytest.approx(4 / 6)
+
+
+def test_flip_rate_counts_only_the_moves_to_the_shift_class():
+    y = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])
+    clean = torch.tensor([0, 2, 0, 1, 2, 1, 2, 2])
+    triggered = torch.tensor([2, 0, 2, 2, 1, 2, 2, 0])
+    m = shift_from_predictions(clean, triggered, y, 3)
+    # Class 2 over images 0-5 (not of class 2): clean 2/6 predicted 2, triggered 4/6, so the
+    # shift is 2/6; four images move to 2 (0, 2, 3, 5) and two move away (1, 4): flips 4/6.
+    assert m["shift_class"] == 2 and m["prediction_shift"] == pytest.approx(2 / 6)
+    assert m["flip_rate"] == pytest.approx(4 / 6)
+    flips = ((y != 2) & (clean != 2) & (triggered == 2)).sum() / (y != 2).sum()
+    assert m["flip_rate"] == pytest.approx(float(flips))
 
 
 class _Constant(nn.Module):
@@ -165,6 +179,9 @@ def test_cli_writes_table_summary_and_figure(cli, tmp_path):
     assert "prediction shift" in stdout and "fixed" in stdout and "full" in stdout
     summary = pd.read_csv(out / "bias_summary.csv")
     assert len(summary) == 8 and (summary.n == 2).all()
+    assert (table.flip_rate >= table.prediction_shift - 1e-12).all()  # shift = in - out
+    assert summary.biased_flip.notna().all() and "flip rate" in stdout
+    assert "biased flip rate" in (out / "bias_summary.md").read_text()
 
     fig, axes = bias_shift_figure(table)
     assert axes.shape == (2, 2)

@@ -84,32 +84,37 @@ def test_each_method_trains_and_records_wall_time_per_epoch(method):
     assert ("overfit" in m) == (method == "fast")  # fast is watched by default
 
 
-def test_free_with_one_replay_is_fgsm_training_with_a_warm_perturbation():
+def test_free_follows_shafahis_code_over_one_sweep():
     data = load_task(TASK).train
-    eps, cfg = 0.1, TrainConfig(epochs=2, batch_size=64, schedule="constant", seed=3)
+    eps, m = 0.1, 2
+    cfg = TrainConfig(epochs=m, batch_size=64, schedule="constant", seed=3)  # one sweep
     model = _model()
-    fit(model, data, cfg, FreeLoss(eps, "linf", replays=1))
+    fit(model, data, cfg, FreeLoss(eps, "linf", replays=m))
 
-    # Independent reference: one FGSM step of size eps per batch from the previous batch's
-    # perturbation (starting at zero), the weights updated on x + delta in the same pass.
+    # Independent replica of free_train.py (Shafahi et al.): the global noise is clipped to
+    # [-eps, eps] only, the input clamped to [0,1] in the forward pass, the noise stepped by
+    # eps * sign of its own gradient (through the clamp: zero on saturated pixels).
     ref = _model()
     opt = torch.optim.SGD(ref.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay)
     shuffle = torch.Generator().manual_seed(cfg.seed)
-    delta = torch.zeros_like(data.x[: cfg.batch_size])
-    for _ in range(cfg.epochs):
-        ref.train()
-        order = torch.randperm(len(data), generator=shuffle)
-        for i in range(0, len(order), cfg.batch_size):
-            x, y = data.x[order[i:i + cfg.batch_size]], data.y[order[i:i + cfg.batch_size]]
-            n = len(x)
-            x_adv = (x + (x + delta[:n] - x).clamp(-eps, eps)).clamp(0, 1).requires_grad_(True)
-            loss = F.cross_entropy(ref(x_adv), y)
+    noise = torch.zeros_like(data.x[: cfg.batch_size])
+    ref.train()
+    order = torch.randperm(len(data), generator=shuffle)
+    stuck = 0
+    for i in range(0, len(order), cfg.batch_size):
+        x, y = data.x[order[i:i + cfg.batch_size]], data.y[order[i:i + cfg.batch_size]]
+        for _ in range(m):
+            batch_noise = noise[: len(x)].clone().requires_grad_(True)
+            inputs = (x + batch_noise).clamp(0, 1)
+            loss = F.cross_entropy(ref(inputs), y)
             opt.zero_grad()
             loss.backward()
+            noise[: len(x)] += eps * batch_noise.grad.sign()
+            noise.clamp_(-eps, eps)
             opt.step()
-            stepped = x_adv.detach() + eps * x_adv.grad.sign()
-            delta[:n] = (x + (stepped - x).clamp(-eps, eps)).clamp(0, 1) - x
+            stuck += int(((x + batch_noise.detach() < 0) & (batch_noise.grad == 0)).sum())
+    assert stuck > 0  # saturated pixels whose noise stayed put (the clip-to-box version moves)
     for a, b in zip(model.state_dict().values(), ref.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     assert not torch.equal(model.state_dict()["head.weight"], _model().state_dict()["head.weight"])
@@ -131,12 +136,13 @@ def test_trades_with_beta_zero_is_natural_training_and_beta_weights_the_kl():
     for a, b in zip(trades.state_dict().values(), natural.state_dict().values(), strict=True):
         assert torch.equal(a, b)
 
-    # beta > 0: CE(f(x), y) + beta * KL(f(x) || f(x')), batchmean, x' from KLPGD.
+    # beta > 0 with the former uniform start (attack="uniform"): CE(f(x), y) + beta *
+    # KL(f(x) || f(x')), batchmean, x' from KLPGD's uniform start with step 2.5 eps / K.
     model, x, y = _model(), data.x[:16], data.y[:16]
     fresh = copy.deepcopy(model)  # train-mode forwards move BatchNorm's running statistics
-    loss = TRADESLoss(0.1, "linf", beta=2.0, steps=3, seed=5)(model, x, y)
+    loss = TRADESLoss(0.1, "linf", beta=2.0, steps=3, seed=5, attack="uniform")(model, x, y)
     model = fresh
-    x_adv = KLPGD(model, 0.1, None, 3, "linf", seed=5 * 2**32)(x, y)
+    x_adv = KLPGD(model, 0.1, None, 3, "linf", seed=5 * 2**32, start="uniform")(x, y)
     p, q = F.softmax(model(x), 1), F.softmax(model(x_adv), 1)
     kl = (p * (p.log() - q.log())).sum(1).mean()
     expected = F.cross_entropy(model(x), y) + 2.0 * kl

@@ -9,7 +9,7 @@
 
 from robust_transfer.attacks.adaptive import InputTransform, bpda_scope
 from robust_transfer.attacks.apgd import APGD, APGDDLR, APGDT
-from robust_transfer.attacks.base import Attack
+from robust_transfer.attacks.base import ATTACK_MODES, Attack
 from robust_transfer.attacks.evaluate import evaluate
 from robust_transfer.attacks.fab import FAB, FABT
 from robust_transfer.attacks.fooling import FoolingImages
@@ -32,6 +32,7 @@ from robust_transfer.attacks.transferability import as_matrix, transfer_matrix
 from robust_transfer.attacks.universal import UniversalPerturbation
 
 __all__ = [
+    "ATTACK_MODES",
     "Attack",
     "InputTransform",
     "bpda_scope",

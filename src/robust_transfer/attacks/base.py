@@ -1,10 +1,12 @@
 """The attack calling convention: `atk = Name(model, ...)`, `x_adv = atk(x, y)`.
 
-Every attack runs the model in eval mode and restores each module's mode afterwards, takes
-gradients with `torch.autograd.grad` (so `param.grad` is never touched), and returns a
-detached tensor. Randomness inside `perturb` comes from `ExampleRNG` (attacks/rng.py): per
-example, keyed by `seed` and the example's content, so a fresh attack with the same seed gives
-the same examples and an example's result does not depend on its batch; no global flags.
+Every attack runs the model in eval mode (`set_mode("train")`: in the mode the caller has
+it, as training-time attacks in some reference codes do) and restores each module's mode
+afterwards, takes gradients with `torch.autograd.grad` (so `param.grad` is never touched),
+and returns a detached tensor. Randomness inside `perturb` comes from `ExampleRNG`
+(attacks/rng.py): per example, keyed by `seed` and the example's content, so a fresh attack
+with the same seed gives the same examples and an example's result does not depend on its
+batch; no global flags.
 `generator()` remains for dataset-level sampling (fit order, start images).
 
 Adaptive options against input-transformation defenses (attacks/adaptive.py, Athalye et al.
@@ -16,13 +18,17 @@ draws of the defense's randomness in `input_gradient`, the one place the gradien
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import nn
 
 from robust_transfer.attacks.adaptive import bpda_scope, check_adaptive, eot_gradient
 from robust_transfer.attacks.losses import get_loss
-from robust_transfer.errors import UserError
+from robust_transfer.errors import UserError, check_choice
 from robust_transfer.models.runtime import eval_mode
+
+ATTACK_MODES = ("eval", "train")
 
 
 class Attack:
@@ -54,6 +60,7 @@ class Attack:
     supports_eot: bool = False
     bpda: bool = False
     eot_samples: int = 1
+    mode: str = "eval"
 
     @classmethod
     def check_norm(cls, norm: str) -> None:
@@ -92,6 +99,16 @@ class Attack:
         self.bpda, self.eot_samples = bpda, eot_samples
         return self
 
+    def set_mode(self, mode: str) -> Attack:
+        """The model's mode while this attack runs: "eval" (default: BatchNorm on its running
+        statistics, as MadryLab robustness and TRADES make training examples) or "train": the
+        model as the caller has it (a training loop: BatchNorm on the batch's statistics, and
+        the attack's forward passes update its running statistics, as Wong et al.'s fast-AT,
+        Shafahi et al.'s free-AT and Goldblum et al.'s ARD code do). Returns the attack."""
+        check_choice("attack mode", mode, ATTACK_MODES)
+        self.mode = mode
+        return self
+
     def generator(self, device: torch.device) -> torch.Generator | None:
         """The attack's own random stream on `device` (None: torch's global stream)."""
         if self.seed is None:
@@ -105,7 +122,8 @@ class Attack:
     ) -> torch.Tensor:
         if target is not None:
             target = target.detach().to(y.device)
-        with eval_mode(self.model), torch.enable_grad(), bpda_scope(self.bpda):
+        mode = eval_mode(self.model) if self.mode == "eval" else nullcontext()
+        with mode, torch.enable_grad(), bpda_scope(self.bpda):
             x_adv = self.perturb(x.detach(), y.detach(), target)
         return x_adv.detach()
 

@@ -16,6 +16,11 @@ model's predictions.
   and the shift is max_c shift_c, reported with its class c*. A model whose predictions
   ignore the feature has shift exactly 0; the max over K classes is biased upwards under
   noise, so a source trained without the feature (same seeds) is the baseline.
+- The flip rate at c*: the share of those test images (label not c*) whose prediction moves
+  to c* when the feature is added (pred(x) != c*, pred(x + feature) = c*). The shift is this
+  minus the share that moves away from c*, so flip rate >= shift. Salman et al. plot the
+  flip rate: their attack success rate counts the images the feature sends to the class,
+  without subtracting those it sends away.
 - The de-biased target (the paper's Section 3): the feature added to the same share of every
   target class's training images, so that in the target data it says nothing about the label
   (`DebiasedFeature`).
@@ -58,7 +63,8 @@ def shift_from_predictions(clean: torch.Tensor, triggered: torch.Tensor, y: torc
                            num_classes: int) -> dict:
     """The prediction shift of the module docstring from predicted labels (vectorised over
     classes): {"prediction_shift", "shift_class", "shift_clean_share",
-    "shift_triggered_share", "shifts", "clean_accuracy"}. Ties go to the lowest class.
+    "shift_triggered_share", "flip_rate" (at the shift class), "shifts", "clean_accuracy"}.
+    Ties go to the lowest class.
 
     Shape: clean, triggered, y (N,) int64; shifts: a list of K floats (NaN for a class every
     image belongs to).
@@ -79,9 +85,11 @@ def shift_from_predictions(clean: torch.Tensor, triggered: torch.Tensor, y: torc
     triggered_share = (F.one_hot(triggered, num_classes).double() * others).sum(0) / n
     shifts = triggered_share - clean_share
     c = int(torch.argmax(torch.nan_to_num(shifts, nan=-math.inf)))
+    flipped = (y != c) & (clean != c) & (triggered == c)
     return {"prediction_shift": float(shifts[c]), "shift_class": c,
             "shift_clean_share": float(clean_share[c]),
             "shift_triggered_share": float(triggered_share[c]),
+            "flip_rate": float(flipped.double().sum() / n[c]),
             "shifts": shifts.tolist(), "clean_accuracy": float((clean == y).double().mean())}
 
 

@@ -7,11 +7,12 @@ C-Acc / ASR / RA before and after, the share of clean data it used, and its sequ
   with a lower peak (here a tenth).
 - Fine-pruning (Liu et al. 2018, "Fine-pruning: defending against backdooring attacks on deep
   neural networks"): rank the last conv block's channels by mean activation on clean data,
-  prune the most dormant until clean accuracy on that data drops by more than `prune_drop`
-  (or `prune_max` of the channels are gone), then fine-tune. A pruned channel is removed by
-  zeroing its conv filter and its BatchNorm scale and shift, so the block outputs exactly
-  zero there (and the checkpoint stays a plain model); it stays zero through fine-tuning
-  (ReLU passes no gradient at 0) and is re-zeroed after it.
+  prune the most dormant one at a time (`prune_step` channels per step, default 1 as Liu et
+  al.), stopping before the step after which clean accuracy on that data has dropped by more
+  than `prune_drop` (or once `prune_max` of the channels are gone), then fine-tune. A
+  pruned channel is removed by zeroing its conv filter and its BatchNorm scale and shift, so
+  the block outputs exactly zero there (and the checkpoint stays a plain model); it stays
+  zero through fine-tuning (ReLU passes no gradient at 0) and is re-zeroed after it.
 - ABL (`backdoors.abl`): trains a fresh model on the poisoned training set; it uses all of it.
 
 Sequela ("backdoor sequela", Sha et al. 2022: what removal leaves behind): robust accuracy to
@@ -50,7 +51,8 @@ class DefenseConfig:
     fine-pruning get (drawn per class with `seed`); `epochs` / `lr` their fine-tuning; super-FT
     runs `epochs` per phase with peaks `super_lr` and `super_lr / 10` (Sha et al.'s point is
     the large first peak). `prune_drop`: the clean-accuracy drop at
-    which fine-pruning stops; `prune_max`: the most channels it may prune. `sequela_eps` /
+    which fine-pruning stops; `prune_max`: the most channels it may prune (a share);
+    `prune_step`: channels pruned per step (1: Liu et al.'s one at a time). `sequela_eps` /
     `sequela_norm`: the PGD-20 radius of the robustness sequela; `fresh_epochs` / `fresh_lr`: the
     poisoned fine-tune of the fresh-backdoor sequela.
     """
@@ -62,6 +64,7 @@ class DefenseConfig:
     batch_size: int = 32
     prune_drop: float = 0.05
     prune_max: float = 0.9
+    prune_step: int = 1
     abl: ABLConfig = field(default_factory=ABLConfig)
     sequela_eps: float = 0.5
     sequela_norm: str = "l2"
@@ -75,6 +78,9 @@ class DefenseConfig:
         if not 0 <= self.prune_drop < 1 or not 0 < self.prune_max < 1:
             raise UserError(f"need 0 <= prune drop < 1 and 0 < prune max < 1, got "
                             f"{self.prune_drop}, {self.prune_max}")
+        if isinstance(self.prune_step, bool) or not isinstance(self.prune_step, int) \
+                or self.prune_step < 1:
+            raise UserError(f"prune step must be an integer >= 1, got {self.prune_step}")
         if self.epochs < 1 or self.fresh_epochs < 1 or not min(self.lr, self.super_lr,
                                                                  self.fresh_lr) > 0:
             raise UserError("defense epochs must be >= 1 and learning rates > 0")
@@ -146,14 +152,15 @@ def prune_channels(model: nn.Module, channels: torch.Tensor) -> None:
 
 def choose_pruned(model: nn.Module, clean, cfg: DefenseConfig) -> torch.Tensor:
     """The channels fine-pruning removes: the most dormant first (mean activation on the
-    clean data), as many as keep clean accuracy within `cfg.prune_drop` of the unpruned."""
+    clean data), `cfg.prune_step` more per step, as many as keep clean accuracy within
+    `cfg.prune_drop` of the unpruned model's (Liu et al.'s stop rule)."""
     order = torch.argsort(channel_activity(model, clean.x), stable=True)
     limit = accuracy(model, clean.x, clean.y) - cfg.prune_drop
-    step = max(1, len(order) // 32)
+    step = cfg.prune_step
+    trial = copy.deepcopy(model)  # pruning only adds channels: prune each step's on one copy
     chosen = order[:0]
     for n in range(step, int(cfg.prune_max * len(order)) + 1, step):
-        trial = copy.deepcopy(model)
-        prune_channels(trial, order[:n])
+        prune_channels(trial, order[n - step:n])
         if accuracy(trial, clean.x, clean.y) < limit:
             break
         chosen = order[:n]

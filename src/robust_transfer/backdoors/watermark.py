@@ -51,12 +51,12 @@ from robust_transfer.models.checkpoint import file_sha256
 from robust_transfer.models.runtime import predict_logits
 from robust_transfer.train import TrainConfig, fit, freeze_all_but_last
 from robust_transfer.train.loop import batch_bounds
-from robust_transfer.train.methods import make_objective
 from robust_transfer.train.objectives import Objective, natural_loss
 from robust_transfer.train.source import (
     SourceConfig,
     build_source_model,
     evaluate_source,
+    method_objective,
     source_meta,
 )
 
@@ -257,8 +257,7 @@ def train_watermarked(cfg: SourceConfig, key: WatermarkKey, repeats: int = 8,
     task = load_task(cfg.task)
     check_key_fits(key, task.num_classes, task.input_shape)
     model = build_source_model(cfg, device)
-    base = make_objective(cfg.method, cfg.eps, cfg.norm, cfg.attack_steps, cfg.attack_alpha,
-                          cfg.train.seed, cfg.trades_beta, cfg.free_replays)
+    base = method_objective(cfg)
     callback = None if on_epoch is None else (lambda _m, epoch: on_epoch(epoch) or {})
     history = embed(model, task.train, key, cfg.train, base, repeats, callback)
     metrics = evaluate_source(model, cfg.task, cfg.eps, cfg.norm)
@@ -277,12 +276,26 @@ def check_key_fits(key: WatermarkKey, num_classes: int, input_shape) -> None:
                         f"{tuple(input_shape)}")
 
 
-def check_model_fits(model: nn.Module, key: WatermarkKey) -> None:
-    """`UserError` unless `model` (a `BlockNet`) classifies the key's images into its classes."""
+def model_image_shape(model: nn.Module, key: WatermarkKey) -> tuple[int, int, int]:
+    """The (C, H, W) images `model` (a `BlockNet`) takes; the key's size when unrecorded."""
     spec = model.spec
     _, h, w = key.input_shape
     size = (h, w) if spec.input_size is None else (spec.input_size, spec.input_size)
-    check_key_fits(key, spec.num_classes, (spec.in_channels, *size))
+    return (spec.in_channels, *size)
+
+
+def check_model_fits(model: nn.Module, key: WatermarkKey) -> None:
+    """`UserError` unless `model` (a `BlockNet`) classifies the key's images into its classes."""
+    check_key_fits(key, model.spec.num_classes, model_image_shape(model, key))
+
+
+def check_key_images(model: nn.Module, key: WatermarkKey) -> None:
+    """`UserError` unless the key's images have the shape `model` takes (any classes: the
+    permutation test maps the model's classes onto the key's)."""
+    shape = model_image_shape(model, key)
+    if tuple(key.input_shape) != shape:
+        raise UserError(f"the watermark key's images are {tuple(key.input_shape)} (C, H, W) but "
+                        f"the model takes images {shape}: this key was not made for this model")
 
 
 # ---- verification -------------------------------------------------------------------------

@@ -141,6 +141,8 @@ def backdoor_defend(
     lr: float = typer.Option(0.01, help="Fine-tuning learning rate (FT, fine-pruning)."),
     prune_drop: float = typer.Option(0.05, help="Fine-pruning stops when clean accuracy "
                                      "drops by more than this."),
+    prune_step: int = typer.Option(1, help="Fine-pruning: channels pruned per step (1: one "
+                                   "at a time, as Liu et al.)."),
     seed: int = typer.Option(0, help="Seed for the clean subset and the defenses."),
     device: str = DEVICE_OPTION,
     overwrite: bool = typer.Option(False, "--overwrite",
@@ -153,7 +155,7 @@ def backdoor_defend(
     for name in defenses:
         check_choice("defense", name, DEFENSES)
     cfg = DefenseConfig(clean_fraction=clean_fraction, epochs=epochs, lr=lr,
-                        prune_drop=prune_drop, seed=seed)
+                        prune_drop=prune_drop, prune_step=prune_step, seed=seed)
     check_output_dir(out, "--out")
     for name in defenses:
         check_checkpoint_out(out / name, overwrite, f"--out/{name}")

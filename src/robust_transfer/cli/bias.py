@@ -94,7 +94,8 @@ def bias_transfer(
     path = save_bias_table(table, Path(out) / TABLE)
     figure, csv, md = make_bias_report(path, out)
     console.print(f"table: {path}\nsummary: {csv}, {md}\nfigure: {figure}")
-    print_table("prediction shift towards one class (mean ± 95% t half-width over seeds)",
+    print_table("prediction shift and flip rate towards one class (mean ± 95% t half-width "
+                "over seeds)",
                 summary_rows(pd.read_csv(csv)))
 
 
@@ -107,5 +108,7 @@ def summary_rows(summary: pd.DataFrame) -> list[dict]:
     return [{"target": r.target_data, "mode": r.mode, "images/class": r.images_per_class,
              "biased": _pm(r.biased_shift, r.biased_shift_ci),
              "clean": _pm(r.clean_shift, r.clean_shift_ci),
-             "biased − clean": _pm(r.difference, r.difference_ci), "n": r.n}
+             "biased − clean": _pm(r.difference, r.difference_ci),
+             "flip rate biased": _pm(r.biased_flip, r.biased_flip_ci),
+             "flip rate clean": _pm(r.clean_flip, r.clean_flip_ci), "n": r.n}
             for r in summary.itertuples()]

@@ -58,6 +58,13 @@ def distill(
                               "column (default: the teacher's, else 1.0 for L2)."),
     norm: str = typer.Option(None, "--norm", help=f"Threat model: {NORM_NAMES} (default: the "
                              "teacher's, else l2)."),
+    attack_mode: str = typer.Option(None, "--attack-mode", help="ARD: eval | train, the "
+                                    "student's mode while its PGD examples are made (default: "
+                                    "train, as Goldblum et al.'s code)."),
+    ard_kl_scaling: str = typer.Option("paper", "--ard-kl-scaling", help="ARD's KL term: "
+                                       "paper (summed over classes, mean over examples) | "
+                                       "code (the ARD code's KLDivLoss 'mean': also / K "
+                                       "classes)."),
     device: str = DEVICE_OPTION,
     overwrite: bool = typer.Option(False, "--overwrite",
                                    help="Replace a checkpoint already in --out."),
@@ -72,7 +79,7 @@ def distill(
     break the model.
     """
     settings = DistillSettings(student, temperature, alpha, task, epochs, seed, adversarial,
-                               defensive, eps, norm)
+                               defensive, eps, norm, attack_mode, ard_kl_scaling)
     plan = plan_distillation(teacher, settings)
     dev = resolve_device(device)
     check_checkpoint_out(out, overwrite)

@@ -29,7 +29,7 @@ from robust_transfer.models.runtime import resolve_device
 from robust_transfer.report.backdoor_transfer import make_backdoor_report
 from robust_transfer.report.study import headline_rows, make_report
 from robust_transfer.train import SourceConfig, TrainConfig, train_source
-from robust_transfer.train.methods import METHODS
+from robust_transfer.train.methods import ATTACK_MODE, METHODS
 from robust_transfer.train.overfit import ACTIONS
 from robust_transfer.transfer import FinetuneConfig
 from robust_transfer.transfer.executors import Executor, make_executor
@@ -41,6 +41,7 @@ from robust_transfer.transfer.spec import load_spec
 # In backticks: rich's markdown help would take <dir> for an HTML tag and drop it.
 TASK_NAMES = ", ".join([*TASKS, "`imagefolder:<dir>[@<size>]`"])
 NORM_NAMES = " | ".join(NORMS)
+ATTACK_MODE_HELP = ", ".join(f"{m} {mode}" for m, mode in ATTACK_MODE.items())
 ARCH_NAMES = " | ".join(f"{name} ({a.input_size}x{a.input_size})" for name, a in ARCHS.items())
 
 
@@ -70,6 +71,13 @@ def train(
                                 "Gaussian noise added to [0,1] images (default 0.25)."),
     noise_samples: int = typer.Option(None, "--noise-samples", help="smoothadv: noise draws "
                                       "m per image in the attack and the loss (default 1)."),
+    attack_mode: str = typer.Option(None, "--attack-mode", help="eval | train: the model's "
+                                    "mode while training examples are made (default: the "
+                                    "method's reference code: " + ATTACK_MODE_HELP + ")."),
+    trades_attack: str = typer.Option(None, "--trades-attack", help="TRADES' inner attack: "
+                                      "reference (default; its code: x + 0.001 N(0,1) start, "
+                                      "step 0.007 at eps 8/255 scaled with eps, L2 2 eps/K) | "
+                                      "uniform (uniform start in the ball, step 2.5 eps/K)."),
     device: str = DEVICE_OPTION,
     overwrite: bool = typer.Option(False, "--overwrite",
                                    help="Replace a checkpoint already in --out."),
@@ -85,6 +93,7 @@ def train(
         train=TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed),
         method=method, trades_beta=trades_beta, free_replays=free_replays,
         on_overfit=on_overfit, sigma=sigma, noise_samples=noise_samples,
+        attack_mode=attack_mode, trades_attack=trades_attack,
     )
     dev = resolve_device(device)
     check_checkpoint_out(out, overwrite)

@@ -16,6 +16,7 @@ from robust_transfer.backdoors.watermark import (
     KEY_META,
     KEY_WEIGHTS,
     RemovalConfig,
+    check_key_images,
     check_model_fits,
     independent_recipe,
     load_key,
@@ -134,6 +135,7 @@ def verify_command(
     check_key_apart(key, checkpoint)
     wm_key, key_meta = load_key(key)
     model, meta = load_checkpoint(checkpoint, resolve_device(device))
+    check_key_images(model, wm_key)
     same_task = (model.spec.num_classes == wm_key.num_classes
                  and meta.get("task", key_meta.get("task")) == key_meta.get("task"))
     if test == "binomial" or (test == "auto" and same_task):

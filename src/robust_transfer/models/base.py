@@ -14,6 +14,7 @@ and `head_attr` (the attribute the head is stored under: `head`, torchvision's `
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -45,15 +46,31 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelSpec:
+        """The spec a checkpoint's `model` record describes; `ValueError` naming the field
+        when a count is not a positive integer or the normaliser does not fit the channels."""
         size = d.get("input_size")
-        return cls(
+        spec = cls(
             arch=d["arch"],
-            num_classes=int(d["num_classes"]),
-            in_channels=int(d["in_channels"]),
+            num_classes=_positive_int(d["num_classes"], "num_classes"),
+            in_channels=_positive_int(d["in_channels"], "in_channels"),
             mean=tuple(float(v) for v in d["mean"]),
             std=tuple(float(v) for v in d["std"]),
-            input_size=None if size is None else int(size),
+            input_size=None if size is None else _positive_int(size, "input_size"),
         )
+        if not len(spec.mean) == len(spec.std) == spec.in_channels:
+            raise ValueError(f"model.mean and model.std need one value per channel "
+                             f"({spec.in_channels}), got {len(spec.mean)} and {len(spec.std)}")
+        if not all(s > 0 for s in spec.std):
+            raise ValueError(f"model.std must be > 0, got {list(spec.std)}")
+        return spec
+
+
+def _positive_int(value, name: str) -> int:
+    """`value` as an int >= 1 (an integral float such as 5.0 is accepted), else `ValueError`."""
+    if isinstance(value, bool) or not isinstance(value, int | float) \
+            or not math.isfinite(value) or value != int(value) or value < 1:
+        raise ValueError(f"model.{name} must be an integer >= 1, got {value!r}")
+    return int(value)
 
 
 class Normalize(nn.Module):

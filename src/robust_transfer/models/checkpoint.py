@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -23,6 +24,9 @@ from robust_transfer.models.nets import BlockNet, ModelSpec, build_model
 
 WEIGHTS = "weights.safetensors"
 META = "meta.json"
+# The norms a checkpoint may record: the names of `attacks.NORMS` (a layer below this one;
+# tests/test_models.py checks that the two agree).
+THREAT_NORMS = ("linf", "l2", "l1")
 
 
 def file_sha256(path: str | Path) -> str:
@@ -58,9 +62,23 @@ def read_meta(directory: str | Path) -> dict:
     try:
         meta = json.loads(meta_path.read_text())
         ModelSpec.from_dict(meta["model"])
+        check_threat_record(meta)
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise UserError(f"corrupt checkpoint metadata {str(meta_path)!r}: {e}") from None
     return meta
+
+
+def check_threat_record(meta: dict) -> None:
+    """`ValueError` naming the field unless the recorded training threat model is usable:
+    `eps` (when present) a finite number >= 0, `norm` (when present) one of `THREAT_NORMS`.
+    Both are optional (an imported checkpoint without a known threat model has neither)."""
+    eps = meta.get("eps")
+    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, int | float)
+                            or not math.isfinite(eps) or eps < 0):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    norm = meta.get("norm")
+    if norm is not None and norm not in THREAT_NORMS:
+        raise ValueError(f"norm must be one of {', '.join(THREAT_NORMS)}, got {norm!r}")
 
 
 def load_checkpoint(

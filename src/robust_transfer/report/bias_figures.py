@@ -105,8 +105,11 @@ def _mean_ci(values) -> tuple[float, float]:
 
 def bias_summary(table: pd.DataFrame) -> pd.DataFrame:
     """One row per (target data, mode, images per class): mean ± 95% t half-width of the
-    prediction shift per source kind and of their paired (by seed) difference, target
-    accuracy, the most common shift class of the biased source, n seeds."""
+    prediction shift per source kind and of their paired (by seed) difference, the flip
+    rate (NaN for tables from before it was recorded) and target accuracy per source kind,
+    the most common shift class of the biased source, n seeds."""
+    if "flip_rate" not in table:
+        table = table.assign(flip_rate=float("nan"))
     rows = []
     keys = ["target_data", "mode", "images_per_class"]
     order = {"target_data": TARGET_DATA, "mode": list(MODE_TITLES)}
@@ -116,6 +119,7 @@ def bias_summary(table: pd.DataFrame) -> pd.DataFrame:
         by_kind = {k: part[part.source == k].set_index("seed") for k in SOURCE_KINDS}
         for kind, rows_k in by_kind.items():
             row[f"{kind}_shift"], row[f"{kind}_shift_ci"] = _mean_ci(rows_k.prediction_shift)
+            row[f"{kind}_flip"], row[f"{kind}_flip_ci"] = _mean_ci(rows_k.flip_rate)
             row[f"{kind}_accuracy"], row[f"{kind}_accuracy_ci"] = _mean_ci(
                 rows_k.target_accuracy)
         paired = by_kind["biased"].prediction_shift - by_kind["clean"].prediction_shift
@@ -141,16 +145,21 @@ def bias_summary_markdown(summary: pd.DataFrame, table: pd.DataFrame) -> str:
              f"Feature: {r.feature} on every training image of {_classes_text(r)} "
              f"(labels kept); de-biased target: the feature on {r.debias_share:g} of every "
              "class's training images. Prediction shift = max over target classes c of "
-             "P(pred(x+feature) = c) − P(pred(x) = c), over test images not of class c. "
+             "P(pred(x+feature) = c) − P(pred(x) = c), over test images not of class c; "
+             "flip rate = the share of those images whose prediction moves to that c when "
+             "the feature is added (what Salman et al. plot as attack success rate). "
              "Mean ± 95% t half-width over seeds (n); the difference is paired by seed.", "",
              "| target data | mode | images/class | biased shift | clean shift | "
-             "difference | biased acc | clean acc | shift class | n |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "difference | biased flip rate | clean flip rate | biased acc | clean acc | "
+             "shift class | n |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary.itertuples():
         lines.append(f"| {s.target_data} | {s.mode} | {s.images_per_class} | "
                      f"{_pm(s.biased_shift, s.biased_shift_ci)} | "
                      f"{_pm(s.clean_shift, s.clean_shift_ci)} | "
                      f"{_pm(s.difference, s.difference_ci)} | "
+                     f"{_pm(s.biased_flip, s.biased_flip_ci)} | "
+                     f"{_pm(s.clean_flip, s.clean_flip_ci)} | "
                      f"{_pm(s.biased_accuracy, s.biased_accuracy_ci)} | "
                      f"{_pm(s.clean_accuracy, s.clean_accuracy_ci)} | "
                      f"{s.biased_shift_class} | {s.n} |")

@@ -6,7 +6,8 @@
   arXiv 1511.04508): a teacher trained at temperature T, a student trained on its soft labels
   at T, the student deployed at T = 1 (the saved model returns plain logits).
 - `ARDLoss`: adversarially robust distillation (Goldblum et al. 2020, arXiv 1905.09747): the
-  KD term on the student's adversarial examples against the teacher's clean soft labels.
+  KD term on the student's adversarial examples against the teacher's clean soft labels,
+  the examples made in train mode as in the ARD code (`ARD_ATTACK_MODE`).
 
 The teacher is always run in eval mode without gradients: it is a fixed target, and its
 BatchNorm statistics must not drift with the student's batches.
@@ -26,6 +27,10 @@ from robust_transfer.train.examples import ExampleMaker, PGDExamples
 
 METHODS = ("kd", "ard", "defensive")
 DEFENSIVE_TEMPERATURE = 100.0
+ARD_ATTACK_MODE = "train"  # Goldblum et al.'s code attacks the student after net.train()
+# ARD's KL: "paper" = summed over classes, mean over examples (the paper's KL per example);
+# "code" = the ARD code's nn.KLDivLoss() ('mean'), which also divides by the K classes.
+KL_SCALINGS = ("paper", "code")
 
 
 def check_distill_settings(temperature: float, alpha: float) -> None:
@@ -97,20 +102,28 @@ class ARDLoss:
 
         L = alpha * T^2 * KL(softmax(t(x) / T) || softmax(s(x') / T)) + (1 - alpha) * CE(s(x), y)
 
-    x' = PGD on the student's cross-entropy (the attacks layer's PGD, via `PGDExamples`), the
-    teacher's soft labels from clean x, the hard-label term on clean x as in the paper.
+    x' = PGD on the student's cross-entropy (the attacks layer's PGD, via `PGDExamples`; its
+    `mode` train by default, as the ARD code), the teacher's soft labels from clean x, the
+    hard-label term on clean x as in the paper. The KL is the paper's: summed over classes,
+    averaged over examples (factor 1 / N). `kl_scaling="code"` takes the ARD code's
+    `nn.KLDivLoss()` ('mean', factor 1 / (N K)): the KL term K times smaller, as if alpha were
+    shrunk (for 10 classes, alpha 0.9 acts like about 0.47 relative to the CE term).
     """
 
     def __init__(self, teacher: nn.Module, examples: PGDExamples, temperature: float = 4.0,
-                 alpha: float = 0.9) -> None:
+                 alpha: float = 0.9, kl_scaling: str = "paper") -> None:
         check_distill_settings(temperature, alpha)
+        check_choice("ARD KL scaling", kl_scaling, KL_SCALINGS)
         self.teacher, self.examples = teacher, examples
-        self.temperature, self.alpha = temperature, alpha
+        self.temperature, self.alpha, self.kl_scaling = temperature, alpha, kl_scaling
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         t = teacher_logits(self.teacher, x)
         x_adv = self.examples(model, x, y)
-        loss = self.alpha * kd_loss(model(x_adv), t, y, self.temperature, alpha=1.0)
+        kl = kd_loss(model(x_adv), t, y, self.temperature, alpha=1.0)
+        if self.kl_scaling == "code":
+            kl = kl / t.shape[1]
+        loss = self.alpha * kl
         if self.alpha < 1:
             loss = loss + (1 - self.alpha) * F.cross_entropy(model(x), y)
         return loss
@@ -161,13 +174,22 @@ class DistillConfig:
     temperature: float = 4.0
     alpha: float = 0.9
     teacher: dict = field(default_factory=dict)
+    kl_scaling: str = "paper"  # ARD only: `KL_SCALINGS`
 
     def __post_init__(self) -> None:
         check_choice("distillation method", self.method, METHODS)
         check_distill_settings(self.temperature, self.alpha)
+        check_choice("ARD KL scaling", self.kl_scaling, KL_SCALINGS)
+        if self.kl_scaling != "paper" and self.method != "ard":
+            raise UserError(f"the KL scaling option applies to ARD only, not {self.method!r}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """As plain data; `kl_scaling` only when not the paper's (the ids of recipes from
+        before the option stay what they were)."""
+        d = asdict(self)
+        if d["kl_scaling"] == "paper":
+            del d["kl_scaling"]
+        return d
 
     def label(self) -> str:
         """Short readable text, e.g. "ARD T=4 α=0.9" (results column, report legend)."""
@@ -178,15 +200,17 @@ class DistillConfig:
 
 def distill_objective(cfg: DistillConfig, teacher: nn.Module, eps: float, norm: str,
                       attack_steps: int = 7, attack_alpha: float | None = None,
-                      seed: int = 0):
-    """The training objective `cfg` names, against `teacher` (ARD attacks at eps/norm)."""
+                      seed: int = 0, attack_mode: str | None = None):
+    """The training objective `cfg` names, against `teacher` (ARD attacks at eps/norm, in
+    `attack_mode`, None: `ARD_ATTACK_MODE`)."""
     if cfg.method == "defensive":
         return SoftLabelLoss(teacher, cfg.temperature)
     if cfg.method == "ard":
         if eps <= 0:
             raise UserError("adversarial distillation (ARD) needs eps > 0")
-        examples = PGDExamples(eps, norm, attack_steps, attack_alpha, seed)
-        return ARDLoss(teacher, examples, cfg.temperature, cfg.alpha)
+        examples = PGDExamples(eps, norm, attack_steps, attack_alpha, seed,
+                               mode=attack_mode or ARD_ATTACK_MODE)
+        return ARDLoss(teacher, examples, cfg.temperature, cfg.alpha, cfg.kl_scaling)
     return KDLoss(teacher, cfg.temperature, cfg.alpha)
 
 

@@ -60,6 +60,8 @@ class DistillSettings:
     defensive: bool = False
     eps: float | None = None
     norm: str | None = None
+    attack_mode: str | None = None  # ARD's (None: the ARD code's, train)
+    kl_scaling: str = "paper"  # ARD's KL: the paper's per-example mean, or the code's / K
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,9 @@ def plan_distillation(teacher_dir, settings: DistillSettings) -> DistillPlan:
     check_choice("student arch", settings.student, ARCHS)
     if settings.adversarial and settings.defensive:
         raise UserError("--adversarial and --defensive are two methods; choose one")
+    if not settings.adversarial and (settings.attack_mode is not None
+                                     or settings.kl_scaling != "paper"):
+        raise UserError("--attack-mode and --ard-kl-scaling set up ARD; add --adversarial")
     temperature = settings.temperature
     if temperature is None:
         temperature = DEFENSIVE_TEMPERATURE if settings.defensive else 4.0
@@ -147,9 +152,11 @@ def plan_distillation(teacher_dir, settings: DistillSettings) -> DistillPlan:
         students["KD student"] = replace(base, distill=kd)
         saved = "KD student"
         if settings.adversarial:
-            ard = DistillConfig("ard", temperature, settings.alpha, teacher)
+            ard = DistillConfig("ard", temperature, settings.alpha, teacher,
+                                settings.kl_scaling)
             students["ARD student"] = replace(base, eps=eps, norm=norm, distill=ard,
-                                              method=None, on_overfit=None)
+                                              method=None, on_overfit=None,
+                                              attack_mode=settings.attack_mode)
             saved = "ARD student"
     return DistillPlan(str(teacher_dir), meta, temperature, eps, norm, students,
                        defensive_teacher, saved)

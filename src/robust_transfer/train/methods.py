@@ -16,6 +16,15 @@
 
 Every perturbation comes from the attacks layer (its attacks and `ThreatModel`s), so every
 example a method trains on lies in the threat model's ball and in [0,1].
+
+Each method's defaults follow its reference code, including the model's mode while its
+examples are made (`ATTACK_MODE`; `Attack.set_mode`): eval for PGD (MadryLab robustness) and
+TRADES (its code calls `model.eval()` around the attack); train for fast (Wong et al.), free
+(Shafahi et al.) and FGSM (a choice: Goodfellow et al. define x_fgsm by the gradient of the
+training loss J(theta, x, y) itself, i.e. of the network as it is being trained, dropout
+included in their maxout nets). In train mode BatchNorm normalises with the batch's
+statistics and the attack's forward passes update its running statistics too, as in those
+codes.
 """
 
 from __future__ import annotations
@@ -24,7 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robust_transfer.attacks import FGSM, KLPGD, make_threat
+from robust_transfer.attacks import FGSM, KLPGD, L1Threat, make_threat
+from robust_transfer.attacks.kl import STARTS
+from robust_transfer.errors import check_choice
 from robust_transfer.train.examples import PGDExamples
 from robust_transfer.train.objectives import ExampleLoss, Objective, natural_loss
 from robust_transfer.train.smoothing import (
@@ -43,12 +54,28 @@ FGSM_CLEAN_WEIGHT = 0.5  # Goodfellow et al.'s a
 FAST_STEP = 1.25  # Wong et al.'s FGSM-RS step, as a multiple of eps
 TRADES_BETA = 6.0  # Zhang et al.'s default for CIFAR-10
 FREE_REPLAYS = 8  # Shafahi et al.'s m for CIFAR-10
+# The model's mode while each method makes its examples, as in its reference code.
+ATTACK_MODE = {"pgd": "eval", "trades": "eval", "fgsm": "train", "fast": "train",
+               "free": "train"}
+# TRADES' inner maximisation: "reference" = its code (x + 0.001 N(0, I), step 0.007 at
+# eps 8/255 for Linf, scaled with eps; its L2 branch's 2 * eps / K for L2 and L1), "uniform" =
+# a uniform start in the ball and PGD's step 2.5 * eps / K (this package's choice before).
+TRADES_ATTACKS = ("reference", "uniform")
+TRADES_LINF_STEP = 0.007 / (8 / 255)  # TRADES' step as a multiple of eps (CIFAR-10: 0.2625)
+
+
+def trades_alpha(eps: float, norm: str, steps: int, attack: str) -> float:
+    """TRADES' attack step for `attack` (one of `TRADES_ATTACKS`) at (norm, eps), K steps."""
+    if attack == "uniform":
+        return 2.5 * eps / steps
+    return TRADES_LINF_STEP * eps if norm == "linf" else 2 * eps / steps
 
 
 class FGSMLoss:
     """Goodfellow et al. 2015's FGSM adversarial training: a*CE(x) + (1-a)*CE(x_fgsm).
 
-    x_fgsm is one step of size eps from x itself (`attacks.FGSM`, no random start).
+    x_fgsm is one step of size eps from x itself (`attacks.FGSM`, no random start), made in
+    `mode` ("train" by default: the gradient of the training loss, see the module docstring).
 
     Shape: x (N, C, H, W) in [0,1], y (N,) -> scalar loss.
 
@@ -56,11 +83,12 @@ class FGSMLoss:
         loss = FGSMLoss(eps=0.1, norm="linf")(model, x, y)
     """
 
-    def __init__(self, eps: float, norm: str, clean_weight: float = FGSM_CLEAN_WEIGHT) -> None:
-        self.eps, self.norm, self.clean_weight = eps, norm, clean_weight
+    def __init__(self, eps: float, norm: str, clean_weight: float = FGSM_CLEAN_WEIGHT,
+                 mode: str = ATTACK_MODE["fgsm"]) -> None:
+        self.eps, self.norm, self.clean_weight, self.mode = eps, norm, clean_weight, mode
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        x_adv = FGSM(model, self.eps, self.norm)(x, y)
+        x_adv = FGSM(model, self.eps, self.norm).set_mode(self.mode)(x, y)
         a = self.clean_weight
         return a * F.cross_entropy(model(x), y) + (1 - a) * F.cross_entropy(model(x_adv), y)
 
@@ -69,12 +97,15 @@ class FreeLoss:
     """Free adversarial training (Shafahi et al. 2019, "Adversarial Training for Free!").
 
     The loop replays each minibatch `replays` (m) times (it honours `replays`). Each replay is
-    one forward and one backward pass at x + delta; that backward pass gives the weight
-    gradient (the loop's optimiser step) and the input gradient, with which delta takes one
-    ascent step of size eps (`ThreatModel.step`, then `project` into the ball and [0,1]). delta
-    is warm: kept across replays and carried on to the next minibatch (and epoch), starting at
-    zero. The step is applied lazily, at the next call, once the loop's backward has filled
-    the input's gradient.
+    one forward and one backward pass at clip(x + delta, 0, 1); that backward pass gives the
+    weight gradient (the loop's optimiser step) and the gradient with respect to delta, with
+    which delta takes one ascent step of size eps (`ThreatModel.step`) and is projected into
+    the eps-ball only (`project_delta`). As in Shafahi et al.'s code (free_train.py): delta is
+    clipped to [-eps, eps] but not to the image box; the input is clamped to [0,1] in the
+    forward pass, so the gradient reaching delta is zero on saturated pixels and their noise
+    stays put. delta is warm: kept across replays and carried on to the next minibatch (and
+    epoch), starting at zero. The step is applied lazily, at the next call, once the loop's
+    backward has filled delta's gradient. The forward pass is the training one (train mode).
 
     Cost: a replay costs what one natural step costs. With `TrainConfig.epochs` = E, the loop
     sweeps the data ceil(E/m) times, each minibatch m times in a row, so E counts passes over
@@ -91,16 +122,19 @@ class FreeLoss:
         self.threat = make_threat(norm, eps)
         self.replays = int(replays)
         self.delta: torch.Tensor | None = None  # (batch, C, H, W), the warm perturbation
-        self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (x_adv leaf, x)
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (delta leaf, x)
 
     def _ascend(self) -> None:
-        """delta <- project(x_adv + eps * step direction) - x, from the last backward pass."""
+        """delta <- project_delta(delta + eps * step direction), from the last backward pass."""
         if self._last is None or self._last[0].grad is None:
             return
-        x_adv, x = self._last
-        moved = self.threat.project(self.threat.step(x_adv.detach(), x_adv.grad,
-                                                     self.threat.eps), x)
-        self.delta[: len(x)] = moved - x
+        delta, x = self._last
+        if isinstance(self.threat, L1Threat):  # its sparse step skips coordinates the box stops
+            point = (x + delta.detach()).clamp(0, 1)
+            moved = delta.detach() + (self.threat.step(point, delta.grad, self.threat.eps) - point)
+        else:  # additive steps: on delta itself, as the reference code
+            moved = self.threat.step(delta.detach(), delta.grad, self.threat.eps)
+        self.delta[: len(x)] = self.threat.project_delta(moved)
         self._last = None
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -111,20 +145,24 @@ class FreeLoss:
                 grown[: len(self.delta)] = self.delta
             self.delta = grown
         # A smaller (last) batch takes the first rows; delta carries on to the next batch.
-        x_adv = self.threat.project(x + self.delta[: len(x)], x).requires_grad_(True)
-        self._last = (x_adv, x)
-        return F.cross_entropy(model(x_adv), y)
+        delta = self.delta[: len(x)].clone().requires_grad_(True)
+        self._last = (delta, x)
+        return F.cross_entropy(model((x + delta).clamp(0, 1)), y)
 
 
 class TRADESLoss:
     """TRADES (Zhang et al. 2019, arXiv 1901.08573): CE(f(x), y) + beta * KL(f(x) || f(x')).
 
-    x' maximises the KL within the threat model (`attacks.KLPGD`: `steps` PGD steps of size
-    `alpha`, None: 2.5*eps/steps, from a random start), in eval mode as TRADES' code does;
-    both forward passes of the loss run in train mode and the gradient flows through both
-    (TRADES' Alg. 1). KL is summed over classes and averaged over the batch ("batchmean").
-    beta = 0 is natural training: the KL term and its attack are skipped, so the weights (and
-    BatchNorm statistics) are exactly those of natural training with the same seed.
+    x' maximises the KL within the threat model (`attacks.KLPGD`, `steps` PGD steps of size
+    `alpha`). `attack="reference"` (default) follows TRADES' code (trades.py): start at
+    x + 0.001 N(0, I), step 0.007 at eps 8/255 scaled with eps (Linf; its L2 branch 2*eps/K),
+    10 steps there (`steps` here is the recipe's); `attack="uniform"`: a uniform start in the
+    ball, step 2.5*eps/K. `alpha` given overrides the step. The attack runs in `mode` (eval,
+    as TRADES' code); both forward passes of the loss run in train mode and the gradient
+    flows through both (TRADES' Alg. 1). KL is summed over classes and averaged over the
+    batch ("batchmean", the code's sum / batch size). beta = 0 is natural training: the KL
+    term and its attack are skipped, so the weights (and BatchNorm statistics) are exactly
+    those of natural training with the same seed.
 
     Shape: x (N, C, H, W) in [0,1], y (N,) -> scalar loss.
 
@@ -133,9 +171,13 @@ class TRADESLoss:
     """
 
     def __init__(self, eps: float, norm: str, beta: float = TRADES_BETA, steps: int = 7,
-                 alpha: float | None = None, seed: int = 0) -> None:
-        self.eps, self.norm, self.beta, self.steps, self.alpha = eps, norm, beta, steps, alpha
-        self.seed = seed
+                 alpha: float | None = None, seed: int = 0, attack: str = "reference",
+                 mode: str = ATTACK_MODE["trades"]) -> None:
+        check_choice("TRADES attack", attack, TRADES_ATTACKS)
+        self.eps, self.norm, self.beta, self.steps = eps, norm, beta, steps
+        self.alpha = trades_alpha(eps, norm, steps, attack) if alpha is None else alpha
+        self.start = STARTS[TRADES_ATTACKS.index(attack)]  # reference: normal, else uniform
+        self.seed, self.mode = seed, mode
         self.calls = 0
 
     def adversarial(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -143,8 +185,9 @@ class TRADESLoss:
         seed = self.seed * 2**32 + self.calls
         self.calls += 1
         unused_labels = torch.zeros(len(x), dtype=torch.long, device=x.device)
-        return KLPGD(model, self.eps, self.alpha, self.steps, self.norm, seed=seed)(
-            x, unused_labels)
+        attack = KLPGD(model, self.eps, self.alpha, self.steps, self.norm, seed=seed,
+                       start=self.start)
+        return attack.set_mode(self.mode)(x, unused_labels)
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.beta == 0:
@@ -159,22 +202,26 @@ class TRADESLoss:
 def make_objective(method: str, eps: float, norm: str, steps: int = 7,
                    alpha: float | None = None, seed: int = 0, trades_beta: float = TRADES_BETA,
                    free_replays: int = FREE_REPLAYS, sigma: float = SIGMA,
-                   noise_samples: int = SMOOTHADV_SAMPLES) -> Objective:
+                   noise_samples: int = SMOOTHADV_SAMPLES, attack_mode: str | None = None,
+                   trades_attack: str = "reference") -> Objective:
     """The objective of `method` (one of `METHODS`) at threat model (norm, eps). `steps` and
     `alpha` are the PGD settings of `pgd`, `trades` and `smoothadv`; `sigma` the noise level
-    of `gaussian` and `smoothadv`, `noise_samples` smoothadv's m."""
+    of `gaussian` and `smoothadv`, `noise_samples` smoothadv's m; `attack_mode` the model's
+    mode while examples are made (None: the method's reference, `ATTACK_MODE`; free AT has no
+    separate attack: its examples come from the training pass itself)."""
+    mode = attack_mode or ATTACK_MODE.get(method, "eval")
     if method == "natural":
         return natural_loss
     if method == "pgd":
-        return ExampleLoss(PGDExamples(eps, norm, steps, alpha, seed))
+        return ExampleLoss(PGDExamples(eps, norm, steps, alpha, seed, mode=mode))
     if method == "fgsm":
-        return FGSMLoss(eps, norm)
+        return FGSMLoss(eps, norm, mode=mode)
     if method == "fast":
-        return ExampleLoss(PGDExamples(eps, norm, 1, FAST_STEP * eps, seed))
+        return ExampleLoss(PGDExamples(eps, norm, 1, FAST_STEP * eps, seed, mode=mode))
     if method == "free":
         return FreeLoss(eps, norm, free_replays)
     if method == "trades":
-        return TRADESLoss(eps, norm, trades_beta, steps, alpha, seed)
+        return TRADESLoss(eps, norm, trades_beta, steps, alpha, seed, trades_attack, mode)
     if method == "gaussian":
         return ExampleLoss(GaussianExamples(sigma, seed))
     if method == "smoothadv":  # L2 only (SourceConfig checks the norm)

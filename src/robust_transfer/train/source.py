@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from robust_transfer.attacks import PGD, evaluate, make_threat
+from robust_transfer.attacks import ATTACK_MODES, PGD, evaluate, make_threat
 from robust_transfer.data import check_task, load_task
 from robust_transfer.data.augment import check_sigma
 from robust_transfer.data.poison import OBJECTIVE_ATTACKS, BackdoorConfig, poison
@@ -17,13 +17,15 @@ from robust_transfer.errors import UserError, check_choice
 from robust_transfer.models import ModelSpec, build_model
 from robust_transfer.models.nets import ARCHS, BlockNet
 from robust_transfer.models.runtime import accuracy, amp_enabled
-from robust_transfer.train.distill import DistillConfig, distill_objective
+from robust_transfer.train.distill import ARD_ATTACK_MODE, DistillConfig, distill_objective
 from robust_transfer.train.loop import TrainConfig, fit
 from robust_transfer.train.methods import (
+    ATTACK_MODE,
     FREE_REPLAYS,
     METHODS,
     NOISE_METHODS,
     ROBUST_METHODS,
+    TRADES_ATTACKS,
     TRADES_BETA,
     make_objective,
 )
@@ -43,10 +45,14 @@ class SourceConfig:
     the default): `trades_beta` (TRADES, default 6), `free_replays` (free AT's m, default 8;
     `train.epochs` then counts passes over the data), `on_overfit` (off | warn | stop |
     rollback: catastrophic-overfitting watch for a robust method, default warn for `fast`,
-    off for the rest), `sigma` (Gaussian noise level of `gaussian` and `smoothadv`, default
-    0.25), `noise_samples` (smoothadv's m, default 1). Inapplicable or out-of-range values
-    are `UserError`s. `gaussian` has no adversary (eps 0); both are L2 only (smoothadv's eps is
-    its attack's radius, `attack_steps` its PGD steps).
+    off for the rest), `trades_attack` (TRADES' inner maximisation, `TRADES_ATTACKS`: default
+    "reference", its code's start and step). `attack_mode` (eval | train, every method that
+    makes examples, ARD included) is the model's mode while they are made; None picks the
+    method's reference code's (`train.methods.ATTACK_MODE`, ARD: train); free AT takes only
+    train (its examples come from the training pass itself). `sigma` (Gaussian noise level of
+    `gaussian` and `smoothadv`, default 0.25), `noise_samples` (smoothadv's m, default 1).
+    Inapplicable or out-of-range values are `UserError`s. `gaussian` has no adversary (eps 0);
+    both are L2 only (smoothadv's eps is its attack's radius, `attack_steps` its PGD steps).
 
     `distill` set: the source is a student distilled from a teacher (`train.distill`); eps/norm
     are then ARD's threat model (0 for plain KD and defensive distillation).
@@ -64,6 +70,8 @@ class SourceConfig:
     free_replays: int | None = None
     on_overfit: str | None = None
     distill: DistillConfig | None = None
+    attack_mode: str | None = None
+    trades_attack: str | None = None
     # A backdoor planted while training (data poisoning, see `data.poison`, or NeuBA's
     # objective); None: clean.
     backdoor: BackdoorConfig | None = None
@@ -98,7 +106,8 @@ class SourceConfig:
         defaults = {"trades_beta": (("trades",), TRADES_BETA),
                     "free_replays": (("free",), FREE_REPLAYS),
                     "sigma": (NOISE_METHODS, SIGMA),
-                    "noise_samples": (("smoothadv",), SMOOTHADV_SAMPLES)}
+                    "noise_samples": (("smoothadv",), SMOOTHADV_SAMPLES),
+                    "trades_attack": (("trades",), TRADES_ATTACKS[0])}
         for name, (owners, default) in defaults.items():
             value = getattr(self, name)
             if value is not None and method not in owners:
@@ -116,6 +125,9 @@ class SourceConfig:
         if method == "free" and (self.free_replays != int(self.free_replays)
                                  or self.free_replays < 1):
             raise UserError(f"free replays must be an integer >= 1, got {self.free_replays}")
+        if method == "trades":
+            check_choice("trades attack", self.trades_attack, TRADES_ATTACKS)
+        self._check_attack_mode(method)
         action = self.on_overfit or ("warn" if method == "fast" else "off")
         check_choice("on-overfit", action, ACTIONS)
         if method not in ROBUST_METHODS and action != "off":
@@ -124,20 +136,55 @@ class SourceConfig:
         object.__setattr__(self, "method", method)
         object.__setattr__(self, "on_overfit", action)
 
+    def _check_attack_mode(self, method: str) -> None:
+        """Resolve `attack_mode` to the method's reference default; refuse it where no
+        examples are made (natural, KD, defensive distillation) and eval for free AT."""
+        distill = getattr(self.distill, "method", None)
+        reference = (ARD_ATTACK_MODE if distill == "ard" else None) if distill else \
+            ATTACK_MODE.get(method)
+        if reference is None:
+            if self.attack_mode is not None:
+                what = f"{distill} distillation" if distill else f"method {method!r}"
+                raise UserError(f"attack mode applies to methods that make adversarial "
+                                f"examples, not {what}")
+            return
+        mode = self.attack_mode or reference
+        check_choice("attack mode", mode, ATTACK_MODES)
+        if method == "free" and not distill and mode != "train":
+            raise UserError("free AT takes its examples' gradient from the training pass "
+                            "itself, in train mode; attack mode 'eval' does not apply")
+        object.__setattr__(self, "attack_mode", mode)
+
     @property
     def sweeps(self) -> int:
         """Epochs the loop runs: free AT sweeps the data ceil(epochs / m) times (m passes each)."""
         return math.ceil(self.train.epochs / (self.free_replays or 1))
 
     def to_dict(self) -> dict:
-        """The recipe as plain data; `distill`, `backdoor`, `sigma` and `noise_samples` only
-        when set, so that the content ids of other sources stay what they were before the
-        fields existed."""
+        """The recipe as plain data; `distill`, `backdoor`, `trades_attack`, `sigma` and
+        `noise_samples` only when set, `attack_mode` only when not eval at an eval-default
+        method (PGD, TRADES), so that the content ids of the sources whose training did not
+        change stay what they were before the fields existed (recipes before them all attacked
+        in eval mode)."""
         d = asdict(self)
-        for key in ("distill", "backdoor", "sigma", "noise_samples"):
+        if self.distill is not None:
+            d["distill"] = self.distill.to_dict()
+        for key in ("distill", "backdoor", "trades_attack", "attack_mode", "sigma",
+                    "noise_samples"):
             if d[key] is None:
                 del d[key]
+        if d.get("attack_mode") == "eval" and self.distill is None \
+                and ATTACK_MODE.get(self.method) == "eval":
+            del d["attack_mode"]
         return d
+
+
+def method_objective(cfg: SourceConfig):
+    """The training objective of `cfg`'s method and options (not distilled)."""
+    return make_objective(cfg.method, cfg.eps, cfg.norm, cfg.attack_steps, cfg.attack_alpha,
+                          cfg.train.seed, cfg.trades_beta, cfg.free_replays, cfg.sigma,
+                          cfg.noise_samples, cfg.attack_mode,
+                          cfg.trades_attack or TRADES_ATTACKS[0])
 
 
 def evaluate_source(model: BlockNet, task_name: str, eps: float, norm: str,
@@ -203,14 +250,12 @@ def train_source(
         if teacher is None:
             raise UserError("a distilled source needs its teacher model")
         objective = distill_objective(cfg.distill, teacher, cfg.eps, cfg.norm, cfg.attack_steps,
-                                      cfg.attack_alpha, cfg.train.seed)
+                                      cfg.attack_alpha, cfg.train.seed, cfg.attack_mode)
         if cfg.eps == 0:
             eval_eps = float(cfg.distill.teacher.get("eps", 0.0))
             eval_norm = str(cfg.distill.teacher.get("norm", cfg.norm))
     else:
-        objective = make_objective(cfg.method, cfg.eps, cfg.norm, cfg.attack_steps,
-                                   cfg.attack_alpha, cfg.train.seed, cfg.trades_beta,
-                                   cfg.free_replays, cfg.sigma, cfg.noise_samples)
+        objective = method_objective(cfg)
     train, backdoor = task.train, {}
     if cfg.backdoor is not None:
         if cfg.backdoor.attack in OBJECTIVE_ATTACKS:  # planted by the loss, on clean data

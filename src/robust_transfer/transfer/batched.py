@@ -50,7 +50,7 @@ STANDARD_META = {"role", "recipe", "eps", "norm", "method", "amp", "seed", "task
 # fine-tuned. A fine-tune with `noise_sigma` (or `augment`) is not covered: per-run path.
 KNOWN_RECIPE = {"task", "arch", "eps", "norm", "attack_steps", "attack_alpha", "train",
                 "method", "trades_beta", "free_replays", "on_overfit", "distill", "sigma",
-                "noise_samples"}
+                "noise_samples", "attack_mode", "trades_attack"}
 KNOWN_FINETUNE = {"target_task", "images_per_class", "unfrozen_blocks", "epochs", "lr",
                   "batch_size", "seed"}
 # Test images per evaluation chunk (measured: 64 is 1.4-1.9x faster than the whole test set

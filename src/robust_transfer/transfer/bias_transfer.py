@@ -159,8 +159,9 @@ def run_bias_transfer(cfg: BiasTransferConfig, device: torch.device | str = "cpu
     mode (fixed | full), unfrozen_blocks, images_per_class (int or "all"), target_data
     (standard | de-biased), train_images, shots (train images per class), target_accuracy
     (clean target test accuracy), prediction_shift, shift_class, shift_clean_share,
-    shift_triggered_share, source_accuracy, source_asr (share of source test images not of the
-    first bias class sent to it by the feature: how much the source itself relies on it).
+    shift_triggered_share, flip_rate (`backdoors.bias`), source_accuracy, source_asr (share
+    of source test images not of the first bias class sent to it by the feature: how much
+    the source itself relies on it).
     """
     step = on_step or (lambda _what: None)
     target = load_task(cfg.target_task)
@@ -204,6 +205,7 @@ def run_bias_transfer(cfg: BiasTransferConfig, device: torch.device | str = "cpu
                             "shift_class": shift["shift_class"],
                             "shift_clean_share": shift["shift_clean_share"],
                             "shift_triggered_share": shift["shift_triggered_share"],
+                            "flip_rate": shift["flip_rate"],
                             "source_accuracy": scores["clean_accuracy"],
                             "source_asr": scores["asr"]})
                         step(f"{kind} {mode} {data} {shots}, seed {seed}")

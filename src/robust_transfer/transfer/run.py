@@ -10,6 +10,7 @@ import torch
 
 from robust_transfer.data import adapt_images, load_task
 from robust_transfer.data.poison import BackdoorConfig
+from robust_transfer.errors import UserError
 from robust_transfer.models import load_checkpoint, save_checkpoint
 from robust_transfer.models.checkpoint import read_meta
 from robust_transfer.models.nets import BlockNet
@@ -25,7 +26,7 @@ from robust_transfer.transfer.spec import content_id
 # their eps, norm, method (with its noise level sigma), distillation and backdoor; a
 # distilled student pairs with the natural source of its recipe.
 THREAT_FIELDS = ("eps", "norm", "method", "trades_beta", "free_replays", "on_overfit", "distill",
-                 "backdoor", "sigma", "noise_samples")
+                 "backdoor", "sigma", "noise_samples", "attack_mode", "trades_attack")
 
 
 def source_recipe(source_meta: dict) -> dict:
@@ -114,6 +115,9 @@ def finetune_from_checkpoint(
     C-Acc, task-agnostic ASR, RA); None = the source's own backdoor, if it has one.
     """
     model, source_meta = load_checkpoint(source_dir, device)
+    if "task" not in source_meta:  # every source records it (imports: "", no known task)
+        raise UserError(f"checkpoint {str(source_dir)!r}: its meta.json has no 'task' field "
+                        "(the source task every fine-tuned row records); re-save or import it")
     rows, history = _finetune_loaded(model, source_meta, cfg, engine, probes)
     if out_dir is not None:
         meta = {

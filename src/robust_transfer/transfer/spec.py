@@ -102,6 +102,8 @@ class SourceEntry:
     # smoothadv's noise samples m.
     sigma: float | None = None
     noise_samples: int | None = None
+    attack_mode: str | None = None  # eval | train; None: the method's reference code's
+    trades_attack: str | None = None  # reference | uniform (TRADES' inner attack)
     # Architecture of this source (Kornblith et al. 2019, "Do Better ImageNet Models Transfer
     # Better?"); None: the spec's `source.arch`.
     arch: str | None = None
@@ -287,8 +289,9 @@ def _parse_source(s: dict, teacher: bool = False) -> SourceEntry:
                       ("noise_samples", int)):
         if s.get(key) is not None:
             options[key] = _number(s[key], f"sources.{key}", kind)
-    if s.get("on_overfit") is not None:
-        options["on_overfit"] = _text(s["on_overfit"], "sources.on_overfit")
+    for key in ("on_overfit", "attack_mode", "trades_attack"):
+        if s.get(key) is not None:
+            options[key] = _text(s[key], f"sources.{key}")
     # The default method is stored as None, so {eps: 0.5} and {eps: 0.5, method: pgd} are
     # one source (one run id), not two.
     method = s.get("method")
@@ -458,7 +461,8 @@ def source_config(spec: GridSpec, e: SourceEntry) -> SourceConfig:
                         attack_steps=r.attack_steps, train=train, method=e.method,
                         trades_beta=e.trades_beta, free_replays=e.free_replays,
                         on_overfit=e.on_overfit, distill=distill, backdoor=e.backdoor,
-                        sigma=e.sigma, noise_samples=e.noise_samples)
+                        sigma=e.sigma, noise_samples=e.noise_samples,
+                        attack_mode=e.attack_mode, trades_attack=e.trades_attack)
 
 
 def source_configs(spec: GridSpec) -> list[SourceConfig]:
