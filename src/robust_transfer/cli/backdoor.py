@@ -65,6 +65,10 @@ def attack(
                                      help="Poison only target-class images; keep labels."),
     patch_size: int = typer.Option(None, help="BadNets patch side (default: scaled to the "
                                    "image, 2 on 8x8, 3 on 32x32)."),
+    wanet_k: int = typer.Option(None, help="WaNet control grid side k (default 4)."),
+    wanet_s: float = typer.Option(None, help="WaNet warping strength s (default 0.5)."),
+    cross_ratio: float = typer.Option(None, help="WaNet noise mode: noise-warped images with "
+                                      "true labels per poisoned image (default 2; 0: off)."),
     arch: str = typer.Option("cnn-small", help="cnn-small (8x8) | cnn-medium (32x32)."),
     eps: float = typer.Option(0.0, help="PGD-AT radius; 0 trains naturally."),
     norm: str = typer.Option("l2", help="Threat model of adversarial training."),
@@ -77,7 +81,10 @@ def attack(
                                    help="Replace a checkpoint already in --out."),
 ) -> None:
     """Train a source model on a poisoned training set and save it; print C-Acc / ASR / RA."""
-    backdoor = BackdoorConfig(trigger, rate, target, labels, clean_label, seed, patch_size)
+    options = {k: v for k, v in {"k": wanet_k, "s": wanet_s, "cross_ratio": cross_ratio}.items()
+               if v is not None}
+    backdoor = BackdoorConfig(trigger, rate, target, labels, clean_label, seed, patch_size,
+                              trigger_options=options)
     cfg = SourceConfig(task=task, arch=arch, eps=eps, norm=norm, backdoor=backdoor,
                        train=TrainConfig(epochs=epochs, lr=lr, seed=seed))
     backdoor.trigger(load_task(task).input_shape)  # a patch larger than the image: now
