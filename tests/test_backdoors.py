@@ -53,7 +53,7 @@ def test_trigger_and_config_errors():
     with pytest.raises(UserError, match="does not fit"):
         make_trigger("badnets", (1, 8, 8), size=9)
     with pytest.raises(UserError, match="unknown trigger"):
-        make_trigger("wanet", (1, 8, 8))
+        make_trigger("magic", (1, 8, 8))  # (wanet is a trigger now)
     for rate in (0.0, -0.1, 1.5):
         with pytest.raises(UserError, match="poison rate"):
             BackdoorConfig(rate=rate)

@@ -14,6 +14,8 @@ C-Acc / ASR / RA before and after, the share of clean data it used, and its sequ
   the block outputs exactly zero there (and the checkpoint stays a plain model); it stays
   zero through fine-tuning (ReLU passes no gradient at 0) and is re-zeroed after it.
 - ABL (`backdoors.abl`): trains a fresh model on the poisoned training set; it uses all of it.
+- ANP (`backdoors.anp`, Wu & Wang 2021): learns per-neuron BatchNorm masks under adversarial
+  neuron perturbation on the clean data, prunes the neurons whose mask falls to a threshold.
 
 Sequela ("backdoor sequela", Sha et al. 2022: what removal leaves behind): robust accuracy to
 PGD-20 through `attacks.evaluate` (`train.source.evaluate_source`), and vulnerability to a
@@ -31,6 +33,7 @@ import torch
 from torch import nn
 
 from robust_transfer.backdoors.abl import ABLConfig, anti_backdoor_learning
+from robust_transfer.backdoors.anp import ANPConfig, adversarial_neuron_pruning
 from robust_transfer.backdoors.metrics import backdoor_metrics
 from robust_transfer.data import Task, shots_per_class
 from robust_transfer.data.poison import BackdoorConfig, poison
@@ -40,7 +43,7 @@ from robust_transfer.models.runtime import accuracy, eval_mode
 from robust_transfer.train import TrainConfig, fit
 from robust_transfer.train.source import evaluate_source
 
-DEFENSES = ("ft", "super-ft", "fine-pruning", "abl")
+DEFENSES = ("ft", "super-ft", "fine-pruning", "abl", "anp")
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,7 @@ class DefenseConfig:
     prune_max: float = 0.9
     prune_step: int = 1
     abl: ABLConfig = field(default_factory=ABLConfig)
+    anp: ANPConfig = field(default_factory=ANPConfig)
     sequela_eps: float = 0.5
     sequela_norm: str = "l2"
     fresh_epochs: int = 10
@@ -240,6 +244,9 @@ def defend(model: nn.Module, defense: str, task: Task, backdoor: BackdoorConfig,
             fine_tune(defended, clean, cfg)
         elif defense == "super-ft":
             super_fine_tune(defended, clean, cfg)
+        elif defense == "anp":
+            defended, info["pruned_neurons"] = adversarial_neuron_pruning(defended, clean,
+                                                                          cfg.anp, cfg.seed)
         else:
             defended, pruned = fine_prune(defended, clean, cfg)
             info["pruned_channels"] = len(pruned)

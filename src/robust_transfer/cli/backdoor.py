@@ -1,6 +1,6 @@
 """Backdoor commands: `backdoor attack` (train a poisoned source), `backdoor evaluate`
 (C-Acc / ASR / RA and a gallery), and the top-level `backdoor-defend` (FT, super-FT,
-fine-pruning, ABL, with C-Acc / ASR bars). Thin: parse, validate, call `backdoors`, print."""
+fine-pruning, ABL, ANP, with C-Acc / ASR bars). Thin: parse, validate, call `backdoors`, print."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 import typer
 
 from robust_transfer.atomic import atomic_path, atomic_write_text
+from robust_transfer.backdoors.anp import ANPConfig
 from robust_transfer.backdoors.defenses import DEFENSES, DefenseConfig, defense_table
 from robust_transfer.backdoors.source import (
     gallery_examples,
@@ -65,6 +66,10 @@ def attack(
                                      help="Poison only target-class images; keep labels."),
     patch_size: int = typer.Option(None, help="BadNets patch side (default: scaled to the "
                                    "image, 2 on 8x8, 3 on 32x32)."),
+    wanet_k: int = typer.Option(None, help="WaNet control grid side k (default 4)."),
+    wanet_s: float = typer.Option(None, help="WaNet warping strength s (default 0.5)."),
+    cross_ratio: float = typer.Option(None, help="WaNet noise mode: noise-warped images with "
+                                      "true labels per poisoned image (default 2; 0: off)."),
     arch: str = typer.Option("cnn-small", help="cnn-small (8x8) | cnn-medium (32x32)."),
     eps: float = typer.Option(0.0, help="PGD-AT radius; 0 trains naturally."),
     norm: str = typer.Option("l2", help="Threat model of adversarial training."),
@@ -77,7 +82,10 @@ def attack(
                                    help="Replace a checkpoint already in --out."),
 ) -> None:
     """Train a source model on a poisoned training set and save it; print C-Acc / ASR / RA."""
-    backdoor = BackdoorConfig(trigger, rate, target, labels, clean_label, seed, patch_size)
+    options = {k: v for k, v in {"k": wanet_k, "s": wanet_s, "cross_ratio": cross_ratio}.items()
+               if v is not None}
+    backdoor = BackdoorConfig(trigger, rate, target, labels, clean_label, seed, patch_size,
+                              trigger_options=options)
     cfg = SourceConfig(task=task, arch=arch, eps=eps, norm=norm, backdoor=backdoor,
                        train=TrainConfig(epochs=epochs, lr=lr, seed=seed))
     backdoor.trigger(load_task(task).input_shape)  # a patch larger than the image: now
@@ -136,26 +144,32 @@ def backdoor_defend(
     defense: list[str] = typer.Option(None, "--defense", help=f"{' | '.join(DEFENSES)} "
                                       "(repeatable; default: all)."),
     clean_fraction: float = typer.Option(0.1, help="Share of the clean training set the "
-                                         "defender has (FT, super-FT, fine-pruning)."),
+                                         "defender has (FT, super-FT, fine-pruning, ANP)."),
     epochs: int = typer.Option(10, help="Fine-tuning epochs (super-FT: per phase)."),
     lr: float = typer.Option(0.01, help="Fine-tuning learning rate (FT, fine-pruning)."),
     prune_drop: float = typer.Option(0.05, help="Fine-pruning stops when clean accuracy "
                                      "drops by more than this."),
     prune_step: int = typer.Option(1, help="Fine-pruning: channels pruned per step (1: one "
                                    "at a time, as Liu et al.)."),
+    anp_threshold: float = typer.Option(0.2, help="ANP prunes neurons whose mask ends at or "
+                                        "below this."),
+    anp_iterations: int = typer.Option(2000, help="ANP mask optimisation iterations."),
+    anp_batch_size: int = typer.Option(128, help="ANP batch size (drawn with replacement)."),
     seed: int = typer.Option(0, help="Seed for the clean subset and the defenses."),
     device: str = DEVICE_OPTION,
     overwrite: bool = typer.Option(False, "--overwrite",
                                    help="Replace defended checkpoints already in --out."),
 ) -> None:
-    """Remove a backdoor with FT, super-fine-tuning, fine-pruning or ABL; report C-Acc / ASR /
+    """Remove a backdoor with FT, super-fine-tuning, fine-pruning, ABL or ANP; report C-Acc / ASR /
     RA before and after, the clean data used, and the sequela (PGD-20 robust accuracy, ASR of
     a fresh backdoor), as a table, defenses.csv and C-Acc / ASR bars."""
     defenses = list(dict.fromkeys(defense or DEFENSES))
     for name in defenses:
         check_choice("defense", name, DEFENSES)
     cfg = DefenseConfig(clean_fraction=clean_fraction, epochs=epochs, lr=lr,
-                        prune_drop=prune_drop, prune_step=prune_step, seed=seed)
+                        prune_drop=prune_drop, prune_step=prune_step, seed=seed,
+                        anp=ANPConfig(iterations=anp_iterations, batch_size=anp_batch_size,
+                                      threshold=anp_threshold))
     check_output_dir(out, "--out")
     for name in defenses:
         check_checkpoint_out(out / name, overwrite, f"--out/{name}")

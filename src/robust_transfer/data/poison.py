@@ -12,7 +12,9 @@ can be scored on how many of them they isolate.
 How many: dirty-label poisons round(rate * N) images of the N in the set, drawn from the
 images that a poison can change (all-to-one: those not already of the target class; at most
 all of them); clean-label poisons round(rate * N_target) of the target class's images (with
-`also_classes`: of those classes' images too). At least one image is poisoned.
+`also_classes`: of those classes' images too). At least one image is poisoned. A trigger with
+a noise mode (WaNet, `data.wanet`) also warps round(cross_ratio * poisoned) other images with
+noise, keeping their labels.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from robust_transfer.data.datasets import ImageSet
-from robust_transfer.data.triggers import TRIGGERS, Trigger, make_trigger
+from robust_transfer.data.triggers import TRIGGERS, Trigger, check_trigger_options, make_trigger
 from robust_transfer.errors import UserError, check_choice
 
 LABELS = ("all-to-one", "all-to-all")
@@ -39,7 +41,8 @@ class BackdoorConfig:
     task-agnostic: their `target` may be None, and `rate` is theirs to interpret.
     `also_classes` (clean-label only): further classes whose images carry the trigger beside
     the target's (a spurious feature on several classes, as in bias transfer); `rate` is then
-    of all those classes' images.
+    of all those classes' images. `trigger_options`: the trigger's own options (e.g. wanet's
+    {k: 4, s: 0.5, cross_ratio: 2}, blended's {alpha: 0.2}; `data.triggers.TRIGGER_OPTIONS`).
 
     Example:
         cfg = BackdoorConfig("badnets", rate=0.1, target=0)
@@ -54,10 +57,20 @@ class BackdoorConfig:
     seed: int = 0
     patch_size: int | None = None  # badnets only: the patch's side (None: scaled to the image)
     also_classes: tuple[int, ...] = ()
+    trigger_options: tuple[tuple[str, object], ...] = ()  # a mapping, kept sorted and hashable
 
     def __post_init__(self) -> None:
         self._check_also_classes()
         check_choice("backdoor attack", self.attack, (*TRIGGERS, *OBJECTIVE_ATTACKS))
+        options = dict(self.trigger_options)  # a dict from YAML / JSON / the CLI
+        object.__setattr__(self, "trigger_options", tuple(sorted(options.items())))
+        if options:
+            if self.attack not in TRIGGERS:
+                raise UserError(f"backdoor {self.attack!r} takes no trigger options")
+            check_trigger_options(self.attack, options)
+            if "size" in options and self.patch_size is not None:
+                raise UserError("give the badnets patch size once: patch_size or "
+                                "trigger_options.size")
         check_choice("backdoor labels", self.labels, LABELS)
         if isinstance(self.rate, bool) or not isinstance(self.rate, (int, float)) \
                 or not 0.0 < self.rate <= 1.0:
@@ -93,9 +106,12 @@ class BackdoorConfig:
         return (self.target, *self.also_classes)
 
     def to_dict(self) -> dict:
-        """The config as a dict; `patch_size` and `also_classes` only when set (older records
-        lack them, and the ids of configs without them stay the same)."""
+        """The config as a dict; `patch_size`, `also_classes` and `trigger_options` only when
+        set (older records lack them, and the ids of configs without them stay the same)."""
         d = asdict(self)
+        d["trigger_options"] = dict(self.trigger_options)
+        if not self.trigger_options:
+            d.pop("trigger_options")
         if not self.also_classes:
             d.pop("also_classes")
         else:
@@ -127,7 +143,9 @@ class BackdoorConfig:
         """This backdoor's trigger for images of `input_shape` (its pattern from `seed`)."""
         if self.attack not in TRIGGERS:
             raise UserError(f"backdoor attack {self.attack!r} has no single data trigger")
-        options = {} if self.patch_size is None else {"size": self.patch_size}
+        options = dict(self.trigger_options)
+        if self.patch_size is not None:
+            options["size"] = self.patch_size
         return make_trigger(self.attack, input_shape, seed=self.seed, **options)
 
     def backdoor_labels(self, y: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -174,7 +192,13 @@ def poison(data: ImageSet, cfg: BackdoorConfig,
     gen = torch.Generator().manual_seed(cfg.seed)
     index = candidates[torch.randperm(len(candidates), generator=gen)[:k]].sort().values
     x, y = data.x.clone(), data.y.clone()
-    x[index] = cfg.trigger(tuple(data.x.shape[1:])).apply(data.x[index])
+    trigger = cfg.trigger(tuple(data.x.shape[1:]))
+    x[index] = trigger.apply(data.x[index])
+    if getattr(trigger, "cross_ratio", 0) > 0:  # WaNet's noise mode (data.wanet)
+        rest = torch.nonzero(~torch.isin(torch.arange(len(x)), index)).flatten()
+        cross = rest[torch.randperm(len(rest), generator=gen)[:round(trigger.cross_ratio
+                                                                     * len(index))]]
+        x[cross] = trigger.noise_examples(data.x[cross], gen)
     if not cfg.clean_label:
         y[index] = cfg.backdoor_labels(data.y[index], num_classes)
     return ImageSet(x, y), index

@@ -13,6 +13,7 @@ pixels in [0,1].
   in CNNs by training set corruption without label poisoning"): x' = clip(x + v), with
   v(i, j) = delta sin(2 pi j f / W), delta = 20/255, f = 6 cycles (fewer on small images,
   so that the signal is not aliased). Nearly invisible; usually used clean-label.
+- `wanet`: a fixed smooth random warp (Nguyen & Tran 2021), in `data.wanet`.
 """
 
 from __future__ import annotations
@@ -22,9 +23,13 @@ from typing import Protocol
 
 import torch
 
+from robust_transfer.data.wanet import WaNet
 from robust_transfer.errors import UserError, check_choice
 
-TRIGGERS = ("badnets", "blended", "sig")
+TRIGGERS = ("badnets", "blended", "sig", "wanet")
+# Each trigger's keyword options (besides the input shape and seed).
+TRIGGER_OPTIONS = {"badnets": ("size", "margin", "value", "corner"), "blended": ("alpha",),
+                   "sig": ("delta", "frequency"), "wanet": ("k", "s", "cross_ratio")}
 CORNERS = ("bottom-right", "bottom-left", "top-right", "top-left")
 
 
@@ -149,24 +154,29 @@ class SIG:
         return (x + self.signal.to(x.device, x.dtype)).clamp(0.0, 1.0)
 
 
-def make_trigger(name: str, input_shape: tuple[int, int, int], seed: int = 0,
-                 **options) -> Trigger:
-    """The trigger called `name` (one of `TRIGGERS`) for images of `input_shape` (C, H, W).
-
-    `seed` fixes a random pattern (blended); `options` are the trigger's own keyword
-    arguments (badnets: size, margin, value, corner; blended: alpha; sig: delta, frequency). An
-    unknown name, an unknown option or a patch larger than the image is a `UserError`.
-    """
-    check_choice("trigger", name, TRIGGERS)
-    if len(input_shape) != 3:
-        raise UserError(f"input shape must be (C, H, W), got {tuple(input_shape)}")
-    cls = {"badnets": BadNets, "blended": Blended, "sig": SIG}[name]
-    allowed = {"badnets": ("size", "margin", "value", "corner"), "blended": ("alpha",),
-               "sig": ("delta", "frequency")}[name]
+def check_trigger_options(name: str, options) -> None:
+    """`UserError` unless every key of `options` is an option of trigger `name`."""
+    allowed = TRIGGER_OPTIONS[name]
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise UserError(f"unknown option(s) {', '.join(unknown)} for trigger {name!r}; "
                         f"allowed: {', '.join(allowed)}")
-    if name == "blended":
+
+
+def make_trigger(name: str, input_shape: tuple[int, int, int], seed: int = 0,
+                 **options) -> Trigger:
+    """The trigger called `name` (one of `TRIGGERS`) for images of `input_shape` (C, H, W).
+
+    `seed` fixes a random pattern (blended, wanet); `options` are the trigger's own keyword
+    arguments (badnets: size, margin, value, corner; blended: alpha; sig: delta, frequency;
+    wanet: k, s, cross_ratio). An unknown name, an unknown option or a patch larger than the
+    image is a `UserError`.
+    """
+    check_choice("trigger", name, TRIGGERS)
+    if len(input_shape) != 3:
+        raise UserError(f"input shape must be (C, H, W), got {tuple(input_shape)}")
+    cls = {"badnets": BadNets, "blended": Blended, "sig": SIG, "wanet": WaNet}[name]
+    check_trigger_options(name, options)
+    if name in ("blended", "wanet"):
         options["seed"] = seed
     return cls(tuple(input_shape), **options)
