@@ -1,10 +1,13 @@
 """Randomized smoothing (Cohen et al. 2019): CERTIFY against the exact radius of a linear
 classifier, the alpha level over many repetitions on a model with known p_A, batch
-independence, abstentions, PREDICT's two-sided test, the empirical upper bound, bad input."""
+independence, abstentions, PREDICT's two-sided test, the empirical upper bound, the `certify`
+command, its figure and bad input."""
 
 from __future__ import annotations
 
+import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from scipy.stats import beta, binom, norm
@@ -20,8 +23,10 @@ from robust_transfer.certify import (
     radius_scale,
     table_radii,
 )
+from robust_transfer.data import load_task
 from robust_transfer.errors import UserError
 from robust_transfer.models import ModelSpec, build_model
+from robust_transfer.report.certify_figures import certified_accuracy_figure
 
 
 class Linear2(nn.Module):
@@ -217,3 +222,65 @@ def test_smoothed_soft_classifier_and_empirical_bound():
     for a, e in zip(acc, exact, strict=True):
         assert a <= e + 0.08
     assert acc[2] <= exact[2] + 0.08 and acc[2] < acc[0] - 0.2
+
+
+def test_certify_cli_writes_tables_and_figure(cli, source_dir, tmp_path):
+    out = tmp_path / "cert"
+    code, stdout, err = cli("certify", source_dir, "--sigma", "0.25", "0.5", "--n0", "20",
+                            "--n", "100", "--max-images", "12", "--attack-steps", "2",
+                            "--attack-n", "50", "--out", out)
+    assert code == 0, err
+    images = pd.read_csv(out / "certify.csv")
+    summary = pd.read_csv(out / "certify_summary.csv")
+    assert len(images) == 24 and set(images["sigma"]) == {0.25, 0.5}
+    assert {"label", "prediction", "radius", "correct", "sigma"} <= set(images.columns)
+    assert (images["correct"] == (images["prediction"] == images["label"])).all()
+    assert ((images["prediction"] == -1) <= (images["radius"] == 0)).all()
+    # the summary is the per-image table summarised: certified accuracy at each radius
+    for row in summary.itertuples():
+        df = images[images["sigma"] == row.sigma]
+        assert row.certified_accuracy == pytest.approx(
+            ((df["radius"] >= row.radius) & df["correct"]).mean())
+    shape = load_task("synthetic-0to4").input_shape
+    assert sorted(summary["radius"].unique()) == table_radii(shape)
+    assert summary["empirical_accuracy"].notna().all()
+    assert "certified/PGD+EOT accuracy at L2 radius" in stdout.replace("\n", " ")
+    assert (out / "certified_accuracy.png").stat().st_size > 0
+
+
+def test_certified_accuracy_figure_draws_what_a_person_sees():
+    images = pd.DataFrame({"sigma": [0.25] * 4 + [0.5] * 4, "radius": [0, .1, .2, .4] * 2,
+                           "correct": [False, True, True, True] * 2})
+    summary = pd.DataFrame({"sigma": [0.25, 0.25, 0.5, 0.5], "radius": [0, 0.2] * 2,
+                            "empirical_accuracy": [1.0, 0.8, 0.9, 0.7]})
+    fig = certified_accuracy_figure(images, summary, "t")
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["σ = 0.25: certified (lower bound)", "σ = 0.25: PGD + EOT (upper bound)",
+                      "σ = 0.5: certified (lower bound)", "σ = 0.5: PGD + EOT (upper bound)"]
+    step = ax.get_lines()[0]
+    x, y = step.get_xdata(), step.get_ydata()
+    assert y[0] == 0.75 and y[np.searchsorted(x, 0.3)] == 0.25  # radius >= r and correct
+    assert ax.get_xlabel() == "L2 radius"
+    plt.close(fig)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sigma", "0"], "sigma must be"), (["--sigma", "-0.5"], "sigma must be"),
+    (["--sigma", "0.25", "--n0", "200", "--n", "100"], "must not exceed n"),
+    (["--sigma", "0.25", "--alpha", "1.5"], "alpha must be"),
+    (["--sigma", "0.25", "--alpha", "0"], "alpha must be"),
+    (["--sigma", "0.25", "--radius", "-1"], "radii must be"),
+    (["--sigma", "0.25", "--attack-steps", "0"], "attack steps"),
+])
+def test_certify_cli_bad_input(cli, source_dir, tmp_path, args, message):
+    out = tmp_path / "cert"
+    code, _, err = cli("certify", source_dir, *args, "--out", out)
+    assert code == 2 and err.startswith("error:") and message in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_certify_cli_no_checkpoint(cli, tmp_path):
+    out = tmp_path / "cert"
+    code, _, err = cli("certify", tmp_path / "nothing", "--sigma", "0.25", "--out", out)
+    assert code == 2 and "no checkpoint" in err and not out.exists()
