@@ -20,7 +20,7 @@ from bench_attacks import timed
 from robust_transfer.data import load_task
 from robust_transfer.models import ModelSpec, build_model
 from robust_transfer.train import SourceConfig, TrainConfig, fit, train_source
-from robust_transfer.train.methods import METHODS, make_objective
+from robust_transfer.train.methods import METHODS, NOISE_METHODS, make_objective
 
 
 def pass_timer(cfg: SourceConfig, passes: int = 8):
@@ -32,7 +32,8 @@ def pass_timer(cfg: SourceConfig, passes: int = 8):
 
     def run():
         objective = make_objective(cfg.method, cfg.eps, cfg.norm, cfg.attack_steps,
-                                   free_replays=cfg.free_replays or 1)
+                                   seed=cfg.train.seed, free_replays=cfg.free_replays or 1,
+                                   sigma=cfg.sigma, noise_samples=cfg.noise_samples)
         fit(copy.deepcopy(template), data, schedule, objective)
 
     return run
@@ -49,7 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     configs = {}
-    for method in METHODS:
+    for method in (m for m in METHODS if m not in NOISE_METHODS):  # bench_smoothing.py
         eps = 0.0 if method == "natural" else args.eps
         configs[method] = SourceConfig(
             task="digits-0to4", eps=eps, norm=args.norm, method=method,

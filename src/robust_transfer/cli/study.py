@@ -47,7 +47,8 @@ def train(
     out: Path = typer.Option(..., "--out", help="Directory for the checkpoint."),
     task: str = typer.Option("digits-0to4", help=f"Source task: {TASK_NAMES}."),
     arch: str = typer.Option("cnn-small", help=f"Architecture: {ARCH_NAMES}."),
-    eps: float = typer.Option(0.0, help="Adversarial-training radius; 0 trains naturally."),
+    eps: float = typer.Option(0.0, help="Adversarial-training radius (smoothadv: its L2 "
+                              "attack's); 0 trains naturally, or with --method gaussian."),
     norm: str = typer.Option("l2", help=f"Threat model of adversarial training: {NORM_NAMES}."),
     attack_steps: int = typer.Option(7, help="PGD steps per training batch."),
     epochs: int = typer.Option(30, help="Training epochs."),
@@ -63,12 +64,17 @@ def train(
     on_overfit: str = typer.Option(None, "--on-overfit", help=f"{' | '.join(ACTIONS)}: "
                                    "catastrophic-overfitting watch on a held-out batch "
                                    "(default: warn for fast, off otherwise)."),
+    sigma: float = typer.Option(None, "--sigma", help="gaussian, smoothadv: std of the "
+                                "Gaussian noise added to [0,1] images (default 0.25)."),
+    noise_samples: int = typer.Option(None, "--noise-samples", help="smoothadv: noise draws "
+                                      "m per image in the attack and the loss (default 1)."),
     device: str = DEVICE_OPTION,
     overwrite: bool = typer.Option(False, "--overwrite",
                                    help="Replace a checkpoint already in --out."),
 ) -> None:
-    """Train a source model (natural, or adversarially: pgd, fgsm, fast, free, trades) and
-    save it as a checkpoint; per-epoch wall time goes into its metrics.
+    """Train a source model (natural, or adversarially: pgd, fgsm, fast, free, trades; or for
+    randomized smoothing: gaussian noise, smoothadv) and save it as a checkpoint; per-epoch
+    wall time goes into its metrics.
 
     Refuses an --out that already holds a checkpoint unless --overwrite is given.
     """
@@ -76,11 +82,13 @@ def train(
         task=task, arch=arch, eps=eps, norm=norm, attack_steps=attack_steps,
         train=TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed),
         method=method, trades_beta=trades_beta, free_replays=free_replays,
-        on_overfit=on_overfit,
+        on_overfit=on_overfit, sigma=sigma, noise_samples=noise_samples,
     )
     dev = resolve_device(device)
     check_checkpoint_out(out, overwrite)
-    label = "natural" if eps == 0 else f"{cfg.method.upper()}-AT {norm} eps={eps}"
+    label = cfg.method if eps == 0 else f"{cfg.method.upper()}-AT {norm} eps={eps}"
+    if cfg.sigma is not None:
+        label += f" sigma={cfg.sigma:g}"
     with progress_bar(f"train {task} ({label})", cfg.sweeps) as advance:
         model, meta = train_source(cfg, dev, on_epoch=lambda _epoch: advance())
     save_checkpoint(model, out, meta)
@@ -88,6 +96,8 @@ def train(
     row = {"checkpoint": str(out), "task": task, "clean accuracy": m["clean_accuracy"]}
     if eps > 0:
         row[f"PGD-20 {norm} eps={eps:g}"] = m["robust_accuracy"]
+    if cfg.sigma is not None:
+        row[f"clean under N(0, {cfg.sigma:g}²)"] = m["noise_accuracy"]
     row["s/epoch"] = m["train_seconds"] / m["history"][-1]["passes"]  # free: per pass
     print_table(f"source model ({cfg.method})", [row])
     overfit = m.get("overfit")
@@ -114,13 +124,16 @@ def finetune(
                                    help="Replace a checkpoint already in --out."),
     augment: bool = typer.Option(False, "--augment", help="Random crop with size/8 padding, "
                                  "plus horizontal flips for natural images (not digits)."),
+    noise_sigma: float = typer.Option(0.0, "--noise-sigma", help="Add N(0, S²) Gaussian noise "
+                                      "to every training batch (randomized smoothing at "
+                                      "noise level S after transfer); 0 = none."),
 ) -> None:
     """Fine-tune a source checkpoint on a target task (re-initialised head, last k blocks).
 
     Refuses an --out that already holds a checkpoint unless --overwrite is given.
     """
     cfg = FinetuneConfig(task, images_per_class, unfrozen_blocks, epochs, lr, seed=seed,
-                         augment=augment)
+                         augment=augment, noise_sigma=noise_sigma)
     dev = resolve_device(device)
     check_checkpoint_out(out, overwrite)
     rows = finetune_from_checkpoint(checkpoint, cfg, out, dev)

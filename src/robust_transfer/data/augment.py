@@ -1,5 +1,6 @@
 """Standard training augmentation: random crop with zero padding, and a horizontal flip where a
-mirrored image is still the same class.
+mirrored image is still the same class; and Gaussian noise (`GaussianNoise`, for randomized
+smoothing: Cohen et al. 2019).
 
 The CIFAR recipe of He et al. 2016 ("Deep Residual Learning for Image Recognition": 4-pixel
 padding, random 32x32 crop, random horizontal flip), as used by Madry et al. 2018 and by the
@@ -17,8 +18,12 @@ images on any device.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+
+from robust_transfer.errors import UserError
 
 # Data sets whose mirror image is the same class (the others: digits and characters).
 # ImageFolder directories are assumed to hold natural photographs.
@@ -68,3 +73,61 @@ class RandomCropFlip:
 def mirror_safe(dataset: str) -> bool:
     """Whether a horizontal flip keeps the class, for images of `dataset`."""
     return dataset in MIRROR_DATASETS
+
+
+# Added to the seed, so that a noise stream and the loop's shuffling stream (seeded with the
+# same training seed) are different streams.
+NOISE_SALT = 0x6E6F697365  # "noise"
+
+
+def check_sigma(sigma: float, what: str = "sigma", allow_zero: bool = False) -> float:
+    """`sigma` as a float; a `UserError` unless it is finite and > 0 (>= 0 with allow_zero)."""
+    try:
+        value = float(sigma)
+    except (TypeError, ValueError):
+        raise UserError(f"{what} must be a number, got {sigma!r}") from None
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise UserError(f"{what} must be {bound} and finite, got {sigma}")
+    return value
+
+
+class GaussianNoise:
+    """Gaussian data augmentation: x + N(0, sigma^2 I), drawn independently per coordinate.
+
+    Cohen, Rosenfeld & Kolter 2019 ("Certified Adversarial Robustness via Randomized
+    Smoothing", arXiv 1902.02918; locuslab/smoothing `train.py`): the noise is added to the
+    [0,1] image, before the model's normaliser, and is *not* clipped to [0,1], because the
+    smoothed classifier g(x) = argmax_c P(f(x + N(0, sigma^2 I)) = c) that certification
+    evaluates sees unclipped noise; training on clipped noise would train f on another
+    distribution than the one g queries.
+
+    Draws come from a generator seeded by `seed` on the input's device (one per device), so
+    the same seed gives the same noise sequence on a device type (CPU and CUDA streams
+    differ).
+
+    Shape:
+        x: (N, C, H, W) -> (N, C, H, W), same dtype and device; values may leave [0,1].
+
+    Example:
+        >>> noise = GaussianNoise(sigma=0.25, seed=0)
+        >>> x_noisy = noise(x)
+    """
+
+    def __init__(self, sigma: float, seed: int = 0) -> None:
+        self.sigma = check_sigma(sigma)
+        self.seed = int(seed)
+        self._generators: dict[str, torch.Generator] = {}
+
+    def sample(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """sigma * N(0, I) of `shape`, on `like`'s device and dtype (the next draw)."""
+        key = str(like.device)
+        if key not in self._generators:
+            self._generators[key] = torch.Generator(device=like.device).manual_seed(
+                (self.seed + NOISE_SALT) % 2**63)
+        z = torch.randn(shape, generator=self._generators[key], device=like.device,
+                        dtype=like.dtype)
+        return self.sigma * z
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.sample(x.shape, x)

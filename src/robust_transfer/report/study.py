@@ -14,7 +14,10 @@ several source recipes, targets, learning rates, epoch budgets or batch sizes is
 facet (`FACETS`): one figure set and one summary section each, never pooled.
 The training method (`source_method`: pgd, fgsm, fast, free, trades) is part of a source's
 treatment, like eps and norm: each (method, norm, eps) is its own line, labelled e.g.
-"FAST L2 ε=0.5" (PGD-AT keeps the plain "L2 ε=0.5"), never pooled with another method's.
+"FAST L2 ε=0.5" (PGD-AT keeps the plain "L2 ε=0.5"), never pooled with another method's;
+a source trained for randomized smoothing adds its noise level (`source_sigma`): "GAUSSIAN
+σ=0.25" (eps 0, yet not natural), "SMOOTHADV L2 ε=0.5 σ=0.25". Fine-tuning noise
+(`noise_sigma`) is a fine-tune facet like lr.
 Natural means eps = 0 whatever the recorded norm (natural training ignores it), and not
 distilled: a student distilled from a teacher (`source_distill`, e.g. "KD T=4 α=0.9 ← L2
 ε=0.5") is its own source, labelled by that text, paired with the natural source of its
@@ -46,7 +49,7 @@ from robust_transfer.transfer.results import read_results  # noqa: E402
 # Which source model: runs of different recipes are never compared or pooled.
 SOURCE_GROUP = ["source_task", "source_arch", "source_recipe"]
 # Which fine-tuning protocol (besides blocks and shots, which are the figures' axes/columns).
-FINETUNE_FACETS = ["target_task", "lr", "epochs", "batch_size", "augment"]
+FINETUNE_FACETS = ["target_task", "lr", "epochs", "batch_size", "augment", "noise_sigma"]
 # One set of figures (and one summary section) per facet.
 FACETS = [*SOURCE_GROUP, *FINETUNE_FACETS]
 # A natural and a robust run are a pair when they agree on all of these.
@@ -55,16 +58,19 @@ NATURAL = "natural"
 
 
 def source_label(eps: float, norm: str, method: str = "pgd", distill: str = "",
-                 backdoor: str = "") -> str:
-    """"natural", "L2 ε=0.5", "FAST L2 ε=0.5", or a distilled student's own text
-    (`source_distill`); plus " + badnets" for a source with a planted backdoor."""
+                 backdoor: str = "", sigma: float = 0.0) -> str:
+    """"natural", "L2 ε=0.5", "FAST L2 ε=0.5", "GAUSSIAN σ=0.25", "SMOOTHADV L2 ε=0.5
+    σ=0.25", or a distilled student's own text (`source_distill`); plus " + badnets" for a
+    source with a planted backdoor."""
     if distill:
         label = distill
-    elif eps == 0:
+    elif eps == 0 and method == NATURAL:
         label = NATURAL
     else:
-        prefix = "" if method == "pgd" else f"{method.upper()} "
-        label = f"{prefix}{norm.upper()} ε={eps:g}"
+        words = [] if method == "pgd" else [method.upper()]
+        words += [f"{norm.upper()} ε={eps:g}"] if eps > 0 else []
+        words += [f"σ={sigma:g}"] if sigma else []
+        label = " ".join(words)
     return f"{label} + {backdoor}" if backdoor else label
 
 
@@ -77,11 +83,13 @@ def _with_method(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def is_natural(df: pd.DataFrame) -> pd.Series:
-    """Rows of the clean natural source, the reference of every delta: eps 0, not distilled,
-    no planted backdoor (tables from before these columns have none)."""
+    """Rows of the clean natural source, the reference of every delta: eps 0, natural
+    training (not e.g. gaussian), not distilled, no planted backdoor (tables from before these
+    columns have none)."""
     distilled = df["source_distill"].fillna("") != "" if "source_distill" in df else False
     backdoored = df["source_backdoor"].fillna("") != "" if "source_backdoor" in df else False
-    return (df.source_eps == 0) & ~distilled & ~backdoored
+    other = (df["source_method"].fillna(NATURAL) != NATURAL) if "source_method" in df else False
+    return (df.source_eps == 0) & ~distilled & ~backdoored & ~other
 
 
 def _blocks_title(blocks: str) -> str:
@@ -133,6 +141,9 @@ def prepare(df: pd.DataFrame) -> pd.DataFrame:
     # Tables written before fine-tunes could augment: none of their runs did.
     augment = df["augment"] if "augment" in df else pd.Series(False, index=df.index)
     df["augment"] = augment.astype("boolean").fillna(False).astype(bool)
+    # ... nor add noise, in fine-tuning or in source training.
+    for column in ("noise_sigma", "source_sigma"):
+        df[column] = df[column].fillna(0.0).astype(float) if column in df else 0.0
     df["source_distill"] = (df["source_distill"].fillna("") if "source_distill" in df
                             else "")
     df["images_per_class"] = df["images_per_class"].map(parse_shots).astype(object)
@@ -140,9 +151,9 @@ def prepare(df: pd.DataFrame) -> pd.DataFrame:
     df["source_backdoor"] = (df["source_backdoor"].fillna("").astype(str)
                              if "source_backdoor" in df else "")
     df = _one_natural(df)
-    df["source"] = [source_label(e, n, m, d, b) for e, n, m, d, b in
+    df["source"] = [source_label(e, n, m, d, b, s) for e, n, m, d, b, s in
                     zip(df.source_eps, df.source_norm, df.source_method, df.source_distill,
-                        df.source_backdoor, strict=True)]
+                        df.source_backdoor, df.source_sigma, strict=True)]
     df["shots"] = df["train_images"] / df["target_classes"]
     dup = df.duplicated([*PAIR_KEYS, "source"], keep=False)
     if dup.any():
@@ -169,8 +180,11 @@ def paired_delta(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _sources_order(df: pd.DataFrame) -> list[str]:
-    order = df.drop_duplicates("source").sort_values(
-        ["source_distill", "source_eps", "source_norm", "source_method", "source_backdoor"],
+    """The natural source first, then by distillation, eps, norm, method, noise, backdoor."""
+    first = df.drop_duplicates("source")
+    order = first.assign(_treated=~is_natural(first)).sort_values(
+        ["_treated", "source_distill", "source_eps", "source_norm", "source_method",
+         "source_sigma", "source_backdoor"],
         key=lambda c: c.map({"pgd": ""}).fillna(c) if c.name == "source_method" else c)
     return list(order.source)
 
@@ -278,7 +292,8 @@ def _facet_title(part: pd.DataFrame, table: pd.DataFrame | None = None) -> str:
     source = str(r.source_task)
     if table.source_arch.nunique() > 1:
         source += f" ({r.source_arch})"
-    return f"{source} → {r.target_task}"
+    noise = f", fine-tuned with noise σ={r.noise_sigma:g}" if r.get("noise_sigma", 0) else ""
+    return f"{source} → {r.target_task}{noise}"
 
 
 def _recipe_note(part: pd.DataFrame, table: pd.DataFrame, sep: str) -> str:
@@ -425,7 +440,7 @@ def _facet_suffix(df: pd.DataFrame, facet: tuple) -> str:
     by its id."""
     values = dict(zip(FACETS, facet, strict=True))
     labels = {"source_task": "", "source_arch": "", "target_task": "", "lr": "lr",
-              "epochs": "epochs", "batch_size": "bs"}
+              "epochs": "epochs", "batch_size": "bs", "noise_sigma": "noise"}
     parts = []
     for name in FACETS:
         if name == "augment":

@@ -8,6 +8,11 @@
 - `free`: Shafahi et al. 2019 (arXiv 1904.12843), `FreeLoss`: each minibatch replayed m times,
   one backward pass per replay giving both the weight gradient and the perturbation's.
 - `trades`: Zhang et al. 2019 (arXiv 1901.08573), `TRADESLoss`: CE(x) + beta*KL(f(x)||f(x')).
+- `gaussian`: Cohen et al. 2019 (arXiv 1902.02918), CE on x + N(0, sigma^2 I): training for
+  randomized smoothing, not adversarial (eps 0); `train.smoothing.GaussianExamples`.
+- `smoothadv`: Salman et al. 2019 (arXiv 1906.04584), SmoothAdv-PGD: PGD-L2 on the smoothed
+  soft classifier's CE with m noise draws, then CE on the m noisy copies of x'
+  (`train.smoothing.SmoothAdvLoss`).
 
 Every perturbation comes from the attacks layer (its attacks and `ThreatModel`s), so every
 example a method trains on lies in the threat model's ball and in [0,1].
@@ -22,9 +27,18 @@ from torch import nn
 from robust_transfer.attacks import FGSM, KLPGD, make_threat
 from robust_transfer.train.examples import PGDExamples
 from robust_transfer.train.objectives import ExampleLoss, Objective, natural_loss
+from robust_transfer.train.smoothing import (
+    SIGMA,
+    SMOOTHADV_SAMPLES,
+    GaussianExamples,
+    SmoothAdvLoss,
+)
 
-METHODS = ("natural", "pgd", "fgsm", "fast", "free", "trades")
-ROBUST_METHODS = METHODS[1:]
+METHODS = ("natural", "pgd", "fgsm", "fast", "free", "trades", "gaussian", "smoothadv")
+# Methods with an adversary: they need eps > 0 (natural and gaussian take eps 0).
+ROBUST_METHODS = ("pgd", "fgsm", "fast", "free", "trades", "smoothadv")
+# Methods that add Gaussian noise of level `sigma` (randomized smoothing).
+NOISE_METHODS = ("gaussian", "smoothadv")
 FGSM_CLEAN_WEIGHT = 0.5  # Goodfellow et al.'s a
 FAST_STEP = 1.25  # Wong et al.'s FGSM-RS step, as a multiple of eps
 TRADES_BETA = 6.0  # Zhang et al.'s default for CIFAR-10
@@ -144,9 +158,11 @@ class TRADESLoss:
 
 def make_objective(method: str, eps: float, norm: str, steps: int = 7,
                    alpha: float | None = None, seed: int = 0, trades_beta: float = TRADES_BETA,
-                   free_replays: int = FREE_REPLAYS) -> Objective:
+                   free_replays: int = FREE_REPLAYS, sigma: float = SIGMA,
+                   noise_samples: int = SMOOTHADV_SAMPLES) -> Objective:
     """The objective of `method` (one of `METHODS`) at threat model (norm, eps). `steps` and
-    `alpha` are the PGD settings of `pgd` and `trades`."""
+    `alpha` are the PGD settings of `pgd`, `trades` and `smoothadv`; `sigma` the noise level
+    of `gaussian` and `smoothadv`, `noise_samples` smoothadv's m."""
     if method == "natural":
         return natural_loss
     if method == "pgd":
@@ -159,4 +175,8 @@ def make_objective(method: str, eps: float, norm: str, steps: int = 7,
         return FreeLoss(eps, norm, free_replays)
     if method == "trades":
         return TRADESLoss(eps, norm, trades_beta, steps, alpha, seed)
+    if method == "gaussian":
+        return ExampleLoss(GaussianExamples(sigma, seed))
+    if method == "smoothadv":  # L2 only (SourceConfig checks the norm)
+        return SmoothAdvLoss(eps, sigma, steps, alpha, noise_samples, seed)
     raise ValueError(f"unknown method {method!r}")  # SourceConfig checks names first

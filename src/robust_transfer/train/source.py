@@ -11,6 +11,7 @@ import torch
 
 from robust_transfer.attacks import PGD, evaluate, make_threat
 from robust_transfer.data import check_task, load_task
+from robust_transfer.data.augment import check_sigma
 from robust_transfer.data.poison import OBJECTIVE_ATTACKS, BackdoorConfig, poison
 from robust_transfer.errors import UserError, check_choice
 from robust_transfer.models import ModelSpec, build_model
@@ -21,11 +22,14 @@ from robust_transfer.train.loop import TrainConfig, fit
 from robust_transfer.train.methods import (
     FREE_REPLAYS,
     METHODS,
+    NOISE_METHODS,
+    ROBUST_METHODS,
     TRADES_BETA,
     make_objective,
 )
 from robust_transfer.train.neuba import neuba_objective
 from robust_transfer.train.overfit import ACTIONS, OverfitMonitor, hold_out
+from robust_transfer.train.smoothing import SIGMA, SMOOTHADV_SAMPLES, noisy_accuracy
 
 EVAL_STEPS = 20
 
@@ -39,7 +43,10 @@ class SourceConfig:
     the default): `trades_beta` (TRADES, default 6), `free_replays` (free AT's m, default 8;
     `train.epochs` then counts passes over the data), `on_overfit` (off | warn | stop |
     rollback: catastrophic-overfitting watch for a robust method, default warn for `fast`,
-    off for the rest). Inapplicable or out-of-range values are `UserError`s.
+    off for the rest), `sigma` (Gaussian noise level of `gaussian` and `smoothadv`, default
+    0.25), `noise_samples` (smoothadv's m, default 1). Inapplicable or out-of-range values
+    are `UserError`s. `gaussian` has no adversary (eps 0); both are L2 only (smoothadv's eps is
+    its attack's radius, `attack_steps` its PGD steps).
 
     `distill` set: the source is a student distilled from a teacher (`train.distill`); eps/norm
     are then ARD's threat model (0 for plain KD and defensive distillation).
@@ -60,6 +67,9 @@ class SourceConfig:
     # A backdoor planted while training (data poisoning, see `data.poison`, or NeuBA's
     # objective); None: clean.
     backdoor: BackdoorConfig | None = None
+    # Randomized smoothing (`train.smoothing`): noise level and smoothadv's noise samples m.
+    sigma: float | None = None
+    noise_samples: int | None = None
 
     def __post_init__(self) -> None:
         check_task(self.task)
@@ -76,19 +86,31 @@ class SourceConfig:
     def _check_method(self) -> None:
         method = self.method or ("natural" if self.eps == 0 else "pgd")
         check_choice("method", method, METHODS)
-        if method == "natural" and self.eps != 0:
-            raise UserError(f"method 'natural' takes eps 0, got eps {self.eps:g}; give a "
-                            f"robust method ({', '.join(METHODS[1:])}) or eps 0")
-        if method != "natural" and self.eps == 0:
+        if method not in ROBUST_METHODS and self.eps != 0:
+            raise UserError(f"method {method!r} takes eps 0, got eps {self.eps:g}; give a "
+                            f"robust method ({', '.join(ROBUST_METHODS)}) or eps 0")
+        if method in ROBUST_METHODS and self.eps == 0:
             raise UserError(f"method {method!r} needs eps > 0; eps 0 is natural training")
-        defaults = {"trades_beta": ("trades", TRADES_BETA),
-                    "free_replays": ("free", FREE_REPLAYS)}
-        for name, (owner, default) in defaults.items():
+        # gaussian has no threat model: one norm, so that one sigma is one source
+        if method in NOISE_METHODS and self.norm != "l2":
+            raise UserError(f"method {method!r} works in the L2 norm (the smoothing "
+                            f"certificate's); got norm {self.norm!r}")
+        defaults = {"trades_beta": (("trades",), TRADES_BETA),
+                    "free_replays": (("free",), FREE_REPLAYS),
+                    "sigma": (NOISE_METHODS, SIGMA),
+                    "noise_samples": (("smoothadv",), SMOOTHADV_SAMPLES)}
+        for name, (owners, default) in defaults.items():
             value = getattr(self, name)
-            if value is not None and method != owner:
-                raise UserError(f"{name} applies to method {owner!r} only, not {method!r}")
-            if method == owner and value is None:
+            if value is not None and method not in owners:
+                names = " and ".join(repr(o) for o in owners)
+                raise UserError(f"{name} applies to method {names} only, not {method!r}")
+            if method in owners and value is None:
                 object.__setattr__(self, name, default)
+        if method in NOISE_METHODS:
+            object.__setattr__(self, "sigma", check_sigma(self.sigma))
+        if method == "smoothadv" and (self.noise_samples != int(self.noise_samples)
+                                      or self.noise_samples < 1):
+            raise UserError(f"noise samples must be an integer >= 1, got {self.noise_samples}")
         if method == "trades" and not 0 <= self.trades_beta < float("inf"):
             raise UserError(f"trades beta must be >= 0 and finite, got {self.trades_beta}")
         if method == "free" and (self.free_replays != int(self.free_replays)
@@ -96,8 +118,8 @@ class SourceConfig:
             raise UserError(f"free replays must be an integer >= 1, got {self.free_replays}")
         action = self.on_overfit or ("warn" if method == "fast" else "off")
         check_choice("on-overfit", action, ACTIONS)
-        if method == "natural" and action != "off":
-            raise UserError("on-overfit watches adversarial training; natural training has "
+        if method not in ROBUST_METHODS and action != "off":
+            raise UserError(f"on-overfit watches adversarial training; {method} training has "
                             "nothing to watch (use 'off')")
         object.__setattr__(self, "method", method)
         object.__setattr__(self, "on_overfit", action)
@@ -108,22 +130,27 @@ class SourceConfig:
         return math.ceil(self.train.epochs / (self.free_replays or 1))
 
     def to_dict(self) -> dict:
-        """The recipe as plain data; `distill` and `backdoor` only when set, so that the
-        content ids of other sources stay what they were before the fields existed."""
+        """The recipe as plain data; `distill`, `backdoor`, `sigma` and `noise_samples` only
+        when set, so that the content ids of other sources stay what they were before the
+        fields existed."""
         d = asdict(self)
-        for key in ("distill", "backdoor"):
+        for key in ("distill", "backdoor", "sigma", "noise_samples"):
             if d[key] is None:
                 del d[key]
         return d
 
 
-def evaluate_source(model: BlockNet, task_name: str, eps: float, norm: str) -> dict:
+def evaluate_source(model: BlockNet, task_name: str, eps: float, norm: str,
+                    sigma: float | None = None) -> dict:
     """Clean and PGD-20 robust test accuracy (robust = clean when eps is 0), through the one
-    evaluation path (`attacks.evaluate`)."""
+    evaluation path (`attacks.evaluate`); with `sigma`, also `noise_accuracy`: the clean
+    accuracy under N(0, sigma^2 I) noise (one seeded draw per test image)."""
     test = load_task(task_name).test
+    noisy = {} if sigma is None else {
+        "noise_accuracy": noisy_accuracy(model, test.x, test.y, sigma, seed=0)}
     if eps == 0:
         clean = accuracy(model, test.x, test.y)
-        return {"clean_accuracy": clean, "robust_accuracy": clean}
+        return {"clean_accuracy": clean, "robust_accuracy": clean, **noisy}
 
     def pgd(m, e):
         return PGD(m, e, steps=EVAL_STEPS, norm=norm, seed=0)
@@ -132,7 +159,7 @@ def evaluate_source(model: BlockNet, task_name: str, eps: float, norm: str) -> d
     table = evaluate(model, test.x, test.y, [pgd], [eps], norm, check=False)
     worst = table[table["attack"] == "worst case"].iloc[0]
     return {"clean_accuracy": float(worst.clean_accuracy),
-            "robust_accuracy": float(worst.robust_accuracy)}
+            "robust_accuracy": float(worst.robust_accuracy), **noisy}
 
 
 def build_source_model(cfg: SourceConfig, device: torch.device | str = "cpu") -> BlockNet:
@@ -183,7 +210,7 @@ def train_source(
     else:
         objective = make_objective(cfg.method, cfg.eps, cfg.norm, cfg.attack_steps,
                                    cfg.attack_alpha, cfg.train.seed, cfg.trades_beta,
-                                   cfg.free_replays)
+                                   cfg.free_replays, cfg.sigma, cfg.noise_samples)
     train, backdoor = task.train, {}
     if cfg.backdoor is not None:
         if cfg.backdoor.attack in OBJECTIVE_ATTACKS:  # planted by the loss, on clean data
@@ -200,7 +227,7 @@ def train_source(
                                  cfg.on_overfit, seed=cfg.train.seed)
     callback = None if on_epoch is None else (lambda _m, epoch: on_epoch(epoch) or {})
     history = fit(model, train, cfg.train, objective, callback, monitor, amp=amp)
-    metrics = evaluate_source(model, cfg.task, eval_eps, eval_norm)
+    metrics = evaluate_source(model, cfg.task, eval_eps, eval_norm, cfg.sigma)
     metrics["final_train_loss"] = history[-1]["train_loss"]
     metrics["epoch_seconds"] = [r["epoch_seconds"] for r in history]
     metrics["train_seconds"] = sum(metrics["epoch_seconds"])

@@ -46,9 +46,11 @@ STANDARD_META = {"role", "recipe", "eps", "norm", "method", "amp", "seed", "task
                  "teacher_path"}
 # The recipe and fine-tune fields this engine implements; a field added later is covered only
 # while it keeps its default (new fields default to today's behaviour). How a source was
-# trained (method and its options, distillation) does not change how it is fine-tuned.
+# trained (method and its options, distillation, smoothing noise) does not change how it is
+# fine-tuned. A fine-tune with `noise_sigma` (or `augment`) is not covered: per-run path.
 KNOWN_RECIPE = {"task", "arch", "eps", "norm", "attack_steps", "attack_alpha", "train",
-                "method", "trades_beta", "free_replays", "on_overfit", "distill"}
+                "method", "trades_beta", "free_replays", "on_overfit", "distill", "sigma",
+                "noise_samples"}
 KNOWN_FINETUNE = {"target_task", "images_per_class", "unfrozen_blocks", "epochs", "lr",
                   "batch_size", "seed"}
 # Test images per evaluation chunk (measured: 64 is 1.4-1.9x faster than the whole test set
@@ -114,7 +116,7 @@ def applies(model: nn.Module, cfg: FinetuneConfig, source_meta: dict | None = No
 def shape_key(cfg: FinetuneConfig) -> tuple:
     """Runs with the same key differ only in their seed: one batch of the engine."""
     return (cfg.target_task, cfg.images_per_class, cfg.unfrozen_blocks, cfg.epochs, cfg.lr,
-            cfg.batch_size)
+            cfg.batch_size, cfg.noise_sigma)
 
 
 class _WideSuffix:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from robust_transfer.data import ImageSet, adapt_images, check_task, load_task, shots_per_class
-from robust_transfer.data.augment import RandomCropFlip, mirror_safe
+from robust_transfer.data.augment import GaussianNoise, RandomCropFlip, check_sigma, mirror_safe
 from robust_transfer.data.tasks import IMAGEFOLDER, TASKS, Shots, parse_shots
 from robust_transfer.errors import UserError, check_choice
 from robust_transfer.models.nets import BlockNet
@@ -40,7 +40,10 @@ class FinetuneConfig:
     """One fine-tune. `images_per_class` is an int or "all" (`parse_shots`: the one type it
     keeps from the spec to the results table); `unfrozen_blocks` None means all blocks.
     `augment`: random crop with padding, plus horizontal flips where the target's images
-    allow them (`data.augment`); off by default (the paper's few-shot protocol has none)."""
+    allow them (`data.augment`); off by default (the paper's few-shot protocol has none).
+    `noise_sigma` > 0: Gaussian noise N(0, noise_sigma^2 I) added to every training batch
+    (after any crop; unclipped, seeded by `seed`), so that a smoothed classifier of that
+    noise level can be certified after transfer (Cohen et al. 2019); 0 = none."""
 
     target_task: str = "digits-5to9"
     images_per_class: Shots = 5
@@ -50,9 +53,12 @@ class FinetuneConfig:
     batch_size: int = 32
     seed: int = 0
     augment: bool = False
+    noise_sigma: float = 0.0
 
     def __post_init__(self) -> None:
         check_task(self.target_task)
+        object.__setattr__(self, "noise_sigma",
+                           check_sigma(self.noise_sigma, "noise sigma", allow_zero=True))
         object.__setattr__(self, "images_per_class", parse_shots(self.images_per_class))
         object.__setattr__(self, "unfrozen_blocks", parse_blocks(self.unfrozen_blocks))
 
@@ -63,22 +69,29 @@ class FinetuneConfig:
         )
 
     def to_dict(self) -> dict:
-        """The config as recorded (and hashed into run ids); `augment` only when on, so the
-        runs of specs without it keep their ids."""
+        """The config as recorded (and hashed into run ids); `augment` and `noise_sigma`
+        only when on, so the runs of specs without them keep their ids."""
         d = asdict(self)
         if not d["augment"]:
             del d["augment"]
+        if not d["noise_sigma"]:
+            del d["noise_sigma"]
         return d
 
 
-def augmentation(cfg: FinetuneConfig) -> RandomCropFlip | None:
-    """The training augmentation `cfg` asks for: crops always, flips where the target's data
-    set is mirror-safe; seeded by the fine-tune's seed."""
-    if not cfg.augment:
-        return None
-    name = cfg.target_task
-    dataset = "imagefolder" if name.startswith(IMAGEFOLDER) else TASKS[name][0]
-    return RandomCropFlip(flip=mirror_safe(dataset), seed=cfg.seed)
+def augmentation(cfg: FinetuneConfig) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The training augmentation `cfg` asks for, seeded by the fine-tune's seed: with
+    `augment`, crops always and flips where the target's data set is mirror-safe; with
+    `noise_sigma`, Gaussian noise (after the crop); None when neither."""
+    crop = None
+    if cfg.augment:
+        name = cfg.target_task
+        dataset = "imagefolder" if name.startswith(IMAGEFOLDER) else TASKS[name][0]
+        crop = RandomCropFlip(flip=mirror_safe(dataset), seed=cfg.seed)
+    if not cfg.noise_sigma:
+        return crop
+    noise = GaussianNoise(cfg.noise_sigma, cfg.seed)
+    return noise if crop is None else (lambda x: noise(crop(x)))
 
 
 def finetune(model: BlockNet, cfg: FinetuneConfig, engine: str = "auto",

@@ -224,4 +224,6 @@ def _spec_dict(spec: GridSpec) -> dict:
     }
     if spec.augment:  # recorded only when on: specs without it keep their recorded text
         d["augment"] = True
+    if spec.noise_sigma != (0.0,):  # likewise
+        d["noise_sigma"] = list(spec.noise_sigma)
     return d

@@ -22,10 +22,10 @@ from robust_transfer.transfer.spec import content_id
 # The recipe fields that make two sources the same model but for the treatment (threat model,
 # training method with its options, distillation settings, planted backdoor): sources that
 # share the rest are one comparison group (natural vs robust, clean vs backdoored), whatever
-# their eps, norm, method, distillation and backdoor; a distilled student pairs with the
-# natural source of its recipe.
+# their eps, norm, method (with its noise level sigma), distillation and backdoor; a
+# distilled student pairs with the natural source of its recipe.
 THREAT_FIELDS = ("eps", "norm", "method", "trades_beta", "free_replays", "on_overfit", "distill",
-                 "backdoor")
+                 "backdoor", "sigma", "noise_samples")
 
 
 def source_recipe(source_meta: dict) -> dict:
@@ -63,6 +63,8 @@ def source_columns(source_meta: dict) -> dict:
         "source_eps": float(source_meta.get("eps", 0.0)),
         "source_norm": source_meta.get("norm", ""),
         "source_method": source_method(source_meta),
+        # the Gaussian noise level the source was trained with (gaussian, smoothadv); 0: none
+        "source_sigma": float(recipe.get("sigma") or 0.0),
         "source_seed": int(source_meta.get("seed", 0)),
         "source_epochs": int(train.get("epochs", -1)),
         "source_lr": float(train.get("lr", float("nan"))),
@@ -183,5 +185,6 @@ def run_rows(source_meta: dict, cfg: FinetuneConfig, history: list[dict]) -> lis
         "batch_size": cfg.batch_size,
         "seed": cfg.seed,
         "augment": cfg.augment,
+        "noise_sigma": cfg.noise_sigma,
     }
     return [{**source_columns(source_meta), **config, **record} for record in history]

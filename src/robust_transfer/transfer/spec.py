@@ -14,6 +14,11 @@ may differ in `arch`, and then there is one natural source per arch (and per bac
 A source may be a student distilled from another source of the spec (`distill:` key, see
 `DistillEntry`); the grid trains its teacher first.
 
+A `sources` entry may be trained for randomized smoothing: `{method: gaussian, sigma: 0.25}`
+(Gaussian data augmentation, eps 0) or `{method: smoothadv, eps: 0.5, sigma: 0.25,
+noise_samples: 2}` (SmoothAdv); like any method, a treatment paired with the natural source.
+A fine-tune may add Gaussian noise (`noise_sigma: [0, 0.25]`, crossed like `lr`).
+
 A `sources` entry may plant a backdoor: `backdoor: {attack: badnets, rate: 0.1, target: 0}`
 (data poisoning) or `{attack: neuba}` (NeuBA pre-training). The backdoor is part of the
 source's treatment (a backdoored and a clean source of the same eps are two sources), and a
@@ -92,6 +97,10 @@ class SourceEntry:
     trades_beta: float | None = None
     free_replays: int | None = None
     on_overfit: str | None = None
+    # Randomized smoothing (`train.smoothing`): noise level of gaussian / smoothadv, and
+    # smoothadv's noise samples m.
+    sigma: float | None = None
+    noise_samples: int | None = None
     # Architecture of this source (Kornblith et al. 2019, "Do Better ImageNet Models Transfer
     # Better?"); None: the spec's `source.arch`.
     arch: str | None = None
@@ -102,7 +111,8 @@ class SourceEntry:
 
     @property
     def natural(self) -> bool:
-        return self.eps == 0 and self.distill is None
+        """Natural training: eps 0, no distillation, no other method (e.g. gaussian)."""
+        return self.eps == 0 and self.distill is None and self.method in (None, "natural")
 
     def to_dict(self) -> dict:
         """As written in the recorded spec; unset (None) keys are left out, so a spec that
@@ -122,6 +132,7 @@ class GridSpec:
     epochs: tuple[int, ...]
     seeds: tuple[int, ...]
     lr: tuple[float, ...] = (0.1,)
+    noise_sigma: tuple[float, ...] = (0.0,)  # fine-tuning Gaussian noise (crossed like lr)
     batch_size: int = 32
     source: SourceRecipe = SourceRecipe()
     name: str = "grid"
@@ -172,8 +183,9 @@ def source_id(s: SourceConfig) -> str:
         prefix = f"{s.distill.method}-"
     else:
         prefix = "" if s.method in ("natural", "pgd") else f"{s.method}-"
+    noise = "" if s.sigma is None else f"-sigma{s.sigma:g}"
     attack = "" if s.backdoor is None else f"-{s.backdoor.attack}"
-    return f"{prefix}{s.norm}-eps{s.eps:g}{attack}-{content_id(_source_dict(s), 8)}"
+    return f"{prefix}{s.norm}-eps{s.eps:g}{noise}{attack}-{content_id(_source_dict(s), 8)}"
 
 
 def _as_list(value, key: str) -> list:
@@ -251,7 +263,8 @@ def _parse_source(s: dict, teacher: bool = False) -> SourceEntry:
     if eps < 0:
         raise UserError(f"source eps must be >= 0, got {eps}")
     options = {}
-    for key, kind in (("trades_beta", float), ("free_replays", int)):
+    for key, kind in (("trades_beta", float), ("free_replays", int), ("sigma", float),
+                      ("noise_samples", int)):
         if s.get(key) is not None:
             options[key] = _number(s[key], f"sources.{key}", kind)
     if s.get("on_overfit") is not None:
@@ -352,6 +365,7 @@ def parse_spec(d: dict) -> GridSpec:
         epochs=values("epochs", lambda e: _number(e, "epochs", int)),
         seeds=values("seeds", lambda s: _number(s, "seeds", int)),
         lr=values("lr", lambda v: _number(v, "lr"), default=0.1),
+        noise_sigma=values("noise_sigma", lambda v: _number(v, "noise_sigma"), default=0.0),
         batch_size=_number(d.get("batch_size", 32), "batch_size", int),
         source=recipe,
         name=str(d.get("name", "grid")),
@@ -422,7 +436,8 @@ def source_config(spec: GridSpec, e: SourceEntry) -> SourceConfig:
     return SourceConfig(task=r.task, arch=e.arch or r.arch, eps=e.eps, norm=e.norm,
                         attack_steps=r.attack_steps, train=train, method=e.method,
                         trades_beta=e.trades_beta, free_replays=e.free_replays,
-                        on_overfit=e.on_overfit, distill=distill, backdoor=e.backdoor)
+                        on_overfit=e.on_overfit, distill=distill, backdoor=e.backdoor,
+                        sigma=e.sigma, noise_samples=e.noise_samples)
 
 
 def source_configs(spec: GridSpec) -> list[SourceConfig]:
@@ -437,11 +452,11 @@ def probes(spec: GridSpec) -> tuple[BackdoorConfig, ...]:
 def expand(spec: GridSpec) -> list[Run]:
     """Every combination of the spec's variables, as `Run`s (sources outermost)."""
     runs, probed = [], probes(spec)
-    for source, target, k, blocks, epochs, lr, seed in itertools.product(
+    for source, target, k, blocks, epochs, lr, noise, seed in itertools.product(
         source_configs(spec), spec.targets, spec.images_per_class, spec.unfrozen_blocks,
-        spec.epochs, spec.lr, spec.seeds,
+        spec.epochs, spec.lr, spec.noise_sigma, spec.seeds,
     ):
         cfg = FinetuneConfig(target, k, blocks, epochs, lr, spec.batch_size, seed,
-                             augment=spec.augment)
+                             augment=spec.augment, noise_sigma=noise)
         runs.append(Run(source, cfg, probed))
     return runs
