@@ -21,7 +21,6 @@ from robust_transfer.certify.smooth import (
     Certificate,
     Smooth,
     check_budget,
-    check_sigma,
     lower_confidence_bound,
 )
 
@@ -36,7 +35,6 @@ __all__ = [
     "certified_accuracy",
     "certify_dataset",
     "check_budget",
-    "check_sigma",
     "empirical_robust_accuracy",
     "lower_confidence_bound",
     "radius_scale",

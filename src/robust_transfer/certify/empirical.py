@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from robust_transfer.attacks.gradient import PGD
-from robust_transfer.certify.smooth import Smooth, check_sigma
+from robust_transfer.certify.smooth import Smooth
+from robust_transfer.data.augment import GaussianNoise
 
 
 class SmoothedSoft(nn.Module):
@@ -25,8 +26,9 @@ class SmoothedSoft(nn.Module):
 
     As "logits" it gives the soft classifier's class, and cross-entropy on it is Salman et
     al.'s -log((1/m) sum_i softmax(f(x + delta_i))_y). Noise comes from the module's own
-    generator (`seed`): every forward pass, and every copy of an image within one pass, draws
-    fresh noise, as EOT needs; `reseed` restarts the sequence.
+    seeded generator (`data.augment.GaussianNoise`, unclipped): every forward pass, and every
+    copy of an image within one pass, draws fresh noise, as EOT needs; `reseed` restarts the
+    sequence.
 
     Shape: x (N, C, H, W) in [0,1] -> (N, num_classes) log-probabilities.
 
@@ -41,23 +43,20 @@ class SmoothedSoft(nn.Module):
         super().__init__()
         if isinstance(m, bool) or not isinstance(m, int) or m < 1:
             raise ValueError(f"m must be an integer >= 1, got {m!r}")
-        self.model, self.sigma, self.m = model, check_sigma(sigma), m
-        self.reseed(seed)
+        self.model, self.m = model, m
+        self.noise = GaussianNoise(sigma, seed)
+        self.sigma = self.noise.sigma
 
     def reseed(self, seed: int) -> None:
-        self.seed = int(seed)
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self.noise = GaussianNoise(self.sigma, seed)
 
     @property
     def spec(self):
         return self.model.spec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device not in self._generators:
-            self._generators[x.device] = torch.Generator(x.device).manual_seed(self.seed)
-        noise = torch.randn((self.m, *x.shape), generator=self._generators[x.device],
-                            device=x.device, dtype=x.dtype)
-        logits = self.model((x.unsqueeze(0) + self.sigma * noise).flatten(0, 1))
+        noise = self.noise.sample((self.m, *x.shape), x)  # already scaled by sigma
+        logits = self.model((x.unsqueeze(0) + noise).flatten(0, 1))
         probs = logits.float().softmax(1).view(self.m, len(x), -1).mean(0)
         return probs.clamp_min(1e-12).log()
 

@@ -21,7 +21,8 @@ from robust_transfer.certify.metrics import (
     certified_accuracy,
     table_radii,
 )
-from robust_transfer.certify.smooth import ABSTAIN, Smooth, check_budget, check_sigma
+from robust_transfer.certify.smooth import ABSTAIN, Smooth, check_budget
+from robust_transfer.data.augment import check_sigma
 from robust_transfer.errors import UserError
 from robust_transfer.models.runtime import predict_logits
 

@@ -26,6 +26,7 @@ from scipy.stats import beta, binomtest, norm
 from torch import nn
 
 from robust_transfer.attacks.rng import ExampleRNG
+from robust_transfer.data.augment import check_sigma
 from robust_transfer.errors import UserError
 from robust_transfer.models.runtime import eval_mode
 
@@ -35,12 +36,6 @@ ABSTAIN = -1
 BLOCK = 100
 # Streams (`ExampleRNG` counters) of the three sampling steps.
 _SELECT, _ESTIMATE, _PREDICT = 0, 1, 2
-
-
-def check_sigma(sigma: float) -> float:
-    if isinstance(sigma, bool) or not isinstance(sigma, int | float) or not sigma > 0:
-        raise UserError(f"sigma must be a number > 0, got {sigma!r}")
-    return float(sigma)
 
 
 def check_alpha(alpha: float) -> float:

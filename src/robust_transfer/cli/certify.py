@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from robust_transfer.atomic import atomic_write_text
-from robust_transfer.certify import EmpiricalAttack, certify_dataset, check_budget, check_sigma
+from robust_transfer.certify import EmpiricalAttack, certify_dataset, check_budget
 from robust_transfer.certify.evaluate import check_radii
 from robust_transfer.certify.metrics import table_radii
 from robust_transfer.cli import app
@@ -22,6 +22,7 @@ from robust_transfer.cli.common import (
     print_table,
     progress_bar,
 )
+from robust_transfer.data.augment import check_sigma
 from robust_transfer.errors import UserError
 from robust_transfer.models import load_checkpoint
 from robust_transfer.models.checkpoint import read_meta
@@ -75,7 +76,7 @@ def certify(
     task: str = typer.Option(None, help="Task (default: the checkpoint's)."),
     out_dir: Path = typer.Option(None, "--out", help="Directory for certify.csv, "
                                  "certify_summary.csv and certified_accuracy.png (default: "
-                                 "certify-results/<checkpoint name>)."),
+                                 "certify-results/ + the checkpoint directory name)."),
     device: str = DEVICE_OPTION,
 ) -> None:
     """Certified L2 robustness by randomized smoothing (Cohen, Rosenfeld & Kolter 2019).
