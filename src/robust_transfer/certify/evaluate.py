@@ -59,6 +59,14 @@ class CertifyResult:
     summary: pd.DataFrame
 
 
+def spread(total: int, max_images: int) -> slice:
+    """Every (total // max_images)-th of `total` test images, at most `max_images` of them:
+    all classes even when a test set is sorted by class (Cohen et al. certify every 20th
+    CIFAR-10 test image)."""
+    step = max(1, total // max(max_images, 1))
+    return slice(0, step * max_images, step)
+
+
 def check_radii(radii: Sequence[float]) -> list[float]:
     out = sorted(dict.fromkeys(float(r) for r in radii))
     if not out or any(not r >= 0 or r == float("inf") for r in out):

@@ -1,6 +1,8 @@
 """`certify`: randomized-smoothing certificates of a checkpoint (Cohen et al. 2019), with the
-attack's upper bound beside them. Parses and checks every option before loading anything;
-the algorithm is `certify.certify_dataset`, the figure `report.certify_figures`."""
+attack's upper bound beside them; `certify-transfer`: the study of whether a certificate
+transfers (a grid with a `certify:` section, then its report). Parses and checks every option
+before loading anything; the algorithms are `certify.certify_dataset` and the grid, the
+figures `report.certify_figures` / `report.certify_transfer`."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import typer
 
 from robust_transfer.atomic import atomic_write_text
 from robust_transfer.certify import EmpiricalAttack, certify_dataset, check_budget
-from robust_transfer.certify.evaluate import check_radii
+from robust_transfer.certify.evaluate import check_radii, spread
 from robust_transfer.certify.metrics import table_radii
 from robust_transfer.cli import app
 from robust_transfer.cli.attack import _test_set
@@ -22,12 +24,18 @@ from robust_transfer.cli.common import (
     print_table,
     progress_bar,
 )
+from robust_transfer.cli.study import _run_grid_with_progress
 from robust_transfer.data.augment import check_sigma
 from robust_transfer.errors import UserError
 from robust_transfer.models import load_checkpoint
 from robust_transfer.models.checkpoint import read_meta
 from robust_transfer.models.runtime import resolve_device
 from robust_transfer.report.certify_figures import certified_accuracy_plot
+from robust_transfer.report.certify_transfer import certify_headline_rows, make_certify_report
+from robust_transfer.report.study import make_report
+from robust_transfer.transfer.certify_study import certify_sources, certify_spec_path
+from robust_transfer.transfer.results import read_results
+from robust_transfer.transfer.spec import load_spec
 
 RADII_HELP = ("L2 radii of the table (repeatable; default: Cohen et al.'s CIFAR-10 radii 0, "
               "0.25, 0.5, 0.75, 1.0 times (d / 3072)^(1/4) for d input values: as published "
@@ -58,8 +66,9 @@ def certify(
                           "on 2 CPU cores)."),
     alpha: float = typer.Option(0.001, "--alpha", help="Failure probability of each "
                                 "certificate, in (0, 1)."),
-    max_images: int = typer.Option(500, "--max-images", help="Test images to certify (the "
-                                   "first ones of the test set)."),
+    max_images: int = typer.Option(500, "--max-images", help="Test images to certify: every "
+                                   "k-th of the test set, k = its size // max-images (Cohen "
+                                   "et al. certify every 20th CIFAR-10 test image)."),
     radius: list[float] = typer.Option(None, "--radius", help=RADII_HELP),
     attack_steps: int = typer.Option(10, "--attack-steps", help="PGD-L2 steps of the attack "
                                      "on the smoothed soft classifier (upper bound)."),
@@ -98,7 +107,9 @@ def certify(
     check_output_dir(out_dir)
     model, meta = load_checkpoint(checkpoint, resolve_device(device))
     task = task or meta.get("task", "digits-0to4")
-    _, x, y = _test_set(task, model.spec.num_classes, max_images)
+    data, _, _ = _test_set(task, model.spec.num_classes, 1)
+    pick = spread(len(data.test.y), max_images)
+    x, y = data.test.x[pick], data.test.y[pick]
     radii = radii or table_radii(x.shape[1:])
     total = len(y) * len(sigma) * (1 if attack is None else 2)
     with progress_bar(f"certify {checkpoint} (n={n:,})", total) as advance:
@@ -129,3 +140,41 @@ def certify(
     console.print(f"{len(sigma)} sigma(s), {len(y)} test images of {task}")
     for path in written:
         out.print(f"wrote {path}")
+
+
+@app.command("certify-transfer")
+def certify_transfer(
+    spec_file: Path = typer.Argument(None, help="YAML grid spec with a `certify:` section "
+                                     "(default: the shipped specs/certify.yaml)."),
+    out_dir: Path = typer.Option(..., "--out", help="Directory for sources, results and "
+                                 "report."),
+    workers: int = typer.Option(2, "--workers", help="Parallel worker processes."),
+    device: str = DEVICE_OPTION,
+) -> None:
+    """Does a certificate transfer? Run the grid, certify, then the report.
+
+    Trains the sources (e.g. natural, PGD-AT, Gaussian augmentation, SmoothAdv), fine-tunes
+    each on the target task, certifies every final model by randomized smoothing at the
+    spec's sigma (and each source on its own task), and writes Figure C1 (certified accuracy
+    vs L2 radius, 95% t-intervals over seeds) and certify_summary.md (certified accuracy per
+    radius, ACR, paired ACR difference to the natural source) beside the usual accuracy
+    report. Resumable like `grid`.
+    """
+    spec_path = spec_file or certify_spec_path()
+    spec = load_spec(spec_path)
+    if spec.certify is None:
+        raise UserError(f"spec {str(spec_path)!r} has no certify: section; add e.g. "
+                        "`certify: {sigma: 0.25, n: 1000, max_images: 200}`")
+    check_output_dir(out_dir, "--out")
+    console.print(f"spec: {spec_path}")
+    table = _run_grid_with_progress(spec, out_dir, workers, device)
+    sources = certify_sources(spec, out_dir, device)
+    report = out_dir / "report"
+    atomic_write_text(report / "source_certify.csv", sources.to_csv(index=False))
+    rep = make_report(table, report)
+    results = read_results(table)
+    for f in [*rep.figures, *make_certify_report(results, sources, report)]:
+        console.print(f"{'summary' if f.suffix == '.md' else 'figure'}: {f}")
+    console.print(f"summary: {rep.summary}")
+    print_table(f"mean ACR at σ={spec.certify.sigma:g} (CIs in certify_summary.md)",
+                certify_headline_rows(results))

@@ -28,6 +28,7 @@ from robust_transfer.models import load_checkpoint, save_checkpoint
 from robust_transfer.models.checkpoint import META
 from robust_transfer.train import SourceConfig
 from robust_transfer.transfer.batched import shape_key
+from robust_transfer.transfer.certify_eval import CertifySpec
 from robust_transfer.transfer.executors import Executor, LocalExecutor
 from robust_transfer.transfer.finetune import FinetuneConfig
 from robust_transfer.transfer.results import (
@@ -72,6 +73,7 @@ class _FinetuneJob:
     config: FinetuneConfig
     device: str = "cpu"
     probes: tuple = ()  # backdoors whose triggers are evaluated per epoch (`Run.probes`)
+    certify: CertifySpec | None = None  # certify the final model (`Run.certify`)
 
 
 def _train_source_job(job: _SourceJob) -> Path:
@@ -102,7 +104,7 @@ def _finetune_batch_job(batch: _FinetuneBatch) -> list[list[dict]]:
     """Rows per run of the batch, in the batch's order (each tagged with its run id)."""
     first = batch.jobs[0]
     results = finetune_many_from_checkpoint(first.source_dir, [j.config for j in batch.jobs],
-                                            first.device, first.probes)
+                                            first.device, first.probes, first.certify)
     return [[{"run_id": job.run_id, **row} for row in rows]
             for job, rows in zip(batch.jobs, results, strict=True)]
 
@@ -153,7 +155,8 @@ def plan(spec: GridSpec, out: Path, device: str = "cpu") -> GridPlan:
     ]
     done = done_run_ids(out)
     pending = [
-        _FinetuneJob(r.run_id, out / SOURCES / r.source_id, r.finetune, device, r.probes)
+        _FinetuneJob(r.run_id, out / SOURCES / r.source_id, r.finetune, device, r.probes,
+                     r.certify)
         for r in runs if r.run_id not in done
     ]
     return GridPlan(runs, to_train, pending)
@@ -224,6 +227,8 @@ def _spec_dict(spec: GridSpec) -> dict:
     }
     if spec.augment:  # recorded only when on: specs without it keep their recorded text
         d["augment"] = True
+    if spec.certify is not None:  # likewise
+        d["certify"] = spec.certify.to_dict()
     if spec.noise_sigma != (0.0,):  # likewise
         d["noise_sigma"] = list(spec.noise_sigma)
     return d
