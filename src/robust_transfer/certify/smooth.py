@@ -10,10 +10,11 @@ on n fresh draws, and certifies the L2 radius sigma * PhiInv(pA_lower) when the 
 at least 1 - alpha a returned class is g(x) and g is constant within the radius (Theorem 1).
 
 Noise is not clipped to [0, 1] (the paper's and the reference code's choice). It is drawn per
-example (`attacks.rng.ExampleRNG`: seed, the image's content, the algorithm's stage, the index
-of the draw), so an image's result does not depend on the batch it is certified in, nor on
-`batch_size`. The draws of many images go through the model together, in forward passes of
-about `batch_size` noisy images.
+example, in streams of BLOCK draws: stream b of an image is `torch.randn` from a generator
+seeded by a hash of (seed, the image's content, the algorithm's stage, b) (`attacks.rng.
+ExampleRNG`), so an image's result does not depend on the batch it is certified in, nor on
+`batch_size`; the hashing is per stream, the normals come at torch's speed. The draws of many
+images go through the model together, in forward passes of about `batch_size` noisy images.
 """
 
 from __future__ import annotations
@@ -108,6 +109,24 @@ class Smooth:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise UserError(f"Smooth needs images of shape (N, C, H, W), got {shape}")
 
+    @staticmethod
+    def _noise(rng: ExampleRNG, shape: tuple[int, ...], stage: int, start: int, stop: int,
+               dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """(N, stop - start, *shape) standard normal draws start..stop-1 of each image: stream
+        b (draws b*BLOCK..) is `torch.randn` from a generator seeded by (image, stage, b)
+        (`ExampleRNG`), so it is the same in any batch; a stream's last, partial block has
+        the same length whatever the batching (passes hold whole streams)."""
+        out = torch.empty(len(rng), stop - start, *shape, dtype=dtype, device=device)
+        g = torch.Generator(device=device)
+        for b in range(start // BLOCK, -(-stop // BLOCK)):
+            lo, hi = b * BLOCK - start, min(stop, (b + 1) * BLOCK) - start
+            seeds = (rng.uniform((1,), stage, b, dtype=torch.float64) * 2.0**53).long()
+            for i, s in enumerate(seeds.flatten().tolist()):
+                g.manual_seed(s)
+                out[i, lo:hi] = torch.randn((hi - lo, *shape), generator=g, dtype=dtype,
+                                            device=device)
+        return out
+
     @torch.no_grad()
     def counts(self, x: torch.Tensor, n: int, batch_size: int = 1000, seed: int = 0,
                stage: int = _PREDICT) -> torch.Tensor:
@@ -129,9 +148,7 @@ class Smooth:
                 xi, ri = x[i:i + images], rng[i:i + images]
                 for start in range(0, n, per_pass):
                     stop = min(n, start + per_pass)
-                    noise = torch.cat([
-                        ri.normal((min(BLOCK, stop - b * BLOCK), *shape), stage, b)
-                        for b in range(start // BLOCK, -(-stop // BLOCK))], dim=1)
+                    noise = self._noise(ri, shape, stage, start, stop, x.dtype, device)
                     batch = (xi.unsqueeze(1) + self.sigma * noise).flatten(0, 1)
                     pred = self.model(batch).argmax(1).view(len(xi), -1)
                     offset = torch.arange(len(xi), device=device).unsqueeze(1) * self.num_classes
