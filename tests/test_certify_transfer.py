@@ -25,7 +25,7 @@ TINY = {
     "images_per_class": [2],
     "unfrozen_blocks": [0, "all"],
     "noise_sigma": [0, 0.25],
-    "epochs": 1,
+    "epochs": 2,  # the certificate is on the last epoch's row, and must survive storage
     "seeds": [0, 1],
     "certify": {"sigma": 0.25, "n0": 10, "n": 40, "max_images": 12, "radii": [0, 0.1, 0.2]},
 }
@@ -40,7 +40,7 @@ def test_certify_transfer_cli_tiny(cli, tmp_path):
     assert code == 0, err
     df = read_results(out)
     final = df[df.epoch == df.epochs]
-    assert len(final) == 2 * 2 * 2 * 2
+    assert len(final) == 2 * 2 * 2 * 2 and len(df) == 2 * len(final)
     cols = [f"{PREFIX}0", f"{PREFIX}0.1", f"{PREFIX}0.2"]
     assert final[cols + ["acr", "abstain_rate", "noise_accuracy"]].notna().all().all()
     assert (final[cols].diff(axis=1).iloc[:, 1:] <= 0).all().all()  # falls with the radius

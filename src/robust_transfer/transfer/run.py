@@ -148,7 +148,11 @@ def _finetune_loaded(model: BlockNet, source_meta: dict, cfg: FinetuneConfig, en
     history = finetune(model, cfg, engine, on_epoch=hook)
     if certify is not None:
         x, y = task_test_images(model, cfg.target_task)
-        history[-1] = {**history[-1], **certify_columns(model, x, y, certify, cfg.seed)}
+        columns = certify_columns(model, x, y, certify, cfg.seed)
+        # every row gets the columns (NaN before the last epoch): a stored part's schema is
+        # its first row's
+        blank = dict.fromkeys(columns, float("nan"))
+        history = [{**h, **blank} for h in history[:-1]] + [{**history[-1], **columns}]
     return run_rows(source_meta, cfg, history), history
 
 
