@@ -87,3 +87,11 @@ def test_shipped_spec_loads():
     spec = load_spec(certify_spec_path())
     assert spec.certify is not None and spec.certify.sigma == 0.25
     assert {s.method for s in spec.sources} == {None, "gaussian", "smoothadv"}
+
+
+def test_certify_transfer_needs_a_certify_section(cli, tmp_path):
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump({k: v for k, v in TINY.items() if k != "certify"}))
+    out = tmp_path / "study"
+    code, _, err = cli("certify-transfer", spec_file, "--out", out)
+    assert code == 2 and "no certify: section" in err and not out.exists()
