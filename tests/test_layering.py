@@ -1,6 +1,7 @@
 """The layering of DESIGN.md, checked on the source: a package imports only from the packages
-before it (data → models → attacks → defenses → train → backdoors → transfer → explain →
-report → cli), and from the top-level helpers (errors, atomic, stats) that every layer shares."""
+before it (data → models → attacks → defenses → certify → train → backdoors → transfer →
+explain → report → cli), and from the top-level helpers (errors, atomic, stats) that every
+layer shares."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from pathlib import Path
 
 import robust_transfer
 
-LAYERS = ("data", "models", "attacks", "defenses", "train", "backdoors", "transfer",
+# certify (randomized smoothing) needs only models and attacks, and grids certify the models
+# they fine-tune (transfer/), so it sits right after defenses.
+LAYERS = ("data", "models", "attacks", "defenses", "certify", "train", "backdoors", "transfer",
           "explain", "report", "cli")
 SHARED = {"errors", "atomic", "stats"}
 ROOT = Path(robust_transfer.__file__).parent

@@ -75,6 +75,7 @@ from robust_transfer.cli import (  # noqa: E402,F401  (register commands)
     backdoor_transfer,
     backdoor_updates,
     bias,
+    certify,
     checkpoints,
     defend,
     distill,
@@ -88,7 +89,7 @@ if _sigint_set:  # None: a handler set outside Python, whose default we restore
 
 # Options that take several values after one flag (`--eps 0.1 0.2 0.3`); click wants the
 # flag repeated, so argv is rewritten before parsing.
-MULTI_VALUE_OPTIONS = {"--eps", "--strength", "--update-images"}
+MULTI_VALUE_OPTIONS = {"--eps", "--strength", "--update-images", "--sigma", "--radius"}
 
 
 def _is_number(token: str) -> bool:

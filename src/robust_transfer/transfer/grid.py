@@ -33,6 +33,7 @@ from robust_transfer.models.checkpoint import META
 from robust_transfer.models.runtime import torch_threads
 from robust_transfer.train import SourceConfig
 from robust_transfer.transfer.batched import shape_key
+from robust_transfer.transfer.certify_eval import CertifySpec
 from robust_transfer.transfer.executors import Executor, LocalExecutor
 from robust_transfer.transfer.finetune import FinetuneConfig
 from robust_transfer.transfer.results import (
@@ -83,6 +84,7 @@ class _FinetuneJob:
     config: FinetuneConfig
     device: str = "cpu"
     probes: tuple = ()  # backdoors whose triggers are evaluated per epoch (`Run.probes`)
+    certify: CertifySpec | None = None  # certify the final model (`Run.certify`)
 
 
 def _train_source_job(job: _SourceJob) -> Path:
@@ -120,7 +122,7 @@ def _finetune_batch_job(batch: _FinetuneBatch) -> list[list[dict]]:
     with torch_threads(RUN_THREADS):
         results = finetune_many_from_checkpoint(first.source_dir,
                                                 [j.config for j in batch.jobs],
-                                                first.device, first.probes)
+                                                first.device, first.probes, first.certify)
     return [[{"run_id": job.run_id, **row} for row in rows]
             for job, rows in zip(batch.jobs, results, strict=True)]
 
@@ -172,7 +174,8 @@ def plan(spec: GridSpec, out: Path, device: str = "cpu") -> GridPlan:
     ]
     scan = scan_parts(out, {r.run_id for r in runs})
     pending = [
-        _FinetuneJob(r.run_id, out / SOURCES / r.source_id, r.finetune, device, r.probes)
+        _FinetuneJob(r.run_id, out / SOURCES / r.source_id, r.finetune, device, r.probes,
+                     r.certify)
         for r in runs if r.run_id not in scan.done
     ]
     return GridPlan(runs, to_train, pending, scan.corrupt)
@@ -250,6 +253,8 @@ def _spec_dict(spec: GridSpec) -> dict:
     }
     if spec.augment:  # recorded only when on: specs without it keep their recorded text
         d["augment"] = True
+    if spec.certify is not None:  # likewise
+        d["certify"] = spec.certify.to_dict()
     if spec.noise_sigma != (0.0,):  # likewise
         d["noise_sigma"] = list(spec.noise_sigma)
     return d

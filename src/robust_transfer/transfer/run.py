@@ -17,6 +17,7 @@ from robust_transfer.models.nets import BlockNet
 from robust_transfer.train.distill import distill_label
 from robust_transfer.transfer import batched
 from robust_transfer.transfer.backdoor_eval import backdoor_epoch_hook
+from robust_transfer.transfer.certify_eval import CertifySpec, certify_columns, task_test_images
 from robust_transfer.transfer.finetune import FinetuneConfig, finetune
 from robust_transfer.transfer.spec import content_id
 
@@ -134,8 +135,10 @@ def finetune_from_checkpoint(
 
 
 def _finetune_loaded(model: BlockNet, source_meta: dict, cfg: FinetuneConfig, engine: str,
-                     probes: Sequence[BackdoorConfig] | None) -> tuple[list[dict], list[dict]]:
-    """(rows, per-epoch history) of fine-tuning the loaded source `model` in place."""
+                     probes: Sequence[BackdoorConfig] | None,
+                     certify: CertifySpec | None = None) -> tuple[list[dict], list[dict]]:
+    """(rows, per-epoch history) of fine-tuning the loaded source `model` in place; with
+    `certify`, the final epoch's record gets the certification columns of the final model."""
     own = source_backdoor(source_meta)
     hook = None
     if probes or own is not None:  # extra per-epoch measurements: the per-run path
@@ -147,6 +150,13 @@ def _finetune_loaded(model: BlockNet, source_meta: dict, cfg: FinetuneConfig, en
     if hook is not None or not batched.applies(model, cfg, source_meta):
         engine = "per-run"
     history = finetune(model, cfg, engine, on_epoch=hook)
+    if certify is not None:
+        x, y = task_test_images(model, cfg.target_task)
+        columns = certify_columns(model, x, y, certify, cfg.seed)
+        # every row gets the columns (NaN before the last epoch): a stored part's schema is
+        # its first row's
+        blank = dict.fromkeys(columns, float("nan"))
+        history = [{**h, **blank} for h in history[:-1]] + [{**history[-1], **columns}]
     return run_rows(source_meta, cfg, history), history
 
 
@@ -155,21 +165,22 @@ def finetune_many_from_checkpoint(
     cfgs: list[FinetuneConfig],
     device: torch.device | str = "cpu",
     probes: Sequence[BackdoorConfig] | None = None,
+    certify: CertifySpec | None = None,
 ) -> list[list[dict]]:
     """Rows (as `finetune_from_checkpoint` gives them) of every fine-tune in `cfgs` of the
     checkpoint at `source_dir`: runs of one shape (`batched.shape_key`) that the batched
-    engine covers (`batched.applies`, and no backdoor `probes` to measure) are trained
-    together, every other run by the per-run path, one at a time."""
+    engine covers (`batched.applies`, no backdoor `probes` to measure, nothing to `certify`)
+    are trained together, every other run by the per-run path, one at a time."""
     model, source_meta = load_checkpoint(source_dir, device)
     results: list[list[dict] | None] = [None] * len(cfgs)
     groups: dict[tuple, list[int]] = {}
     for i, cfg in enumerate(cfgs):
-        if not probes and batched.applies(model, cfg, source_meta):
+        if not probes and certify is None and batched.applies(model, cfg, source_meta):
             groups.setdefault(batched.shape_key(cfg), []).append(i)
         else:
             # a copy of the loaded source, not a second read of the checkpoint
             results[i] = _finetune_loaded(copy.deepcopy(model), source_meta, cfg, "auto",
-                                          probes)[0]
+                                          probes, certify)[0]
     for members in groups.values():
         group = [cfgs[i] for i in members]
         for i, history in zip(members, batched.finetune_batch(model, group), strict=True):

@@ -42,6 +42,7 @@ from robust_transfer.data.tasks import ALL, check_shots, load_task, parse_shots
 from robust_transfer.errors import UserError, check_choice
 from robust_transfer.models.nets import ARCHS, num_blocks
 from robust_transfer.train import DistillConfig, SourceConfig, TrainConfig
+from robust_transfer.transfer.certify_eval import CertifySpec
 from robust_transfer.transfer.finetune import FinetuneConfig, parse_blocks
 
 
@@ -140,6 +141,8 @@ class GridSpec:
     source: SourceRecipe = SourceRecipe()
     name: str = "grid"
     augment: bool = False  # fine-tuning augmentation (`FinetuneConfig.augment`)
+    # certify every fine-tuned model (randomized smoothing; `transfer.certify_eval`)
+    certify: CertifySpec | None = None
 
 
 @dataclass(frozen=True)
@@ -149,11 +152,13 @@ class Run:
     `probes`: the backdoors whose triggers are evaluated after every epoch (C-Acc, ASR, RA;
     `transfer.backdoor_eval`). A grid with any backdoored source probes every run with the
     triggers of all its backdoors, so a clean source gives the baseline ASR of each trigger.
+    `certify`: certify the final model (`transfer.certify_eval`; the spec's `certify:`).
     """
 
     source: SourceConfig
     finetune: FinetuneConfig
     probes: tuple[BackdoorConfig, ...] = ()
+    certify: CertifySpec | None = None
 
     # Cached: a paper-scale grid has 14,400 runs of a few sources, and `asdict` is slow.
     @functools.cached_property
@@ -165,6 +170,8 @@ class Run:
         d = {"source": _source_dict(self.source), "finetune": self.finetune.to_dict()}
         if self.probes:  # runs without probes keep the ids they had before probes existed
             d["probes"] = [p.to_dict() for p in self.probes]
+        if self.certify is not None:  # likewise for runs that certify nothing
+            d["certify"] = self.certify.to_dict()
         return content_id(d)
 
 
@@ -394,6 +401,7 @@ def parse_spec(d: dict) -> GridSpec:
         source=recipe,
         name=_text(d.get("name", "grid"), "name"),
         augment=_flag(d.get("augment", False), "augment"),
+        certify=None if d.get("certify") is None else CertifySpec.from_dict(d["certify"]),
     )
     expand(spec)  # validates every name and number through the configs' own checks
     check_against_data(spec)
@@ -483,5 +491,5 @@ def expand(spec: GridSpec) -> list[Run]:
     ):
         cfg = FinetuneConfig(target, k, blocks, epochs, lr, spec.batch_size, seed,
                              augment=spec.augment, noise_sigma=noise)
-        runs.append(Run(source, cfg, probed))
+        runs.append(Run(source, cfg, probed, spec.certify))
     return runs
