@@ -23,6 +23,7 @@ from robust_transfer.cli.common import (
     progress_bars,
 )
 from robust_transfer.data import TASKS
+from robust_transfer.errors import UserError
 from robust_transfer.models import ARCHS, save_checkpoint
 from robust_transfer.models.runtime import resolve_device
 from robust_transfer.report.backdoor_transfer import make_backdoor_report
@@ -32,7 +33,13 @@ from robust_transfer.train.methods import METHODS
 from robust_transfer.train.overfit import ACTIONS
 from robust_transfer.transfer import FinetuneConfig
 from robust_transfer.transfer.executors import Executor, make_executor
-from robust_transfer.transfer.grid import demo_spec_path, plan, previous_spec_differs, run_grid
+from robust_transfer.transfer.grid import (
+    check_engine,
+    demo_spec_path,
+    plan,
+    previous_spec_differs,
+    run_grid,
+)
 from robust_transfer.transfer.results import manifest_run_ids, read_results
 from robust_transfer.transfer.run import finetune_from_checkpoint
 from robust_transfer.transfer.spec import load_spec
@@ -132,8 +139,10 @@ def finetune(
 
 
 def _run_grid_with_progress(spec, out: Path, workers: int, device: str,
-                            executor: Executor | None = None) -> Path:
-    """Run the grid with progress bars; print what is reused; end with the results line."""
+                            executor: Executor | None = None, engine: str = "auto",
+                            max_memory: float | None = None) -> Path:
+    """Run the grid with progress bars; print what is reused; end with the results line
+    (fine-tunes per second, and per engine: runs / the worker time their units took)."""
     dev = resolve_device(device)
     if previous_spec_differs(spec, out):
         console.print(f"note: {out} was run with another spec; its runs stay on disk, but "
@@ -146,17 +155,29 @@ def _run_grid_with_progress(spec, out: Path, workers: int, device: str,
     if done:
         console.print(f"{done} of {total} fine-tunes already done; running the rest")
     bars = {"source models": len(todo.sources_to_train), "fine-tunes": total}
+    per_engine: dict[str, list[float]] = {}
+
+    def engine_time(name: str, runs: int, seconds: float) -> None:
+        runs_seconds = per_engine.setdefault(name, [0, 0.0])
+        runs_seconds[0] += runs
+        runs_seconds[1] += seconds
+
     start = time.perf_counter()
     with progress_bars(bars) as advance:
         advance["fine-tunes"](done)
         table = run_grid(spec, out, workers, executor=executor, device=str(dev),
                          on_source_done=lambda _d: advance["source models"](),
-                         on_run_done=lambda _r: advance["fine-tunes"]())
+                         on_run_done=lambda _r: advance["fine-tunes"](), engine=engine,
+                         max_memory=None if max_memory is None else int(max_memory * 2**30),
+                         on_engine_time=engine_time)
     seconds = time.perf_counter() - start
     n_runs = read_results(table).run_id.nunique()
     console.print(f"results: {table}  ({n_runs} run{'' if n_runs == 1 else 's'})")
     ran = len(todo.pending)  # this invocation's; the time includes training its sources
-    console.print(f"{ran} fine-tunes in {seconds:.1f} s ({ran / max(seconds, 1e-9):.1f} per s)")
+    engines = "".join(f"; {name} {int(n)} at {n / max(t, 1e-9):.1f} per s"
+                      for name, (n, t) in sorted(per_engine.items()))
+    console.print(f"{ran} fine-tunes in {seconds:.1f} s ({ran / max(seconds, 1e-9):.1f} per s"
+                  f"{engines})")
     return table
 
 
@@ -173,6 +194,13 @@ def grid(
                                 "ray://host:10001); default: a local Ray for this run."),
     tasks_per_gpu: int = typer.Option(4, "--tasks-per-gpu", help="Ray: runs sharing one GPU "
                                       "when the cluster has GPUs."),
+    engine: str = typer.Option("auto", "--engine", help="auto (runs of one shape trained "
+                               "together where a batched engine covers them, else one by "
+                               "one) | batched (an error for a run it cannot cover) | "
+                               "per-run (the reference path)."),
+    max_memory: float = typer.Option(None, "--max-memory", help="GiB the batched engine may "
+                                     "use per worker (default: 4 on CPU, 3/4 of free GPU "
+                                     "memory); runs are trained in chunks that fit."),
 ) -> None:
     """Run a study grid: train missing sources, run every fine-tune not yet in the results.
 
@@ -186,9 +214,12 @@ def grid(
     """
     spec = load_spec(spec_file)
     check_output_dir(out, "--out")
+    if max_memory is not None and not max_memory > 0:
+        raise UserError(f"--max-memory must be > 0 GiB, got {max_memory}")
+    check_engine(spec, engine)
     use_gpus = resolve_device(device).type == "cuda"
     pool = make_executor(executor, workers, address, tasks_per_gpu, use_gpus)
-    _run_grid_with_progress(spec, out, workers, device, pool)
+    _run_grid_with_progress(spec, out, workers, device, pool, engine, max_memory)
 
 
 @app.command()
