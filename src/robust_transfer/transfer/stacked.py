@@ -133,11 +133,13 @@ def shape_key(cfg: FinetuneConfig) -> tuple:
 @torch.no_grad()
 def prefix_outputs(prefix: nn.Module, x: torch.Tensor, device: torch.device,
                    amp: bool, batch_size: int = 512) -> torch.Tensor:
-    """The frozen prefix's output for `x` (the caller has put it in eval mode), in batches."""
+    """The frozen prefix's output for `x` (the caller has put it in eval mode), in batches;
+    fp32 under amp (the cache the suffix's autocast reads), else the model's dtype."""
     out = []
     for i in range(0, len(x), batch_size):
         with autocast(device, amp):
-            out.append(prefix(x[i : i + batch_size].to(device)).float())
+            h = prefix(x[i : i + batch_size].to(device))
+        out.append(h.float() if amp else h)
     return torch.cat(out)
 
 
@@ -300,7 +302,7 @@ def _train_chunk(prefix: nn.Module, suffix: nn.Module, cfgs: list[FinetuneConfig
     for lr in lrs:
         orders = torch.stack([torch.randperm(n, generator=g) for g in shuffles]).to(device)
         batches = torch.gather(subsets_d, 1, orders)  # (R, n) rows of train_x
-        total = torch.zeros(r, device=device)
+        total = torch.zeros(r, device=device, dtype=train_x.dtype)
         suffix.train()
         for a, b in bounds:
             idx = batches[:, a:b]
@@ -308,12 +310,13 @@ def _train_chunk(prefix: nn.Module, suffix: nn.Module, cfgs: list[FinetuneConfig
             if augments is not None:
                 with torch.no_grad():
                     x = torch.stack([aug(xr) for aug, xr in zip(augments, x, strict=True)])
-                    with autocast(device, amp):
-                        x = prefix(x.flatten(0, 1)).float()
+                    x = prefix_outputs(prefix, x.flatten(0, 1), device, amp, len(x[0]) * r)
                     x = x.view(r, b - a, *x.shape[1:])
             with autocast(device, amp):
                 logits = train_fn(params, buffers, x)
-            losses = F.cross_entropy(logits.float().flatten(0, 1), train_y[idx].flatten(),
+            if amp:
+                logits = logits.float()
+            losses = F.cross_entropy(logits.flatten(0, 1), train_y[idx].flatten(),
                                      reduction="none").view(r, -1).mean(1)
             grads = torch.autograd.grad(losses.sum(), plist)
             with torch.no_grad():  # torch.optim.SGD: d = g + wd*p; buf = m*buf + d; p -= lr*buf
@@ -327,12 +330,12 @@ def _train_chunk(prefix: nn.Module, suffix: nn.Module, cfgs: list[FinetuneConfig
                 total += losses.detach() * (b - a)
         suffix.eval()
         with torch.no_grad(), autocast(device, amp):
-            correct = torch.zeros(r, device=device)
+            correct = torch.zeros(r, device=device, dtype=torch.long)
             for j in range(0, len(test_x), eval_chunk):
                 pred = test_fn(params, buffers, test_x[j : j + eval_chunk]).argmax(-1)
                 correct += (pred == test_y[j : j + eval_chunk]).sum(1)
         losses_per_epoch.append(total / n)
-        acc_per_epoch.append(correct / len(test_y))
+        acc_per_epoch.append(correct.float() / len(test_y))
     losses_all = torch.stack(losses_per_epoch).T.tolist()  # one host sync for the chunk
     accs_all = torch.stack(acc_per_epoch).T.tolist()
     if write_back:
