@@ -88,7 +88,8 @@ def test_stacked_runs_equal_per_run_runs_for_every_arch(arch, k, float64):
     model = _model(arch).double()
     cfgs = _cfgs(k)
     ref = [finetune_per_run(copy.deepcopy(model), c) for c in cfgs]
-    _same(stacked.finetune_stacked(copy.deepcopy(model), cfgs), ref, loss_rel=1e-6)  # fit records the loss in fp32
+    # fit records the loss in fp32
+    _same(stacked.finetune_stacked(copy.deepcopy(model), cfgs), ref, loss_rel=1e-6)
 
 
 @pytest.mark.parametrize("k", [1, None])
@@ -98,7 +99,8 @@ def test_augmented_runs_batch_with_their_own_draws(k, float64):
     model = _model("resnet18").double()
     cfgs = _cfgs(k, augment=True)
     ref = [finetune_per_run(copy.deepcopy(model), c) for c in cfgs]
-    _same(stacked.finetune_stacked(copy.deepcopy(model), cfgs), ref, loss_rel=1e-6)  # fit records the loss in fp32
+    # fit records the loss in fp32
+    _same(stacked.finetune_stacked(copy.deepcopy(model), cfgs), ref, loss_rel=1e-6)
 
 
 def test_frozen_bn_stays_frozen_and_unfrozen_bn_is_each_runs_own():

@@ -174,6 +174,8 @@ def finetune_many_from_checkpoint(
     (any `BlockNet`); every other run by the per-run path, one at a time. "batched": the
     same, but a run no batched engine covers is a `UserError` naming why. "per-run": every
     run by the per-run path. `max_memory`: bytes for `finetune_stacked` (None: its default).
+    The frozen prefix's outputs are computed once per (target, k) for all shapes
+    (`stacked.FeatureCache`).
     """
     check_choice("engine", engine, GRID_ENGINES)
     model, source_meta = load_checkpoint(source_dir, device)
@@ -192,13 +194,15 @@ def finetune_many_from_checkpoint(
             rows = _finetune_loaded(copy.deepcopy(model), source_meta, cfg, "per-run",
                                     probes)[0]
             results[i] = [{**row, "engine": "per-run"} for row in rows]
+    cache = stacked.FeatureCache()  # prefix outputs shared by all shapes of a (target, k)
     for members in groups.values():
         group = [cfgs[i] for i in members]
         on_gpu_amp = amp_enabled(next(model.parameters()).device)  # the ConvNet engine: fp32
         if batched.applies(model, group[0], source_meta) and not on_gpu_amp:
             histories = batched.finetune_batch(model, group)
         else:
-            histories = stacked.finetune_stacked(model, group, max_memory=max_memory)
+            histories = stacked.finetune_stacked(model, group, max_memory=max_memory,
+                                                 cache=cache)
         for i, history in zip(members, histories, strict=True):
             results[i] = [{**row, "engine": "batched"}
                           for row in run_rows(source_meta, cfgs[i], history)]

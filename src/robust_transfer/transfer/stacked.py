@@ -143,6 +143,39 @@ def prefix_outputs(prefix: nn.Module, x: torch.Tensor, device: torch.device,
     return torch.cat(out)
 
 
+class FeatureCache:
+    """Frozen-prefix outputs of one loaded source, shared by every shape (seeds, shot counts,
+    epochs, lr) of one (target, k): each image goes through the prefix once.
+
+    Entries grow: a lookup computes only the images not yet cached. One cache per loaded
+    model (`run.finetune_many_from_checkpoint` keeps one per checkpoint read); the prefix
+    is frozen, so its outputs never go stale.
+    """
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def lookup(self, key: tuple, prefix: nn.Module | None, images: torch.Tensor,
+               idx: torch.Tensor, device: torch.device, amp: bool
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(store, position): `store[position[i]]` is the prefix's output for `images[i]`
+        for every i in `idx` (the images themselves, on `device`, when `prefix` is None)."""
+        store, position = self.entries.get(key, (None, None))
+        if position is None:
+            position = torch.full((len(images),), -1, dtype=torch.long)
+        missing = torch.unique(idx[position[idx] < 0])
+        if len(missing):
+            new = (images[missing].to(device) if prefix is None
+                   else prefix_outputs(prefix, images[missing], device, amp))
+            if device.type == "cuda" and new.dim() == 4:  # cuDNN's NHWC kernels
+                new = new.contiguous(memory_format=torch.channels_last)
+            start = 0 if store is None else len(store)
+            store = new if store is None else torch.cat([store, new])
+            position[missing] = torch.arange(start, start + len(missing))
+        self.entries[key] = (store, position)
+        return store, position
+
+
 def _stack(tensors: dict[str, torch.Tensor], r: int) -> dict[str, torch.Tensor]:
     return {n: t.detach().unsqueeze(0).repeat(r, *[1] * t.dim()).contiguous()
             for n, t in tensors.items()}
@@ -198,8 +231,8 @@ def plan_chunks(runs: int, feature_bytes: int, run_bytes: int, image_bytes: int,
 
 
 def finetune_stacked(model: BlockNet, cfgs: list[FinetuneConfig], write_back: bool = False,
-                     amp: bool | None = None, max_memory: int | None = None
-                     ) -> list[list[dict]]:
+                     amp: bool | None = None, max_memory: int | None = None,
+                     cache: FeatureCache | None = None) -> list[list[dict]]:
     """Fine-tune `model` once per config of `cfgs` (one `shape_key`; any seeds), all at once;
     one history per config, records as `finetune_per_run` gives them (epoch, train_loss,
     epoch_lr, train_images, test_accuracy).
@@ -207,7 +240,8 @@ def finetune_stacked(model: BlockNet, cfgs: list[FinetuneConfig], write_back: bo
     `model` is left with the new head and freezing of the last config; with `write_back`
     (one config) it also holds that run's trained weights and BatchNorm statistics.
     `amp`: bf16 autocast (None: on CUDA only). `max_memory`: bytes for the engine's tensors
-    (None: `default_max_memory`); the runs are trained in chunks that fit.
+    (None: `default_max_memory`); the runs are trained in chunks that fit. `cache`: the
+    prefix outputs of earlier calls on this same `model` (None: a cache for this call).
     """
     if len({shape_key(c) for c in cfgs}) != 1:
         raise ValueError("finetune_stacked takes runs of one shape (they may differ in seed "
@@ -229,25 +263,23 @@ def finetune_stacked(model: BlockNet, cfgs: list[FinetuneConfig], write_back: bo
     train_set = adapt_images(task.train, spec.in_channels, spec.input_size, what)
     test_set = adapt_images(task.test, spec.in_channels, spec.input_size, what)
     subsets = [shots_per_class(task.train.y, c.images_per_class, c.seed) for c in cfgs]
-    used = torch.unique(torch.cat(subsets))  # the training images any run sees
-    position = torch.full((len(train_set),), -1, dtype=torch.long)
-    position[used] = torch.arange(len(used))
+    cache = FeatureCache() if cache is None else cache
+    key = (cfg.target_task, cfg.unfrozen_blocks, amp)
     flags = [(m, m.training) for m in model.modules()]
     prefix.eval()
-    channels_last = device.type == "cuda"
     try:
-        test_x = prefix_outputs(prefix, test_set.x, device, amp)
-        if cfg.augment:  # each run's own crops: the prefix runs per step on its batch
-            train_x = train_set.x[used].to(device)
-        else:
-            train_x = prefix_outputs(prefix, train_set.x[used], device, amp)
-        if channels_last and test_x.dim() == 4:
-            test_x = test_x.contiguous(memory_format=torch.channels_last)
-            train_x = train_x.contiguous(memory_format=torch.channels_last)
-        train_y = train_set.y[used].to(device)
-        test_y = test_set.y.to(device)
+        test_x, _ = cache.lookup((*key, "test"), prefix, test_set.x,
+                                 torch.arange(len(test_set)), device, amp)
+        # augmented runs: each run's own crops of the images; the prefix runs per step
+        train_x, position = cache.lookup((*key, "train", cfg.augment),
+                                         None if cfg.augment else prefix, train_set.x,
+                                         torch.cat(subsets), device, amp)
+        train_y = torch.full((len(train_x),), -1, dtype=torch.long)
+        train_y[position[position >= 0]] = train_set.y[position >= 0]
+        train_y, test_y = train_y.to(device), test_set.y.to(device)
         n = len(subsets[0])
-        example = prefix_outputs(prefix, train_set.x[used[:1]], device, amp)
+        example = (prefix_outputs(prefix, train_x[:1], device, amp) if cfg.augment
+                   else train_x[:1])
         image_bytes = 4 * _activation_floats(suffix, example)
         run_bytes = 16 * sum(p.numel() for p in suffix.parameters())
         feature_bytes = (train_x.numel() + test_x.numel()) * train_x.element_size()
