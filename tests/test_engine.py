@@ -245,3 +245,34 @@ def test_grid_engine_option(tmp_path, cli):
         assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), out + err
         assert message in lines[0]
         assert not (tmp_path / "b").exists()
+
+
+def test_amp_trains_under_bf16_autocast_close_to_the_per_run_amp_path(monkeypatch):
+    """amp=True (the default on CUDA): the prefix, the stacked suffix and the evaluation run
+    under bf16 autocast, as the per-run path's `fit` and `accuracy` do; the losses are those
+    of bf16 (not fp32's), close to the per-run amp path's."""
+    model = _model("resnet18")
+    cfgs = _cfgs(1)
+    calls = []
+    real = stacked.autocast
+    monkeypatch.setattr(stacked, "autocast", lambda d, a: calls.append(a) or real(d, a))
+    got = stacked.finetune_stacked(copy.deepcopy(model), cfgs, amp=True)
+    assert calls and all(calls)
+    fp32 = stacked.finetune_stacked(copy.deepcopy(model), cfgs)
+    ref = [finetune_per_run(copy.deepcopy(model), c, amp=True) for c in cfgs]
+    for g, r, f in zip(got, ref, fp32, strict=True):
+        assert g[-1]["train_loss"] != f[-1]["train_loss"]
+        assert g[-1]["train_loss"] == pytest.approx(r[-1]["train_loss"], rel=0.05)
+        assert abs(g[-1]["test_accuracy"] - r[-1]["test_accuracy"]) <= 0.1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_stacked_engine_keeps_data_on_the_device_and_matches_per_run():
+    model = _model("resnet18").cuda()
+    cfgs = _cfgs(1)
+    ref = [finetune_per_run(copy.deepcopy(model), c) for c in cfgs]
+    cache = stacked.FeatureCache()
+    got = stacked.finetune_stacked(copy.deepcopy(model), cfgs, cache=cache)
+    assert all(t.is_cuda for store, _ in cache.entries.values() for t in [store])
+    for g, r in zip(got, ref, strict=True):
+        assert abs(g[-1]["test_accuracy"] - r[-1]["test_accuracy"]) <= 0.1
