@@ -56,6 +56,8 @@ def main() -> None:
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 5, 10])
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--per-run", type=int, default=1, help="per-run runs per shot count")
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS),
+                        choices=list(SETTINGS), help="which unfrozen settings")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # child: "source|k|engine|seeds"
     args = parser.parse_args()
     if args.one:
@@ -72,8 +74,8 @@ def main() -> None:
               f" {args.seeds} seeds x shots {args.shots}, {args.epochs} epochs, batch 32")
         print("| setting | batched runs/s | per-run runs/s | ratio | peak MiB batched / "
               "per-run |\n|---|---|---|---|---|")
-        for label, k in SETTINGS.items():
-            got = {}
+        for label in args.settings:
+            k, got = SETTINGS[label], {}
             for engine, seeds in (("batched", args.seeds), ("per-run", args.per_run)):
                 one = f"{source}|{'all' if k is None else k}|{engine}|{seeds}"
                 out = subprocess.run(

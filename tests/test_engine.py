@@ -138,7 +138,8 @@ def test_runs_are_chunked_to_the_memory_budget(caplog):
     model = _model("preact-resnet18")
     cfgs = _cfgs(1, seeds=range(5))
     whole = stacked.finetune_stacked(copy.deepcopy(model), cfgs)
-    run_bytes = 16 * sum(p.numel() for p in model.split(1)[1].parameters())
+    suffix_params = sum(p.numel() for p in model.split(1)[1].parameters())
+    run_bytes = stacked.RUN_PARAM_COPIES * 4 * suffix_params
     with caplog.at_level(logging.WARNING, logger=stacked.__name__):
         chunked = stacked.finetune_stacked(copy.deepcopy(model), cfgs,
                                            max_memory=int(2.5 * run_bytes))
