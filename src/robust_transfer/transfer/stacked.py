@@ -335,9 +335,12 @@ def _train_chunk(prefix: nn.Module, suffix: nn.Module, cfgs: list[FinetuneConfig
     bufs = None
     losses_per_epoch, acc_per_epoch = [], []
     lrs = lr_schedule(tc)
-    for lr in lrs:
-        orders = torch.stack([torch.randperm(n, generator=g) for g in shuffles]).to(device)
-        batches = torch.gather(subsets_d, 1, orders)  # (R, n) rows of train_x
+    # Every epoch's shuffle up front (each run's generator draws in the same order as in
+    # `fit`), copied to the device once: no host-to-device copy inside the epoch loop.
+    orders = torch.stack([torch.stack([torch.randperm(n, generator=g) for g in shuffles])
+                          for _ in lrs]).to(device)  # (epochs, R, n)
+    for epoch, lr in enumerate(lrs):
+        batches = torch.gather(subsets_d, 1, orders[epoch])  # (R, n) rows of train_x
         total = torch.zeros(r, device=device, dtype=train_x.dtype)
         suffix.train()
         for a, b in bounds:
