@@ -7,7 +7,10 @@
    clean test accuracy, and PGD-20 robust accuracy of the PGD-AT model (fp32, the one
    evaluation path);
 3. a small transfer grid on the digits (2 sources x 8 fine-tunes) on the GPU, through the
-   local executor and, when Ray is installed, the Ray executor with fractional GPUs.
+   local executor and, when Ray is installed, the Ray executor with fractional GPUs;
+4. the batched fine-tuning engine (`transfer.stacked`: bf16 autocast, channels-last, data on
+   the device) on ResNet-18 and ResNet-50 for 3x32x32 inputs: fine-tunes/s batched vs
+   per-run, head only and layer4, and the largest |batched - per-run| final test accuracy.
 Ends with a compact summary.
 
     .venv/bin/python benchmarks/gpu_check.py             # on the GPU machine
@@ -132,6 +135,44 @@ def transfer_grid(device, quick: bool) -> list[str]:
     return lines
 
 
+def engine_check(device, quick: bool) -> list[str]:
+    """Fine-tunes/s of the batched engine vs the per-run path (both with the device's amp
+    default), on a random-init ResNet for 3x32x32 inputs and the synthetic 5-9 target
+    (adapted to 3x32x32): head only and layer4, 20 epochs (2 quick), 10 images per class."""
+    from robust_transfer.models import save_checkpoint
+    from robust_transfer.transfer.finetune import FinetuneConfig
+    from robust_transfer.transfer.run import finetune_many_from_checkpoint
+
+    lines = []
+    seeds, epochs = (4, 2) if quick else (100, 20)
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch, layer4 in (("resnet18", 2), ("resnet50", 3)):
+            model = build_model(ModelSpec(arch, 10, 3, (0.5,) * 3, (0.25,) * 3, input_size=32),
+                                seed=0)
+            source = save_checkpoint(model, Path(tmp) / arch, {"role": "source", "seed": 0})
+            for label, k in (("head only", 0), ("layer4", layer4)):
+                rates, finals = {}, {}
+                for engine, n in (("batched", seeds), ("per-run", 2)):
+                    cfgs = [FinetuneConfig("synthetic-5to9", 10, k, epochs, 0.01, 32, s)
+                            for s in range(n)]
+                    finetune_many_from_checkpoint(source, cfgs[:1], str(device), engine=engine)
+                    start = time.perf_counter()
+                    rows = finetune_many_from_checkpoint(source, cfgs, str(device),
+                                                         engine=engine)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    rates[engine] = n / (time.perf_counter() - start)
+                    finals[engine] = [r[-1]["test_accuracy"] for r in rows[:2]]
+                diff = max(abs(a - b) for a, b in zip(finals["batched"], finals["per-run"],
+                                                      strict=True))
+                ratio = rates["batched"] / rates["per-run"]
+                lines.append(f"engine {arch} {label}, {epochs} ep, 10 img/class: batched "
+                             f"{rates['batched']:.1f} fine-tunes/s ({seeds} seeds), per-run "
+                             f"{rates['per-run']:.2f}/s, {ratio:.0f}x; max |batched - per-run|"
+                             f" final acc {diff:.3f}")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto")
@@ -152,6 +193,7 @@ def main() -> None:
             summary.append(f"cnn-medium {label}, {epochs} ep, amp {'on ' if amp else 'off'}: "
                            f"{r['images/s']:8.0f} img/s, clean {r['clean']:.3f}{extra}")
     summary += transfer_grid(device, args.quick)
+    summary += engine_check(device, args.quick)
     summary.append(f"total {time.perf_counter() - start:.0f} s")
     print("\n== gpu_check summary ==")
     print("\n".join(summary))

@@ -185,6 +185,7 @@ def test_per_run_fallbacks_read_the_checkpoint_once_and_start_from_the_source(
                         lambda *a, **k: reads.append(1) or original(*a, **k))
     together = finetune_many_from_checkpoint(odd_dir, cfgs)
     assert reads == [1]
+    assert all(row.pop("engine") == "per-run" for rows in together for row in rows)
     assert together == separate
 
 
@@ -242,8 +243,9 @@ def test_a_killed_batched_grid_resumes_without_duplicates(tmp_path):
 
 
 def test_grid_command_ends_with_the_fine_tune_rate(tmp_path, capsys):
-    """`grid` ends with "N fine-tunes in S s (R per s)" on stdout (a result, not progress),
-    N the fine-tunes it ran; a re-run that finds everything done says 0."""
+    """`grid` ends with "N fine-tunes in S s (R per s; ENGINE n at r per s)" on stdout (a
+    result, not progress), N the fine-tunes it ran; a re-run that finds everything done says
+    0."""
     from robust_transfer.cli import main
 
     spec_file = tmp_path / "spec.yaml"
@@ -257,7 +259,8 @@ def test_grid_command_ends_with_the_fine_tune_rate(tmp_path, capsys):
         captured = capsys.readouterr()
         lines.append(captured.out.strip().splitlines()[-1])
         assert "fine-tunes in" not in captured.err and "results:" not in captured.err
-    assert re.fullmatch(r"2 fine-tunes in \d+\.\d s \(\d+\.\d per s\)", lines[0]), lines[0]
+    assert re.fullmatch(r"2 fine-tunes in \d+\.\d s \(\d+\.\d per s; batched 2 at \d+\.\d "
+                        r"per s\)", lines[0]), lines[0]
     assert lines[1].startswith("0 fine-tunes in "), lines[1]
 
 

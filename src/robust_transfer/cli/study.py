@@ -24,6 +24,7 @@ from robust_transfer.cli.common import (
 )
 from robust_transfer.cli.common import out as stdout
 from robust_transfer.data import TASKS
+from robust_transfer.errors import UserError
 from robust_transfer.models import ARCHS, save_checkpoint
 from robust_transfer.models.runtime import resolve_device
 from robust_transfer.report.backdoor_transfer import make_backdoor_report
@@ -33,7 +34,13 @@ from robust_transfer.train.methods import ATTACK_MODE, METHODS
 from robust_transfer.train.overfit import ACTIONS
 from robust_transfer.transfer import FinetuneConfig
 from robust_transfer.transfer.executors import Executor, make_executor
-from robust_transfer.transfer.grid import demo_spec_path, plan, previous_spec_differs, run_grid
+from robust_transfer.transfer.grid import (
+    check_engine,
+    demo_spec_path,
+    plan,
+    previous_spec_differs,
+    run_grid,
+)
 from robust_transfer.transfer.results import manifest_run_ids, read_results, writer_lock
 from robust_transfer.transfer.run import finetune_from_checkpoint
 from robust_transfer.transfer.spec import load_spec
@@ -156,15 +163,17 @@ def finetune(
 
 
 def _run_grid_with_progress(spec, out: Path, workers: int, device: str,
-                            executor: Executor | None = None) -> Path:
+                            executor: Executor | None = None, engine: str = "auto",
+                            max_memory: float | None = None) -> Path:
     """Run the grid with progress bars; print what is reused; end with the results line
-    (on stdout; progress and notes on stderr). Holds `out`'s writer lock from the start."""
+    (on stdout, with fine-tunes per second, and per engine: runs / the worker time their
+    units took; progress and notes on stderr). Holds `out`'s writer lock from the start."""
     with writer_lock(out):
-        return _run_grid_locked(spec, out, workers, device, executor)
+        return _run_grid_locked(spec, out, workers, device, executor, engine, max_memory)
 
 
-def _run_grid_locked(spec, out: Path, workers: int, device: str,
-                     executor: Executor | None) -> Path:
+def _run_grid_locked(spec, out: Path, workers: int, device: str, executor: Executor | None,
+                     engine: str, max_memory: float | None) -> Path:
     dev = resolve_device(device)
     if previous_spec_differs(spec, out):
         console.print(f"note: {out} was run with another spec; its runs stay on disk, but "
@@ -180,19 +189,30 @@ def _run_grid_locked(spec, out: Path, workers: int, device: str,
         console.print(f"note: corrupt results part {part} cannot be read; re-running its run",
                       soft_wrap=True)
     bars = {"source models": len(todo.sources_to_train), "fine-tunes": total}
+    per_engine: dict[str, list[float]] = {}
+
+    def engine_time(name: str, runs: int, seconds: float) -> None:
+        runs_seconds = per_engine.setdefault(name, [0, 0.0])
+        runs_seconds[0] += runs
+        runs_seconds[1] += seconds
+
     start = time.perf_counter()
     with progress_bars(bars) as advance:
         advance["fine-tunes"](done)
         table = run_grid(spec, out, workers, executor=executor, device=str(dev),
                          on_source_done=lambda _d: advance["source models"](),
-                         on_run_done=lambda _r: advance["fine-tunes"]())
+                         on_run_done=lambda _r: advance["fine-tunes"](), engine=engine,
+                         max_memory=None if max_memory is None else int(max_memory * 2**30),
+                         on_engine_time=engine_time)
     seconds = time.perf_counter() - start
     n_runs = read_results(table).run_id.nunique()
     stdout.print(f"results: {table}  ({n_runs} run{'' if n_runs == 1 else 's'})",
                  soft_wrap=True)
     ran = len(todo.pending)  # this invocation's; the time includes training its sources
-    stdout.print(f"{ran} fine-tunes in {seconds:.1f} s ({ran / max(seconds, 1e-9):.1f} per s)",
-                 soft_wrap=True)
+    engines = "".join(f"; {name} {int(n)} at {n / max(t, 1e-9):.1f} per s"
+                      for name, (n, t) in sorted(per_engine.items()))
+    stdout.print(f"{ran} fine-tunes in {seconds:.1f} s ({ran / max(seconds, 1e-9):.1f} per s"
+                 f"{engines})", soft_wrap=True)
     return table
 
 
@@ -209,6 +229,13 @@ def grid(
                                 "ray://host:10001); default: a local Ray for this run."),
     tasks_per_gpu: int = typer.Option(4, "--tasks-per-gpu", help="Ray: runs sharing one GPU "
                                       "when the cluster has GPUs."),
+    engine: str = typer.Option("auto", "--engine", help="auto (runs of one shape trained "
+                               "together where a batched engine covers them, else one by "
+                               "one) | batched (an error for a run it cannot cover) | "
+                               "per-run (the reference path)."),
+    max_memory: float = typer.Option(None, "--max-memory", help="GiB the batched engine may "
+                                     "use per worker (default: 4 on CPU, 3/4 of free GPU "
+                                     "memory); runs are trained in chunks that fit."),
 ) -> None:
     """Run a study grid: train missing sources, run every fine-tune not yet in the results.
 
@@ -222,9 +249,12 @@ def grid(
     """
     spec = load_spec(spec_file)
     check_output_dir(out, "--out")
+    if max_memory is not None and not max_memory > 0:
+        raise UserError(f"--max-memory must be > 0 GiB, got {max_memory}")
+    check_engine(spec, engine)
     use_gpus = resolve_device(device).type == "cuda"
     pool = make_executor(executor, workers, address, tasks_per_gpu, use_gpus)
-    _run_grid_with_progress(spec, out, workers, device, pool)
+    _run_grid_with_progress(spec, out, workers, device, pool, engine, max_memory)
 
 
 @app.command()

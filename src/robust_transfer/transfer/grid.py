@@ -18,21 +18,23 @@ fine-tune.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
+from torch import nn
 
 from robust_transfer.atomic import atomic_write_text
 from robust_transfer.backdoors.source import train_backdoor_source
 from robust_transfer.data.tasks import ALL
-from robust_transfer.models import load_checkpoint, save_checkpoint
+from robust_transfer.errors import UserError, check_choice
+from robust_transfer.models import ModelSpec, build_model, load_checkpoint, save_checkpoint
 from robust_transfer.models.checkpoint import META
 from robust_transfer.models.runtime import torch_threads
 from robust_transfer.train import SourceConfig
-from robust_transfer.transfer.batched import shape_key
 from robust_transfer.transfer.certify_eval import CertifySpec
 from robust_transfer.transfer.executors import Executor, LocalExecutor
 from robust_transfer.transfer.finetune import FinetuneConfig
@@ -43,8 +45,13 @@ from robust_transfer.transfer.results import (
     write_manifest,
     writer_lock,
 )
-from robust_transfer.transfer.run import finetune_many_from_checkpoint
+from robust_transfer.transfer.run import (
+    GRID_ENGINES,
+    batched_why_not,
+    finetune_many_from_checkpoint,
+)
 from robust_transfer.transfer.spec import GridSpec, Run, content_id, expand
+from robust_transfer.transfer.stacked import shape_key
 
 SOURCES = "sources"
 SPEC = "spec.yaml"
@@ -107,27 +114,55 @@ def _train_source(job: _SourceJob) -> Path:
 @dataclass(frozen=True)
 class _FinetuneBatch:
     """The unit of work shipped to an executor: runs of one source that differ only in their
-    seed (`batched.shape_key`), trained together where the batched engine applies."""
+    seed (`stacked.shape_key`), trained together where a batched engine covers them
+    (`engine`, `max_memory`: as `run.finetune_many_from_checkpoint` takes them)."""
 
     jobs: tuple[_FinetuneJob, ...]
+    engine: str = "auto"
+    max_memory: int | None = None
 
     @property
     def device(self) -> str:
         return self.jobs[0].device
 
 
-def _finetune_batch_job(batch: _FinetuneBatch) -> list[list[dict]]:
-    """Rows per run of the batch, in the batch's order (each tagged with its run id)."""
+def _finetune_batch_job(batch: _FinetuneBatch) -> tuple[list[list[dict]], float]:
+    """(rows per run of the batch, in the batch's order, each tagged with its run id; the
+    unit's wall time in seconds, for the rate per engine)."""
     first = batch.jobs[0]
+    start = time.perf_counter()
     with torch_threads(RUN_THREADS):
         results = finetune_many_from_checkpoint(first.source_dir,
                                                 [j.config for j in batch.jobs],
-                                                first.device, first.probes, first.certify)
-    return [[{"run_id": job.run_id, **row} for row in rows]
+                                                first.device, first.probes, batch.engine,
+                                                batch.max_memory, first.certify)
+    rows = [[{"run_id": job.run_id, **row} for row in rows]
             for job, rows in zip(batch.jobs, results, strict=True)]
+    return rows, time.perf_counter() - start
 
 
-def batches(pending: list[_FinetuneJob], max_runs: int = MAX_BATCH) -> list[_FinetuneBatch]:
+def check_engine(spec: GridSpec, engine: str) -> None:
+    """With `engine` "batched", a `UserError` naming the first run of `spec` that no batched
+    engine covers (checked on the spec, before anything runs: every grid source is a standard
+    `train_source` checkpoint, so its recipe, the fine-tune config and the probes decide)."""
+    check_choice("engine", engine, GRID_ENGINES)
+    if engine != "batched":
+        return
+    models: dict[str, nn.Module] = {}
+    for r in expand(spec):
+        if r.source.arch not in models:  # the architecture as the grid will build it
+            models[r.source.arch] = build_model(ModelSpec(r.source.arch, 2, 1, (0.5,), (0.5,)))
+        model = models[r.source.arch]
+        meta = {"role": "source", "recipe": r.source.to_dict()}
+        reason = batched_why_not(model, r.finetune, meta, r.probes, r.certify)
+        if reason is not None:
+            raise UserError(f"--engine batched cannot run source {r.source_id} -> "
+                            f"{r.finetune.target_task}: {reason}; use --engine auto or "
+                            "per-run")
+
+
+def batches(pending: list[_FinetuneJob], max_runs: int = MAX_BATCH, engine: str = "auto",
+            max_memory: int | None = None) -> list[_FinetuneBatch]:
     """Pending runs as executor work units: runs of one (source, shape) together, at most
     `max_runs` per unit; a shape with fewer than `MIN_BATCH` pending runs goes run by run
     (too few to gain from batching, and finer units balance workers and progress better).
@@ -139,7 +174,8 @@ def batches(pending: list[_FinetuneJob], max_runs: int = MAX_BATCH) -> list[_Fin
     units = []
     for jobs in groups.values():
         size = max_runs if len(jobs) >= MIN_BATCH else 1
-        units += [_FinetuneBatch(tuple(jobs[i : i + size])) for i in range(0, len(jobs), size)]
+        units += [_FinetuneBatch(tuple(jobs[i : i + size]), engine, max_memory)
+                  for i in range(0, len(jobs), size)]
 
     def cost(unit: _FinetuneBatch) -> tuple:
         c = unit.jobs[0].config
@@ -201,6 +237,9 @@ def run_grid(
     device: str | torch.device = "cpu",
     on_source_done: Callable[[Path], None] | None = None,
     on_run_done: Callable[[str], None] | None = None,
+    engine: str = "auto",
+    max_memory: int | None = None,
+    on_engine_time: Callable[[str, int, float], None] | None = None,
 ) -> Path:
     """Run everything `spec` asks for that `out` does not hold yet; return the table's path.
 
@@ -209,15 +248,24 @@ def run_grid(
     The main process alone writes results, one atomic Parquet part per finished run; the
     returned `results.parquet` holds the finished runs of `spec` only. Holds `out`'s writer
     lock throughout: a second writer is refused (`UserError`) before anything is written.
+    `engine` auto | batched | per-run and `max_memory` (bytes): as
+    `run.finetune_many_from_checkpoint` takes them; "batched" on a run no batched engine
+    covers is a `UserError` before anything is written (`check_engine`).
+    `on_engine_time(engine, runs, seconds)`: after each work unit, its runs per engine and
+    its wall time (split by runs between engines; summed over workers, not wall time).
     """
+    check_engine(spec, engine)
     out = Path(out)
     with writer_lock(out):
-        return _run_locked(spec, out, workers, executor, device, on_source_done, on_run_done)
+        return _run_locked(spec, out, workers, executor, device, on_source_done, on_run_done,
+                           engine, max_memory, on_engine_time)
 
 
 def _run_locked(spec: GridSpec, out: Path, workers: int, executor: Executor | None,
                 device: str | torch.device, on_source_done: Callable[[Path], None] | None,
-                on_run_done: Callable[[str], None] | None) -> Path:
+                on_run_done: Callable[[str], None] | None, engine: str,
+                max_memory: int | None,
+                on_engine_time: Callable[[str, int, float], None] | None) -> Path:
     runs = expand(spec)
     atomic_write_text(out / SPEC, spec_text(spec))
     write_manifest(out, [r.run_id for r in runs])
@@ -229,11 +277,17 @@ def _run_locked(spec: GridSpec, out: Path, workers: int, executor: Executor | No
             for _job, directory in pool.map_unordered(_train_source_job, stage):
                 if on_source_done:
                     on_source_done(directory)
-        for batch, results in pool.map_unordered(_finetune_batch_job, batches(todo.pending)):
+        units = batches(todo.pending, engine=engine, max_memory=max_memory)
+        for batch, (results, seconds) in pool.map_unordered(_finetune_batch_job, units):
             for job, rows in zip(batch.jobs, results, strict=True):
                 append_run(out, job.run_id, rows)
                 if on_run_done:
                     on_run_done(job.run_id)
+            if on_engine_time:
+                used = [rows[0]["engine"] for rows in results if rows]
+                for name in sorted(set(used)):
+                    n = used.count(name)
+                    on_engine_time(name, n, seconds * n / len(used))
     return consolidate(out)
 
 

@@ -10,16 +10,20 @@ import torch
 
 from robust_transfer.data import adapt_images, load_task
 from robust_transfer.data.poison import BackdoorConfig
-from robust_transfer.errors import UserError
+from robust_transfer.errors import UserError, check_choice
 from robust_transfer.models import load_checkpoint, save_checkpoint
 from robust_transfer.models.checkpoint import read_meta
 from robust_transfer.models.nets import BlockNet
+from robust_transfer.models.runtime import amp_enabled
 from robust_transfer.train.distill import distill_label
-from robust_transfer.transfer import batched
+from robust_transfer.transfer import batched, stacked
 from robust_transfer.transfer.backdoor_eval import backdoor_epoch_hook
 from robust_transfer.transfer.certify_eval import CertifySpec, certify_columns, task_test_images
 from robust_transfer.transfer.finetune import FinetuneConfig, finetune
 from robust_transfer.transfer.spec import content_id
+
+# `engine` of `finetune_many_from_checkpoint` (and `grid --engine`).
+GRID_ENGINES = ("auto", "batched", "per-run")
 
 # The recipe fields that make two sources the same model but for the treatment (threat model,
 # training method with its options, distillation settings, planted backdoor): sources that
@@ -160,31 +164,70 @@ def _finetune_loaded(model: BlockNet, source_meta: dict, cfg: FinetuneConfig, en
     return run_rows(source_meta, cfg, history), history
 
 
+def batched_why_not(model: BlockNet, cfg: FinetuneConfig, source_meta: dict | None,
+                    probes: Sequence[BackdoorConfig] | None = None,
+                    certify: CertifySpec | None = None) -> str | None:
+    """Why no batched engine can train this run (one line), or None when one can: backdoor
+    `probes` (measured after every epoch), a final model to `certify`, or what
+    `stacked.why_not` names."""
+    if probes:
+        return "backdoor triggers are measured after every epoch (per-run path)"
+    if certify is not None:
+        return "the final model is certified (per-run path)"
+    return stacked.why_not(model, cfg, source_meta)
+
+
 def finetune_many_from_checkpoint(
     source_dir: str | Path,
     cfgs: list[FinetuneConfig],
     device: torch.device | str = "cpu",
     probes: Sequence[BackdoorConfig] | None = None,
+    engine: str = "auto",
+    max_memory: int | None = None,
     certify: CertifySpec | None = None,
 ) -> list[list[dict]]:
-    """Rows (as `finetune_from_checkpoint` gives them) of every fine-tune in `cfgs` of the
-    checkpoint at `source_dir`: runs of one shape (`batched.shape_key`) that the batched
-    engine covers (`batched.applies`, no backdoor `probes` to measure, nothing to `certify`)
-    are trained together, every other run by the per-run path, one at a time."""
+    """Rows (as `finetune_from_checkpoint` gives them, plus an `engine` column: "batched" or
+    "per-run") of every fine-tune in `cfgs` of the checkpoint at `source_dir`.
+
+    `engine` "auto": runs of one shape (`stacked.shape_key`) that a batched engine covers
+    (`batched_why_not`: no backdoor `probes` to measure, nothing to `certify`) are trained
+    together, by `batched.finetune_batch` where it applies
+    (its hand-written ConvNet special case, the fastest) else by `stacked.finetune_stacked`
+    (any `BlockNet`); every other run by the per-run path, one at a time. "batched": the
+    same, but a run no batched engine covers is a `UserError` naming why. "per-run": every
+    run by the per-run path. `max_memory`: bytes for `finetune_stacked` (None: its default).
+    The frozen prefix's outputs are computed once per (target, k) for all shapes
+    (`stacked.FeatureCache`).
+    """
+    check_choice("engine", engine, GRID_ENGINES)
     model, source_meta = load_checkpoint(source_dir, device)
     results: list[list[dict] | None] = [None] * len(cfgs)
     groups: dict[tuple, list[int]] = {}
     for i, cfg in enumerate(cfgs):
-        if not probes and certify is None and batched.applies(model, cfg, source_meta):
-            groups.setdefault(batched.shape_key(cfg), []).append(i)
+        reason = None if engine == "per-run" else batched_why_not(model, cfg, source_meta,
+                                                                  probes, certify)
+        if engine == "batched" and reason is not None:
+            raise UserError(f"engine 'batched' cannot fine-tune {source_dir} -> "
+                            f"{cfg.target_task}: {reason}")
+        if engine != "per-run" and reason is None:
+            groups.setdefault(stacked.shape_key(cfg), []).append(i)
         else:
             # a copy of the loaded source, not a second read of the checkpoint
-            results[i] = _finetune_loaded(copy.deepcopy(model), source_meta, cfg, "auto",
-                                          probes, certify)[0]
+            rows = _finetune_loaded(copy.deepcopy(model), source_meta, cfg, "per-run",
+                                    probes, certify)[0]
+            results[i] = [{**row, "engine": "per-run"} for row in rows]
+    cache = stacked.FeatureCache()  # prefix outputs shared by all shapes of a (target, k)
     for members in groups.values():
         group = [cfgs[i] for i in members]
-        for i, history in zip(members, batched.finetune_batch(model, group), strict=True):
-            results[i] = run_rows(source_meta, cfgs[i], history)
+        on_gpu_amp = amp_enabled(next(model.parameters()).device)  # the ConvNet engine: fp32
+        if batched.applies(model, group[0], source_meta) and not on_gpu_amp:
+            histories = batched.finetune_batch(model, group)
+        else:
+            histories = stacked.finetune_stacked(model, group, max_memory=max_memory,
+                                                 cache=cache)
+        for i, history in zip(members, histories, strict=True):
+            results[i] = [{**row, "engine": "batched"}
+                          for row in run_rows(source_meta, cfgs[i], history)]
     return results
 
 
