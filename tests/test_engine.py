@@ -226,11 +226,11 @@ def test_grid_engine_option(tmp_path, cli):
         "source": {"task": "synthetic-0to4", "epochs": 1}, "sources": [{"eps": 0.0}],
         "targets": [TARGET], "images_per_class": [2], "unfrozen_blocks": [0], "epochs": 1,
         "seeds": [0, 1]}))
-    code, _, err = cli("grid", spec_file, "--out", tmp_path / "g", "--workers", 1,
-                       "--engine", "per-run")
+    code, out, err = cli("grid", spec_file, "--out", tmp_path / "g", "--workers", 1,
+                         "--engine", "per-run")
     assert code == 0, err
     assert set(read_results(tmp_path / "g").engine) == {"per-run"}
-    assert "; per-run 2 at " in err.strip().splitlines()[-1]
+    assert "; per-run 2 at " in out.strip().splitlines()[-1]
     backdoor = tmp_path / "backdoor.json"
     backdoor.write_text(json.dumps({
         "source": {"task": "synthetic-0to4", "epochs": 1},
