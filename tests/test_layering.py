@@ -1,7 +1,7 @@
 """The layering of DESIGN.md, checked on the source: a package imports only from the packages
 before it (data → models → attacks → defenses → certify → train → backdoors → transfer →
-explain → report → cli), and from the top-level helpers (errors, atomic, stats) that every
-layer shares."""
+explain → report → cli), and from the top-level helpers (errors, atomic, stats, variables)
+that every layer shares."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import robust_transfer
 # they fine-tune (transfer/), so it sits right after defenses.
 LAYERS = ("data", "models", "attacks", "defenses", "certify", "train", "backdoors", "transfer",
           "explain", "report", "cli")
-SHARED = {"errors", "atomic", "stats"}
+SHARED = {"errors", "atomic", "stats", "variables"}
 ROOT = Path(robust_transfer.__file__).parent
 
 

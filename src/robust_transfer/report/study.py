@@ -44,12 +44,15 @@ from robust_transfer.data.tasks import ALL, parse_shots  # noqa: E402
 from robust_transfer.errors import UserError  # noqa: E402
 from robust_transfer.report.common import save_figure  # noqa: E402
 from robust_transfer.report.stats import summarise  # noqa: E402
+from robust_transfer.transfer.finetune import FinetuneConfig  # noqa: E402
 from robust_transfer.transfer.results import read_results  # noqa: E402
+from robust_transfer.variables import columns, names  # noqa: E402
 
 # Which source model: runs of different recipes are never compared or pooled.
 SOURCE_GROUP = ["source_task", "source_arch", "source_recipe"]
 # Which fine-tuning protocol (besides blocks and shots, which are the figures' axes/columns).
-FINETUNE_FACETS = ["target_task", "lr", "epochs", "batch_size", "augment", "noise_sigma"]
+# (`FinetuneConfig`'s variables declared `facet=True`, as results columns).
+FINETUNE_FACETS = [columns(FinetuneConfig)[n] for n in names(FinetuneConfig, facet=True)]
 # One set of figures (and one summary section) per facet.
 FACETS = [*SOURCE_GROUP, *FINETUNE_FACETS]
 # A natural and a robust run are a pair when they agree on all of these.

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -32,8 +32,16 @@ from robust_transfer.train.methods import (
 from robust_transfer.train.neuba import neuba_objective
 from robust_transfer.train.overfit import ACTIONS, OverfitMonitor, hold_out
 from robust_transfer.train.smoothing import SIGMA, SMOOTHADV_SAMPLES, noisy_accuracy
+from robust_transfer.variables import method_options, omit_defaults, variable
 
 EVAL_STEPS = 20
+
+
+def _eval_at_eval_default(cfg: SourceConfig) -> bool:
+    """`attack_mode` eval at a method whose reference attacks in eval mode (PGD, TRADES), not
+    distilled: left out of the id (recipes before the field all attacked in eval mode)."""
+    return (cfg.attack_mode == "eval" and cfg.distill is None
+            and ATTACK_MODE.get(cfg.method) == "eval")
 
 
 @dataclass(frozen=True)
@@ -58,26 +66,38 @@ class SourceConfig:
     are then ARD's threat model (0 for plain KD and defensive distillation).
     """
 
-    task: str = "digits-0to4"
-    arch: str = "cnn-small"
-    eps: float = 0.0
-    norm: str = "l2"
-    attack_steps: int = 7
-    attack_alpha: float | None = None
-    train: TrainConfig = field(default_factory=TrainConfig)
-    method: str | None = None
-    trades_beta: float | None = None
-    free_replays: int | None = None
-    on_overfit: str | None = None
-    distill: DistillConfig | None = None
-    attack_mode: str | None = None
-    trades_attack: str | None = None
+    # Each field declared once (`robust_transfer.variables`): role, batched engines, column,
+    # label, method option, and whether it enters the content id at its default.
+    task: str = variable("digits-0to4", role="recipe")
+    arch: str = variable("cnn-small", role="recipe")
+    eps: float = variable(0.0, role="treatment")
+    norm: str = variable("l2", role="treatment")
+    attack_steps: int = variable(7, role="recipe")
+    attack_alpha: float | None = variable(None, role="recipe")
+    train: TrainConfig = variable(role="recipe", default_factory=TrainConfig)
+    method: str | None = variable(None, role="treatment")
+    trades_beta: float | None = variable(None, role="treatment", option=True,
+                                         methods=("trades",), method_default=TRADES_BETA)
+    free_replays: int | None = variable(None, role="treatment", option=True,
+                                        methods=("free",), method_default=FREE_REPLAYS)
+    on_overfit: str | None = variable(None, role="treatment", option=True)
+    distill: DistillConfig | None = variable(None, role="treatment", id_at_default=False)
+    attack_mode: str | None = variable(None, role="treatment", option=True,
+                                       id_at_default=False, omit=_eval_at_eval_default)
+    trades_attack: str | None = variable(None, role="treatment", option=True,
+                                         id_at_default=False, methods=("trades",),
+                                         method_default=TRADES_ATTACKS[0])
     # A backdoor planted while training (data poisoning, see `data.poison`, or NeuBA's
-    # objective); None: clean.
-    backdoor: BackdoorConfig | None = None
+    # objective); None: clean. Measured after every fine-tuning epoch: per-run path.
+    backdoor: BackdoorConfig | None = variable(None, role="treatment", engines=(),
+                                               id_at_default=False)
     # Randomized smoothing (`train.smoothing`): noise level and smoothadv's noise samples m.
-    sigma: float | None = None
-    noise_samples: int | None = None
+    sigma: float | None = variable(None, role="treatment", option=True, id_at_default=False,
+                                   column="source_sigma", label="σ", methods=NOISE_METHODS,
+                                   method_default=SIGMA)
+    noise_samples: int | None = variable(None, role="treatment", option=True,
+                                         id_at_default=False, methods=("smoothadv",),
+                                         method_default=SMOOTHADV_SAMPLES)
 
     def __post_init__(self) -> None:
         check_task(self.task)
@@ -103,12 +123,7 @@ class SourceConfig:
         if method in NOISE_METHODS and self.norm != "l2":
             raise UserError(f"method {method!r} works in the L2 norm (the smoothing "
                             f"certificate's); got norm {self.norm!r}")
-        defaults = {"trades_beta": (("trades",), TRADES_BETA),
-                    "free_replays": (("free",), FREE_REPLAYS),
-                    "sigma": (NOISE_METHODS, SIGMA),
-                    "noise_samples": (("smoothadv",), SMOOTHADV_SAMPLES),
-                    "trades_attack": (("trades",), TRADES_ATTACKS[0])}
-        for name, (owners, default) in defaults.items():
+        for name, (owners, default) in method_options(SourceConfig).items():
             value = getattr(self, name)
             if value is not None and method not in owners:
                 names = " and ".join(repr(o) for o in owners)
@@ -161,22 +176,13 @@ class SourceConfig:
         return math.ceil(self.train.epochs / (self.free_replays or 1))
 
     def to_dict(self) -> dict:
-        """The recipe as plain data; `distill`, `backdoor`, `trades_attack`, `sigma` and
-        `noise_samples` only when set, `attack_mode` only when not eval at an eval-default
-        method (PGD, TRADES), so that the content ids of the sources whose training did not
-        change stay what they were before the fields existed (recipes before them all attacked
-        in eval mode)."""
+        """The recipe as plain data, less the fields declared out of the content id at their
+        default (`variables.omit_defaults`), so that the ids of the sources whose training did
+        not change stay what they were before the fields existed."""
         d = asdict(self)
         if self.distill is not None:
             d["distill"] = self.distill.to_dict()
-        for key in ("distill", "backdoor", "trades_attack", "attack_mode", "sigma",
-                    "noise_samples"):
-            if d[key] is None:
-                del d[key]
-        if d.get("attack_mode") == "eval" and self.distill is None \
-                and ATTACK_MODE.get(self.method) == "eval":
-            del d["attack_mode"]
-        return d
+        return omit_defaults(self, d)
 
 
 def method_objective(cfg: SourceConfig):

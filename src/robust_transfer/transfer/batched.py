@@ -27,7 +27,7 @@ per-epoch metrics, new config fields set away from their defaults) takes the per
 
 from __future__ import annotations
 
-from dataclasses import MISSING, fields
+from dataclasses import fields
 
 import torch
 import torch.nn.functional as F
@@ -39,35 +39,17 @@ from robust_transfer.models.nets import ConvNet
 from robust_transfer.train import SourceConfig, TrainConfig, freeze_all_but_last
 from robust_transfer.train.loop import batch_bounds, lr_schedule
 from robust_transfer.transfer.finetune import FinetuneConfig
+from robust_transfer.variables import engine_fields, first_non_default
+
+ENGINE = "batched"  # its name in the variables' declarations (`variables.variable`)
 
 # What a standard source checkpoint's metadata holds (train_source + save_checkpoint).
 STANDARD_META = {"role", "recipe", "eps", "norm", "method", "amp", "seed", "task", "metrics",
                  "torch_threads", "model", "package_version", "sha256", "distill",
                  "teacher_path"}
-# The recipe and fine-tune fields this engine implements; a field added later is covered only
-# while it keeps its default (new fields default to today's behaviour). How a source was
-# trained (method and its options, distillation, smoothing noise) does not change how it is
-# fine-tuned. A fine-tune with `noise_sigma` (or `augment`) is not covered: per-run path.
-KNOWN_RECIPE = {"task", "arch", "eps", "norm", "attack_steps", "attack_alpha", "train",
-                "method", "trades_beta", "free_replays", "on_overfit", "distill", "sigma",
-                "noise_samples", "attack_mode", "trades_attack"}
-KNOWN_FINETUNE = {"target_task", "images_per_class", "unfrozen_blocks", "epochs", "lr",
-                  "batch_size", "seed"}
 # Test images per evaluation chunk (measured: 64 is 1.4-1.9x faster than the whole test set
 # at once for 50 runs with 2-3 blocks unfrozen, whose activations would not fit in cache).
 EVAL_CHUNK = 64
-
-
-def _only_defaults(values: dict, cls, known: set[str]) -> bool:
-    """True when every key of `values` outside `known` is a field of `cls` at its default."""
-    defaults = {}
-    for f in fields(cls):
-        if f.default is not MISSING:
-            defaults[f.name] = f.default
-        elif f.default_factory is not MISSING:
-            defaults[f.name] = f.default_factory()
-    extra = set(values) - known
-    return all(k in defaults and values[k] == defaults[k] for k in extra)
 
 
 def _standard_block(block: nn.Module) -> bool:
@@ -99,7 +81,7 @@ def applies(model: nn.Module, cfg: FinetuneConfig, source_meta: dict | None = No
         return False
     if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
         return False  # this engine never calls the modules' forward: hooks would not fire
-    if not _only_defaults(cfg.to_dict(), FinetuneConfig, KNOWN_FINETUNE):
+    if first_non_default(cfg.to_dict(), FinetuneConfig, engine_fields(FinetuneConfig, ENGINE)):
         return False
     if cfg.train_config().schedule != "step":
         return False
@@ -109,8 +91,8 @@ def applies(model: nn.Module, cfg: FinetuneConfig, source_meta: dict | None = No
         return False
     recipe = source_meta.get("recipe") or {}
     train = recipe.get("train") or {}
-    return (_only_defaults(recipe, SourceConfig, KNOWN_RECIPE)
-            and _only_defaults(train, TrainConfig, {f.name for f in fields(TrainConfig)}))
+    return not (first_non_default(recipe, SourceConfig, engine_fields(SourceConfig, ENGINE))
+                or first_non_default(train, TrainConfig, {f.name for f in fields(TrainConfig)}))
 
 
 def shape_key(cfg: FinetuneConfig) -> tuple:

@@ -19,6 +19,7 @@ from robust_transfer.errors import UserError, check_choice
 from robust_transfer.models.nets import BlockNet
 from robust_transfer.models.runtime import accuracy, amp_enabled
 from robust_transfer.train import TrainConfig, fit, freeze_all_but_last
+from robust_transfer.variables import omit_defaults, variable
 
 ENGINES = ("auto", "per-run")
 
@@ -46,15 +47,19 @@ class FinetuneConfig:
     (after any crop; unclipped, seeded by `seed`), so that a smoothed classifier of that
     noise level can be certified after transfer (Cohen et al. 2019); 0 = none."""
 
-    target_task: str = "digits-5to9"
-    images_per_class: Shots = 5
-    unfrozen_blocks: int | None = 0
-    epochs: int = 30
-    lr: float = 0.1
-    batch_size: int = 32
-    seed: int = 0
-    augment: bool = False
-    noise_sigma: float = 0.0
+    # Each field declared once (`robust_transfer.variables`): the engines that implement it,
+    # whether it is a report facet, whether it enters run ids at its default.
+    target_task: str = variable("digits-5to9", role="finetune", facet=True)
+    images_per_class: Shots = variable(5, role="finetune")
+    unfrozen_blocks: int | None = variable(0, role="finetune")
+    epochs: int = variable(30, role="finetune", facet=True)
+    lr: float = variable(0.1, role="finetune", facet=True)
+    batch_size: int = variable(32, role="finetune", facet=True)
+    seed: int = variable(0, role="finetune")
+    augment: bool = variable(False, role="finetune", engines=("stacked",), facet=True,
+                             id_at_default=False, grid="one")
+    noise_sigma: float = variable(0.0, role="finetune", engines=(), facet=True,
+                                  label="noise σ", id_at_default=False, grid="crossed")
 
     def __post_init__(self) -> None:
         check_task(self.target_task)
@@ -73,14 +78,10 @@ class FinetuneConfig:
         )
 
     def to_dict(self) -> dict:
-        """The config as recorded (and hashed into run ids); `augment` and `noise_sigma`
-        only when on, so the runs of specs without them keep their ids."""
-        d = asdict(self)
-        if not d["augment"]:
-            del d["augment"]
-        if not d["noise_sigma"]:
-            del d["noise_sigma"]
-        return d
+        """The config as recorded (and hashed into run ids); variables declared
+        `id_at_default=False` (`augment`, `noise_sigma`) only when set, so the runs of specs
+        without them keep their ids."""
+        return omit_defaults(self, asdict(self))
 
 
 def augmentation(cfg: FinetuneConfig) -> Callable[[torch.Tensor], torch.Tensor] | None:

@@ -50,7 +50,7 @@ from robust_transfer.transfer.run import (
     batched_why_not,
     finetune_many_from_checkpoint,
 )
-from robust_transfer.transfer.spec import GridSpec, Run, content_id, expand
+from robust_transfer.transfer.spec import GridSpec, Run, content_id, expand, grid_options
 from robust_transfer.transfer.stacked import shape_key
 
 SOURCES = "sources"
@@ -305,10 +305,15 @@ def _spec_dict(spec: GridSpec) -> dict:
         "lr": list(spec.lr),
         "batch_size": spec.batch_size,
     }
-    if spec.augment:  # recorded only when on: specs without it keep their recorded text
-        d["augment"] = True
-    if spec.certify is not None:  # likewise
+    # Fine-tune variables and certify recorded only when set, so specs without them keep
+    # their recorded text (and order: single-valued variables, certify, crossed ones).
+    crossed = grid_options()
+    for name, values in spec.options:
+        if not crossed[name][0] and values != (crossed[name][1],):
+            d[name] = values[0]
+    if spec.certify is not None:
         d["certify"] = spec.certify.to_dict()
-    if spec.noise_sigma != (0.0,):  # likewise
-        d["noise_sigma"] = list(spec.noise_sigma)
+    for name, values in spec.options:
+        if crossed[name][0] and values != (crossed[name][1],):
+            d[name] = list(values)
     return d

@@ -15,23 +15,23 @@ from robust_transfer.models import load_checkpoint, save_checkpoint
 from robust_transfer.models.checkpoint import read_meta
 from robust_transfer.models.nets import BlockNet
 from robust_transfer.models.runtime import amp_enabled
+from robust_transfer.train import SourceConfig
 from robust_transfer.train.distill import distill_label
 from robust_transfer.transfer import batched, stacked
 from robust_transfer.transfer.backdoor_eval import backdoor_epoch_hook
 from robust_transfer.transfer.certify_eval import CertifySpec, certify_columns, task_test_images
 from robust_transfer.transfer.finetune import FinetuneConfig, finetune
 from robust_transfer.transfer.spec import content_id
+from robust_transfer.variables import ZERO, columns, kind, treatment_fields
 
 # `engine` of `finetune_many_from_checkpoint` (and `grid --engine`).
 GRID_ENGINES = ("auto", "batched", "per-run")
 
-# The recipe fields that make two sources the same model but for the treatment (threat model,
-# training method with its options, distillation settings, planted backdoor): sources that
-# share the rest are one comparison group (natural vs robust, clean vs backdoored), whatever
-# their eps, norm, method (with its noise level sigma), distillation and backdoor; a
+# The source's treatment (threat model, training method with its options, distillation,
+# planted backdoor: `SourceConfig`'s fields declared role "treatment"): sources that share the
+# rest of their recipe are one comparison group (natural vs robust, clean vs backdoored); a
 # distilled student pairs with the natural source of its recipe.
-THREAT_FIELDS = ("eps", "norm", "method", "trades_beta", "free_replays", "on_overfit", "distill",
-                 "backdoor", "sigma", "noise_samples", "attack_mode", "trades_attack")
+THREAT_FIELDS = treatment_fields(SourceConfig)
 
 
 def source_recipe(source_meta: dict) -> dict:
@@ -69,8 +69,10 @@ def source_columns(source_meta: dict) -> dict:
         "source_eps": float(source_meta.get("eps", 0.0)),
         "source_norm": source_meta.get("norm", ""),
         "source_method": source_method(source_meta),
-        # the Gaussian noise level the source was trained with (gaussian, smoothadv); 0: none
-        "source_sigma": float(recipe.get("sigma") or 0.0),
+        # the treatment variables declared with a column (e.g. `source_sigma`, the Gaussian
+        # noise level of gaussian / smoothadv); unset: the type's zero
+        **{column: kind(SourceConfig, name)(recipe.get(name) or ZERO[kind(SourceConfig, name)])
+           for name, column in columns(SourceConfig).items()},
         "source_seed": int(source_meta.get("seed", 0)),
         "source_epochs": int(train.get("epochs", -1)),
         "source_lr": float(train.get("lr", float("nan"))),
@@ -233,16 +235,8 @@ def finetune_many_from_checkpoint(
 
 def run_rows(source_meta: dict, cfg: FinetuneConfig, history: list[dict]) -> list[dict]:
     """One tidy row per epoch: the source's columns, the fine-tune's config, the record."""
-    config = {
-        "target_task": cfg.target_task,
-        "target_classes": load_task(cfg.target_task).num_classes,
-        "images_per_class": cfg.images_per_class,
-        "unfrozen_blocks": "all" if cfg.unfrozen_blocks is None else str(cfg.unfrozen_blocks),
-        "epochs": cfg.epochs,
-        "lr": cfg.lr,
-        "batch_size": cfg.batch_size,
-        "seed": cfg.seed,
-        "augment": cfg.augment,
-        "noise_sigma": cfg.noise_sigma,
-    }
+    config = {column: getattr(cfg, name) for name, column in columns(FinetuneConfig).items()}
+    config["unfrozen_blocks"] = "all" if cfg.unfrozen_blocks is None else str(cfg.unfrozen_blocks)
+    config = {"target_task": config.pop("target_task"),
+              "target_classes": load_task(cfg.target_task).num_classes, **config}
     return [{**source_columns(source_meta), **config, **record} for record in history]

@@ -44,6 +44,8 @@ from robust_transfer.models.nets import ARCHS, num_blocks
 from robust_transfer.train import DistillConfig, SourceConfig, TrainConfig
 from robust_transfer.transfer.certify_eval import CertifySpec
 from robust_transfer.transfer.finetune import FinetuneConfig, parse_blocks
+from robust_transfer.variables import declared, kind, names, treatment_fields
+from robust_transfer.variables import spec as spec_of
 
 
 def content_id(obj: dict, length: int = 12) -> str:
@@ -136,11 +138,12 @@ class GridSpec:
     epochs: tuple[int, ...]
     seeds: tuple[int, ...]
     lr: tuple[float, ...] = (0.1,)
-    noise_sigma: tuple[float, ...] = (0.0,)  # fine-tuning Gaussian noise (crossed like lr)
     batch_size: int = 32
     source: SourceRecipe = SourceRecipe()
     name: str = "grid"
-    augment: bool = False  # fine-tuning augmentation (`FinetuneConfig.augment`)
+    # The fine-tune variables declared with a spec key (`FinetuneConfig`'s `grid=...`, e.g.
+    # augment, noise_sigma): (name, values) pairs, one value unless crossed.
+    options: tuple[tuple[str, tuple], ...] = ()
     # certify every fine-tuned model (randomized smoothing; `transfer.certify_eval`)
     certify: CertifySpec | None = None
 
@@ -263,6 +266,20 @@ def _text(value, key: str) -> str:
 MINIMUM = {"epochs": 1, "batch_size": 1, "attack_steps": 1, "seed": 0, "seeds": 0, "lr": 0.0}
 
 
+def grid_options() -> dict[str, tuple[bool, object]]:
+    """{name: (crossed, default)} of the fine-tune variables a spec sets by their own key
+    (declared `grid="crossed"`: a value or a list, crossed like `lr`; "one": one value)."""
+    return {f.name: (spec_of(f)["grid"] == "crossed", f.default)
+            for f in declared(FinetuneConfig) if spec_of(f)["grid"]}
+
+
+def _option(value, key: str):
+    """A fine-tune variable's spec value, read as its declared type."""
+    k = kind(FinetuneConfig, key)
+    return (_flag(value, key) if k is bool else _text(value, key) if k is str
+            else _number(value, key, k))
+
+
 def _flag(value, key: str) -> bool:
     if not isinstance(value, bool):
         raise UserError(f"spec key {key!r} must be true or false, got {value!r}")
@@ -292,13 +309,10 @@ def _parse_source(s: dict, teacher: bool = False) -> SourceEntry:
     if eps < 0:
         raise UserError(f"source eps must be >= 0, got {eps}")
     options = {}
-    for key, kind in (("trades_beta", float), ("free_replays", int), ("sigma", float),
-                      ("noise_samples", int)):
+    for key in names(SourceConfig, "treatment", option=True):  # read as their declared type
         if s.get(key) is not None:
-            options[key] = _number(s[key], f"sources.{key}", kind)
-    for key in ("on_overfit", "attack_mode", "trades_attack"):
-        if s.get(key) is not None:
-            options[key] = _text(s[key], f"sources.{key}")
+            options[key] = (_text(s[key], f"sources.{key}") if kind(SourceConfig, key) is str
+                            else _number(s[key], f"sources.{key}", kind(SourceConfig, key)))
     # The default method is stored as None, so {eps: 0.5} and {eps: 0.5, method: pgd} are
     # one source (one run id), not two.
     method = s.get("method")
@@ -375,7 +389,7 @@ def _check_teachers(sources: list[SourceEntry]) -> list[SourceEntry]:
 
 def parse_spec(d: dict) -> GridSpec:
     """Validate a spec dict (as loaded from YAML) into a `GridSpec`; `UserError` if bad."""
-    top = {f.name for f in fields(GridSpec)}
+    top = {f.name for f in fields(GridSpec)} - {"options"} | set(grid_options())
     _check_keys(d, top, "spec")
     missing = sorted({"sources", "targets", "images_per_class", "unfrozen_blocks", "epochs",
                       "seeds"} - set(d))
@@ -396,11 +410,12 @@ def parse_spec(d: dict) -> GridSpec:
         epochs=values("epochs", lambda e: _number(e, "epochs", int, MINIMUM["epochs"])),
         seeds=values("seeds", lambda s: _number(s, "seeds", int, MINIMUM["seeds"])),
         lr=values("lr", lambda v: _number(v, "lr", float, MINIMUM["lr"]), default=0.1),
-        noise_sigma=values("noise_sigma", lambda v: _number(v, "noise_sigma"), default=0.0),
         batch_size=_number(d.get("batch_size", 32), "batch_size", int, MINIMUM["batch_size"]),
         source=recipe,
         name=_text(d.get("name", "grid"), "name"),
-        augment=_flag(d.get("augment", False), "augment"),
+        options=tuple((name, values(name, lambda v, n=name: _option(v, n), default)
+                             if crossed else (_option(d.get(name, default), name),))
+                      for name, (crossed, default) in grid_options().items()),
         certify=None if d.get("certify") is None else CertifySpec.from_dict(d["certify"]),
     )
     expand(spec)  # validates every name and number through the configs' own checks
@@ -465,12 +480,10 @@ def source_config(spec: GridSpec, e: SourceEntry) -> SourceConfig:
         teacher = source_config(spec, e.distill.teacher).to_dict()
         distill = DistillConfig(e.distill.method, e.distill.temperature, e.distill.alpha,
                                 teacher)
-    return SourceConfig(task=r.task, arch=e.arch or r.arch, eps=e.eps, norm=e.norm,
-                        attack_steps=r.attack_steps, train=train, method=e.method,
-                        trades_beta=e.trades_beta, free_replays=e.free_replays,
-                        on_overfit=e.on_overfit, distill=distill, backdoor=e.backdoor,
-                        sigma=e.sigma, noise_samples=e.noise_samples,
-                        attack_mode=e.attack_mode, trades_attack=e.trades_attack)
+    # the entry's treatment as is (its method options declared in `SourceConfig`)
+    treatment = {k: getattr(e, k) for k in treatment_fields(SourceConfig) if k != "distill"}
+    return SourceConfig(task=r.task, arch=e.arch or r.arch, attack_steps=r.attack_steps,
+                        train=train, distill=distill, **treatment)
 
 
 def source_configs(spec: GridSpec) -> list[SourceConfig]:
@@ -485,11 +498,12 @@ def probes(spec: GridSpec) -> tuple[BackdoorConfig, ...]:
 def expand(spec: GridSpec) -> list[Run]:
     """Every combination of the spec's variables, as `Run`s (sources outermost)."""
     runs, probed = [], probes(spec)
-    for source, target, k, blocks, epochs, lr, noise, seed in itertools.product(
+    option_names = [name for name, _ in spec.options]
+    for source, target, k, blocks, epochs, lr, *options, seed in itertools.product(
         source_configs(spec), spec.targets, spec.images_per_class, spec.unfrozen_blocks,
-        spec.epochs, spec.lr, spec.noise_sigma, spec.seeds,
+        spec.epochs, spec.lr, *(values for _, values in spec.options), spec.seeds,
     ):
         cfg = FinetuneConfig(target, k, blocks, epochs, lr, spec.batch_size, seed,
-                             augment=spec.augment, noise_sigma=noise)
+                             **dict(zip(option_names, options, strict=True)))
         runs.append(Run(source, cfg, probed, spec.certify))
     return runs

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import MISSING, fields
+from dataclasses import fields
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,7 @@ from robust_transfer.models.runtime import amp_enabled, autocast
 from robust_transfer.train import SourceConfig, TrainConfig, freeze_all_but_last
 from robust_transfer.train.loop import batch_bounds, lr_schedule
 from robust_transfer.transfer.finetune import FinetuneConfig, augmentation
+from robust_transfer.variables import engine_fields, first_non_default
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +60,7 @@ log = logging.getLogger(__name__)
 STANDARD_META = {"role", "recipe", "eps", "norm", "method", "amp", "seed", "task", "metrics",
                  "torch_threads", "model", "package_version", "sha256", "distill",
                  "teacher_path", "imported_from"}
-# Recipe fields that only say how the source was trained (not how it is fine-tuned).
-KNOWN_RECIPE = {"task", "arch", "eps", "norm", "attack_steps", "attack_alpha", "train",
-                "method", "trades_beta", "free_replays", "on_overfit", "distill"}
-# The fine-tune fields this engine implements; a field added later is covered only while it
-# keeps its default (new fields default to today's behaviour).
-KNOWN_FINETUNE = {"target_task", "images_per_class", "unfrozen_blocks", "epochs", "lr",
-                  "batch_size", "seed", "augment"}
+ENGINE = "stacked"  # its name in the variables' declarations (`variables.variable`)
 # Default memory budget (bytes) on CPU; on CUDA, 3/4 of the device's free memory.
 DEFAULT_MAX_MEMORY = 4 * 2**30
 # fp32 copies of a run's trainable parameters alive at once in a step: the parameters, the
@@ -74,21 +69,6 @@ DEFAULT_MAX_MEMORY = 4 * 2**30
 RUN_PARAM_COPIES = 6
 # Test images per evaluation chunk, at most (smaller when memory asks for it).
 EVAL_CHUNK = 256
-
-
-def defaults_only(values: dict, cls, known: set[str]) -> str | None:
-    """The first key of `values` outside `known` that is not a field of `cls` at its
-    default, or None when there is none."""
-    defaults = {}
-    for f in fields(cls):
-        if f.default is not MISSING:
-            defaults[f.name] = f.default
-        elif f.default_factory is not MISSING:
-            defaults[f.name] = f.default_factory()
-    for key in sorted(set(values) - known):
-        if key not in defaults or values[key] != defaults[key]:
-            return key
-    return None
 
 
 def why_not(model: nn.Module, cfg: FinetuneConfig, source_meta: dict | None = None
@@ -109,7 +89,7 @@ def why_not(model: nn.Module, cfg: FinetuneConfig, source_meta: dict | None = No
         return "the model has dropout (random per run)"
     if not isinstance(cfg, FinetuneConfig):
         return f"{type(cfg).__name__} is not a plain FinetuneConfig"
-    extra = defaults_only(cfg.to_dict(), type(cfg), KNOWN_FINETUNE)
+    extra = first_non_default(cfg.to_dict(), type(cfg), engine_fields(type(cfg), ENGINE))
     if extra is not None:
         return f"fine-tune option {extra!r} is set (the per-run path implements it)"
     if source_meta is None:
@@ -120,9 +100,9 @@ def why_not(model: nn.Module, cfg: FinetuneConfig, source_meta: dict | None = No
     if source_meta.get("role", "source") != "source":
         return f"the checkpoint is a {source_meta.get('role')!r}, not a source"
     recipe = source_meta.get("recipe") or {}
-    extra = (defaults_only(recipe, SourceConfig, KNOWN_RECIPE)
-             or defaults_only(recipe.get("train") or {}, TrainConfig,
-                              {f.name for f in fields(TrainConfig)}))
+    extra = (first_non_default(recipe, SourceConfig, engine_fields(SourceConfig, ENGINE))
+             or first_non_default(recipe.get("train") or {}, TrainConfig,
+                                  {f.name for f in fields(TrainConfig)}))
     if extra is not None:
         return f"the source's recipe sets {extra!r} (e.g. a planted backdoor)"
     return None
