@@ -112,11 +112,18 @@ def test_method_options_default_only_for_their_methods():
 
 
 def test_columns_and_facets_come_from_the_declarations():
-    assert FINETUNE_FACETS == ["target_task", "epochs", "lr", "batch_size", "augment",
+    assert FINETUNE_FACETS == ["target_task", "lr", "epochs", "batch_size", "augment",
                                "noise_sigma"]
     meta = {"model": {"arch": "cnn-small"}, "recipe": SourceConfig(method="gaussian").to_dict()}
     assert source_columns(meta)["source_sigma"] == 0.25
     assert source_columns({"model": {"arch": "cnn-small"}})["source_sigma"] == 0.0
+
+
+def test_shape_keys_name_what_the_engines_implement_but_the_seed():
+    cfg = FinetuneConfig(images_per_class=2, unfrozen_blocks=None, epochs=3, lr=0.05,
+                         batch_size=16, seed=4, augment=True, noise_sigma=0.25)
+    assert stacked.shape_key(cfg) == ("digits-5to9", 2, None, 3, 0.05, 16, True)
+    assert batched.shape_key(cfg) == ("digits-5to9", 2, None, 3, 0.05, 16)
 
 
 def _meta(cfg: SourceConfig) -> dict:

@@ -27,7 +27,7 @@ def variable(default: Any = MISSING, *, role: str, default_factory: Any = MISSIN
              engines: tuple[str, ...] = ENGINES, column: str | None = None,
              label: str | None = None, id_at_default: bool = True,
              omit: Callable[[Any], bool] | None = None, methods: tuple[str, ...] = (),
-             method_default: Any = None, facet: bool = False, option: bool = False,
+             method_default: Any = None, facet: int = 0, option: bool = False,
              grid: str | None = None) -> Field:
     """A dataclass field declared as an experiment variable.
 
@@ -39,8 +39,9 @@ def variable(default: Any = MISSING, *, role: str, default_factory: Any = MISSIN
     the same; `omit(config)`: another such rule, for a default that depends on other fields.
     `methods`/`method_default`: a training method's option, only for those methods, and
     resolved to `method_default` when unset. `option`: a `sources` entry key of its own
-    type (a treatment option the spec parser reads as is). `facet`: a fine-tune variable
-    whose every value gets its own figures and summary section (never pooled). `grid`: a
+    type (a treatment option the spec parser reads as is). `facet` > 0: a fine-tune variable
+    whose every value gets its own figures and summary section (never pooled); the number
+    orders the facets (headings, file names). `grid`: a
     fine-tune variable a grid spec sets by its own key (its name): "one" value, or
     "crossed" (a value or a list, crossed with the other variables like `lr`).
     """
@@ -124,6 +125,12 @@ def labels(cls) -> dict[str, str]:
     """{results column: label} of `cls`'s labelled variables."""
     return {spec(f)["column"] or f.name: spec(f)["label"] for f in declared(cls)
             if spec(f)["label"]}
+
+
+def facets(cls) -> list[str]:
+    """Results columns of `cls`'s facet variables, in their declared `facet` order."""
+    chosen = sorted((spec(f)["facet"], f.name) for f in declared(cls) if spec(f)["facet"])
+    return [spec(cls.__dataclass_fields__[n])["column"] or n for _, n in chosen]
 
 
 def method_options(cls) -> dict[str, tuple[tuple[str, ...], Any]]:

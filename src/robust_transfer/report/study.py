@@ -46,18 +46,25 @@ from robust_transfer.report.common import save_figure  # noqa: E402
 from robust_transfer.report.stats import summarise  # noqa: E402
 from robust_transfer.transfer.finetune import FinetuneConfig  # noqa: E402
 from robust_transfer.transfer.results import read_results  # noqa: E402
-from robust_transfer.variables import columns, names  # noqa: E402
+from robust_transfer.variables import columns, facets, names  # noqa: E402
+from robust_transfer.variables import default as _default  # noqa: E402
+from robust_transfer.variables import labels as variable_labels  # noqa: E402
 
 # Which source model: runs of different recipes are never compared or pooled.
 SOURCE_GROUP = ["source_task", "source_arch", "source_recipe"]
 # Which fine-tuning protocol (besides blocks and shots, which are the figures' axes/columns).
-# (`FinetuneConfig`'s variables declared `facet=True`, as results columns).
-FINETUNE_FACETS = [columns(FinetuneConfig)[n] for n in names(FinetuneConfig, facet=True)]
+# (`FinetuneConfig`'s variables declared as facets, in their declared order).
+FINETUNE_FACETS = facets(FinetuneConfig)
 # One set of figures (and one summary section) per facet.
 FACETS = [*SOURCE_GROUP, *FINETUNE_FACETS]
 # A natural and a robust run are a pair when they agree on all of these.
 PAIR_KEYS = [*FACETS, "unfrozen_blocks", "images_per_class", "seed", "epoch"]
 NATURAL = "natural"
+
+
+def finetune_default(name: str):
+    """A fine-tune variable's declared default."""
+    return _default(FinetuneConfig.__dataclass_fields__[name])
 
 
 def source_label(eps: float, norm: str, method: str = "pgd", distill: str = "",
@@ -141,12 +148,14 @@ def prepare(df: pd.DataFrame) -> pd.DataFrame:
     """Add `source` label and `shots` (numeric images per class; "all" = its mean count);
     one natural source per recipe; check that every (pair keys, source) is one row."""
     df = _with_method(df.copy())
-    # Tables written before fine-tunes could augment: none of their runs did.
-    augment = df["augment"] if "augment" in df else pd.Series(False, index=df.index)
-    df["augment"] = augment.astype("boolean").fillna(False).astype(bool)
-    # ... nor add noise, in fine-tuning or in source training.
-    for column in ("noise_sigma", "source_sigma"):
-        df[column] = df[column].fillna(0.0).astype(float) if column in df else 0.0
+    # Tables written before a fine-tune variable existed (augment, noise_sigma, ...): none of
+    # their runs used it; nor did their sources train with noise.
+    for name in names(FinetuneConfig, "finetune", id_at_default=False):
+        column, value = columns(FinetuneConfig)[name], finetune_default(name)
+        df[column] = (df[column].astype(object).where(df[column].notna(), value)
+                      .astype(type(value)) if column in df else value)
+    df["source_sigma"] = df["source_sigma"].fillna(0.0).astype(float) \
+        if "source_sigma" in df else 0.0
     df["source_distill"] = (df["source_distill"].fillna("") if "source_distill" in df
                             else "")
     df["images_per_class"] = df["images_per_class"].map(parse_shots).astype(object)
@@ -295,8 +304,10 @@ def _facet_title(part: pd.DataFrame, table: pd.DataFrame | None = None) -> str:
     source = str(r.source_task)
     if table.source_arch.nunique() > 1:
         source += f" ({r.source_arch})"
-    noise = f", fine-tuned with noise σ={r.noise_sigma:g}" if r.get("noise_sigma", 0) else ""
-    return f"{source} → {r.target_task}{noise}"
+    # the labelled fine-tune variables away from their default, e.g. "noise σ=0.25"
+    used = [f", fine-tuned with {label}={r[column]:g}" for column, label in
+            variable_labels(FinetuneConfig).items() if column in r and r[column] != 0]
+    return f"{source} → {r.target_task}{''.join(used)}"
 
 
 def _recipe_note(part: pd.DataFrame, table: pd.DataFrame, sep: str) -> str:
@@ -457,5 +468,5 @@ def _facet_suffix(df: pd.DataFrame, facet: tuple) -> str:
         if df[name].nunique() > 1:
             value = values[name]
             text = f"{value:g}" if isinstance(value, float) else str(value)
-            parts.append(f"_{labels[name]}{text}")
+            parts.append(f"_{labels.get(name, name)}{text}")
     return "".join(parts)

@@ -39,7 +39,7 @@ from robust_transfer.models.nets import ConvNet
 from robust_transfer.train import SourceConfig, TrainConfig, freeze_all_but_last
 from robust_transfer.train.loop import batch_bounds, lr_schedule
 from robust_transfer.transfer.finetune import FinetuneConfig
-from robust_transfer.variables import engine_fields, first_non_default
+from robust_transfer.variables import engine_fields, finetune_fields, first_non_default
 
 ENGINE = "batched"  # its name in the variables' declarations (`variables.variable`)
 
@@ -97,8 +97,8 @@ def applies(model: nn.Module, cfg: FinetuneConfig, source_meta: dict | None = No
 
 def shape_key(cfg: FinetuneConfig) -> tuple:
     """Runs with the same key differ only in their seed: one batch of the engine."""
-    return (cfg.target_task, cfg.images_per_class, cfg.unfrozen_blocks, cfg.epochs, cfg.lr,
-            cfg.batch_size, cfg.noise_sigma)
+    return tuple(getattr(cfg, name) for name in finetune_fields(FinetuneConfig)
+                 if name != "seed" and name in engine_fields(FinetuneConfig, ENGINE))
 
 
 class _WideSuffix:

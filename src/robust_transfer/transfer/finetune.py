@@ -49,16 +49,16 @@ class FinetuneConfig:
 
     # Each field declared once (`robust_transfer.variables`): the engines that implement it,
     # whether it is a report facet, whether it enters run ids at its default.
-    target_task: str = variable("digits-5to9", role="finetune", facet=True)
+    target_task: str = variable("digits-5to9", role="finetune", facet=1)
     images_per_class: Shots = variable(5, role="finetune")
     unfrozen_blocks: int | None = variable(0, role="finetune")
-    epochs: int = variable(30, role="finetune", facet=True)
-    lr: float = variable(0.1, role="finetune", facet=True)
-    batch_size: int = variable(32, role="finetune", facet=True)
+    epochs: int = variable(30, role="finetune", facet=3)
+    lr: float = variable(0.1, role="finetune", facet=2)
+    batch_size: int = variable(32, role="finetune", facet=4)
     seed: int = variable(0, role="finetune")
-    augment: bool = variable(False, role="finetune", engines=("stacked",), facet=True,
+    augment: bool = variable(False, role="finetune", engines=("stacked",), facet=5,
                              id_at_default=False, grid="one")
-    noise_sigma: float = variable(0.0, role="finetune", engines=(), facet=True,
+    noise_sigma: float = variable(0.0, role="finetune", engines=(), facet=6,
                                   label="noise σ", id_at_default=False, grid="crossed")
 
     def __post_init__(self) -> None:

@@ -51,7 +51,7 @@ from robust_transfer.models.runtime import amp_enabled, autocast
 from robust_transfer.train import SourceConfig, TrainConfig, freeze_all_but_last
 from robust_transfer.train.loop import batch_bounds, lr_schedule
 from robust_transfer.transfer.finetune import FinetuneConfig, augmentation
-from robust_transfer.variables import engine_fields, first_non_default
+from robust_transfer.variables import engine_fields, finetune_fields, first_non_default
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +110,8 @@ def why_not(model: nn.Module, cfg: FinetuneConfig, source_meta: dict | None = No
 
 def shape_key(cfg: FinetuneConfig) -> tuple:
     """Runs with the same key differ only in their seed: one batch of the engine."""
-    return (cfg.target_task, cfg.images_per_class, cfg.unfrozen_blocks, cfg.epochs, cfg.lr,
-            cfg.batch_size, cfg.augment)
+    return tuple(getattr(cfg, name) for name in finetune_fields(FinetuneConfig)
+                 if name != "seed" and name in engine_fields(FinetuneConfig, ENGINE))
 
 
 @torch.no_grad()
