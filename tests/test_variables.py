@@ -88,13 +88,19 @@ def test_every_source_option_is_a_sources_entry_key_parsed_as_its_type():
     options = names(SourceConfig, "treatment", option=True)
     assert set(options) == {"trades_beta", "free_replays", "on_overfit", "attack_mode",
                             "trades_attack", "sigma", "noise_samples"}
-    assert set(options) <= set(SourceEntry.__dataclass_fields__)
+    entry = SourceEntry(0.5, "l2", "trades", options=(("trades_beta", 3.0), ("sigma", 0.5),
+                                                        ("attack_mode", "train")))
+    # recorded in the order the keys had as SourceEntry fields before the declarations
+    assert list(entry.to_dict()) == ["eps", "norm", "method", "trades_beta", "sigma",
+                                     "attack_mode"]
     base = {"targets": ["digits-5to9"], "images_per_class": [1], "unfrozen_blocks": [0],
             "epochs": 1, "seeds": [0]}
     spec = parse_spec({**base, "sources": [{"method": "smoothadv", "eps": 0.5, "sigma": 0.5,
                                             "noise_samples": 3}]})
     source = expand(spec)[0].source
     assert (source.sigma, source.noise_samples) == (0.5, 3)
+    with pytest.raises(UserError, match="unknown key 'options' in sources entry"):
+        parse_spec({**base, "sources": [{"eps": 0.5, "options": []}]})
     with pytest.raises(UserError, match="sources.noise_samples' must be an integer"):
         parse_spec({**base, "sources": [{"method": "smoothadv", "eps": 0.5,
                                          "noise_samples": 1.5}]})

@@ -82,6 +82,13 @@ class SourceConfig:
                                         methods=("free",), method_default=FREE_REPLAYS)
     on_overfit: str | None = variable(None, role="treatment", option=True)
     distill: DistillConfig | None = variable(None, role="treatment", id_at_default=False)
+    # Randomized smoothing (`train.smoothing`): noise level and smoothadv's noise samples m.
+    sigma: float | None = variable(None, role="treatment", option=True, id_at_default=False,
+                                   column="source_sigma", label="σ", methods=NOISE_METHODS,
+                                   method_default=SIGMA)
+    noise_samples: int | None = variable(None, role="treatment", option=True,
+                                         id_at_default=False, methods=("smoothadv",),
+                                         method_default=SMOOTHADV_SAMPLES)
     attack_mode: str | None = variable(None, role="treatment", option=True,
                                        id_at_default=False, omit=_eval_at_eval_default)
     trades_attack: str | None = variable(None, role="treatment", option=True,
@@ -91,13 +98,6 @@ class SourceConfig:
     # objective); None: clean. Measured after every fine-tuning epoch: per-run path.
     backdoor: BackdoorConfig | None = variable(None, role="treatment", engines=(),
                                                id_at_default=False)
-    # Randomized smoothing (`train.smoothing`): noise level and smoothadv's noise samples m.
-    sigma: float | None = variable(None, role="treatment", option=True, id_at_default=False,
-                                   column="source_sigma", label="σ", methods=NOISE_METHODS,
-                                   method_default=SIGMA)
-    noise_samples: int | None = variable(None, role="treatment", option=True,
-                                         id_at_default=False, methods=("smoothadv",),
-                                         method_default=SMOOTHADV_SAMPLES)
 
     def __post_init__(self) -> None:
         check_task(self.task)

@@ -44,7 +44,7 @@ from robust_transfer.models.nets import ARCHS, num_blocks
 from robust_transfer.train import DistillConfig, SourceConfig, TrainConfig
 from robust_transfer.transfer.certify_eval import CertifySpec
 from robust_transfer.transfer.finetune import FinetuneConfig, parse_blocks
-from robust_transfer.variables import declared, kind, names, treatment_fields
+from robust_transfer.variables import declared, kind, names
 from robust_transfer.variables import spec as spec_of
 
 
@@ -98,15 +98,10 @@ class SourceEntry:
     # Training method and its options (`SourceConfig`): None = the default (natural at eps
     # 0, else PGD-AT); an option that does not apply to the method is an error there.
     method: str | None = None
-    trades_beta: float | None = None
-    free_replays: int | None = None
-    on_overfit: str | None = None
-    # Randomized smoothing (`train.smoothing`): noise level of gaussian / smoothadv, and
-    # smoothadv's noise samples m.
-    sigma: float | None = None
-    noise_samples: int | None = None
-    attack_mode: str | None = None  # eval | train; None: the method's reference code's
-    trades_attack: str | None = None  # reference | uniform (TRADES' inner attack)
+    # The method's options, `SourceConfig`'s fields declared `option=True` (trades_beta,
+    # sigma, attack_mode, ...), as (name, value) pairs in their declared order; an unset one
+    # is left out (None = the method's default there).
+    options: tuple[tuple[str, object], ...] = ()
     # Architecture of this source (Kornblith et al. 2019, "Do Better ImageNet Models Transfer
     # Better?"); None: the spec's `source.arch`.
     arch: str | None = None
@@ -123,7 +118,10 @@ class SourceEntry:
     def to_dict(self) -> dict:
         """As written in the recorded spec; unset (None) keys are left out, so a spec that
         does not use a key records the same text as before the key existed."""
-        d = {k: v for k, v in asdict(self).items() if v is not None}
+        d = asdict(self)
+        d = {**{k: d[k] for k in ("eps", "norm", "method")}, **dict(self.options),
+             **{k: d[k] for k in ("arch", "distill", "backdoor")}}
+        d = {k: v for k, v in d.items() if v is not None}
         if self.distill is not None:
             d["distill"]["teacher"] = self.distill.teacher.to_dict()
         return d
@@ -303,16 +301,19 @@ def _parse_recipe(d: dict) -> SourceRecipe:
 def _parse_source(s: dict, teacher: bool = False) -> SourceEntry:
     """One `sources` entry (a mapping of SourceEntry's keys) into a `SourceEntry`."""
     where = "sources.distill.teacher" if teacher else "sources entry"
-    _check_keys(s, {f.name for f in fields(SourceEntry)} - ({"distill"} if teacher else set()),
-                where)
+    keys = {f.name for f in fields(SourceEntry)} - {"options"} \
+        | set(names(SourceConfig, "treatment", option=True))
+    _check_keys(s, keys - ({"distill"} if teacher else set()), where)
     eps = _number(s.get("eps", 0.0), "sources.eps")
     if eps < 0:
         raise UserError(f"source eps must be >= 0, got {eps}")
-    options = {}
+    method_options = {}
     for key in names(SourceConfig, "treatment", option=True):  # read as their declared type
         if s.get(key) is not None:
-            options[key] = (_text(s[key], f"sources.{key}") if kind(SourceConfig, key) is str
-                            else _number(s[key], f"sources.{key}", kind(SourceConfig, key)))
+            method_options[key] = (
+                _text(s[key], f"sources.{key}") if kind(SourceConfig, key) is str
+                else _number(s[key], f"sources.{key}", kind(SourceConfig, key)))
+    options = dict(method_options)
     # The default method is stored as None, so {eps: 0.5} and {eps: 0.5, method: pgd} are
     # one source (one run id), not two.
     method = s.get("method")
@@ -339,7 +340,9 @@ def _parse_source(s: dict, teacher: bool = False) -> SourceEntry:
                 raise UserError("adversarial distillation from a natural teacher needs the "
                                 "source's own eps > 0")
             norm = _text(s.get("norm", distill.teacher.norm), "sources.norm")
-    return SourceEntry(eps=eps, norm=norm, distill=distill, **options)
+    return SourceEntry(eps=eps, norm=norm, distill=distill,
+                       **{k: v for k, v in options.items() if k not in method_options},
+                       options=tuple(method_options.items()))
 
 
 def _parse_backdoor(d) -> BackdoorConfig:
@@ -480,10 +483,9 @@ def source_config(spec: GridSpec, e: SourceEntry) -> SourceConfig:
         teacher = source_config(spec, e.distill.teacher).to_dict()
         distill = DistillConfig(e.distill.method, e.distill.temperature, e.distill.alpha,
                                 teacher)
-    # the entry's treatment as is (its method options declared in `SourceConfig`)
-    treatment = {k: getattr(e, k) for k in treatment_fields(SourceConfig) if k != "distill"}
-    return SourceConfig(task=r.task, arch=e.arch or r.arch, attack_steps=r.attack_steps,
-                        train=train, distill=distill, **treatment)
+    return SourceConfig(task=r.task, arch=e.arch or r.arch, eps=e.eps, norm=e.norm,
+                        attack_steps=r.attack_steps, train=train, method=e.method,
+                        distill=distill, backdoor=e.backdoor, **dict(e.options))
 
 
 def source_configs(spec: GridSpec) -> list[SourceConfig]:
