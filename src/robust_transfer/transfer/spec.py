@@ -45,6 +45,7 @@ from robust_transfer.train import DistillConfig, SourceConfig, TrainConfig
 from robust_transfer.transfer.certify_eval import CertifySpec
 from robust_transfer.transfer.finetune import FinetuneConfig, parse_blocks
 from robust_transfer.variables import declared, kind, names
+from robust_transfer.variables import default as declared_default
 from robust_transfer.variables import spec as spec_of
 
 
@@ -267,7 +268,7 @@ MINIMUM = {"epochs": 1, "batch_size": 1, "attack_steps": 1, "seed": 0, "seeds": 
 def grid_options() -> dict[str, tuple[bool, object]]:
     """{name: (crossed, default)} of the fine-tune variables a spec sets by their own key
     (declared `grid="crossed"`: a value or a list, crossed like `lr`; "one": one value)."""
-    return {f.name: (spec_of(f)["grid"] == "crossed", f.default)
+    return {f.name: (spec_of(f)["grid"] == "crossed", declared_default(f))
             for f in declared(FinetuneConfig) if spec_of(f)["grid"]}
 
 
