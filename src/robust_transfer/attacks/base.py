@@ -39,7 +39,11 @@ class Attack:
     - `black_box`: it uses no gradients;
     - `default_steps`: its published iteration/query budget (None: it has none);
     - `norm`: the norm an instance's perturbations are measured in;
-    - `supports_eot`: its gradients all come from `input_gradient`, so `eot_samples` applies.
+    - `supports_eot`: its gradients all come from `input_gradient`, so `eot_samples` applies;
+    - `stop_norm` (minimal-norm attacks, per instance): None when it searches each example
+      for its smallest perturbation; a norm when, as AutoAttack's FAB, it stops searching an
+      example once it has one of at most that norm (an evaluator may not read a larger
+      result as the smallest norm).
 
     `build(model, eps, norm, steps, seed)` makes an instance from the evaluator's budget;
     subclasses override it to map `steps` onto their own parameter.
@@ -52,6 +56,7 @@ class Attack:
     default_steps: int | None = None
     norm: str = "linf"
     supports_eot: bool = False
+    stop_norm: float | None = None
     bpda: bool = False
     eot_samples: int = 1
 
