@@ -137,3 +137,16 @@ class Attack:
         (grad,) = torch.autograd.grad(loss.sum(), x_adv)
         self.last_loss = loss.detach()
         return grad, logits.detach()
+
+    def input_logits(
+        self, x_adv: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits at `x_adv`, setting `self.last_loss` as `input_gradient` does, for an
+        iterate whose gradient would go unused (an attack's last one): a forward pass, no
+        backward. With `eot_samples=n`: `input_gradient`'s averages (it runs)."""
+        if self.eot_samples > 1:
+            return self.input_gradient(x_adv, y, target)[1]
+        with torch.no_grad():
+            logits = self.model(x_adv)
+            self.last_loss = self.loss_fn(logits, y, target)
+        return logits

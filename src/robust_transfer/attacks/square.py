@@ -186,26 +186,26 @@ class Square(Attack):
         return top, left
 
     def _propose_linf(self, x, x_best, rng, it, p):
-        """x_best with one window set to +-eps per channel (Alg. 2), projected."""
+        """x_best with one window set to +-eps per channel (Alg. 2), projected. As the
+        reference code, signs that would leave x_best unchanged are redrawn (it would waste a
+        query), at most `_RESAMPLE` times (eps = 0 never changes anything)."""
         m, c, h, w = x.shape
         s = min(max(int(round(math.sqrt(p * h * w))), 1), min(h, w) - 1)
         # one draw per example and iteration: the corner, then the signs of the first try and
         # of every redraw (cheaper than a draw per redraw; each example's own numbers)
         u = rng.uniform((2 + (_RESAMPLE + 1) * c,), it, _PLACES, dtype=torch.float64)
         window = _window_mask(*self._corners(u, s, h, w), s, h, w)[2]
-        signs = torch.where(u[:, 2:] < 0.5, -1.0, 1.0).to(x.dtype).view(m, -1, c, 1, 1)
-        x_new = self.threat.project(torch.where(window, x + self.eps * signs[:, 0], x_best), x)
-        todo = torch.arange(m, device=x.device)
-        for redraw in range(1, _RESAMPLE + 1):
-            # as the reference code: redraw the signs of a window that would not change
-            # x_best (it would waste a query); bounded, as eps = 0 never changes anything
-            same = (x_new[todo] - x_best[todo]).abs().flatten(1).amax(1) < 1e-7
-            todo = todo[same]
-            if len(todo) == 0:
-                break
-            x_new[todo] = self.threat.project(torch.where(
-                window[todo], x[todo] + self.eps * signs[todo, redraw], x_best[todo]), x[todo])
-        return x_new
+        plus = (u[:, 2:] >= 0.5).view(m, _RESAMPLE + 1, c)  # each try's sign per channel
+        # the projection is per coordinate, so every try's proposal takes, channel by
+        # channel, one of two fills: the window at x + eps or at x - eps, projected
+        fills = [self.threat.project(torch.where(window, x + sign * self.eps, x_best), x)
+                 for sign in (1.0, -1.0)]
+        moved = [(f - x_best).abs().amax((2, 3)).unsqueeze(1) for f in fills]  # (m, 1, c)
+        changes = (torch.where(plus, *moved) >= 1e-7).any(2)  # (m, tries)
+        # the first try that changes x_best (the redraws stop there), else the last one
+        tries = torch.where(changes.any(1), changes.int().argmax(1), _RESAMPLE)
+        chosen = plus[torch.arange(m, device=x.device), tries]  # (m, c)
+        return torch.where(chosen.view(m, c, 1, 1), *fills)
 
     def _init_l2(self, x, rng):
         """Grid of s x s blocks, s = h // 5, each eta(s) with a random sign per channel and a
