@@ -42,6 +42,7 @@ from torch import nn
 from robust_transfer.attacks.base import Attack
 from robust_transfer.attacks.gradient import succeeded
 from robust_transfer.attacks.rng import ExampleRNG
+from robust_transfer.attacks.rows import Rows
 from robust_transfer.attacks.threats import L1Threat, make_threat
 from robust_transfer.errors import UserError
 from robust_transfer.models.runtime import predict_logits
@@ -71,30 +72,17 @@ def l1_topk_count(fraction: torch.Tensor, d: int) -> torch.Tensor:
     return d - (torch.floor((1 - fraction) * d)).clamp(0, d - 1).long()
 
 
-class _Rows:
-    """The per-example tensors of one APGD run; rows are the examples it still attacks.
-
-    An example's result is fixed once it is fooled (the first fooling iterate is returned),
-    and every example's numbers are its own (per-example steps, checkpoints and random
-    streams), so a fooled example leaves the batch (`leave`): the others' results do not
-    change and the model runs on fewer rows (the reference code keeps attacking them)."""
-
-    def __init__(self, **tensors) -> None:
-        self.__dict__.update(tensors)
+class _Rows(Rows):
+    """The per-example state of one APGD run (see attacks/rows.py): an example's result is
+    fixed once it is fooled (the first fooling iterate is returned), so it leaves then."""
 
     def leave(self, now: torch.Tensor, out: torch.Tensor, fooled: torch.Tensor) -> None:
         """Examples fooled at this iterate: record it as their result in the caller's `out`
-        and `fooled` (indexed by `self.idx`), and drop their rows (lists: per row too)."""
-        if not now.any():
-            return
-        out[self.idx[now]] = self.x_adv[now]
-        fooled[self.idx[now]] = True
-        keep = ~now
-        for name, value in vars(self).items():
-            if isinstance(value, torch.Tensor):
-                setattr(self, name, value[keep])
-            elif isinstance(value, list):
-                setattr(self, name, [t[keep] for t in value])
+        and `fooled` (indexed by `self.idx`), and drop their rows."""
+        if now.any():
+            out[self.idx[now]] = self.x_adv[now]
+            fooled[self.idx[now]] = True
+            self.keep(~now)
 
     def track(self, loss: torch.Tensor, grad: torch.Tensor | None) -> None:
         """Keep each example's highest-loss point (and its gradient, unless this was the

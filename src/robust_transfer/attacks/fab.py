@@ -25,6 +25,7 @@ from torch import nn
 from robust_transfer.attacks.base import Attack
 from robust_transfer.attacks.gradient import succeeded
 from robust_transfer.attacks.rng import ExampleRNG
+from robust_transfer.attacks.rows import Rows
 from robust_transfer.errors import UserError
 
 # Radius scale of the random restarts when no eps is given (AutoAttack's FAB defaults).
@@ -113,11 +114,13 @@ class FAB(Attack):
     on the p-sphere of radius min(best norm so far, eps) / 2 around x (per-example random
     streams, so results do not depend on the batch). `eps` sets that radius (None:
     AutoAttack's 0.3 / 1.0 / 5.0 for Linf / L2 / L1). With `stop_at_eps` it is also a
-    budget, as in AutoAttack's `fab_pt.py`: a later restart (FAB-T: a later target) runs only
-    on the examples with no perturbation of norm <= eps yet, so the result is the smallest
-    norm found where that exceeds eps and some perturbation within eps otherwise (the
-    evaluator's question; `stop_norm` says so). `build` (the registry, hence `evaluate`)
-    passes the evaluator's eps with `stop_at_eps`; the constructor's default searches on.
+    budget: as in AutoAttack's `fab_pt.py`, a later restart (FAB-T: a later target) runs only
+    on the examples with no perturbation of norm <= eps yet, and beyond it a run stops on an
+    example as soon as it has one. The result is the smallest norm found where that exceeds
+    eps, else some perturbation within eps: the evaluator's question (which examples break
+    within eps) gets the same answer as from a full search (`stop_norm` says so). `build`
+    (the registry, hence `evaluate`) passes the evaluator's eps with `stop_at_eps`; the
+    constructor's default searches on.
 
     Shape:
         x: (N, C, H, W) in [0, 1]; y, target: (N,) class indices; returns (N, C, H, W).
@@ -210,33 +213,43 @@ class FAB(Attack):
              goal: torch.Tensor | None, start: torch.Tensor,
              rival_is_y: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """`steps` FAB iterations from `start`: (smallest fooling point, its norm), the norm
-        inf (and the point x) where no iterate succeeded."""
+        inf (and the point x) where no iterate succeeded. With `stop_norm`, an example leaves
+        once it has a point within it (attacks/rows.py): the rest of the run could only
+        shrink that norm further, which the caller does not ask for."""
         n = len(x)
         view = (-1,) + (1,) * (x.ndim - 1)
-        x_flat = x.flatten(1)
-        best_x = x.clone()
-        best = torch.full((n,), float("inf"), device=x.device, dtype=x.dtype)
-        x1 = start.clone()
+        out_x = x.clone()
+        out = torch.full((n,), float("inf"), device=x.device, dtype=x.dtype)
+        r = Rows(idx=torch.arange(n, device=x.device), x=x, x_flat=x.flatten(1), y=y,
+                 target=target, goal=goal, x1=start.clone(), best_x=x.clone(), best=out.clone())
         for _ in range(self.steps):
-            f, w = self._boundary(x1, y, target, rival_is_y)
+            if len(r.idx) == 0:
+                break
+            f, w = self._boundary(r.x1, r.y, r.target, rival_is_y)
             with torch.no_grad():
-                x1_flat = x1.flatten(1)
+                m, x1_flat = len(r.idx), r.x1.flatten(1)
                 b = (w * x1_flat).sum(1) - f  # the hyperplane {z : w.z = b}
-                d = project_hyperplane_box(torch.cat([x1_flat, x_flat]), torch.cat([w, w]),
+                d = project_hyperplane_box(torch.cat([x1_flat, r.x_flat]), torch.cat([w, w]),
                                            torch.cat([b, b]), self.norm)
                 size = _norm(d, self.norm).clamp_min(1e-8)
-                d1, d0, s1, s0 = d[:n], d[n:], size[:n], size[n:]
+                d1, d0, s1, s0 = d[:m], d[m:], size[:m], size[m:]
                 alpha = (s1 / (s1 + s0)).clamp(0, self.alpha_max).unsqueeze(1)
                 x1_flat = ((1 - alpha) * (x1_flat + self.eta * d1)
-                           + alpha * (x_flat + self.eta * d0)).clamp(0, 1)
-                x1 = x1_flat.view_as(x)
-                ok = succeeded(self.model(x1), y, goal)
-                dist = _norm(x1_flat - x_flat, self.norm)
-                better = ok & (dist < best)
-                best = torch.where(better, dist, best)
-                best_x = torch.where(better.view(view), x1, best_x)
-                x1 = torch.where(ok.view(view), x + self.beta * (x1 - x), x1)
-        return best_x, best
+                           + alpha * (r.x_flat + self.eta * d0)).clamp(0, 1)
+                x1 = x1_flat.view_as(r.x)
+                ok = succeeded(self.model(x1), r.y, r.goal)
+                dist = _norm(x1_flat - r.x_flat, self.norm)
+                better = ok & (dist < r.best)
+                r.best = torch.where(better, dist, r.best)
+                r.best_x = torch.where(better.view(view), x1, r.best_x)
+                r.x1 = torch.where(ok.view(view), r.x + self.beta * (x1 - r.x), x1)
+                if self.stop_norm is not None:
+                    done = r.best <= self.stop_norm
+                    if done.any():
+                        out_x[r.idx[done]], out[r.idx[done]] = r.best_x[done], r.best[done]
+                        r.keep(~done)
+        out_x[r.idx], out[r.idx] = r.best_x, r.best
+        return out_x, out
 
     def _random_start(self, x: torch.Tensor, radius: torch.Tensor, rng: ExampleRNG,
                       *counter: int) -> torch.Tensor:

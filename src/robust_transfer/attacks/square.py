@@ -34,6 +34,7 @@ from torch import nn
 from robust_transfer.attacks.base import Attack
 from robust_transfer.attacks.losses import margin
 from robust_transfer.attacks.rng import ExampleRNG
+from robust_transfer.attacks.rows import Rows
 from robust_transfer.attacks.threats import make_threat
 from robust_transfer.errors import UserError
 
@@ -163,19 +164,26 @@ class Square(Attack):
         else:
             x_best = self._init_l2(x, rng)
             propose = self._propose_l2
-        loss_best = self._margin(x_best, y, target)
-        for it in range(self.n_queries - 1):
-            idx = (loss_best > 0).nonzero().squeeze(1)
-            if len(idx) == 0:
+        out = x_best.clone()
+        # the examples still attacked, kept compact (attacks/rows.py): one leaves once fooled,
+        # its x_best final, instead of gathering the unfooled ones for every query
+        r = Rows(idx=torch.arange(len(x), device=x.device), x=x, y=y, target=target,
+                 keys=rng.keys, x_best=x_best, loss_best=self._margin(x_best, y, target))
+        for it in range(self.n_queries):
+            done = ~(r.loss_best > 0)
+            if done.any():
+                out[r.idx[done]] = r.x_best[done]
+                r.keep(~done)
+            if len(r.idx) == 0 or it == self.n_queries - 1:
                 break
             p = p_selection(self.p_init, it, self.n_queries)
-            x_new = propose(x[idx], x_best[idx], rng[idx], it, p)
-            tgt = None if target is None else target[idx]
-            loss = self._margin(x_new, y[idx], tgt)
-            better = loss < loss_best[idx]
-            x_best[idx[better]] = x_new[better]
-            loss_best[idx[better]] = loss[better]
-        return x_best
+            x_new = propose(r.x, r.x_best, ExampleRNG(r.keys), it, p)
+            loss = self._margin(x_new, r.y, r.target)
+            better = loss < r.loss_best
+            r.x_best = torch.where(better.view(-1, 1, 1, 1), x_new, r.x_best)
+            r.loss_best = torch.where(better, loss, r.loss_best)
+        out[r.idx] = r.x_best
+        return out
 
     @staticmethod
     def _corners(u: torch.Tensor, s: int, h: int, w: int):
