@@ -414,7 +414,10 @@ def test_square_redraws_in_one_pass_as_the_loop(channels, p):
     atk = Square(nn.Identity(), 0.3)
     rng = ExampleRNG.for_inputs(x, 0)
     x_best = atk.threat.project(x + 0.3 * rng.sign((channels, 1, 8), -1), x)
-    got = atk._propose_linf(x, x_best, rng, 7, p)
+    from robust_transfer.attacks.square import _PLACES
+
+    u = rng.uniform((atk._n_draws(channels),), 7, _PLACES, dtype=torch.float64)
+    got = atk._propose_linf(x, x_best, u, p)
     want, redrawn = _propose_linf_loop(atk, x, x_best, rng, 7, p)
     assert torch.equal(got, want)
     assert redrawn >= 3

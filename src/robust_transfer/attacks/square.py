@@ -44,6 +44,7 @@ _RESAMPLE = 20  # redraws of a window's signs that would leave x_best unchanged
 # counters of the per-example draws: (iteration, what[, redraw])
 _PLACES, _SIGNS, _FLIP = range(3)
 _INIT = -1  # iteration counter of the initialisation
+_BLOCK = 64  # iterations whose draws are made in one pass
 
 
 def p_selection(p_init: float, it: int, n_queries: int) -> float:
@@ -168,7 +169,8 @@ class Square(Attack):
         # the examples still attacked, kept compact (attacks/rows.py): one leaves once fooled,
         # its x_best final, instead of gathering the unfooled ones for every query
         r = Rows(idx=torch.arange(len(x), device=x.device), x=x, y=y, target=target,
-                 keys=rng.keys, x_best=x_best, loss_best=self._margin(x_best, y, target))
+                 keys=rng.keys, x_best=x_best, loss_best=self._margin(x_best, y, target), u=None)
+        n_draws = self._n_draws(x.shape[1])
         for it in range(self.n_queries):
             done = ~(r.loss_best > 0)
             if done.any():
@@ -176,8 +178,12 @@ class Square(Attack):
                 r.keep(~done)
             if len(r.idx) == 0 or it == self.n_queries - 1:
                 break
+            if it % _BLOCK == 0:  # the next iterations' draws, in one pass (rows leave too)
+                its = range(it, min(it + _BLOCK, self.n_queries - 1))
+                r.u = ExampleRNG(r.keys).uniform_many((n_draws,), [(j, _PLACES) for j in its],
+                                                      dtype=torch.float64)
             p = p_selection(self.p_init, it, self.n_queries)
-            x_new = propose(r.x, r.x_best, ExampleRNG(r.keys), it, p)
+            x_new = propose(r.x, r.x_best, r.u[:, it % _BLOCK], p)
             loss = self._margin(x_new, r.y, r.target)
             better = loss < r.loss_best
             r.x_best = torch.where(better.view(-1, 1, 1, 1), x_new, r.x_best)
@@ -193,15 +199,18 @@ class Square(Attack):
         left = (u[:, 1] * max(w - s, 1)).floor().long().view(-1, 1, 1, 1)
         return top, left
 
-    def _propose_linf(self, x, x_best, rng, it, p):
+    def _n_draws(self, c: int) -> int:
+        """Uniform draws per example and iteration: Linf the window corner and the signs of
+        the first try and of every redraw; L2 two corners, the orientation, a sign per
+        channel (one draw per example and iteration: each example's own numbers)."""
+        return 2 + (_RESAMPLE + 1) * c if self.norm == "linf" else 5 + c
+
+    def _propose_linf(self, x, x_best, u, p):
         """x_best with one window set to +-eps per channel (Alg. 2), projected. As the
         reference code, signs that would leave x_best unchanged are redrawn (it would waste a
         query), at most `_RESAMPLE` times (eps = 0 never changes anything)."""
         m, c, h, w = x.shape
         s = min(max(int(round(math.sqrt(p * h * w))), 1), min(h, w) - 1)
-        # one draw per example and iteration: the corner, then the signs of the first try and
-        # of every redraw (cheaper than a draw per redraw; each example's own numbers)
-        u = rng.uniform((2 + (_RESAMPLE + 1) * c,), it, _PLACES, dtype=torch.float64)
         window = _window_mask(*self._corners(u, s, h, w), s, h, w)[2]
         plus = (u[:, 2:] >= 0.5).view(m, _RESAMPLE + 1, c)  # each try's sign per channel
         # the projection is per coordinate, so every try's proposal takes, channel by
@@ -236,15 +245,13 @@ class Square(Attack):
         delta = torch.where(inside, values.unsqueeze(1) * signs, torch.zeros_like(signs))
         return (x + self.threat.to_surface(delta)).clamp(0, 1)
 
-    def _propose_l2(self, x, x_best, rng, it, p):
+    def _propose_l2(self, x, x_best, u, p):
         """Move W2's mass into W1 with a fresh eta(s) (Alg. 3), keep ||delta||_2 = eps."""
         m, c, h, w = x.shape
         s = max(int(round(math.sqrt(p * h * w))), 3)
         s = min(s + 1 - s % 2, min(h, w) - 1)  # odd, as the reference; fits the image
         delta = x_best - x
         pattern = _eta_cached(s).to(x.device, x.dtype)
-        # one draw per example and iteration: 2 corners, the orientation, a sign per channel
-        u = rng.uniform((5 + c,), it, _PLACES, dtype=torch.float64)
         fresh, in1 = _place(pattern, *self._corners(u[:, 0:2], s, h, w), u[:, 4] < 0.5, h, w)
         in2 = _window_mask(*self._corners(u[:, 2:4], s, h, w), s, h, w)[2]
         signs = torch.where(u[:, 5:] < 0.5, -1.0, 1.0).to(x.dtype).view(m, c, 1, 1)
