@@ -161,15 +161,16 @@ class Square(Attack):
         if self.norm == "linf":
             x_best = self.threat.project(x + self.eps * rng.sign((x.shape[1], 1, w), _INIT,
                                                                   dtype=x.dtype), x)
-            propose = self._propose_linf
+            ends = self._ends(x)
         else:
+            ends = None
             x_best = self._init_l2(x, rng)
-            propose = self._propose_l2
         out = x_best.clone()
         # the examples still attacked, kept compact (attacks/rows.py): one leaves once fooled,
         # its x_best final, instead of gathering the unfooled ones for every query
         r = Rows(idx=torch.arange(len(x), device=x.device), x=x, y=y, target=target,
-                 keys=rng.keys, x_best=x_best, loss_best=self._margin(x_best, y, target), u=None)
+                 keys=rng.keys, x_best=x_best, loss_best=self._margin(x_best, y, target), u=None,
+                 ends=ends)
         n_draws = self._n_draws(x.shape[1])
         for it in range(self.n_queries):
             done = ~(r.loss_best > 0)
@@ -183,7 +184,8 @@ class Square(Attack):
                 r.u = ExampleRNG(r.keys).uniform_many((n_draws,), [(j, _PLACES) for j in its],
                                                       dtype=torch.float64)
             p = p_selection(self.p_init, it, self.n_queries)
-            x_new = propose(r.x, r.x_best, r.u[:, it % _BLOCK], p)
+            x_new = (self._propose_linf(r.x, r.x_best, r.u[:, it % _BLOCK], p, r.ends)
+                     if r.ends else self._propose_l2(r.x, r.x_best, r.u[:, it % _BLOCK], p))
             loss = self._margin(x_new, r.y, r.target)
             better = loss < r.loss_best
             r.x_best = torch.where(better.view(-1, 1, 1, 1), x_new, r.x_best)
@@ -205,18 +207,24 @@ class Square(Attack):
         channel (one draw per example and iteration: each example's own numbers)."""
         return 2 + (_RESAMPLE + 1) * c if self.norm == "linf" else 5 + c
 
-    def _propose_linf(self, x, x_best, u, p):
+    def _ends(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x + eps and x - eps, projected: what a Linf window holds (per example, fixed)."""
+        return [self.threat.project(x + sign * self.eps, x) for sign in (1.0, -1.0)]
+
+    def _propose_linf(self, x, x_best, u, p, ends=None):
         """x_best with one window set to +-eps per channel (Alg. 2), projected. As the
         reference code, signs that would leave x_best unchanged are redrawn (it would waste a
-        query), at most `_RESAMPLE` times (eps = 0 never changes anything)."""
+        query), at most `_RESAMPLE` times (eps = 0 never changes anything). `ends`: `_ends(x)`
+        if the caller keeps it."""
         m, c, h, w = x.shape
         s = min(max(int(round(math.sqrt(p * h * w))), 1), min(h, w) - 1)
         window = _window_mask(*self._corners(u, s, h, w), s, h, w)[2]
         plus = (u[:, 2:] >= 0.5).view(m, _RESAMPLE + 1, c)  # each try's sign per channel
         # the projection is per coordinate, so every try's proposal takes, channel by
         # channel, one of two fills: the window at x + eps or at x - eps, projected
-        fills = [self.threat.project(torch.where(window, x + sign * self.eps, x_best), x)
-                 for sign in (1.0, -1.0)]
+        # (P(where(window, a, b)) = where(window, P(a), P(b)) coordinate by coordinate)
+        kept = self.threat.project(x_best, x)
+        fills = [torch.where(window, end, kept) for end in (ends or self._ends(x))]
         moved = [(f - x_best).abs().amax((2, 3)).unsqueeze(1) for f in fills]  # (m, 1, c)
         changes = (torch.where(plus, *moved) >= 1e-7).any(2)  # (m, tries)
         # the first try that changes x_best (the redraws stop there), else the last one
