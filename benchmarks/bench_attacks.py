@@ -1,16 +1,24 @@
 """Attack speed on the digits models (a benchmark script, not a test).
 
 Prints (1) the time of one PGD step divided by the time of one forward + backward pass with
-respect to the input on the same batch (floor 1.0; goal <= 1.10), for each norm, and (2)
-images per second for each attack at a fixed budget on a natural and a PGD-trained model.
+respect to the input on the same batch (floor 1.0; goal <= 1.10), for each norm, (2)
+images per second for each attack at a fixed budget on a natural and a PGD-trained model, and
+(3) wall time against torchattacks (Kim 2020) at equal budgets on the same models, batch and
+threads: our time / theirs (goal: <= 0.9 for APGD-CE and APGD-T, <= 1.0 for FAB-T, Square and
+the AutoAttack cascade) with both robust accuracies side by side. The two libraries alternate,
+each keeps its fastest of `--repeats` runs. Section (3) is skipped, saying so, when
+torchattacks is not importable (it is not a dependency; `pip install --no-deps torchattacks`
+into a separate folder on PYTHONPATH is enough: it needs no torchvision for these attacks).
 
     .venv/bin/python benchmarks/bench_attacks.py [--batch 256] [--threads 1]
+        [--sections step,throughput,peers]
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +37,18 @@ from robust_transfer.attacks import (
     UniversalPerturbation,
     evaluate,
 )
+from robust_transfer.attacks.registry import make_attack
+from robust_transfer.attacks.threats import make_threat
 from robust_transfer.data import load_task
+from robust_transfer.models.runtime import predict_logits
 from robust_transfer.train import SourceConfig, TrainConfig, train_source
+
+try:  # optional: the peer library of section (3)
+    import torchattacks
+except ImportError:  # pragma: no cover - depends on the environment
+    torchattacks = None
+
+SECTIONS = ("step", "throughput", "peers")
 
 
 def timed(fn, repeats: int, warmup: bool = True) -> float:
@@ -71,12 +89,94 @@ def pgd_step_ratio(model, x, y, norm: str, eps: float, steps: int = 20, repeats:
     return min(pgd) / min(fb), min(pgd) / steps
 
 
+def robust_accuracy(model, x, y, x_adv, eps: float, norm: str) -> float:
+    """Share of `x` still classified as `y` at `x_adv` or broken only beyond eps (the rule
+    both libraries' cascades use; minimal-norm results may lie outside the ball)."""
+    pred = predict_logits(model, x_adv).argmax(1)
+    size = make_threat(norm, eps).distance(x_adv, x)
+    return ((pred == y) | (size > eps * (1 + 1e-5) + 1e-7)).float().mean().item()
+
+
+def peer_pairs(eps: float, n_classes: int) -> list[tuple[str, float, Callable, Callable]]:
+    """(row, goal ratio, ours, theirs): each a function (model, x, y) -> x_adv at the same
+    budget (AutoAttack's standard one) and eps."""
+    ta = torchattacks
+    k = n_classes
+
+    def ours_cascade(m, x, y):
+        ex: dict = {}
+        evaluate(m, x, y, ["autoattack"], [eps], "linf", check=False, examples=ex)
+        return ex[eps]
+
+    def theirs_cascade(m, x, y):
+        atk = ta.AutoAttack(m, norm="Linf", eps=eps, version="standard", n_classes=k, seed=0)
+        for inner in atk._autoattack.attacks[:3]:  # its APGD, APGD-T, FAB default to 10 steps
+            inner.steps = 100
+        return atk(x, y)
+
+    return [
+        ("APGD-CE linf (100 it)", 0.9,
+         lambda m, x, y: APGD(m, eps, steps=100, seed=0)(x, y),
+         lambda m, x, y: ta.APGD(m, eps=eps, steps=100, loss="ce", seed=0)(x, y)),
+        (f"APGD-T linf ({k - 1} targets x 100 it)", 0.9,
+         lambda m, x, y: APGDT(m, eps, steps=100, seed=0)(x, y),
+         lambda m, x, y: ta.APGDT(m, eps=eps, steps=100, n_classes=k, seed=0)(x, y)),
+        (f"FAB-T linf ({k - 1} targets x 100 it)", 1.0,
+         lambda m, x, y: make_attack("fab-t", m, eps, "linf", 100)(x, y),
+         lambda m, x, y: ta.FAB(m, eps=eps, steps=100, multi_targeted=True, n_classes=k,
+                                seed=0)(x, y)),
+        ("Square linf (5000 queries)", 1.0,
+         lambda m, x, y: Square(m, eps, n_queries=5000, seed=0)(x, y),
+         lambda m, x, y: ta.Square(m, eps=eps, n_queries=5000, seed=0)(x, y)),
+        ("AutoAttack standard linf (cascade)", 1.0, ours_cascade, theirs_cascade),
+    ]
+
+
+def peer_table(models: dict, x, y, eps: float, repeats: int, rows: str | None) -> None:
+    """Section (3): our wall time / torchattacks' per attack and model, robust accuracies."""
+    if torchattacks is None:
+        print("\ntorchattacks is not importable: the comparison with it is skipped "
+              "(pip install --no-deps --target DIR torchattacks; PYTHONPATH=DIR)")
+        return
+    n_classes = int(predict_logits(next(iter(models.values())), x[:1]).shape[1])
+    print(f"\nagainst torchattacks {torchattacks.__version__}, linf eps {eps}, batch {len(x)}, "
+          f"fastest of {repeats} alternating runs; ratio = ours / theirs")
+    print(f"{'attack':<36}{'model':<17}{'ours s':>8}{'theirs s':>9}{'ratio':>7}{'goal':>6}"
+          f"{'robust acc ours/theirs':>24}")
+    for name, goal, ours, theirs in peer_pairs(eps, n_classes):
+        if rows and not any(r.lower() in name.lower() for r in rows.split(",")):
+            continue
+        for label, m in models.items():
+            m.eval()
+            t_ours, t_theirs, adv = [], [], {}
+            for _ in range(repeats):  # alternate, so machine noise hits both alike
+                for fn, times in ((ours, t_ours), (theirs, t_theirs)):
+                    t0 = time.perf_counter()
+                    adv[fn] = fn(m, x, y)
+                    times.append(time.perf_counter() - t0)
+            acc_ours = robust_accuracy(m, x, y, adv[ours], eps, "linf")
+            acc_theirs = robust_accuracy(m, x, y, adv[theirs], eps, "linf")
+            ratio = min(t_ours) / min(t_theirs)
+            print(f"{name:<36}{label:<17}{min(t_ours):>8.2f}{min(t_theirs):>9.2f}"
+                  f"{ratio:>7.2f}{goal:>6.1f}{acc_ours:>13.3f} / {acc_theirs:.3f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help="comma-separated subset of: " + ", ".join(SECTIONS))
+    parser.add_argument("--peer-repeats", type=int, default=3,
+                        help="alternating runs per library in the torchattacks comparison")
+    parser.add_argument("--peer-rows", default=None,
+                        help="only the comparison rows whose name contains one of these "
+                             "comma-separated words (e.g. fab,square)")
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
+    if not sections <= set(SECTIONS):
+        parser.error(f"--sections: choose from {', '.join(SECTIONS)}")
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), batch {args.batch}")
 
@@ -87,17 +187,28 @@ def main() -> None:
         "pgd-at linf 0.1": train_source(SourceConfig(task=task.name, eps=0.1, norm="linf",
                                                      train=TrainConfig(epochs=10)))[0],
     }
-    model = models["natural"].eval()
+    if "step" in sections:
+        step_table(models["natural"].eval(), x, y, args.repeats)
+    if "throughput" in sections:
+        throughput_table(models, x, y, task)
+    if "peers" in sections:
+        peer_table(models, x, y, 0.1, args.peer_repeats, args.peer_rows)
 
+
+def step_table(model, x, y, repeats: int) -> None:
+    """Section (1): one PGD step against one forward + backward, per norm."""
     steps = 20
-    base = timed(lambda: forward_backward(model, x, y), args.repeats * 10)
+    base = timed(lambda: forward_backward(model, x, y), repeats * 10)
     print(f"\nforward+backward (w.r.t. input), batch {len(x)}: {base * 1e3:.3f} ms")
     forward_backward(model, x, y)  # warm-up before the alternating rounds
     print(f"{'PGD step / (forward+backward)':<34}{'ratio':>8}{'ms/step':>10}")
     for norm, eps in (("linf", 0.1), ("l2", 1.0), ("l1", 3.0)):
-        ratio, per_step = pgd_step_ratio(model, x, y, norm, eps, steps, args.repeats)
+        ratio, per_step = pgd_step_ratio(model, x, y, norm, eps, steps, repeats)
         print(f"  PGD-{norm:<28}{ratio:>8.3f}{per_step * 1e3:>10.3f}")
 
+
+def throughput_table(models: dict, x, y, task) -> None:
+    """Section (2): images per second for each attack at a fixed budget."""
     budgets = {
         "FGSM": lambda m: FGSM(m, 0.1),
         "BIM (10 steps)": lambda m: BIM(m, 0.1, steps=10),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -10,6 +11,7 @@ from torch import nn
 
 from attack_fixtures import digits_batch, natural_model, robust_model
 from robust_transfer.attacks import (
+    FABT,
     PGD,
     GradientMaskingWarning,
     as_matrix,
@@ -272,3 +274,31 @@ def test_attack_figures_show_what_they_claim():
     assert sum(t.startswith("adversarial: ") for t in titles) == 3
     assert sum("perturbation" in t for t in titles) == 3
     plt.close(fig)
+
+
+def test_minimal_norm_stages_run_once_per_example_on_the_still_robust_only():
+    """AutoAttack's rule for minimal-norm stages too: FAB-T attacks only the examples the
+    earlier stages left robust, each at most once over all eps, except where it stopped at a
+    larger eps than one asked later (then that eps gets its own run). Every eps gives what
+    an evaluation at that eps alone gives, in any eps order (float64: batch-invariant)."""
+    model = copy.deepcopy(robust_model()).double()
+    x, y = digits_batch(40)
+    x = x.double()
+    seen = []
+
+    def fab(m, e):
+        atk = FABT.build(m, e, "linf", 8)
+        inner = atk.perturb
+        atk.perturb = lambda xs, ys, t: (seen.append(len(xs)), inner(xs, ys, t))[1]
+        return atk
+
+    eps = [0.2, 0.05, 0.1]
+    table = evaluate(model, x, y, ["fgsm", fab], eps, "linf", check=False)
+    for e in eps:
+        alone = evaluate(model, x, y, ["fgsm", "fab-t"], [e], "linf", steps=8, check=False)
+        got = table[table.eps == e].set_index("attack")["robust_accuracy"]
+        assert got["worst case"] == alone.set_index("attack").loc["worst case",
+                                                                   "robust_accuracy"]
+    fgsm = table[table.attack == "fgsm"].set_index("eps")["robust_accuracy"] * len(y)
+    assert seen[0] == round(fgsm[0.2])  # only the examples FGSM left
+    assert sum(seen) < round(fgsm.sum())  # less than a run per eps

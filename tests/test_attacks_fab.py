@@ -220,3 +220,40 @@ def test_modes_gradients_and_buffers_untouched_and_deterministic(attack):
         assert torch.equal(b, buffers[n]), n
     torch.testing.assert_close(make()(x, y), first, atol=1e-6, rtol=0)
     assert not torch.equal(first, x)
+
+
+class _RowCounter(nn.Module):
+    """Counts the rows every forward pass sees (the attack's work)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.rows = net, 0
+
+    def forward(self, x):
+        self.rows += len(x)
+        return self.net(x)
+
+
+@pytest.mark.parametrize("attack,norm,eps", [(FABT, "linf", 0.15), (FAB, "l2", 0.6)])
+def test_stop_at_eps_breaks_the_same_examples_with_less_work(attack, norm, eps):
+    """AutoAttack's rule (fab_pt.py): a later target / restart runs only on the examples not
+    yet broken within eps. The examples broken within eps are exactly those a full search
+    breaks within eps (a stopped example already has one; the others see the same runs), and
+    the model sees fewer rows. Float64: batch-invariant forward passes."""
+    x, y = digits_batch(24)
+    x = x.double()
+    sizes, rows = {}, {}
+    for stop in (False, True):
+        model = _RowCounter(fresh(natural_model()).double())
+        atk = attack(model, norm, steps=10, n_restarts=2, eps=eps, stop_at_eps=stop)
+        assert atk.stop_norm == (eps if stop else None)
+        x_adv = atk(x, y)
+        fooled = _predict(model, x_adv) != y
+        sizes[stop] = torch.where(fooled, _size(x_adv, x, norm), torch.inf)
+        rows[stop] = model.rows
+    within = {stop: sizes[stop] <= eps for stop in sizes}
+    assert 0 < within[True].sum() < len(y)
+    assert torch.equal(within[True], within[False])
+    assert (sizes[True] >= sizes[False] - 1e-12).all()  # the full search is never worse
+    assert rows[True] < 0.8 * rows[False]
+    assert FABT.build(natural_model(), 0.1, "linf").stop_norm == 0.1  # the evaluator's

@@ -343,3 +343,83 @@ def test_dlr_on_too_few_classes_is_a_clear_error():
     x, y = torch.full((2, 1, 2, 2), 0.5), torch.zeros(2, dtype=torch.long)
     with pytest.raises(UserError, match="DLR loss needs at least 3 classes, got 2"):
         APGD(model, 0.1, steps=2, loss="dlr")(x, y)
+
+
+class _Rows(nn.Module):
+    """Counts the rows of every forward pass and the backward passes through it."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.rows, self.backwards = net, [], 0
+
+    def forward(self, x):
+        self.rows.append(len(x))
+        if x.requires_grad:
+            x.register_hook(self._count)
+        return self.net(x)
+
+    def _count(self, grad):
+        self.backwards += 1
+
+
+def test_apgd_drops_fooled_examples_and_skips_the_last_backward():
+    """A fooled example's result is its first fooling iterate, so APGD stops attacking it
+    (the results match the per-example textbook run above); the last iterate needs a loss,
+    not a gradient."""
+    model = _Rows(copy.deepcopy(natural_model()).double())
+    x, y = digits_batch(16)
+    got = APGD(model, 0.03, "linf", steps=30, seed=3)(x.double(), y)
+    want = textbook_apgd(model.net, x.double(), y, 0.03, 30, "linf", seed=3)
+    torch.testing.assert_close(got, want, atol=1e-9, rtol=0)
+    fooled = int((model.net(got).argmax(1) != y).sum())
+    assert 0 < fooled < len(y)
+    assert model.rows[0] == len(y) and model.rows[-1] < len(y)  # the fooled ones left
+    assert model.rows == sorted(model.rows, reverse=True)
+    assert len(model.rows) == 31 and model.backwards == 30  # 1 + 30 forwards, 30 backwards
+
+
+def _propose_linf_loop(atk, x, x_best, rng, it, p):
+    """Square's Linf proposal with the reference code's redraw loop written out: per
+    example, try the pre-drawn signs in order until the window changes x_best (at most
+    _RESAMPLE redraws). Also returns how many examples needed a redraw."""
+    from robust_transfer.attacks.square import _PLACES, _RESAMPLE
+
+    m, c, h, w = x.shape
+    s = min(max(round((p * h * w) ** 0.5), 1), min(h, w) - 1)
+    u = rng.uniform((2 + (_RESAMPLE + 1) * c,), it, _PLACES, dtype=torch.float64)
+    top = (u[:, 0] * max(h - s, 1)).floor().long()
+    left = (u[:, 1] * max(w - s, 1)).floor().long()
+    out, redrawn = x_best.clone(), 0
+    for i in range(m):
+        for t in range(_RESAMPLE + 1):
+            redrawn += t == 1
+            signs = torch.where(u[i, 2 + t * c:2 + (t + 1) * c] < 0.5, -1.0, 1.0).to(x.dtype)
+            cand = x_best[i].clone()
+            rows, cols = slice(top[i], top[i] + s), slice(left[i], left[i] + s)
+            cand[:, rows, cols] = x[i, :, rows, cols] + atk.eps * signs.view(c, 1, 1)
+            cand = atk.threat.project(cand[None], x[i:i + 1])[0]
+            out[i] = cand
+            if (cand - x_best[i]).abs().max() >= 1e-7:
+                break
+    return out, redrawn
+
+
+@pytest.mark.parametrize("channels,p", [(1, 0.02), (3, 0.02), (1, 0.05)])
+def test_square_redraws_in_one_pass_as_the_loop(channels, p):
+    """The vectorised redraw picks, per example, the same try as the loop: examples need
+    redraws where the window is one pixel (p small) or its pixels are saturated."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(80, channels, 8, 8, generator=gen)
+    x[:10] = x[:10].round()  # saturated: +eps or -eps often lands where x_best already is
+    atk = Square(nn.Identity(), 0.3)
+    rng = ExampleRNG.for_inputs(x, 0)
+    x_best = atk.threat.project(x + 0.3 * rng.sign((channels, 1, 8), -1), x)
+    from robust_transfer.attacks.square import _PLACES
+
+    u = rng.uniform((atk._n_draws(channels),), 7, _PLACES, dtype=torch.float64)
+    got = atk._propose_linf(x, x_best, u, p)
+    want, redrawn = _propose_linf_loop(atk, x, x_best, rng, 7, p)
+    assert torch.equal(got, want)
+    assert redrawn >= 3
+    unchanged = (got - x_best).flatten(1).abs().amax(1) < 1e-7
+    assert unchanged.float().mean() < 0.2

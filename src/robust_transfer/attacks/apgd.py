@@ -42,6 +42,7 @@ from torch import nn
 from robust_transfer.attacks.base import Attack
 from robust_transfer.attacks.gradient import succeeded
 from robust_transfer.attacks.rng import ExampleRNG
+from robust_transfer.attacks.rows import Rows
 from robust_transfer.attacks.threats import L1Threat, make_threat
 from robust_transfer.errors import UserError
 from robust_transfer.models.runtime import predict_logits
@@ -71,15 +72,27 @@ def l1_topk_count(fraction: torch.Tensor, d: int) -> torch.Tensor:
     return d - (torch.floor((1 - fraction) * d)).clamp(0, d - 1).long()
 
 
-def _track(x_adv, grad, loss, now, fooled, x_fooled, x_best, grad_best, loss_best):
-    """One APGD iteration's bookkeeping, shared by the Linf/L2 and L1 runs: keep each
-    example's first fooling point and its highest-loss point with its gradient (in place);
-    return the new best loss."""
-    x_fooled[now & ~fooled] = x_adv[now & ~fooled]
-    fooled |= now
-    improved = loss > loss_best
-    x_best[improved], grad_best[improved] = x_adv[improved], grad[improved]
-    return torch.where(improved, loss, loss_best)
+class _Rows(Rows):
+    """The per-example state of one APGD run (see attacks/rows.py): an example's result is
+    fixed once it is fooled (the first fooling iterate is returned), so it leaves then."""
+
+    def leave(self, now: torch.Tensor, out: torch.Tensor, fooled: torch.Tensor) -> None:
+        """Examples fooled at this iterate: record it as their result in the caller's `out`
+        and `fooled` (indexed by `self.idx`), and drop their rows."""
+        if now.any():
+            out[self.idx[now]] = self.x_adv[now]
+            fooled[self.idx[now]] = True
+            self.keep(~now)
+
+    def track(self, loss: torch.Tensor, grad: torch.Tensor | None) -> None:
+        """Keep each example's highest-loss point (and its gradient, unless this was the
+        last iterate, whose gradient goes unused)."""
+        improved = loss > self.loss_best
+        rows = improved.view((-1,) + (1,) * (self.x_adv.ndim - 1))
+        self.x_best = torch.where(rows, self.x_adv, self.x_best)
+        if grad is not None:
+            self.grad_best = torch.where(rows, grad, self.grad_best)
+        self.loss_best = torch.where(improved, loss, self.loss_best)
 
 
 class APGD(Attack):
@@ -136,9 +149,7 @@ class APGD(Attack):
             if len(idx) == 0:
                 break
             tgt = None if target is None else target[idx]
-            x_best, x_fooled, fooled_r = self.single_run(x[idx], y[idx], tgt, rng[idx], restart)
-            best_x[idx] = torch.where(fooled_r.view(-1, 1, 1, 1), x_fooled, x_best)
-            fooled[idx] = fooled_r
+            best_x[idx], fooled[idx] = self.single_run(x[idx], y[idx], tgt, rng[idx], restart)
         return best_x
 
     def single_run(
@@ -149,104 +160,116 @@ class APGD(Attack):
         rng: ExampleRNG,
         *counter: int,
         any_misclassification: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One APGD run: (highest-loss point, a fooling point where found, fooled mask).
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One APGD run: (the first fooling iterate where one fooled the model, else the
+        highest-loss iterate; fooled mask). A fooled example stops there (`_Rows`).
 
         `rng` and `counter` (restart, target index, ...) draw each example's start. Fooled
         means predicting `target` on a targeted run, unless `any_misclassification`: then
         any label other than y counts, as in APGD-T (where the target only steers).
         """
         goal = None if any_misclassification else target
-        if isinstance(self.threat, L1Threat):
-            return self._run_l1(x, y, target, goal, rng, counter)
-        n, n_iter = len(x), self.steps
-        view = (-1,) + (1,) * (x.ndim - 1)
-        threat = self.threat
-        x_adv = threat.surface_start(x, rng, *counter)
-
+        x_adv = self.threat.surface_start(x, rng, *counter)
+        out = x_adv.clone()
+        fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
         grad, logits = self.input_gradient(x_adv, y, target)
-        loss = self.last_loss
-        fooled = succeeded(logits, y, goal)
-        x_fooled = x_adv.clone()
-        x_best, grad_best, loss_best = x_adv.clone(), grad.clone(), loss.clone()
-        losses = [loss]  # f(x^0), f(x^1), ...: for condition (1)
+        rows = _Rows(idx=torch.arange(len(x), device=x.device), x=x, y=y, target=target,
+                     goal=goal, x_adv=x_adv, grad=grad, x_best=x_adv.clone(),
+                     grad_best=grad.clone(), loss_best=self.last_loss.clone())
+        rows.leave(succeeded(logits, y, goal), out, fooled)
+        if isinstance(self.threat, L1Threat):
+            self._run_l1(rows, out, fooled)
+        else:
+            self._run(rows, out, fooled)
+        out[rows.idx] = rows.x_best
+        return out, fooled
 
-        eta = torch.full((n, *view[1:]), 2 * self.eps, device=x.device, dtype=x.dtype)
+    def _step_gradient(self, r: _Rows, last: bool) -> torch.Tensor | None:
+        """Gradient (None on the `last` iterate: a forward pass only) and loss at r.x_adv;
+        tracks the best point. Returns which examples it fools there."""
+        if last:
+            logits, grad = self.input_logits(r.x_adv, r.y, r.target), None
+        else:
+            grad, logits = self.input_gradient(r.x_adv, r.y, r.target)
+            r.grad = grad
+        r.track(self.last_loss, grad)
+        return succeeded(logits, r.y, r.goal)
+
+    def _run(self, r: _Rows, out: torch.Tensor, fooled: torch.Tensor) -> None:
+        """Linf / L2: Algorithm 1 of Croce & Hein 2020 (see the module docstring)."""
+        threat, n_iter = self.threat, self.steps
+        n, view = len(r.idx), (-1,) + (1,) * (r.x.ndim - 1)
+        r.eta = torch.full((n, *view[1:]), 2 * self.eps, device=r.x.device, dtype=r.x.dtype)
+        r.loss_best_last_mark = r.loss_best.clone()
+        r.reduced_last_mark = torch.ones(n, dtype=torch.bool, device=r.x.device)
+        r.x_prev = r.x_adv
+        r.window = [r.loss_best]  # f(x^k) since the last checkpoint: for condition (1)
         marks = set(checkpoints(n_iter))
         last_mark = 0
-        loss_best_last_mark = loss_best.clone()
-        reduced_last_mark = torch.ones(n, dtype=torch.bool, device=x.device)
-        x_prev = x_adv.clone()
         for k in range(n_iter):
+            if len(r.idx) == 0:
+                return
             with torch.no_grad():
-                z = threat.project(threat.step(x_adv, grad, eta), x)
+                z = threat.project(threat.step(r.x_adv, r.grad, r.eta), r.x)
                 if k == 0:
                     x_new = z
                 else:
-                    x_new = threat.project(x_adv + MOMENTUM * (z - x_adv)
-                                           + (1 - MOMENTUM) * (x_adv - x_prev), x)
-                x_prev, x_adv = x_adv, x_new
-            grad, logits = self.input_gradient(x_adv, y, target)
-            loss = self.last_loss
+                    x_new = threat.project(r.x_adv + MOMENTUM * (z - r.x_adv)
+                                           + (1 - MOMENTUM) * (r.x_adv - r.x_prev), r.x)
+                r.x_prev, r.x_adv = r.x_adv, x_new
+            now = self._step_gradient(r, last=k == n_iter - 1)
             with torch.no_grad():
-                loss_best = _track(x_adv, grad, loss, succeeded(logits, y, goal), fooled,
-                                   x_fooled, x_best, grad_best, loss_best)
-                losses.append(loss)
+                r.window.append(self.last_loss)
+                r.leave(now, out, fooled)
                 if k + 1 in marks:
-                    window = torch.stack(losses[last_mark:k + 2])
+                    window = torch.stack(r.window)
                     n_up = (window[1:] > window[:-1]).sum(0)
                     cond1 = n_up < RHO * (k + 1 - last_mark)
-                    cond2 = ~reduced_last_mark & (loss_best_last_mark >= loss_best)
+                    cond2 = ~r.reduced_last_mark & (r.loss_best_last_mark >= r.loss_best)
                     halve = cond1 | cond2
-                    reduced_last_mark = halve
-                    loss_best_last_mark = loss_best.clone()
+                    r.reduced_last_mark = halve
+                    r.loss_best_last_mark = r.loss_best.clone()
+                    r.window = [r.window[-1]]
                     last_mark = k + 1
                     if halve.any():
-                        eta[halve] /= 2
-                        x_adv[halve] = x_best[halve]
-                        grad[halve] = grad_best[halve]
+                        r.eta[halve] /= 2
+                        r.x_adv[halve] = r.x_best[halve]
+                        r.grad[halve] = r.grad_best[halve]
                         # x_prev stays x_k: the paper's (and autopgd_base.py's) next momentum
                         # term is x_best - x_k, across the jump
-        return x_best, x_fooled, fooled
 
-    def _run_l1(self, x, y, target, goal, rng, counter):
+    def _run_l1(self, r: _Rows, out: torch.Tensor, fooled: torch.Tensor) -> None:
         """APGD-L1 (Croce & Hein 2021): adaptive sparsity and step size, no momentum; see the
         module docstring for the schedule."""
         threat: L1Threat = self.threat  # type: ignore[assignment]
-        n, d = len(x), x[0].numel()
-        view = (-1,) + (1,) * (x.ndim - 1)
-        x_adv = threat.surface_start(x, rng, *counter)
-
-        grad, logits = self.input_gradient(x_adv, y, target)
-        fooled = succeeded(logits, y, goal)
-        x_fooled = x_adv.clone()
-        x_best, grad_best, loss_best = x_adv.clone(), grad.clone(), self.last_loss.clone()
-
+        n, d = len(r.idx), r.x[0].numel()
+        view = (-1,) + (1,) * (r.x.ndim - 1)
         eta_max = self.eps
-        eta = torch.full((n, *view[1:]), eta_max, device=x.device, dtype=x.dtype)
-        topk = torch.full((n,), L1_TOPK_INIT, device=x.device, dtype=x.dtype)
-        sparsity_last = torch.full((n,), float(d), device=x.device, dtype=x.dtype)
+        like = {"device": r.x.device, "dtype": r.x.dtype}
+        r.eta = torch.full((n, *view[1:]), eta_max, **like)
+        r.topk = torch.full((n,), L1_TOPK_INIT, **like)
+        r.sparsity_last = torch.full((n,), float(d), **like)
         every = max(int(L1_CHECK_EVERY * self.steps), 1)
         for k in range(self.steps):
+            if len(r.idx) == 0:
+                return
             with torch.no_grad():
-                stepped = threat.sparse_step(x_adv, grad, eta, l1_topk_count(topk, d))
-                x_adv = threat.project(stepped, x)
-            grad, logits = self.input_gradient(x_adv, y, target)
-            loss = self.last_loss
+                stepped = threat.sparse_step(r.x_adv, r.grad, r.eta, l1_topk_count(r.topk, d))
+                r.x_adv = threat.project(stepped, r.x)
+            now = self._step_gradient(r, last=k == self.steps - 1)
             with torch.no_grad():
-                loss_best = _track(x_adv, grad, loss, succeeded(logits, y, goal), fooled,
-                                   x_fooled, x_best, grad_best, loss_best)
+                r.leave(now, out, fooled)
                 if (k + 1) % every == 0:
-                    sparsity = (x_best != x).flatten(1).sum(1).to(x.dtype)
-                    shrank = sparsity / sparsity_last.clamp_min(1) < L1_SHRINK
-                    topk = sparsity / d / L1_TOPK_DIV
-                    eta = torch.where(shrank.view(view), torch.full_like(eta, eta_max),
-                                      eta / L1_STEP_DECAY).clamp(eta_max / L1_MIN_STEP, eta_max)
-                    sparsity_last = sparsity
+                    sparsity = (r.x_best != r.x).flatten(1).sum(1).to(r.x.dtype)
+                    shrank = sparsity / r.sparsity_last.clamp_min(1) < L1_SHRINK
+                    r.topk = sparsity / d / L1_TOPK_DIV
+                    r.eta = torch.where(shrank.view(view), torch.full_like(r.eta, eta_max),
+                                        r.eta / L1_STEP_DECAY).clamp(eta_max / L1_MIN_STEP,
+                                                                     eta_max)
+                    r.sparsity_last = sparsity
                     if shrank.any():
-                        x_adv[shrank] = x_best[shrank]
-                        grad[shrank] = grad_best[shrank]
-        return x_best, x_fooled, fooled
+                        r.x_adv[shrank] = r.x_best[shrank]
+                        r.grad[shrank] = r.grad_best[shrank]
 
 
 class APGDDLR(APGD):
@@ -327,8 +350,8 @@ class APGDT(Attack):
             tgt = order[idx, k]
             # any misclassification on the way counts, not only reaching t (autopgd_base.py);
             # counter k: a fresh start per target class
-            _, x_fooled, hit = self.inner.single_run(x[idx], y[idx], tgt, rng[idx], k,
-                                                     any_misclassification=True)
-            best_x[idx[hit]] = x_fooled[hit]
+            x_k, hit = self.inner.single_run(x[idx], y[idx], tgt, rng[idx], k,
+                                             any_misclassification=True)
+            best_x[idx[hit]] = x_k[hit]
             robust[idx[hit]] = False
         return best_x

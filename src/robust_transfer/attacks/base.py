@@ -45,7 +45,11 @@ class Attack:
     - `black_box`: it uses no gradients;
     - `default_steps`: its published iteration/query budget (None: it has none);
     - `norm`: the norm an instance's perturbations are measured in;
-    - `supports_eot`: its gradients all come from `input_gradient`, so `eot_samples` applies.
+    - `supports_eot`: its gradients all come from `input_gradient`, so `eot_samples` applies;
+    - `stop_norm` (minimal-norm attacks, per instance): None when it searches each example
+      for its smallest perturbation; a norm when, as AutoAttack's FAB, it stops searching an
+      example once it has one of at most that norm (an evaluator may not read a larger
+      result as the smallest norm).
 
     `build(model, eps, norm, steps, seed)` makes an instance from the evaluator's budget;
     subclasses override it to map `steps` onto their own parameter.
@@ -58,6 +62,7 @@ class Attack:
     default_steps: int | None = None
     norm: str = "linf"
     supports_eot: bool = False
+    stop_norm: float | None = None
     bpda: bool = False
     eot_samples: int = 1
     mode: str = "eval"
@@ -150,3 +155,16 @@ class Attack:
         (grad,) = torch.autograd.grad(loss.sum(), x_adv)
         self.last_loss = loss.detach()
         return grad, logits.detach()
+
+    def input_logits(
+        self, x_adv: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits at `x_adv`, setting `self.last_loss` as `input_gradient` does, for an
+        iterate whose gradient would go unused (an attack's last one): a forward pass, no
+        backward. With `eot_samples=n`: `input_gradient`'s averages (it runs)."""
+        if self.eot_samples > 1:
+            return self.input_gradient(x_adv, y, target)[1]
+        with torch.no_grad():
+            logits = self.model(x_adv)
+            self.last_loss = self.loss_fn(logits, y, target)
+        return logits

@@ -4,8 +4,11 @@
 accuracy (the CLI, source training's robust column and the transfer matrix all call it). For
 each eps, each attack runs only on the examples every earlier attack left correctly
 classified, so the final robust accuracy is the per-example worst case (AutoAttack's rule).
-Minimal-norm attacks (CW, DeepFool, LBFGS, FAB) run once, without eps; an example counts as
-broken at eps only where they fooled it with a perturbation of norm <= eps.
+Minimal-norm attacks (CW, DeepFool, LBFGS, FAB) run at most once per example for all eps, on
+the examples still robust when their turn comes; an example counts as broken at eps only
+where they fooled it with a perturbation of norm <= eps. FAB and FAB-T stop an example once
+they have one within eps (AutoAttack's rule); such a result is reused at another eps only
+where it settles that eps (`_Minimal.answers`), else the example is attacked again.
 """
 
 from __future__ import annotations
@@ -37,13 +40,29 @@ class _Stage:
     make: Callable[[float], Attack]  # eps -> attack
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Minimal:
-    """A minimal-norm attack's result on every example (computed once, for all eps)."""
+    """A minimal-norm attack's results so far (run lazily, per example, across all eps)."""
 
     x_adv: torch.Tensor
     size: torch.Tensor  # perturbation norm per example
-    fooled: torch.Tensor  # clean-correct and misclassified at x_adv
+    fooled: torch.Tensor  # misclassified at x_adv (only where `ran`)
+    stop: torch.Tensor  # the run's stop_norm (inf: it searched for the smallest norm)
+    ran: torch.Tensor
+
+    @classmethod
+    def empty(cls, x: torch.Tensor) -> _Minimal:
+        inf = torch.full((len(x),), float("inf"), device=x.device, dtype=x.dtype)
+        no = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        return cls(x.clone(), inf, no, inf.clone(), no.clone())
+
+    def answers(self, idx: torch.Tensor, eps: float) -> torch.Tensor:
+        """Which of `idx` have a result that settles eps: the attack ran on them and did not
+        stop at a larger norm than eps before the smallest norm it could find (a result of
+        norm in (eps, stop] may have stopped early and says nothing about eps)."""
+        size = self.size[idx]
+        early = self.fooled[idx] & ~_within(size, eps) & _within(size, self.stop[idx])
+        return self.ran[idx] & ~early
 
 
 def _resolve(model: nn.Module, attacks: Sequence[AttackSpec], norm: str, steps: int | None,
@@ -113,15 +132,19 @@ class _Cascade:
         x_adv = _run_batched(atk, self.x[idx], self.y[idx], self.batch_size, self.device)
         return x_adv, predict_logits(self.model, x_adv).argmax(1) != self.y[idx]
 
-    def minimal_run(self, index: int, atk: Attack) -> _Minimal:
-        if index not in self.minimal:
-            x_adv = self.x.clone()
-            idx = self.correct.nonzero().squeeze(1)
-            x_adv[idx] = _run_batched(atk, self.x[idx], self.y[idx], self.batch_size,
-                                      self.device)
-            fooled = (predict_logits(self.model, x_adv).argmax(1) != self.y) & self.correct
-            self.minimal[index] = _Minimal(x_adv, self.threat.distance(x_adv, self.x), fooled)
-        return self.minimal[index]
+    def minimal_run(self, index: int, atk: Attack, idx: torch.Tensor, eps: float) -> _Minimal:
+        """The minimal-norm stage `index`'s results, run on those of `idx` (still robust at
+        eps) that no earlier run at another eps answers (`_Minimal.answers`)."""
+        res = self.minimal.setdefault(index, _Minimal.empty(self.x))
+        todo = idx[~res.answers(idx, eps)]
+        if len(todo):
+            x_adv = _run_batched(atk, self.x[todo], self.y[todo], self.batch_size, self.device)
+            res.x_adv[todo] = x_adv
+            res.size[todo] = self.threat.distance(x_adv, self.x[todo])
+            res.fooled[todo] = predict_logits(self.model, x_adv).argmax(1) != self.y[todo]
+            res.stop[todo] = float("inf") if atk.stop_norm is None else atk.stop_norm
+            res.ran[todo] = True
+        return res
 
     def run(self, eps: float, stage_list: list[_Stage], progress) -> tuple[list[dict],
                                                                            torch.Tensor]:
@@ -133,7 +156,7 @@ class _Cascade:
             idx = robust.nonzero().squeeze(1)
             median_norm = float("nan")
             if atk.minimal_norm:
-                res = self.minimal_run(index, atk)
+                res = self.minimal_run(index, atk, idx, eps)
                 x_adv = res.x_adv[idx]
                 fooled = res.fooled[idx] & _within(res.size[idx], eps)
                 if res.fooled.any():
@@ -188,10 +211,11 @@ def evaluate(
     named attack's budget. One row per (eps, stage): `robust_accuracy` after that stage,
     `n_broken` (examples that stage broke), `attack_success_rate` (= n_broken / n_attacked),
     `median_min_norm` for minimal-norm attacks (median norm of their successful
-    perturbations, all eps); plus an `attack="worst case"` row per eps. `progress()` is
-    called after each stage. Pass a dict as `examples` to get {eps: worst-case inputs} back
-    (clean where no attack broke the example within eps). With `check`, the
-    gradient-masking checks run and warn (`GradientMaskingWarning`).
+    perturbations on the examples they attacked, all eps so far; FAB and FAB-T stop at the
+    first one within eps, so for them it is an upper bound); plus an `attack="worst case"`
+    row per eps. `progress()` is called after each stage. Pass a dict as `examples` to get
+    {eps: worst-case inputs} back (clean where no attack broke the example within eps). With
+    `check`, the gradient-masking checks run and warn (`GradientMaskingWarning`).
 
     Adaptive options for input-transformation defenses (Athalye et al. 2018; see
     attacks/adaptive.py), given to every attack: `bpda` backpropagates through the

@@ -25,6 +25,7 @@ from torch import nn
 from robust_transfer.attacks.base import Attack
 from robust_transfer.attacks.gradient import succeeded
 from robust_transfer.attacks.rng import ExampleRNG
+from robust_transfer.attacks.rows import Rows
 from robust_transfer.errors import UserError
 
 # Radius scale of the random restarts when no eps is given (AutoAttack's FAB defaults).
@@ -111,8 +112,15 @@ class FAB(Attack):
 
     Restarts: the first run starts at x (AutoAttack's default is 1 run); each later one starts
     on the p-sphere of radius min(best norm so far, eps) / 2 around x (per-example random
-    streams, so results do not depend on the batch). `eps` only sets that radius (None:
-    AutoAttack's 0.3 / 1.0 / 5.0 for Linf / L2 / L1); `build` passes the evaluator's eps.
+    streams, so results do not depend on the batch). `eps` sets that radius (None:
+    AutoAttack's 0.3 / 1.0 / 5.0 for Linf / L2 / L1). With `stop_at_eps` it is also a
+    budget: as in AutoAttack's `fab_pt.py`, a later restart (FAB-T: a later target) runs only
+    on the examples with no perturbation of norm <= eps yet, and beyond it a run stops on an
+    example as soon as it has one. The result is the smallest norm found where that exceeds
+    eps, else some perturbation within eps: the evaluator's question (which examples break
+    within eps) gets the same answer as from a full search (`stop_norm` says so). `build`
+    (the registry, hence `evaluate`) passes the evaluator's eps with `stop_at_eps`; the
+    constructor's default searches on.
 
     Shape:
         x: (N, C, H, W) in [0, 1]; y, target: (N,) class indices; returns (N, C, H, W).
@@ -138,6 +146,7 @@ class FAB(Attack):
         eta: float = 1.05,
         beta: float = 0.9,
         seed: int | None = 0,
+        stop_at_eps: bool = False,
     ) -> None:
         super().__init__(model, seed)
         self.check_norm(norm)
@@ -150,16 +159,25 @@ class FAB(Attack):
                             f"{alpha_max}, {eta}, {beta}")
         self.norm, self.steps, self.n_restarts = norm, steps, n_restarts
         self.eps = DEFAULT_EPS[norm] if eps is None else float(eps)
+        self.stop_norm = self.eps if stop_at_eps else None
         self.alpha_max, self.eta, self.beta = alpha_max, eta, beta
 
     @classmethod
     def build(cls, model: nn.Module, eps: float, norm: str, steps: int | None = None,
               seed: int = 0) -> FAB:
-        """FAB takes no eps budget: the evaluator compares its norms with eps afterwards;
-        eps (if > 0) is only the restart radius."""
+        """The evaluator compares FAB's norms with eps afterwards; eps (if > 0) is the restart
+        radius and, as in AutoAttack, the norm below which an example needs no further
+        restart or target (`stop_at_eps`)."""
         cls.check_norm(norm)
         return cls(model, norm, steps or cls.default_steps, eps=eps if eps > 0 else None,
-                   seed=seed)
+                   seed=seed, stop_at_eps=eps > 0)
+
+    def _open(self, best: torch.Tensor) -> torch.Tensor:
+        """Indices of the examples that still need work: all, or with `stop_norm` those
+        whose smallest norm so far exceeds it."""
+        if self.stop_norm is None:
+            return torch.arange(len(best), device=best.device)
+        return (best > self.stop_norm).nonzero().squeeze(1)
 
     # --- one linearisation -------------------------------------------------------------
 
@@ -195,33 +213,43 @@ class FAB(Attack):
              goal: torch.Tensor | None, start: torch.Tensor,
              rival_is_y: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """`steps` FAB iterations from `start`: (smallest fooling point, its norm), the norm
-        inf (and the point x) where no iterate succeeded."""
+        inf (and the point x) where no iterate succeeded. With `stop_norm`, an example leaves
+        once it has a point within it (attacks/rows.py): the rest of the run could only
+        shrink that norm further, which the caller does not ask for."""
         n = len(x)
         view = (-1,) + (1,) * (x.ndim - 1)
-        x_flat = x.flatten(1)
-        best_x = x.clone()
-        best = torch.full((n,), float("inf"), device=x.device, dtype=x.dtype)
-        x1 = start.clone()
+        out_x = x.clone()
+        out = torch.full((n,), float("inf"), device=x.device, dtype=x.dtype)
+        r = Rows(idx=torch.arange(n, device=x.device), x=x, x_flat=x.flatten(1), y=y,
+                 target=target, goal=goal, x1=start.clone(), best_x=x.clone(), best=out.clone())
         for _ in range(self.steps):
-            f, w = self._boundary(x1, y, target, rival_is_y)
+            if len(r.idx) == 0:
+                break
+            f, w = self._boundary(r.x1, r.y, r.target, rival_is_y)
             with torch.no_grad():
-                x1_flat = x1.flatten(1)
+                m, x1_flat = len(r.idx), r.x1.flatten(1)
                 b = (w * x1_flat).sum(1) - f  # the hyperplane {z : w.z = b}
-                d = project_hyperplane_box(torch.cat([x1_flat, x_flat]), torch.cat([w, w]),
+                d = project_hyperplane_box(torch.cat([x1_flat, r.x_flat]), torch.cat([w, w]),
                                            torch.cat([b, b]), self.norm)
                 size = _norm(d, self.norm).clamp_min(1e-8)
-                d1, d0, s1, s0 = d[:n], d[n:], size[:n], size[n:]
+                d1, d0, s1, s0 = d[:m], d[m:], size[:m], size[m:]
                 alpha = (s1 / (s1 + s0)).clamp(0, self.alpha_max).unsqueeze(1)
                 x1_flat = ((1 - alpha) * (x1_flat + self.eta * d1)
-                           + alpha * (x_flat + self.eta * d0)).clamp(0, 1)
-                x1 = x1_flat.view_as(x)
-                ok = succeeded(self.model(x1), y, goal)
-                dist = _norm(x1_flat - x_flat, self.norm)
-                better = ok & (dist < best)
-                best = torch.where(better, dist, best)
-                best_x = torch.where(better.view(view), x1, best_x)
-                x1 = torch.where(ok.view(view), x + self.beta * (x1 - x), x1)
-        return best_x, best
+                           + alpha * (r.x_flat + self.eta * d0)).clamp(0, 1)
+                x1 = x1_flat.view_as(r.x)
+                ok = succeeded(self.model(x1), r.y, r.goal)
+                dist = _norm(x1_flat - r.x_flat, self.norm)
+                better = ok & (dist < r.best)
+                r.best = torch.where(better, dist, r.best)
+                r.best_x = torch.where(better.view(view), x1, r.best_x)
+                r.x1 = torch.where(ok.view(view), r.x + self.beta * (x1 - r.x), x1)
+                if self.stop_norm is not None:
+                    done = r.best <= self.stop_norm
+                    if done.any():
+                        out_x[r.idx[done]], out[r.idx[done]] = r.best_x[done], r.best[done]
+                        r.keep(~done)
+        out_x[r.idx], out[r.idx] = r.best_x, r.best
+        return out_x, out
 
     def _random_start(self, x: torch.Tensor, radius: torch.Tensor, rng: ExampleRNG,
                       *counter: int) -> torch.Tensor:
@@ -239,18 +267,19 @@ class FAB(Attack):
                   goal: torch.Tensor | None, rng: ExampleRNG, tag: int,
                   rival_is_y: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """All restarts on the same examples: (smallest fooling point, its norm)."""
-        best_x = x.clone()
-        best = torch.full((len(x),), float("inf"), device=x.device, dtype=x.dtype)
         for r in range(self.n_restarts):
-            if r == 0:
-                start = x
-            else:
-                radius = best.clamp(max=self.eps) / 2
-                start = self._random_start(x, radius, rng, tag, r)
-            x_r, size_r = self._run(x, y, target, goal, start, rival_is_y)
-            better = size_r < best
-            best = torch.where(better, size_r, best)
-            best_x[better] = x_r[better]
+            if r == 0:  # from x, on every example
+                best_x, best = self._run(x, y, target, goal, x, rival_is_y)
+                continue
+            idx = self._open(best)
+            if len(idx) == 0:
+                break
+            radius = best[idx].clamp(max=self.eps) / 2
+            start = self._random_start(x[idx], radius, rng[idx], tag, r)
+            x_r, size_r = self._run(x[idx], y[idx], None if target is None else target[idx],
+                                    None if goal is None else goal[idx], start, rival_is_y)
+            better = size_r < best[idx]
+            best[idx[better]], best_x[idx[better]] = size_r[better], x_r[better]
         return best_x, best
 
     def perturb(self, x, y, target):
@@ -275,11 +304,11 @@ class FABT(FAB):
     targeted FAB (`steps` iterations, `n_restarts` runs) with the hyperplane between that
     target and y, one backward pass per iteration; success is any misclassification.
 
-    Unlike AutoAttack, which runs a further target only on examples no target has broken
-    within eps, every target runs on every clean-correct example and each keeps its smallest
-    perturbation over all targets: a minimal-norm attack should report the smallest norm it
-    can find (the evaluator compares that norm with each eps). Called with `target=t`, FAB-T
-    is targeted FAB toward t.
+    By default every target runs on every clean-correct example and each keeps its smallest
+    perturbation over all targets: a minimal-norm attack reports the smallest norm it can
+    find. With `stop_at_eps` (as `build`, hence `evaluate`), AutoAttack's rule: a further
+    target runs only on the examples no target has broken within eps. Called with
+    `target=t`, FAB-T is targeted FAB toward t.
 
     Shape:
         x: (N, C, H, W) in [0, 1]; y: (N,) class indices; returns (N, C, H, W).
@@ -303,8 +332,10 @@ class FABT(FAB):
         eta: float = 1.05,
         beta: float = 0.9,
         seed: int | None = 0,
+        stop_at_eps: bool = False,
     ) -> None:
-        super().__init__(model, norm, steps, n_restarts, eps, alpha_max, eta, beta, seed)
+        super().__init__(model, norm, steps, n_restarts, eps, alpha_max, eta, beta, seed,
+                         stop_at_eps)
         if n_target_classes < 1:
             raise UserError(f"FAB-T needs n_target_classes >= 1, got {n_target_classes}")
         self.n_target_classes = n_target_classes
@@ -324,9 +355,12 @@ class FABT(FAB):
         best_x = xs.clone()
         best = torch.full((len(idx),), float("inf"), device=x.device, dtype=x.dtype)
         for k in range(1, min(self.n_target_classes, logits.shape[1] - 1) + 1):
-            x_k, size_k = self._restarts(xs, ys, order[:, k], None, rng, k, rival_is_y=True)
-            better = size_k < best
-            best = torch.where(better, size_k, best)
-            best_x[better] = x_k[better]
+            sub = self._open(best)
+            if len(sub) == 0:
+                break
+            x_k, size_k = self._restarts(xs[sub], ys[sub], order[sub, k], None, rng[sub], k,
+                                         rival_is_y=True)
+            better = size_k < best[sub]
+            best[sub[better]], best_x[sub[better]] = size_k[better], x_k[better]
         x_adv[idx] = best_x
         return x_adv

@@ -77,22 +77,33 @@ class ExampleRNG:
     def __len__(self) -> int:
         return len(self.keys)
 
-    def _bits(self, shape: tuple[int, ...], counter: tuple[int, ...]) -> torch.Tensor:
-        """(N, *shape) int64 of uniform random bits for this counter."""
-        c = 0
-        for part in counter:
-            c = _mix_int(c ^ _mix_int(int(part) + 0x51ED27))
+    def _bits(self, shape: tuple[int, ...], counters: list[tuple[int, ...]]) -> torch.Tensor:
+        """(N, len(counters), *shape) int64 of uniform random bits, one slice per counter
+        (many counters in one pass: the same numbers as one call per counter)."""
+        folded = []
+        for counter in counters:
+            c = 0
+            for part in counter:
+                c = _mix_int(c ^ _mix_int(int(part) + 0x51ED27))
+            folded.append(c)
+        cs = torch.tensor(folded, dtype=torch.long, device=self.keys.device)
         n_coords = math.prod(shape)
         index = torch.arange(n_coords, device=self.keys.device, dtype=torch.long)
-        z = mix(self.keys.unsqueeze(1) ^ c) + (index + 1).unsqueeze(0) * _G
-        return mix(z).view(len(self.keys), *shape)
+        z = mix(self.keys.view(-1, 1, 1) ^ cs.view(1, -1, 1)) + (index + 1) * _G
+        return mix(z).view(len(self.keys), len(counters), *shape)
+
+    def uniform_many(self, shape: tuple[int, ...], counters: list[tuple[int, ...]],
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(N, len(counters), *shape): `uniform(shape, *counter)` for each counter, in one
+        pass (an attack drawing every iteration takes a block of iterations at once)."""
+        bits = 53 if dtype == torch.float64 else 24
+        z = _shr(self._bits(tuple(shape), counters), 64 - bits)
+        return z.to(dtype) * (2.0**-bits)
 
     def uniform(self, shape: tuple[int, ...], *counter: int,
                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(N, *shape) uniform in [0, 1) (24 random bits; 53 for float64)."""
-        bits = 53 if dtype == torch.float64 else 24
-        z = _shr(self._bits(tuple(shape), counter), 64 - bits)
-        return z.to(dtype) * (2.0**-bits)
+        return self.uniform_many(shape, [counter], dtype)[:, 0]
 
     def normal(self, shape: tuple[int, ...], *counter: int,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:

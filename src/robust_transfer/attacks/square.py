@@ -34,6 +34,7 @@ from torch import nn
 from robust_transfer.attacks.base import Attack
 from robust_transfer.attacks.losses import margin
 from robust_transfer.attacks.rng import ExampleRNG
+from robust_transfer.attacks.rows import Rows
 from robust_transfer.attacks.threats import make_threat
 from robust_transfer.errors import UserError
 
@@ -43,6 +44,7 @@ _RESAMPLE = 20  # redraws of a window's signs that would leave x_best unchanged
 # counters of the per-example draws: (iteration, what[, redraw])
 _PLACES, _SIGNS, _FLIP = range(3)
 _INIT = -1  # iteration counter of the initialisation
+_BLOCK = 64  # iterations whose draws are made in one pass
 
 
 def p_selection(p_init: float, it: int, n_queries: int) -> float:
@@ -159,23 +161,37 @@ class Square(Attack):
         if self.norm == "linf":
             x_best = self.threat.project(x + self.eps * rng.sign((x.shape[1], 1, w), _INIT,
                                                                   dtype=x.dtype), x)
-            propose = self._propose_linf
+            ends = self._ends(x)
         else:
+            ends = None
             x_best = self._init_l2(x, rng)
-            propose = self._propose_l2
-        loss_best = self._margin(x_best, y, target)
-        for it in range(self.n_queries - 1):
-            idx = (loss_best > 0).nonzero().squeeze(1)
-            if len(idx) == 0:
+        out = x_best.clone()
+        # the examples still attacked, kept compact (attacks/rows.py): one leaves once fooled,
+        # its x_best final, instead of gathering the unfooled ones for every query
+        r = Rows(idx=torch.arange(len(x), device=x.device), x=x, y=y, target=target,
+                 keys=rng.keys, x_best=x_best, loss_best=self._margin(x_best, y, target), u=None,
+                 ends=ends)
+        n_draws = self._n_draws(x.shape[1])
+        for it in range(self.n_queries):
+            done = ~(r.loss_best > 0)
+            if done.any():
+                out[r.idx[done]] = r.x_best[done]
+                r.keep(~done)
+            if len(r.idx) == 0 or it == self.n_queries - 1:
                 break
+            if it % _BLOCK == 0:  # the next iterations' draws, in one pass (rows leave too)
+                its = range(it, min(it + _BLOCK, self.n_queries - 1))
+                r.u = ExampleRNG(r.keys).uniform_many((n_draws,), [(j, _PLACES) for j in its],
+                                                      dtype=torch.float64)
             p = p_selection(self.p_init, it, self.n_queries)
-            x_new = propose(x[idx], x_best[idx], rng[idx], it, p)
-            tgt = None if target is None else target[idx]
-            loss = self._margin(x_new, y[idx], tgt)
-            better = loss < loss_best[idx]
-            x_best[idx[better]] = x_new[better]
-            loss_best[idx[better]] = loss[better]
-        return x_best
+            x_new = (self._propose_linf(r.x, r.x_best, r.u[:, it % _BLOCK], p, r.ends)
+                     if r.ends else self._propose_l2(r.x, r.x_best, r.u[:, it % _BLOCK], p))
+            loss = self._margin(x_new, r.y, r.target)
+            better = loss < r.loss_best
+            r.x_best = torch.where(better.view(-1, 1, 1, 1), x_new, r.x_best)
+            r.loss_best = torch.where(better, loss, r.loss_best)
+        out[r.idx] = r.x_best
+        return out
 
     @staticmethod
     def _corners(u: torch.Tensor, s: int, h: int, w: int):
@@ -185,27 +201,36 @@ class Square(Attack):
         left = (u[:, 1] * max(w - s, 1)).floor().long().view(-1, 1, 1, 1)
         return top, left
 
-    def _propose_linf(self, x, x_best, rng, it, p):
-        """x_best with one window set to +-eps per channel (Alg. 2), projected."""
+    def _n_draws(self, c: int) -> int:
+        """Uniform draws per example and iteration: Linf the window corner and the signs of
+        the first try and of every redraw; L2 two corners, the orientation, a sign per
+        channel (one draw per example and iteration: each example's own numbers)."""
+        return 2 + (_RESAMPLE + 1) * c if self.norm == "linf" else 5 + c
+
+    def _ends(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x + eps and x - eps, projected: what a Linf window holds (per example, fixed)."""
+        return [self.threat.project(x + sign * self.eps, x) for sign in (1.0, -1.0)]
+
+    def _propose_linf(self, x, x_best, u, p, ends=None):
+        """x_best with one window set to +-eps per channel (Alg. 2), projected. As the
+        reference code, signs that would leave x_best unchanged are redrawn (it would waste a
+        query), at most `_RESAMPLE` times (eps = 0 never changes anything). `ends`: `_ends(x)`
+        if the caller keeps it."""
         m, c, h, w = x.shape
         s = min(max(int(round(math.sqrt(p * h * w))), 1), min(h, w) - 1)
-        # one draw per example and iteration: the corner, then the signs of the first try and
-        # of every redraw (cheaper than a draw per redraw; each example's own numbers)
-        u = rng.uniform((2 + (_RESAMPLE + 1) * c,), it, _PLACES, dtype=torch.float64)
         window = _window_mask(*self._corners(u, s, h, w), s, h, w)[2]
-        signs = torch.where(u[:, 2:] < 0.5, -1.0, 1.0).to(x.dtype).view(m, -1, c, 1, 1)
-        x_new = self.threat.project(torch.where(window, x + self.eps * signs[:, 0], x_best), x)
-        todo = torch.arange(m, device=x.device)
-        for redraw in range(1, _RESAMPLE + 1):
-            # as the reference code: redraw the signs of a window that would not change
-            # x_best (it would waste a query); bounded, as eps = 0 never changes anything
-            same = (x_new[todo] - x_best[todo]).abs().flatten(1).amax(1) < 1e-7
-            todo = todo[same]
-            if len(todo) == 0:
-                break
-            x_new[todo] = self.threat.project(torch.where(
-                window[todo], x[todo] + self.eps * signs[todo, redraw], x_best[todo]), x[todo])
-        return x_new
+        plus = (u[:, 2:] >= 0.5).view(m, _RESAMPLE + 1, c)  # each try's sign per channel
+        # the projection is per coordinate, so every try's proposal takes, channel by
+        # channel, one of two fills: the window at x + eps or at x - eps, projected
+        # (P(where(window, a, b)) = where(window, P(a), P(b)) coordinate by coordinate)
+        kept = self.threat.project(x_best, x)
+        fills = [torch.where(window, end, kept) for end in (ends or self._ends(x))]
+        moved = [(f - x_best).abs().amax((2, 3)).unsqueeze(1) for f in fills]  # (m, 1, c)
+        changes = (torch.where(plus, *moved) >= 1e-7).any(2)  # (m, tries)
+        # the first try that changes x_best (the redraws stop there), else the last one
+        tries = torch.where(changes.any(1), changes.int().argmax(1), _RESAMPLE)
+        chosen = plus[torch.arange(m, device=x.device), tries]  # (m, c)
+        return torch.where(chosen.view(m, c, 1, 1), *fills)
 
     def _init_l2(self, x, rng):
         """Grid of s x s blocks, s = h // 5, each eta(s) with a random sign per channel and a
@@ -228,15 +253,13 @@ class Square(Attack):
         delta = torch.where(inside, values.unsqueeze(1) * signs, torch.zeros_like(signs))
         return (x + self.threat.to_surface(delta)).clamp(0, 1)
 
-    def _propose_l2(self, x, x_best, rng, it, p):
+    def _propose_l2(self, x, x_best, u, p):
         """Move W2's mass into W1 with a fresh eta(s) (Alg. 3), keep ||delta||_2 = eps."""
         m, c, h, w = x.shape
         s = max(int(round(math.sqrt(p * h * w))), 3)
         s = min(s + 1 - s % 2, min(h, w) - 1)  # odd, as the reference; fits the image
         delta = x_best - x
         pattern = _eta_cached(s).to(x.device, x.dtype)
-        # one draw per example and iteration: 2 corners, the orientation, a sign per channel
-        u = rng.uniform((5 + c,), it, _PLACES, dtype=torch.float64)
         fresh, in1 = _place(pattern, *self._corners(u[:, 0:2], s, h, w), u[:, 4] < 0.5, h, w)
         in2 = _window_mask(*self._corners(u[:, 2:4], s, h, w), s, h, w)[2]
         signs = torch.where(u[:, 5:] < 0.5, -1.0, 1.0).to(x.dtype).view(m, c, 1, 1)
