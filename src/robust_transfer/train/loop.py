@@ -83,6 +83,23 @@ def lr_schedule(cfg: TrainConfig) -> list[float]:
     return lrs
 
 
+def sgd_step(params: list[torch.Tensor], grads: list[torch.Tensor],
+             bufs: list[torch.Tensor] | None, lr: float, cfg: TrainConfig) -> list[torch.Tensor]:
+    """One step of `torch.optim.SGD` (weight decay, momentum, no dampening) on plain tensors,
+    in place, for the batched engines that train many runs' stacked parameters at once:
+    d = g + wd*p; buf = m*buf + d (buf = d on the first step); p -= lr*buf. Returns the
+    momentum buffers to pass to the next step."""
+    with torch.no_grad():
+        steps = torch._foreach_add(grads, params, alpha=cfg.weight_decay)
+        if bufs is None:
+            bufs = [s.clone() for s in steps]
+        else:
+            torch._foreach_mul_(bufs, cfg.momentum)
+            torch._foreach_add_(bufs, steps)
+        torch._foreach_add_(params, bufs, alpha=-lr)
+    return bufs
+
+
 def use_channels_last(model: nn.Module, device: torch.device) -> bool:
     """Channels-last helps conv nets on CUDA (cuDNN's NHWC kernels); not on CPU."""
     return device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in model.modules())

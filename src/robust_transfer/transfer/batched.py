@@ -37,7 +37,7 @@ from robust_transfer.data import adapt_images, load_task, shots_per_class
 from robust_transfer.models.base import Normalize
 from robust_transfer.models.nets import ConvNet
 from robust_transfer.train import SourceConfig, TrainConfig, freeze_all_but_last
-from robust_transfer.train.loop import batch_bounds, lr_schedule
+from robust_transfer.train.loop import batch_bounds, lr_schedule, sgd_step
 from robust_transfer.transfer.finetune import FinetuneConfig
 from robust_transfer.variables import engine_fields, finetune_fields, first_non_default
 
@@ -219,14 +219,8 @@ def finetune_batch(model: ConvNet, cfgs: list[FinetuneConfig],
                                      train_y[idx].reshape(-1), reduction="none")
             losses = losses.view(b, -1).mean(0)
             grads = torch.autograd.grad(losses.sum(), params)
-            with torch.no_grad():  # torch.optim.SGD: d = g + wd*p; buf = m*buf + d; p -= lr*buf
-                steps = torch._foreach_add(grads, params, alpha=tc.weight_decay)
-                if bufs is None:
-                    bufs = [s.clone() for s in steps]
-                else:
-                    torch._foreach_mul_(bufs, tc.momentum)
-                    torch._foreach_add_(bufs, steps)
-                torch._foreach_add_(params, bufs, alpha=-lr)
+            bufs = sgd_step(params, grads, bufs, lr, tc)
+            with torch.no_grad():
                 total += losses * b
         with torch.no_grad():  # in chunks: R runs' activations of a chunk stay in cache
             pred = torch.cat([wide.forward(test_x[j : j + EVAL_CHUNK], shared=True,

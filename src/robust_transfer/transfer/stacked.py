@@ -49,7 +49,7 @@ from robust_transfer.errors import UserError
 from robust_transfer.models.nets import BlockNet
 from robust_transfer.models.runtime import amp_enabled, autocast
 from robust_transfer.train import SourceConfig, TrainConfig, freeze_all_but_last
-from robust_transfer.train.loop import batch_bounds, lr_schedule
+from robust_transfer.train.loop import batch_bounds, lr_schedule, sgd_step
 from robust_transfer.transfer.finetune import FinetuneConfig, augmentation
 from robust_transfer.variables import engine_fields, finetune_fields, first_non_default
 
@@ -338,15 +338,8 @@ def _train_chunk(prefix: nn.Module, suffix: nn.Module, cfgs: list[FinetuneConfig
             losses = F.cross_entropy(logits.flatten(0, 1), train_y[idx].flatten(),
                                      reduction="none").view(r, -1).mean(1)
             grads = torch.autograd.grad(losses.sum(), plist)
-            with torch.no_grad():  # torch.optim.SGD: d = g + wd*p; buf = m*buf + d; p -= lr*buf
-                steps = torch._foreach_add(grads, plist, alpha=tc.weight_decay)
-                if bufs is None:
-                    bufs = [s.clone() for s in steps]
-                else:
-                    torch._foreach_mul_(bufs, tc.momentum)
-                    torch._foreach_add_(bufs, steps)
-                torch._foreach_add_(plist, bufs, alpha=-lr)
-                total += losses.detach() * (b - a)
+            bufs = sgd_step(plist, grads, bufs, lr, tc)
+            total += losses.detach() * (b - a)
         suffix.eval()
         with torch.no_grad(), autocast(device, amp):
             correct = torch.zeros(r, device=device, dtype=torch.long)
