@@ -12,7 +12,7 @@ import typer
 
 from robust_transfer.atomic import atomic_write_text
 from robust_transfer.certify import EmpiricalAttack, certify_dataset, check_budget
-from robust_transfer.certify.evaluate import check_radii, spread
+from robust_transfer.certify.evaluate import check_radii, check_sigmas, spread
 from robust_transfer.certify.metrics import table_radii
 from robust_transfer.cli import app
 from robust_transfer.cli.attack import _test_set
@@ -25,7 +25,6 @@ from robust_transfer.cli.common import (
     progress_bar,
 )
 from robust_transfer.cli.study import _run_grid_with_progress
-from robust_transfer.data.augment import check_sigma
 from robust_transfer.errors import UserError
 from robust_transfer.models import load_checkpoint
 from robust_transfer.models.checkpoint import read_meta
@@ -43,16 +42,14 @@ RADII_HELP = ("L2 radii of the table (repeatable; default: Cohen et al.'s CIFAR-
 
 
 def _check_options(sigma: list[float], n0: int, n: int, alpha: float, max_images: int,
-                   batch_size: int) -> None:
-    if not sigma:
-        raise UserError("give at least one --sigma, e.g. --sigma 0.25")
-    for s in sigma:
-        check_sigma(s)
+                   batch_size: int) -> list[float]:
+    sigma = check_sigmas(sigma)
     check_budget(n0, n, alpha)
     if max_images < 1:
         raise UserError(f"--max-images must be >= 1, got {max_images}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    return sigma
 
 
 @app.command("certify")
@@ -100,7 +97,7 @@ def certify(
     """
     attack = None if no_attack else EmpiricalAttack(attack_steps, noise_samples, eot_samples,
                                                     attack_n)
-    _check_options(sigma, n0, n, alpha, max_images, batch_size)
+    sigma = _check_options(sigma, n0, n, alpha, max_images, batch_size)
     radii = None if not radius else check_radii(radius)
     meta = read_meta(checkpoint)
     out_dir = out_dir or Path("certify-results") / Path(checkpoint).resolve().name
