@@ -35,8 +35,8 @@ def test_certify_transfer_cli_tiny(cli, tmp_path):
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(TINY))
     out = tmp_path / "study"
-    code, stdout, err = cli("certify-transfer", spec_file, "--out", out, "--workers", "1",
-                            "--device", "cpu")
+    # the default --device auto: certifying the sources once crashed on the name 'auto'
+    code, stdout, err = cli("certify-transfer", spec_file, "--out", out, "--workers", "1")
     assert code == 0, err
     df = read_results(out)
     final = df[df.epoch == df.epochs]
