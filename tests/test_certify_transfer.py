@@ -95,3 +95,11 @@ def test_certify_transfer_needs_a_certify_section(cli, tmp_path):
     out = tmp_path / "study"
     code, _, err = cli("certify-transfer", spec_file, "--out", out)
     assert code == 2 and "no certify: section" in err and not out.exists()
+
+
+def test_certify_transfer_bad_device_writes_nothing(cli, tmp_path):
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(TINY))
+    out = tmp_path / "study"
+    code, _, err = cli("certify-transfer", spec_file, "--out", out, "--device", "gpu")
+    assert code == 2 and err.startswith("error: unknown device 'gpu'") and not out.exists()

@@ -163,6 +163,7 @@ def certify_transfer(
         raise UserError(f"spec {str(spec_path)!r} has no certify: section; add e.g. "
                         "`certify: {sigma: 0.25, n: 1000, max_images: 200}`")
     check_output_dir(out_dir, "--out")
+    resolve_device(device)  # before the writer lock creates --out
     console.print(f"spec: {spec_path}")
     table = _run_grid_with_progress(spec, out_dir, workers, device)
     sources = certify_sources(spec, out_dir, device)
