@@ -65,6 +65,12 @@ def test_certify_transfer_cli_tiny(cli, tmp_path):
     assert "all blocks, Gaussian noise σ=0.25 in fine-tuning" in summary
     assert (out / "report" / "figC1_certified_accuracy.png").stat().st_size > 0
     assert "mean ACR at σ=0.25" in stdout.replace("\n", " ")
+    # `report` on the study's folder recognises it: the certification report too
+    again = tmp_path / "again"
+    code, _, err = cli("report", out, "--out", again)
+    assert code == 0, err
+    assert (again / "certify_summary.md").read_text() == summary
+    assert (again / "figC1_certified_accuracy.png").stat().st_size > 0
 
 
 def test_certify_section_parses_validates_and_keeps_old_ids():
