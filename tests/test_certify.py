@@ -5,6 +5,9 @@ command, its figure and bad input."""
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -300,3 +303,14 @@ def test_repeated_sigma_is_certified_once(cli, source_dir, tmp_path):
                        "--n", "20", "--max-images", "3", "--no-attack", "--out", out)
     assert code == 0, err
     assert len(pd.read_csv(out / "certify.csv")) == 3
+
+
+def test_certify_an_imported_checkpoint_needs_task(cli, source_dir, tmp_path):
+    """An imported checkpoint records `task: ""`; certify said "unknown task ''"."""
+    ckpt = tmp_path / "imported"
+    shutil.copytree(source_dir, ckpt)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    (ckpt / "meta.json").write_text(json.dumps({**meta, "task": ""}))
+    out = tmp_path / "cert"
+    code, _, err = cli("certify", ckpt, "--sigma", "0.25", "--out", out)
+    assert code == 2 and "records no task" in err and "--task" in err and not out.exists()

@@ -19,6 +19,7 @@ from robust_transfer.cli.attack import _test_set
 from robust_transfer.cli.common import (
     DEVICE_OPTION,
     check_output_dir,
+    checkpoint_task,
     console,
     out,
     print_table,
@@ -103,7 +104,7 @@ def certify(
     out_dir = out_dir or Path("certify-results") / Path(checkpoint).resolve().name
     check_output_dir(out_dir)
     model, meta = load_checkpoint(checkpoint, resolve_device(device))
-    task = task or meta.get("task", "digits-0to4")
+    task = checkpoint_task(meta, task, checkpoint)
     data, _, _ = _test_set(task, model.spec.num_classes, 1)
     pick = spread(len(data.test.y), max_images)
     x, y = data.test.x[pick], data.test.y[pick]
