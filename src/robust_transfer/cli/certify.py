@@ -34,7 +34,7 @@ from robust_transfer.report.certify_figures import certified_accuracy_plot
 from robust_transfer.report.certify_transfer import certify_headline_rows, make_certify_report
 from robust_transfer.report.study import make_report
 from robust_transfer.transfer.certify_study import certify_sources, certify_spec_path
-from robust_transfer.transfer.results import read_results
+from robust_transfer.transfer.results import read_results, writer_lock
 from robust_transfer.transfer.spec import load_spec
 
 RADII_HELP = ("L2 radii of the table (repeatable; default: Cohen et al.'s CIFAR-10 radii 0, "
@@ -166,13 +166,15 @@ def certify_transfer(
     check_output_dir(out_dir, "--out")
     resolve_device(device)  # before the writer lock creates --out
     console.print(f"spec: {spec_path}")
-    table = _run_grid_with_progress(spec, out_dir, workers, device)
-    sources = certify_sources(spec, out_dir, device)
-    report = out_dir / "report"
-    atomic_write_text(report / "source_certify.csv", sources.to_csv(index=False))
-    rep = make_report(table, report)
-    results = read_results(table)
-    for f in [*rep.figures, *make_certify_report(results, sources, report)]:
+    with writer_lock(out_dir):  # the sources' certificates and the report too, as demo
+        table = _run_grid_with_progress(spec, out_dir, workers, device)
+        sources = certify_sources(spec, out_dir, device)
+        report = out_dir / "report"
+        atomic_write_text(report / "source_certify.csv", sources.to_csv(index=False))
+        rep = make_report(table, report)
+        results = read_results(table)
+        figures = [*rep.figures, *make_certify_report(results, sources, report)]
+    for f in figures:
         console.print(f"{'summary' if f.suffix == '.md' else 'figure'}: {f}")
     console.print(f"summary: {rep.summary}")
     print_table(f"mean ACR at σ={spec.certify.sigma:g} (CIs in certify_summary.md)",
