@@ -83,3 +83,14 @@ def test_finetune_refuses_a_source_without_its_task(good, tmp_path, cli):
                           "--out", tmp_path / "ft")
     _one_error(code, err, "'task'")
     assert not (tmp_path / "ft").exists()
+
+
+@pytest.mark.parametrize("value", ["x", -0.25, 0])
+def test_finetune_refuses_a_bad_recorded_smoothing_sigma(good, tmp_path, cli, value):
+    """recipe.sigma is every fine-tuned row's source_sigma: 'x' was a ValueError traceback
+    after the fine-tune had run."""
+    bad = _mutated(good, tmp_path, "recipe", {"method": "gaussian", "sigma": value})
+    code, _out, err = cli("finetune", bad, "--task", "synthetic-5to9", "--epochs", "1",
+                          "--out", tmp_path / "ft")
+    _one_error(code, err, "meta.json", "recipe.sigma", repr(value))
+    assert not (tmp_path / "ft").exists()

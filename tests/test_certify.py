@@ -5,6 +5,9 @@ command, its figure and bad input."""
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -19,6 +22,7 @@ from robust_transfer.certify import (
     SmoothedSoft,
     average_certified_radius,
     certified_accuracy,
+    certify_dataset,
     empirical_robust_accuracy,
     radius_scale,
     table_radii,
@@ -284,3 +288,29 @@ def test_certify_cli_no_checkpoint(cli, tmp_path):
     out = tmp_path / "cert"
     code, _, err = cli("certify", tmp_path / "nothing", "--sigma", "0.25", "--out", out)
     assert code == 2 and "no checkpoint" in err and not out.exists()
+
+
+def test_repeated_sigma_is_certified_once(cli, source_dir, tmp_path):
+    """`--sigma 0.25 --sigma 0.25` used to certify twice and write every row twice."""
+    w = torch.ones(1, 2, 2)
+    x, y = torch.rand(3, 1, 2, 2), torch.tensor([1, 1, 0])
+    result = certify_dataset(Linear2(w, -2.0), x, y, [0.25, 0.5, 0.25], 2, n0=10, n=50,
+                             attack=None)
+    assert list(result.images["sigma"]) == [0.25] * 3 + [0.5] * 3
+    assert list(result.summary["sigma"].unique()) == [0.25, 0.5]
+    out = tmp_path / "cert"
+    code, _, err = cli("certify", source_dir, "--sigma", "0.25", "--sigma", "0.25", "--n0", "10",
+                       "--n", "20", "--max-images", "3", "--no-attack", "--out", out)
+    assert code == 0, err
+    assert len(pd.read_csv(out / "certify.csv")) == 3
+
+
+def test_certify_an_imported_checkpoint_needs_task(cli, source_dir, tmp_path):
+    """An imported checkpoint records `task: ""`; certify said "unknown task ''"."""
+    ckpt = tmp_path / "imported"
+    shutil.copytree(source_dir, ckpt)
+    meta = json.loads((ckpt / "meta.json").read_text())
+    (ckpt / "meta.json").write_text(json.dumps({**meta, "task": ""}))
+    out = tmp_path / "cert"
+    code, _, err = cli("certify", ckpt, "--sigma", "0.25", "--out", out)
+    assert code == 2 and "records no task" in err and "--task" in err and not out.exists()

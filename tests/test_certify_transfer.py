@@ -8,11 +8,13 @@ import pytest
 import yaml
 
 from robust_transfer.certify import certify_dataset
+from robust_transfer.cli import certify as certify_cli
 from robust_transfer.data import load_task
 from robust_transfer.errors import UserError
 from robust_transfer.models import load_checkpoint
+from robust_transfer.transfer import results as results_store
 from robust_transfer.transfer.certify_eval import PREFIX, CertifySpec
-from robust_transfer.transfer.certify_study import certify_spec_path
+from robust_transfer.transfer.certify_study import certify_sources, certify_spec_path
 from robust_transfer.transfer.results import read_results
 from robust_transfer.transfer.run import source_method
 from robust_transfer.transfer.spec import expand, load_spec, parse_spec
@@ -31,12 +33,19 @@ TINY = {
 }
 
 
-def test_certify_transfer_cli_tiny(cli, tmp_path):
+def test_certify_transfer_cli_tiny(cli, tmp_path, monkeypatch):
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(TINY))
     out = tmp_path / "study"
-    code, stdout, err = cli("certify-transfer", spec_file, "--out", out, "--workers", "1",
-                            "--device", "cpu")
+    locked = []  # certifying the sources writes into --out: under its writer lock, as the grid
+
+    def certify_sources_locked(spec, directory, device):
+        locked.append(results_store._held.get(directory.resolve(), 0) > 0)
+        return certify_sources(spec, directory, device)
+
+    monkeypatch.setattr(certify_cli, "certify_sources", certify_sources_locked)
+    # the default --device auto: certifying the sources once crashed on the name 'auto'
+    code, stdout, err = cli("certify-transfer", spec_file, "--out", out, "--workers", "1")
     assert code == 0, err
     df = read_results(out)
     final = df[df.epoch == df.epochs]
@@ -65,6 +74,13 @@ def test_certify_transfer_cli_tiny(cli, tmp_path):
     assert "all blocks, Gaussian noise σ=0.25 in fine-tuning" in summary
     assert (out / "report" / "figC1_certified_accuracy.png").stat().st_size > 0
     assert "mean ACR at σ=0.25" in stdout.replace("\n", " ")
+    assert locked == [True]
+    # `report` on the study's folder recognises it: the certification report too
+    again = tmp_path / "again"
+    code, _, err = cli("report", out, "--out", again)
+    assert code == 0, err
+    assert (again / "certify_summary.md").read_text() == summary
+    assert (again / "figC1_certified_accuracy.png").stat().st_size > 0
 
 
 def test_certify_section_parses_validates_and_keeps_old_ids():
@@ -95,3 +111,11 @@ def test_certify_transfer_needs_a_certify_section(cli, tmp_path):
     out = tmp_path / "study"
     code, _, err = cli("certify-transfer", spec_file, "--out", out)
     assert code == 2 and "no certify: section" in err and not out.exists()
+
+
+def test_certify_transfer_bad_device_writes_nothing(cli, tmp_path):
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(TINY))
+    out = tmp_path / "study"
+    code, _, err = cli("certify-transfer", spec_file, "--out", out, "--device", "gpu")
+    assert code == 2 and err.startswith("error: unknown device 'gpu'") and not out.exists()

@@ -147,6 +147,8 @@ def test_runs_are_chunked_to_the_memory_budget(caplog):
     _same(chunked, whole, loss_rel=1e-5)
     with pytest.raises(UserError, match="max memory .* raise --max-memory"):
         stacked.finetune_stacked(copy.deepcopy(model), cfgs, max_memory=run_bytes // 2)
+    with pytest.raises(UserError, match=r"max memory 9.31e-06 GiB .*needs \(\d\.\d+e-0\d GiB"):
+        stacked.plan_chunks(1, 1000, 10**4, 1, 2, 10**4)  # not "0.00 GiB ... (0.00 GiB"
     assert stacked.plan_chunks(10, 100, 10, 1, 2, 100 + 14 * 4) == (4, 14)
 
 

@@ -74,6 +74,15 @@ def check_radii(radii: Sequence[float]) -> list[float]:
     return out
 
 
+def check_sigmas(sigmas: Sequence[float]) -> list[float]:
+    """The distinct noise levels, in the order given (a repeated `--sigma` would certify, and
+    write every row, twice)."""
+    out = list(dict.fromkeys(check_sigma(s) for s in sigmas))
+    if not out:
+        raise UserError("give at least one sigma, e.g. --sigma 0.25")
+    return out
+
+
 def certify_dataset(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, sigmas: Sequence[float],
     num_classes: int, n0: int = 100, n: int = 100_000, alpha: float = 0.001,
@@ -85,9 +94,7 @@ def certify_dataset(
     (default: `table_radii` of the input size), with `attack`'s empirical robust accuracy of
     the smoothed classifier at the same radii (None: skipped). `progress(k)` after every k
     images certified or attacked."""
-    sigmas = [check_sigma(s) for s in sigmas]
-    if not sigmas:
-        raise UserError("give at least one sigma")
+    sigmas = check_sigmas(sigmas)
     check_budget(n0, n, alpha)
     radii = check_radii(table_radii(x.shape[1:]) if radii is None else radii)
     y = y.long().cpu()

@@ -12,20 +12,20 @@ import typer
 
 from robust_transfer.atomic import atomic_write_text
 from robust_transfer.certify import EmpiricalAttack, certify_dataset, check_budget
-from robust_transfer.certify.evaluate import check_radii, spread
+from robust_transfer.certify.evaluate import check_radii, check_sigmas, spread
 from robust_transfer.certify.metrics import table_radii
 from robust_transfer.cli import app
 from robust_transfer.cli.attack import _test_set
 from robust_transfer.cli.common import (
     DEVICE_OPTION,
     check_output_dir,
+    checkpoint_task,
     console,
     out,
     print_table,
     progress_bar,
 )
 from robust_transfer.cli.study import _run_grid_with_progress
-from robust_transfer.data.augment import check_sigma
 from robust_transfer.errors import UserError
 from robust_transfer.models import load_checkpoint
 from robust_transfer.models.checkpoint import read_meta
@@ -34,7 +34,7 @@ from robust_transfer.report.certify_figures import certified_accuracy_plot
 from robust_transfer.report.certify_transfer import certify_headline_rows, make_certify_report
 from robust_transfer.report.study import make_report
 from robust_transfer.transfer.certify_study import certify_sources, certify_spec_path
-from robust_transfer.transfer.results import read_results
+from robust_transfer.transfer.results import read_results, writer_lock
 from robust_transfer.transfer.spec import load_spec
 
 RADII_HELP = ("L2 radii of the table (repeatable; default: Cohen et al.'s CIFAR-10 radii 0, "
@@ -43,16 +43,14 @@ RADII_HELP = ("L2 radii of the table (repeatable; default: Cohen et al.'s CIFAR-
 
 
 def _check_options(sigma: list[float], n0: int, n: int, alpha: float, max_images: int,
-                   batch_size: int) -> None:
-    if not sigma:
-        raise UserError("give at least one --sigma, e.g. --sigma 0.25")
-    for s in sigma:
-        check_sigma(s)
+                   batch_size: int) -> list[float]:
+    sigma = check_sigmas(sigma)
     check_budget(n0, n, alpha)
     if max_images < 1:
         raise UserError(f"--max-images must be >= 1, got {max_images}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    return sigma
 
 
 @app.command("certify")
@@ -100,13 +98,13 @@ def certify(
     """
     attack = None if no_attack else EmpiricalAttack(attack_steps, noise_samples, eot_samples,
                                                     attack_n)
-    _check_options(sigma, n0, n, alpha, max_images, batch_size)
+    sigma = _check_options(sigma, n0, n, alpha, max_images, batch_size)
     radii = None if not radius else check_radii(radius)
     meta = read_meta(checkpoint)
     out_dir = out_dir or Path("certify-results") / Path(checkpoint).resolve().name
     check_output_dir(out_dir)
     model, meta = load_checkpoint(checkpoint, resolve_device(device))
-    task = task or meta.get("task", "digits-0to4")
+    task = checkpoint_task(meta, task, checkpoint)
     data, _, _ = _test_set(task, model.spec.num_classes, 1)
     pick = spread(len(data.test.y), max_images)
     x, y = data.test.x[pick], data.test.y[pick]
@@ -166,14 +164,17 @@ def certify_transfer(
         raise UserError(f"spec {str(spec_path)!r} has no certify: section; add e.g. "
                         "`certify: {sigma: 0.25, n: 1000, max_images: 200}`")
     check_output_dir(out_dir, "--out")
+    resolve_device(device)  # before the writer lock creates --out
     console.print(f"spec: {spec_path}")
-    table = _run_grid_with_progress(spec, out_dir, workers, device)
-    sources = certify_sources(spec, out_dir, device)
-    report = out_dir / "report"
-    atomic_write_text(report / "source_certify.csv", sources.to_csv(index=False))
-    rep = make_report(table, report)
-    results = read_results(table)
-    for f in [*rep.figures, *make_certify_report(results, sources, report)]:
+    with writer_lock(out_dir):  # the sources' certificates and the report too, as demo
+        table = _run_grid_with_progress(spec, out_dir, workers, device)
+        sources = certify_sources(spec, out_dir, device)
+        report = out_dir / "report"
+        atomic_write_text(report / "source_certify.csv", sources.to_csv(index=False))
+        rep = make_report(table, report)
+        results = read_results(table)
+        figures = [*rep.figures, *make_certify_report(results, sources, report)]
+    for f in figures:
         console.print(f"{'summary' if f.suffix == '.md' else 'figure'}: {f}")
     console.print(f"summary: {rep.summary}")
     print_table(f"mean ACR at σ={spec.certify.sigma:g} (CIs in certify_summary.md)",

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import typer
 
+from robust_transfer.atomic import atomic_write_text
 from robust_transfer.attacks import NORMS
 from robust_transfer.cli import app
 from robust_transfer.cli.common import (
@@ -28,11 +29,13 @@ from robust_transfer.errors import UserError
 from robust_transfer.models import ARCHS, save_checkpoint
 from robust_transfer.models.runtime import resolve_device
 from robust_transfer.report.backdoor_transfer import make_backdoor_report
+from robust_transfer.report.certify_transfer import make_certify_report
 from robust_transfer.report.study import headline_rows, make_report
 from robust_transfer.train import SourceConfig, TrainConfig, train_source
 from robust_transfer.train.methods import ATTACK_MODE, METHODS
 from robust_transfer.train.overfit import ACTIONS
 from robust_transfer.transfer import FinetuneConfig
+from robust_transfer.transfer.certify_study import certify_sources
 from robust_transfer.transfer.executors import Executor, make_executor
 from robust_transfer.transfer.grid import (
     check_engine,
@@ -257,6 +260,24 @@ def grid(
     _run_grid_with_progress(spec, out, workers, device, pool, engine, max_memory)
 
 
+def _certify_report(results: Path, grid_dir: Path, out: Path) -> list[Path]:
+    """Figure C1 and certify_summary.md when the table is a certify-transfer study's (its
+    runs carry certificates): the sources' certificates come from their cache beside each
+    source model (certified here, on the CPU, if a cache is missing)."""
+    table = read_results(results)
+    if "certify_sigma" not in table or not table["certify_sigma"].notna().any():
+        return []
+    spec_file = grid_dir / "spec.yaml"
+    if not spec_file.is_file():
+        console.print(f"note: no {spec_file}: the certification report needs the study's "
+                      "folder (its spec and source models)", soft_wrap=True)
+        return []
+    spec = load_spec(spec_file)
+    sources = certify_sources(spec, grid_dir)
+    atomic_write_text(Path(out) / "source_certify.csv", sources.to_csv(index=False))
+    return make_certify_report(table, sources, out)
+
+
 @app.command()
 def report(
     results: Path = typer.Argument(..., help="A grid's --out directory, or a results.parquet."),
@@ -268,7 +289,8 @@ def report(
     """Figures 1-2 (accuracy vs images and vs epochs, delta vs the natural source) and summary.md.
 
     A table with backdoored sources also gets Figures B1-B2 (task-agnostic ASR vs images per
-    class and vs unfrozen blocks) and backdoor_summary.md.
+    class and vs unfrozen blocks) and backdoor_summary.md; a certify-transfer study's folder
+    also gets Figure C1 (certified accuracy vs L2 radius) and certify_summary.md.
 
     A grid directory reports the finished runs of the spec it was last run with. Robust and
     natural runs are paired per source recipe (task, arch, training), fine-tune and seed; a
@@ -277,10 +299,11 @@ def report(
     out = out or (results if results.is_dir() else results.parent) / "report"
     check_output_dir(out, "--out")
     rep = make_report(results, out, epoch_shots or None)
-    for f in [*rep.figures, *make_backdoor_report(results, out)]:
+    grid_dir = results if results.is_dir() else results.parent
+    for f in [*rep.figures, *make_backdoor_report(results, out),
+              *_certify_report(results, grid_dir, out)]:
         console.print(f"{'summary' if f.suffix == '.md' else 'figure'}: {f}")
     console.print(f"summary: {rep.summary}")
-    grid_dir = results if results.is_dir() else results.parent
     planned = manifest_run_ids(grid_dir)
     if planned and rep.runs < len(planned):
         console.print(f"note: {rep.runs} of {len(planned)} runs of the spec are finished; "

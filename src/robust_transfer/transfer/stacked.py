@@ -206,8 +206,8 @@ def plan_chunks(runs: int, feature_bytes: int, run_bytes: int, image_bytes: int,
     room = max_memory - feature_bytes
     if room < per_run:
         need = (feature_bytes + per_run) / 2**30
-        raise UserError(f"max memory {max_memory / 2**30:.2f} GiB is below what one run "
-                        f"needs ({need:.2f} GiB: cached features and one run's training); "
+        raise UserError(f"max memory {max_memory / 2**30:.3g} GiB is below what one run "
+                        f"needs ({need:.3g} GiB: cached features and one run's training); "
                         "raise --max-memory")
     chunk = min(runs, room // per_run)
     eval_chunk = max(1, min(EVAL_CHUNK, room // max(1, chunk * image_bytes)))
