@@ -251,7 +251,7 @@ def test_grid_command_ends_with_the_fine_tune_rate(tmp_path, capsys):
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(json.dumps({**SPEC, "sources": SPEC["sources"][:1], "seeds": [0, 1],
                                      "unfrozen_blocks": [0]}))
-    lines = []
+    lines, notes = [], []
     for _ in range(2):
         with pytest.raises(SystemExit) as exit_info:
             main(["grid", str(spec_file), "--out", str(tmp_path / "g"), "--workers", "1"])
@@ -259,9 +259,11 @@ def test_grid_command_ends_with_the_fine_tune_rate(tmp_path, capsys):
         captured = capsys.readouterr()
         lines.append(captured.out.strip().splitlines()[-1])
         assert "fine-tunes in" not in captured.err and "results:" not in captured.err
+        notes.append(captured.err)
     assert re.fullmatch(r"2 fine-tunes in \d+\.\d s \(\d+\.\d per s; batched 2 at \d+\.\d "
                         r"per s\)", lines[0]), lines[0]
     assert lines[1].startswith("0 fine-tunes in "), lines[1]
+    assert "2 of 2 fine-tunes already done; nothing left to run" in notes[1], notes[1]
 
 
 def test_batched_runs_adapt_grey_targets_like_the_per_run_path():

@@ -187,7 +187,8 @@ def _run_grid_locked(spec, out: Path, workers: int, device: str, executor: Execu
         names = ", ".join(j.directory.name for j in todo.sources_to_train)
         console.print(f"training {len(todo.sources_to_train)} source model(s): {names}")
     if done:
-        console.print(f"{done} of {total} fine-tunes already done; running the rest")
+        rest = "running the rest" if done < total else "nothing left to run"
+        console.print(f"{done} of {total} fine-tunes already done; {rest}")
     for part in todo.corrupt:
         console.print(f"note: corrupt results part {part} cannot be read; re-running its run",
                       soft_wrap=True)
