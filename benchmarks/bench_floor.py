@@ -39,7 +39,7 @@ from robust_transfer.data import load_task, shots_per_class
 from robust_transfer.models import ModelSpec, build_model
 from robust_transfer.transfer.executors import LocalExecutor
 from robust_transfer.transfer.grid import run_grid
-from robust_transfer.transfer.spec import GridSpec, load_spec
+from robust_transfer.transfer.spec import GridSpec, expand, load_spec
 
 SPEC = Path(__file__).resolve().parent.parent / "src/robust_transfer/specs/paper-scale.yaml"
 EPOCHS, SHOTS, SEEDS = 30, (1, 2, 4, 8, 16, "all"), 50
@@ -141,34 +141,39 @@ def slice_spec(spec: GridSpec, seeds: int) -> GridSpec:
                                seeds=tuple(range(seeds)))
 
 
-def run_slice(spec: GridSpec, workers: int,
-              warm_target: str) -> tuple[float, dict[str, list[float]]]:
+def run_slice(spec: GridSpec, workers: int, warm_target: str) -> tuple[float, dict, dict]:
     """Wall seconds of the slice's fine-tunes (its source trained first, with one run on
-    `warm_target`, untimed) and, per engine, [runs, worker-seconds]."""
+    `warm_target`, untimed); per engine [runs, worker-seconds]; worker-seconds per unfrozen
+    blocks setting (a work unit holds one shape: its time goes to its runs' setting)."""
     out = Path(tempfile.mkdtemp(prefix="bench_floor_"))
+    blocks_of = {r.run_id: r.finetune.unfrozen_blocks for r in expand(spec)}
     engines: dict[str, list[float]] = {}
+    by_blocks: dict[int | None, float] = {}
+    unit: list[str] = []  # run ids of the unit being reported (on_run_done comes first)
+
+    def tally(engine: str, runs: int, seconds: float) -> None:
+        entry = engines.setdefault(engine, [0, 0.0])
+        entry[0] += runs
+        entry[1] += seconds
+        k = blocks_of[unit[0]]
+        by_blocks[k] = by_blocks.get(k, 0.0) + seconds
+        unit.clear()
+
     try:
         with LocalExecutor(workers) as pool:
-            # one run of another target: trains the source and starts the workers, untimed
             warm = dataclasses.replace(spec, targets=(warm_target,), seeds=(0,),
                                        images_per_class=(1,), unfrozen_blocks=(0,))
             run_grid(warm, out, executor=pool)
-
-            def tally(engine: str, runs: int, seconds: float) -> None:
-                entry = engines.setdefault(engine, [0, 0.0])
-                entry[0] += runs
-                entry[1] += seconds
-
             start = time.perf_counter()
-            run_grid(spec, out, executor=pool, on_engine_time=tally)
-            return time.perf_counter() - start, engines
+            run_grid(spec, out, executor=pool, on_run_done=unit.append, on_engine_time=tally)
+            return time.perf_counter() - start, engines, by_blocks
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, default=5, help="seeds per shape in the slice")
+    parser.add_argument("--seeds", type=int, default=20, help="seeds per shape in the slice")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--quick", action="store_true",
                         help="~1 min: 4 seeds, images per class up to 16 in the slice")
@@ -215,7 +220,7 @@ def main() -> None:
     print(f"slice: {part_runs} fine-tunes ({part.targets[0]}, eps {part.sources[0].eps}, "
           f"{len(part.seeds)} seeds), {part_flops:.3e} FLOPs; {args.workers} workers, "
           "engine auto ...", flush=True)
-    wall, engines = run_slice(part, args.workers, spec.targets[1])
+    wall, engines, by_blocks = run_slice(part, args.workers, spec.targets[1])
     by_flops = wall / part_flops * total
     by_runs = wall / part_runs * n_runs
     print(f"slice: {wall:.1f} s wall, {part_runs / wall:.2f} fine-tunes/s, "
@@ -224,6 +229,15 @@ def main() -> None:
     for name, (runs, seconds) in sorted(engines.items()):
         print(f"  engine {name}: {runs:.0f} runs, {seconds:.1f} worker-s "
               f"({seconds / runs * 1e3:.0f} ms per run)")
+    print("  per unfrozen blocks setting: worker-s / workers against that setting's floor:")
+    for k in part.unfrozen_blocks:
+        k_floor = sum(part_work[k, p] / best[k, p] for p in PARTS)
+        k_time = by_blocks.get(k, 0.0) / args.workers
+        print(f"    {'all' if k is None else k}: {k_time:.1f} s vs floor {k_floor:.2f} s "
+              f"({k_time / k_floor:.1f}x)")
+    busy = sum(by_blocks.values()) / args.workers
+    print(f"    workers busy {busy:.1f} s of {wall:.1f} s wall; the rest is waiting for the "
+          "last unit and dispatch")
     print()
     print("| scaled to the protocol by | time (s) | fine-tunes/s | ratio to floor |")
     print("|---|---|---|---|")
