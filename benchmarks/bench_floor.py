@@ -17,7 +17,7 @@ shot counts x 4 unfrozen settings x 50 seeds = 14,400 fine-tunes.
    k, a few seeds) through `run_grid` with a `LocalExecutor` (engine auto), its source
    trained first and not timed; scaled to 14,400 runs by FLOPs and by run count.
 
-    .venv/bin/python benchmarks/bench_floor.py [--seeds 5] [--workers 2] [--quick]
+    .venv/bin/python benchmarks/bench_floor.py [--seeds 20] [--workers 2] [--quick]
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=20, help="seeds per shape in the slice")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--quick", action="store_true",
-                        help="~1 min: 4 seeds, images per class up to 16 in the slice")
+                        help="~30 s: 4 seeds, images per class up to 16 in the slice")
     args = parser.parse_args()
     spec = paper_protocol()
     n_runs = len(spec.sources) * len(spec.targets) * len(spec.images_per_class) * len(
