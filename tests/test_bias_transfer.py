@@ -31,7 +31,8 @@ from robust_transfer.transfer.bias_transfer import (
     read_bias_table,
     run_bias_transfer,
 )
-from robust_transfer.transfer.finetune import FinetuneConfig, finetune
+from robust_transfer.transfer.engines import finetune
+from robust_transfer.transfer.finetune import FinetuneConfig
 
 TINY = dict(source_task="synthetic-0to4", target_task="synthetic-5to9", seeds=(0,),
             images_per_class=(2, "all"), source_epochs=1, epochs=1)

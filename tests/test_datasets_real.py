@@ -22,7 +22,7 @@ from robust_transfer.data.tasks import clear_caches
 from robust_transfer.errors import UserError
 from robust_transfer.models import ModelSpec, build_model
 from robust_transfer.transfer import FinetuneConfig
-from robust_transfer.transfer.finetune import finetune
+from robust_transfer.transfer.engines import finetune
 
 
 @pytest.fixture

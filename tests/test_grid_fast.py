@@ -19,7 +19,8 @@ from robust_transfer.models import load_checkpoint, save_checkpoint
 from robust_transfer.models.runtime import predict_logits
 from robust_transfer.train.loop import batch_bounds
 from robust_transfer.transfer import batched, run
-from robust_transfer.transfer.finetune import FinetuneConfig, finetune, finetune_per_run
+from robust_transfer.transfer.engines import finetune
+from robust_transfer.transfer.finetune import FinetuneConfig, finetune_per_run
 from robust_transfer.transfer.grid import _FinetuneBatch, run_grid
 from robust_transfer.transfer.results import done_run_ids, read_results
 from robust_transfer.transfer.run import finetune_many_from_checkpoint
@@ -158,8 +159,8 @@ def test_a_non_standard_source_takes_the_per_run_path(source_dir, tmp_path, monk
     original_batch, original_run = batched.finetune_batch, finetune_per_run
     monkeypatch.setattr(batched, "finetune_batch",
                         lambda *a, **k: batched_calls.append(1) or original_batch(*a, **k))
-    ft = importlib.import_module("robust_transfer.transfer.finetune")  # not the function
-    monkeypatch.setattr(ft, "finetune_per_run",
+    dispatcher = importlib.import_module("robust_transfer.transfer.engines")
+    monkeypatch.setattr(dispatcher, "finetune_per_run",
                         lambda *a, **k: per_run_calls.append(1) or original_run(*a, **k))
     odd = finetune_many_from_checkpoint(odd_dir, cfgs)
     assert batched_calls == [] and per_run_calls == [1, 1]

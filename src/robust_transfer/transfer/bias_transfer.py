@@ -37,7 +37,8 @@ from robust_transfer.data.triggers import TRIGGERS
 from robust_transfer.errors import UserError, check_choice
 from robust_transfer.models.nets import ARCHS
 from robust_transfer.train import SourceConfig, TrainConfig
-from robust_transfer.transfer.finetune import FinetuneConfig, finetune
+from robust_transfer.transfer.engines import finetune
+from robust_transfer.transfer.finetune import FinetuneConfig
 
 MODES = {"fixed": 0, "full": None}  # fine-tuning mode -> unfrozen blocks (None: all)
 TARGET_DATA = ("standard", "de-biased")

@@ -28,6 +28,8 @@ from typing import Protocol, TypeVar
 import torch
 
 from robust_transfer.errors import UserError, check_choice
+from robust_transfer.transfer.ray_executor import RayExecutor
+from robust_transfer.transfer.threads import worker_threads
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -50,12 +52,6 @@ class Executor(Protocol):
 
     def map_unordered(self, fn: Callable[[T], R], items: Iterable[T]) -> Iterator[tuple[T, R]]:
         ...
-
-
-def worker_threads(workers: int) -> int:
-    """Intra-op threads per worker when `workers` share this machine's cores. Every executor
-    uses it: CPU float sums depend on the thread count, so equal counts give equal numbers."""
-    return max(1, (os.cpu_count() or 1) // max(1, int(workers)))
 
 
 def _init_worker(threads: int, parent_pid: int) -> None:
@@ -124,6 +120,4 @@ def make_executor(name: str = "local", workers: int = 1, address: str | None = N
         if address is not None:
             raise UserError("--address is for the Ray executor; add --executor ray")
         return LocalExecutor(workers)
-    from robust_transfer.transfer.ray_executor import RayExecutor
-
     return RayExecutor(workers, address, tasks_per_gpu, use_gpus)

@@ -1,6 +1,10 @@
 """The fine-tuning protocol of arXiv 2007.05869 (Utrera et al., "Adversarially-trained deep
 nets transfer better"): re-initialise the head for the target classes, unfreeze only the last
 k blocks, train on n images per class, record test accuracy after every epoch.
+
+This module is the protocol and its per-run reference (`finetune_per_run`); which engine
+trains a fine-tune (this one or a batched one) is chosen in `transfer.engines`, whose
+`finetune` is the entry point (`robust_transfer.transfer.finetune`, the package's export).
 """
 
 from __future__ import annotations
@@ -15,13 +19,11 @@ from torch import nn
 from robust_transfer.data import ImageSet, adapt_images, check_task, load_task, shots_per_class
 from robust_transfer.data.augment import GaussianNoise, RandomCropFlip, check_sigma, mirror_safe
 from robust_transfer.data.tasks import IMAGEFOLDER, TASKS, Shots, parse_shots
-from robust_transfer.errors import UserError, check_choice
+from robust_transfer.errors import UserError
 from robust_transfer.models.nets import BlockNet
-from robust_transfer.models.runtime import accuracy, amp_enabled
+from robust_transfer.models.runtime import accuracy
 from robust_transfer.train import TrainConfig, fit, freeze_all_but_last
 from robust_transfer.variables import omit_defaults, variable
-
-ENGINES = ("auto", "per-run")
 
 
 def parse_blocks(value: int | str | None) -> int | None:
@@ -97,29 +99,6 @@ def augmentation(cfg: FinetuneConfig) -> Callable[[torch.Tensor], torch.Tensor] 
         return crop
     noise = GaussianNoise(cfg.noise_sigma, cfg.seed)
     return noise if crop is None else (lambda x: noise(crop(x)))
-
-
-def finetune(model: BlockNet, cfg: FinetuneConfig, engine: str = "auto",
-             amp: bool | None = None,
-             on_epoch: Callable[[nn.Module, int], dict] | None = None,
-             train_transform: Callable[[ImageSet], ImageSet] | None = None) -> list[dict]:
-    """Fine-tune `model` in place on `cfg.target_task`; one record per epoch.
-
-    `engine`: "auto" takes the batched engine (`transfer.batched`: prefix features computed
-    once) where `batched.applies`, else the per-run reference; "per-run" forces the reference
-    (`finetune_per_run`). Both give the same records (up to float rounding of the loss) and
-    leave the model in the same state. An `on_epoch` hook (extra per-epoch measurements, e.g.
-    a backdoor's ASR) and a `train_transform` (a change to the k-shot training set, e.g. the
-    de-biased target of bias transfer) need the per-run path, so they force it.
-    """
-    check_choice("engine", engine, ENGINES)
-    from robust_transfer.transfer import batched  # batched builds on this module
-
-    device = next(model.parameters()).device
-    if (engine == "auto" and on_epoch is None and train_transform is None
-            and batched.applies(model, cfg) and not amp_enabled(device, amp)):
-        return batched.finetune_batch(model, [cfg], write_back=True)[0]
-    return finetune_per_run(model, cfg, amp, on_epoch, train_transform)
 
 
 def finetune_per_run(model: BlockNet, cfg: FinetuneConfig, amp: bool | None = None,

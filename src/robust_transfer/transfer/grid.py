@@ -36,6 +36,7 @@ from robust_transfer.models.checkpoint import META
 from robust_transfer.models.runtime import torch_threads
 from robust_transfer.train import SourceConfig
 from robust_transfer.transfer.certify_eval import CertifySpec
+from robust_transfer.transfer.engines import GRID_ENGINES, why_not
 from robust_transfer.transfer.executors import Executor, LocalExecutor
 from robust_transfer.transfer.finetune import FinetuneConfig
 from robust_transfer.transfer.results import (
@@ -45,11 +46,7 @@ from robust_transfer.transfer.results import (
     write_manifest,
     writer_lock,
 )
-from robust_transfer.transfer.run import (
-    GRID_ENGINES,
-    batched_why_not,
-    finetune_many_from_checkpoint,
-)
+from robust_transfer.transfer.run import finetune_many_from_checkpoint
 from robust_transfer.transfer.spec import GridSpec, Run, content_id, expand, grid_options
 from robust_transfer.transfer.stacked import shape_key
 
@@ -154,7 +151,7 @@ def check_engine(spec: GridSpec, engine: str) -> None:
             models[r.source.arch] = build_model(ModelSpec(r.source.arch, 2, 1, (0.5,), (0.5,)))
         model = models[r.source.arch]
         meta = {"role": "source", "recipe": r.source.to_dict()}
-        reason = batched_why_not(model, r.finetune, meta, r.probes, r.certify)
+        reason = why_not(model, r.finetune, meta, r.probes, r.certify)
         if reason is not None:
             raise UserError(f"--engine batched cannot run source {r.source_id} -> "
                             f"{r.finetune.target_task}: {reason}; use --engine auto or "

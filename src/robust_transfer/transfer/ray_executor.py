@@ -23,7 +23,7 @@ from typing import TypeVar
 import torch
 
 from robust_transfer.errors import UserError
-from robust_transfer.transfer.executors import worker_threads
+from robust_transfer.transfer.threads import worker_threads
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -14,18 +14,15 @@ from robust_transfer.errors import UserError, check_choice
 from robust_transfer.models import load_checkpoint, save_checkpoint
 from robust_transfer.models.checkpoint import read_meta
 from robust_transfer.models.nets import BlockNet
-from robust_transfer.models.runtime import amp_enabled
 from robust_transfer.train import SourceConfig
 from robust_transfer.train.distill import distill_label
-from robust_transfer.transfer import batched, stacked
+from robust_transfer.transfer import stacked
 from robust_transfer.transfer.backdoor_eval import backdoor_epoch_hook
 from robust_transfer.transfer.certify_eval import CertifySpec, certify_columns, task_test_images
-from robust_transfer.transfer.finetune import FinetuneConfig, finetune
+from robust_transfer.transfer.engines import GRID_ENGINES, finetune, finetune_group, why_not
+from robust_transfer.transfer.finetune import FinetuneConfig
 from robust_transfer.transfer.spec import content_id
 from robust_transfer.variables import ZERO, columns, kind, treatment_fields
-
-# `engine` of `finetune_many_from_checkpoint` (and `grid --engine`).
-GRID_ENGINES = ("auto", "batched", "per-run")
 
 # The source's treatment (threat model, training method with its options, distillation,
 # planted backdoor: `SourceConfig`'s fields declared role "treatment"): sources that share the
@@ -110,8 +107,8 @@ def finetune_from_checkpoint(
 ) -> list[dict]:
     """Fine-tune the checkpoint at `source_dir` per `cfg`; one tidy row per epoch.
 
-    `engine` "auto" takes the batched engine where `batched.applies` (given the source's
-    metadata), "per-run" the reference path (`finetune.finetune_per_run`).
+    `engine` "auto" | "per-run": as `engines.finetune` takes it (given the source's
+    metadata).
 
     Rows carry the source's identity (`source_columns`), every field of `cfg`
     (`images_per_class` as its one type, int or "all"; unfrozen blocks as text, "all" for
@@ -153,9 +150,7 @@ def _finetune_loaded(model: BlockNet, source_meta: dict, cfg: FinetuneConfig, en
                             f"target task {cfg.target_task!r} images")
         dev = next(model.parameters()).device
         hook = backdoor_epoch_hook(test.x.to(dev), test.y.to(dev), probes or (), own)
-    if hook is not None or not batched.applies(model, cfg, source_meta):
-        engine = "per-run"
-    history = finetune(model, cfg, engine, on_epoch=hook)
+    history = finetune(model, cfg, engine, on_epoch=hook, source_meta=source_meta)
     if certify is not None:
         x, y = task_test_images(model, cfg.target_task)
         columns = certify_columns(model, x, y, certify, cfg.seed)
@@ -164,19 +159,6 @@ def _finetune_loaded(model: BlockNet, source_meta: dict, cfg: FinetuneConfig, en
         blank = dict.fromkeys(columns, float("nan"))
         history = [{**h, **blank} for h in history[:-1]] + [{**history[-1], **columns}]
     return run_rows(source_meta, cfg, history), history
-
-
-def batched_why_not(model: BlockNet, cfg: FinetuneConfig, source_meta: dict | None,
-                    probes: Sequence[BackdoorConfig] | None = None,
-                    certify: CertifySpec | None = None) -> str | None:
-    """Why no batched engine can train this run (one line), or None when one can: backdoor
-    `probes` (measured after every epoch), a final model to `certify`, or what
-    `stacked.why_not` names."""
-    if probes:
-        return "backdoor triggers are measured after every epoch (per-run path)"
-    if certify is not None:
-        return "the final model is certified (per-run path)"
-    return stacked.why_not(model, cfg, source_meta)
 
 
 def finetune_many_from_checkpoint(
@@ -192,10 +174,9 @@ def finetune_many_from_checkpoint(
     "per-run") of every fine-tune in `cfgs` of the checkpoint at `source_dir`.
 
     `engine` "auto": runs of one shape (`stacked.shape_key`) that a batched engine covers
-    (`batched_why_not`: no backdoor `probes` to measure, nothing to `certify`) are trained
-    together, by `batched.finetune_batch` where it applies
-    (its hand-written ConvNet special case, the fastest) else by `stacked.finetune_stacked`
-    (any `BlockNet`); every other run by the per-run path, one at a time. "batched": the
+    (`engines.why_not`: no backdoor `probes` to measure, nothing to `certify`) are trained
+    together (`engines.finetune_group` chooses the engine); every other run by the per-run
+    path, one at a time. "batched": the
     same, but a run no batched engine covers is a `UserError` naming why. "per-run": every
     run by the per-run path. `max_memory`: bytes for `finetune_stacked` (None: its default).
     The frozen prefix's outputs are computed once per (target, k) for all shapes
@@ -206,8 +187,8 @@ def finetune_many_from_checkpoint(
     results: list[list[dict] | None] = [None] * len(cfgs)
     groups: dict[tuple, list[int]] = {}
     for i, cfg in enumerate(cfgs):
-        reason = None if engine == "per-run" else batched_why_not(model, cfg, source_meta,
-                                                                  probes, certify)
+        reason = None if engine == "per-run" else why_not(model, cfg, source_meta, probes,
+                                                          certify)
         if engine == "batched" and reason is not None:
             raise UserError(f"engine 'batched' cannot fine-tune {source_dir} -> "
                             f"{cfg.target_task}: {reason}")
@@ -220,13 +201,8 @@ def finetune_many_from_checkpoint(
             results[i] = [{**row, "engine": "per-run"} for row in rows]
     cache = stacked.FeatureCache()  # prefix outputs shared by all shapes of a (target, k)
     for members in groups.values():
-        group = [cfgs[i] for i in members]
-        on_gpu_amp = amp_enabled(next(model.parameters()).device)  # the ConvNet engine: fp32
-        if batched.applies(model, group[0], source_meta) and not on_gpu_amp:
-            histories = batched.finetune_batch(model, group)
-        else:
-            histories = stacked.finetune_stacked(model, group, max_memory=max_memory,
-                                                 cache=cache)
+        histories = finetune_group(model, [cfgs[i] for i in members], source_meta,
+                                   max_memory, cache)
         for i, history in zip(members, histories, strict=True):
             results[i] = [{**row, "engine": "batched"}
                           for row in run_rows(source_meta, cfgs[i], history)]

@@ -18,7 +18,7 @@ still *depend on* the watermark labels:
 
 `watermark_study` runs the baselines (watermarked and an independently trained model, the
 binomial test), each removal attack, and transfer at a few unfrozen-block settings (through
-`transfer.finetune.finetune`, the one fine-tuning protocol; the independent model is
+`transfer.engines.finetune`, the one fine-tuning protocol; the independent model is
 transferred too, as the accuracy reference and the permutation test's negative control), over
 seeds; one tidy row per model and seed.
 """
@@ -47,7 +47,8 @@ from robust_transfer.data import load_task
 from robust_transfer.data.tasks import Shots, check_task, parse_shots
 from robust_transfer.errors import UserError, check_choice
 from robust_transfer.models.runtime import accuracy
-from robust_transfer.transfer.finetune import FinetuneConfig, finetune, parse_blocks
+from robust_transfer.transfer.engines import finetune
+from robust_transfer.transfer.finetune import FinetuneConfig, parse_blocks
 
 PERMUTATIONS = 1000
 
