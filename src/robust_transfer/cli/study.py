@@ -27,7 +27,7 @@ from robust_transfer.cli.common import out as stdout
 from robust_transfer.data import TASKS
 from robust_transfer.errors import UserError
 from robust_transfer.models import ARCHS, save_checkpoint
-from robust_transfer.models.runtime import resolve_device
+from robust_transfer.models.runtime import check_device, resolve_device
 from robust_transfer.report.backdoor_transfer import make_backdoor_report
 from robust_transfer.report.certify_transfer import make_certify_report
 from robust_transfer.report.study import headline_rows, make_report
@@ -36,7 +36,7 @@ from robust_transfer.train.methods import ATTACK_MODE, METHODS
 from robust_transfer.train.overfit import ACTIONS
 from robust_transfer.transfer import FinetuneConfig
 from robust_transfer.transfer.certify_study import certify_sources
-from robust_transfer.transfer.executors import Executor, make_executor
+from robust_transfer.transfer.executors import Executor, LocalExecutor, make_executor
 from robust_transfer.transfer.grid import (
     check_engine,
     demo_spec_path,
@@ -177,11 +177,13 @@ def _run_grid_with_progress(spec, out: Path, workers: int, device: str,
 
 def _run_grid_locked(spec, out: Path, workers: int, device: str, executor: Executor | None,
                      engine: str, max_memory: float | None) -> Path:
-    dev = resolve_device(device)
+    if executor is None or isinstance(executor, LocalExecutor):
+        resolve_device(device)  # the jobs run on this machine: absent CUDA is an error now
+    check_device(device)  # shipped as named: each worker resolves it (`grid.worker_device`)
     if previous_spec_differs(spec, out):
         console.print(f"note: {out} was run with another spec; its runs stay on disk, but "
                       "spec.yaml, results.parquet and the report now cover this spec only")
-    todo = plan(spec, out, str(dev))
+    todo = plan(spec, out, device)
     total, done = len(todo.runs), len(todo.runs) - len(todo.pending)
     if todo.sources_to_train:
         names = ", ".join(j.directory.name for j in todo.sources_to_train)
@@ -203,7 +205,7 @@ def _run_grid_locked(spec, out: Path, workers: int, device: str, executor: Execu
     start = time.perf_counter()
     with progress_bars(bars) as advance:
         advance["fine-tunes"](done)
-        table = run_grid(spec, out, workers, executor=executor, device=str(dev),
+        table = run_grid(spec, out, workers, executor=executor, device=device,
                          on_source_done=lambda _d: advance["source models"](),
                          on_run_done=lambda _r: advance["fine-tunes"](), engine=engine,
                          max_memory=None if max_memory is None else int(max_memory * 2**30),
@@ -256,7 +258,10 @@ def grid(
     if max_memory is not None and not max_memory > 0:
         raise UserError(f"--max-memory must be > 0 GiB, got {max_memory}")
     check_engine(spec, engine)
-    use_gpus = resolve_device(device).type == "cuda"
+    check_device(device)
+    if executor == "local":
+        resolve_device(device)  # the runs are this machine's: absent CUDA is an error now
+    use_gpus = device != "cpu"  # Ray: GPUs where the cluster has them; workers resolve "auto"
     pool = make_executor(executor, workers, address, tasks_per_gpu, use_gpus)
     _run_grid_with_progress(spec, out, workers, device, pool, engine, max_memory)
 

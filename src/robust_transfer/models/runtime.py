@@ -10,10 +10,19 @@ from torch import nn
 
 from robust_transfer.errors import UserError, check_choice
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def check_device(name: str) -> str:
+    """`name` if it is one of `DEVICES` (else a `UserError`), unresolved: work shipped to other
+    machines resolves it there (`resolve_device` on the worker: "auto" is the worker's GPU)."""
+    check_choice("device", name, DEVICES)
+    return name
+
 
 def resolve_device(name: str = "auto") -> torch.device:
     """`auto` picks CUDA when present, else CPU; asking for absent CUDA is a `UserError`."""
-    check_choice("device", name, {"auto", "cpu", "cuda"})
+    check_device(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():

@@ -12,8 +12,9 @@ two specs share are not run again) but the directory then stands for the new spe
 `spec.yaml`, `runs.json`, `results.parquet` and `report` cover the new spec's runs only.
 Distilled sources (a `distill:` key in the spec) train after the other sources, from their
 teacher's checkpoint. Where runs execute is the `executor` parameter (`LocalExecutor` by
-default); on which device, the `device` parameter, passed to source training and to every
-fine-tune.
+default); on which device, the `device` parameter ("auto" | "cpu" | "cuda"), shipped
+unresolved in every job and resolved by the worker that runs it (`worker_device`), so a Ray
+worker on a GPU machine takes its GPU whatever the driver has.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from robust_transfer.data.tasks import ALL
 from robust_transfer.errors import UserError, check_choice
 from robust_transfer.models import ModelSpec, build_model, load_checkpoint, save_checkpoint
 from robust_transfer.models.checkpoint import META
-from robust_transfer.models.runtime import torch_threads
+from robust_transfer.models.runtime import DEVICES, resolve_device, torch_threads
 from robust_transfer.train import SourceConfig
 from robust_transfer.transfer.certify_eval import CertifySpec
 from robust_transfer.transfer.engines import GRID_ENGINES, why_not
@@ -91,17 +92,24 @@ class _FinetuneJob:
     certify: CertifySpec | None = None  # certify the final model (`Run.certify`)
 
 
+def worker_device(name: str) -> torch.device:
+    """A job's device, resolved here, on the worker that runs it: "auto" is this machine's
+    answer (a Ray worker's GPU), not the driver's. A name outside `DEVICES` is a torch
+    device string given to the Python API (e.g. "cuda:1"), taken as it is."""
+    return resolve_device(name) if name in DEVICES else torch.device(name)
+
+
 def _train_source_job(job: _SourceJob) -> Path:
     with torch_threads(RUN_THREADS):
         return _train_source(job)
 
 
 def _train_source(job: _SourceJob) -> Path:
-    teacher = None
+    teacher, device = None, worker_device(job.device)
     if job.teacher_dir is not None:
-        teacher, _ = load_checkpoint(job.teacher_dir, job.device)
+        teacher, _ = load_checkpoint(job.teacher_dir, device)
     # + the backdoor's ASR in the metrics when backdoored
-    model, meta = train_backdoor_source(job.config, job.device, teacher=teacher)
+    model, meta = train_backdoor_source(job.config, device, teacher=teacher)
     if job.teacher_dir is not None:
         meta["teacher_path"] = str(job.teacher_dir)
     save_checkpoint(model, job.directory, meta)
@@ -131,7 +139,8 @@ def _finetune_batch_job(batch: _FinetuneBatch) -> tuple[list[list[dict]], float]
     with torch_threads(RUN_THREADS):
         results = finetune_many_from_checkpoint(first.source_dir,
                                                 [j.config for j in batch.jobs],
-                                                first.device, first.probes, batch.engine,
+                                                worker_device(first.device), first.probes,
+                                                batch.engine,
                                                 batch.max_memory, first.certify)
     rows = [[{"run_id": job.run_id, **row} for row in rows]
             for job, rows in zip(batch.jobs, results, strict=True)]
@@ -241,7 +250,8 @@ def run_grid(
     """Run everything `spec` asks for that `out` does not hold yet; return the table's path.
 
     Sources train first, then the fine-tunes, both through `executor` (default: a
-    `LocalExecutor` of `workers` processes; entered here as a context manager) on `device`.
+    `LocalExecutor` of `workers` processes; entered here as a context manager) on `device`
+    (as the user names it; each worker resolves it, `worker_device`).
     The main process alone writes results, one atomic Parquet part per finished run; the
     returned `results.parquet` holds the finished runs of `spec` only. Holds `out`'s writer
     lock throughout: a second writer is refused (`UserError`) before anything is written.
