@@ -13,6 +13,7 @@ import shutil
 import pytest
 import torch
 
+from grid_fixtures import RecordingExecutor
 from robust_transfer.data import ImageSet, load_task
 from robust_transfer.models import ARCHS
 from robust_transfer.train import SourceConfig, TrainConfig, train_source
@@ -174,28 +175,12 @@ RESNET_SPEC = {
 }
 
 
-class _Recorder:
-    def __init__(self):
-        self.units = []
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
-
-    def map_unordered(self, fn, items):
-        for item in items:
-            self.units.append(item)
-            yield item, fn(item)
-
-
 def test_a_killed_batched_resnet_grid_resumes_without_lost_or_duplicate_rows(tmp_path):
     """A ResNet-18 grid trained by the stacked engine (`engine` column "batched"); a results
     directory as a kill leaves it (some runs' parts written) is finished with exactly the
     missing runs, each once, and equals the uninterrupted table."""
     spec = parse_spec(RESNET_SPEC)
-    recorder = _Recorder()
+    recorder = RecordingExecutor()
     full = read_results(run_grid(spec, tmp_path / "full", executor=recorder, engine="batched"))
     units = [u for u in recorder.units if isinstance(u, _FinetuneBatch)]
     assert len(units) == 2 and all(len(u.jobs) == 4 for u in units)
@@ -207,8 +192,8 @@ def test_a_killed_batched_resnet_grid_resumes_without_lost_or_duplicate_rows(tmp
     for run_id in kept:
         shutil.copy(tmp_path / "full" / "results" / f"{run_id}.parquet", part / "results")
     done = []
-    resumed = read_results(run_grid(spec, part, executor=_Recorder(), on_run_done=done.append,
-                                    engine="batched"))
+    resumed = read_results(run_grid(spec, part, executor=RecordingExecutor(),
+                                    on_run_done=done.append, engine="batched"))
     expected = {r.run_id for r in expand(spec)}
     assert sorted(done) == sorted(expected - set(kept))
     assert set(resumed.run_id) == expected and not resumed.duplicated(["run_id", "epoch"]).any()

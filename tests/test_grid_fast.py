@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from grid_fixtures import RecordingExecutor
 from robust_transfer.models import load_checkpoint, save_checkpoint
 from robust_transfer.models.runtime import predict_logits
 from robust_transfer.train.loop import batch_bounds
@@ -190,22 +191,6 @@ def test_per_run_fallbacks_read_the_checkpoint_once_and_start_from_the_source(
     assert together == separate
 
 
-class _Recorder:
-    def __init__(self):
-        self.units = []
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        pass
-
-    def map_unordered(self, fn, items):
-        for item in items:
-            self.units.append(item)
-            yield item, fn(item)
-
-
 SPEC = {
     "source": {"task": "synthetic-0to4", "epochs": 1, "attack_steps": 1},
     "sources": [{"eps": 0.0, "norm": "l2"}, {"eps": 0.5, "norm": "l2"}],
@@ -219,7 +204,7 @@ def test_a_killed_batched_grid_resumes_without_duplicates(tmp_path):
     parts written) is finished with exactly the missing runs, each once, and the table
     equals the uninterrupted grid's (accuracy exactly, loss to float rounding)."""
     spec = parse_spec(SPEC)
-    recorder = _Recorder()
+    recorder = RecordingExecutor()
     full = read_results(run_grid(spec, tmp_path / "full", executor=recorder))
     fine_tunes = [u for u in recorder.units if isinstance(u, _FinetuneBatch)]
     assert len(fine_tunes) == 4 and all(len(u.jobs) == 5 for u in fine_tunes)
@@ -230,7 +215,8 @@ def test_a_killed_batched_grid_resumes_without_duplicates(tmp_path):
     for run_id in kept:
         shutil.copy(tmp_path / "full" / "results" / f"{run_id}.parquet", part / "results")
     done = []
-    resumed = read_results(run_grid(spec, part, executor=_Recorder(), on_run_done=done.append))
+    resumed = read_results(run_grid(spec, part, executor=RecordingExecutor(),
+                                    on_run_done=done.append))
     expected = {r.run_id for r in expand(spec)}
     assert sorted(done) == sorted(expected - set(kept))
     assert set(resumed.run_id) == expected and not resumed.duplicated(["run_id", "epoch"]).any()

@@ -239,6 +239,9 @@ def test_defaults_keep_old_recipes():
     ["--method", "trades", "--eps", "0.1", "--trades-beta", "-2"],
     ["--method", "free", "--eps", "0.1", "--free-replays", "0"],
     ["--method", "sgd"],
+    ["--method", "gaussian", "--sigma", "0"],
+    ["--method", "gaussian", "--sigma", "-0.5"],
+    ["--method", "smoothadv", "--eps", "0.5", "--noise-samples", "0"],
 ])
 def test_cli_bad_method_input_is_one_line_exit_2(args, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
