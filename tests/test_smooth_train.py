@@ -12,7 +12,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from robust_transfer.cli import main
 from robust_transfer.data import load_task
 from robust_transfer.data.augment import NOISE_SALT, GaussianNoise
 from robust_transfer.errors import UserError
