@@ -195,8 +195,13 @@ def append_run(out: Path, run_id: str, rows: list[dict]) -> None:
 
     Written with pyarrow directly (a third of the time of going through pandas, which
     matters at 14,400 parts): the same column types as a pandas-written part read back.
+    Every column of every row is kept (a row without one, e.g. an epoch before a run's final
+    measurements, holds null there, read back as NaN): pyarrow would take the columns from
+    the first row alone.
     """
     rows = [{**row, SHOTS: str(row[SHOTS])} if SHOTS in row else row for row in rows]
+    names = list(dict.fromkeys(key for row in rows for key in row))
+    rows = [{k: row.get(k) for k in names} for row in rows]
     table = pa.Table.from_pylist(rows)
     table = table.cast(pa.schema([pa.field(f.name, pa.string()) if f.type == pa.large_string()
                                   else f for f in table.schema]))

@@ -153,11 +153,7 @@ def _finetune_loaded(model: BlockNet, source_meta: dict, cfg: FinetuneConfig, en
     history = finetune(model, cfg, engine, on_epoch=hook, source_meta=source_meta)
     if certify is not None:
         x, y = task_test_images(model, cfg.target_task)
-        columns = certify_columns(model, x, y, certify, cfg.seed)
-        # every row gets the columns (NaN before the last epoch): a stored part's schema is
-        # its first row's
-        blank = dict.fromkeys(columns, float("nan"))
-        history = [{**h, **blank} for h in history[:-1]] + [{**history[-1], **columns}]
+        history[-1] = {**history[-1], **certify_columns(model, x, y, certify, cfg.seed)}
     return run_rows(source_meta, cfg, history), history
 
 
