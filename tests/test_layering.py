@@ -1,6 +1,6 @@
 """The layering of DESIGN.md, checked on the source: a package imports only from the packages
 before it (data → models → attacks → defenses → certify → train → backdoors → transfer →
-explain → report → cli), and from the top-level helpers (errors, atomic, stats, variables)
+explain → report → cli), and from the top-level helpers (errors, atomic, stats, variables, plugins)
 that every layer shares."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import robust_transfer
 # they fine-tune (transfer/), so it sits right after defenses.
 LAYERS = ("data", "models", "attacks", "defenses", "certify", "train", "backdoors", "transfer",
           "explain", "report", "cli")
-SHARED = {"errors", "atomic", "stats", "variables"}
+SHARED = {"errors", "atomic", "stats", "variables", "plugins"}
 ROOT = Path(robust_transfer.__file__).parent
 
 
