@@ -5,7 +5,8 @@ from __future__ import annotations
 
 class RecordingExecutor:
     """Runs each work unit in this process, in order, and records the units it was given
-    (the executor interface of `transfer.executors.LocalExecutor`)."""
+    (the executor interface of `transfer.executors.LocalExecutor`); a `runner` work unit is
+    recorded as the job it carries (a grid's `_FinetuneBatch`, a source's `_SourceJob`)."""
 
     def __init__(self):
         self.units = []
@@ -18,5 +19,5 @@ class RecordingExecutor:
 
     def map_unordered(self, fn, items):
         for item in items:
-            self.units.append(item)
+            self.units.append(getattr(item, "job", item))
             yield item, fn(item)

@@ -22,8 +22,9 @@ import pytest
 import yaml
 
 from robust_transfer.models.checkpoint import META, WEIGHTS, file_sha256
-from robust_transfer.transfer.grid import SOURCES, SPEC, run_grid
+from robust_transfer.transfer.grid import run_grid
 from robust_transfer.transfer.results import LOCK, MANIFEST, PARTS, part_files, read_results
+from robust_transfer.transfer.runner import SOURCES, SPEC
 from robust_transfer.transfer.spec import expand, parse_spec
 
 SPEC_DICT = {

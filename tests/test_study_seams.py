@@ -32,7 +32,7 @@ from robust_transfer.report.study import (
     summary_markdown,
 )
 from robust_transfer.transfer import executors
-from robust_transfer.transfer.grid import SPEC, run_grid
+from robust_transfer.transfer.grid import run_grid
 from robust_transfer.transfer.results import (
     TABLE,
     append_run,
@@ -40,6 +40,7 @@ from robust_transfer.transfer.results import (
     done_run_ids,
     read_results,
 )
+from robust_transfer.transfer.runner import SPEC
 from robust_transfer.transfer.spec import SourceEntry, expand, load_spec, parse_spec
 
 # ---------------------------------------------------------------- synthetic results tables
@@ -308,7 +309,7 @@ class RecordingExecutor:
 
     def map_unordered(self, fn, items):
         for item in items:
-            self.jobs.append(item)
+            self.jobs.append(getattr(item, "job", item))  # a runner unit: the job it ships
             yield item, fn(item)
 
 

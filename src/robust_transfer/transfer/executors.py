@@ -8,7 +8,7 @@ touching the grid.
 `LocalExecutor(workers)` runs in this process (workers <= 1) or in a pool of spawned worker
 processes (spawn, not fork: forking a process whose OpenMP threads have run can deadlock).
 Each worker gets cores/workers intra-op threads so workers do not oversubscribe the CPU (a
-grid's runs fix their own count, `grid.RUN_THREADS`, so that their numbers do not depend on
+grid's runs fix their own count, `runner.RUN_THREADS`, so that their numbers do not depend on
 where they ran), and exits by itself if the main process is killed. Workers ignore Ctrl-C
 (SIGINT reaches the whole process group): the main process alone handles it, so an interrupt
 is one message, not a traceback per worker.

@@ -3,7 +3,7 @@
 Resumable by construction: sources are checkpoints (meta.json written last), and a run is
 done exactly when its Parquet part exists and reads. Re-running the same spec finishes the
 rest, and gives the numbers of an uninterrupted run: every source training and fine-tune
-runs on `RUN_THREADS` intra-op threads, whichever executor, worker count or machine runs it
+runs on `runner.RUN_THREADS` intra-op threads, whichever executor, worker count or machine runs it
 and however many runs are left (CPU float sums depend on the thread count). One grid writes
 a directory at a time (`results.writer_lock`).
 
@@ -19,49 +19,40 @@ worker on a GPU machine takes its GPU whatever the driver has.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 
-from robust_transfer.atomic import atomic_write_text
 from robust_transfer.backdoors.source import train_backdoor_source
 from robust_transfer.data.tasks import ALL
 from robust_transfer.errors import UserError, check_choice
 from robust_transfer.models import ModelSpec, build_model, load_checkpoint, save_checkpoint
-from robust_transfer.models.checkpoint import META
-from robust_transfer.models.runtime import DEVICES, resolve_device, torch_threads
+from robust_transfer.models.runtime import DEVICES, resolve_device
 from robust_transfer.train import SourceConfig
+from robust_transfer.transfer import runner
 from robust_transfer.transfer.certify_eval import CertifySpec
 from robust_transfer.transfer.engines import GRID_ENGINES, why_not
-from robust_transfer.transfer.executors import Executor, LocalExecutor
+from robust_transfer.transfer.executors import Executor
 from robust_transfer.transfer.finetune import FinetuneConfig
-from robust_transfer.transfer.results import (
-    append_run,
-    consolidate,
-    scan_parts,
-    write_manifest,
-    writer_lock,
-)
+from robust_transfer.transfer.results import REQUIRED_COLUMNS
 from robust_transfer.transfer.run import finetune_many_from_checkpoint
+from robust_transfer.transfer.runner import (
+    SOURCES,
+    Artifact,
+    Unit,
+    plan_study,
+    run_study,
+)
 from robust_transfer.transfer.spec import GridSpec, Run, content_id, expand, grid_options
 from robust_transfer.transfer.stacked import shape_key
 
-SOURCES = "sources"
-SPEC = "spec.yaml"
 # Runs per executor work unit (`batches`): at most MAX_BATCH, and a shape with fewer than
 # MIN_BATCH pending runs is shipped run by run.
 MAX_BATCH = 64
 MIN_BATCH = 4
-# Intra-op threads of every source training and fine-tune of a grid: part of how a run is
-# computed, so fixed here rather than inherited from the worker (a resumed grid with one
-# source left used to train it in the main process on all cores: other weights). Grids
-# parallelise across runs (`--workers`).
-RUN_THREADS = 1
 
 
 def demo_spec_path() -> Path:
@@ -100,11 +91,6 @@ def worker_device(name: str) -> torch.device:
 
 
 def _train_source_job(job: _SourceJob) -> Path:
-    with torch_threads(RUN_THREADS):
-        return _train_source(job)
-
-
-def _train_source(job: _SourceJob) -> Path:
     teacher, device = None, worker_device(job.device)
     if job.teacher_dir is not None:
         teacher, _ = load_checkpoint(job.teacher_dir, device)
@@ -131,20 +117,12 @@ class _FinetuneBatch:
         return self.jobs[0].device
 
 
-def _finetune_batch_job(batch: _FinetuneBatch) -> tuple[list[list[dict]], float]:
-    """(rows per run of the batch, in the batch's order, each tagged with its run id; the
-    unit's wall time in seconds, for the rate per engine)."""
+def _finetune_batch_job(batch: _FinetuneBatch) -> list[list[dict]]:
+    """The rows of each run of the batch, in the batch's order."""
     first = batch.jobs[0]
-    start = time.perf_counter()
-    with torch_threads(RUN_THREADS):
-        results = finetune_many_from_checkpoint(first.source_dir,
-                                                [j.config for j in batch.jobs],
-                                                worker_device(first.device), first.probes,
-                                                batch.engine,
-                                                batch.max_memory, first.certify)
-    rows = [[{"run_id": job.run_id, **row} for row in rows]
-            for job, rows in zip(batch.jobs, results, strict=True)]
-    return rows, time.perf_counter() - start
+    return finetune_many_from_checkpoint(first.source_dir, [j.config for j in batch.jobs],
+                                         worker_device(first.device), first.probes,
+                                         batch.engine, batch.max_memory, first.certify)
 
 
 def check_engine(spec: GridSpec, engine: str) -> None:
@@ -193,6 +171,52 @@ def batches(pending: list[_FinetuneJob], max_runs: int = MAX_BATCH, engine: str 
 
 
 @dataclass(frozen=True)
+class GridStudy:
+    """The grid as a study (`runner.Study`): sources are its artifacts (teachers, then the
+    sources distilled from them), fine-tunes its runs, shipped in `batches`. Its recorded
+    spec has no `study:` key: grid folders of every version read as grids."""
+
+    spec: GridSpec
+    engine: str = "auto"
+    max_memory: int | None = None
+    name = "grid"
+    required = REQUIRED_COLUMNS
+
+    def record(self) -> dict:
+        return _spec_dict(self.spec)
+
+    def run_ids(self) -> list[str]:
+        return [r.run_id for r in expand(self.spec)]
+
+    def artifacts(self, out: Path, device: str) -> list[list[Artifact]]:
+        jobs = _source_jobs(self.spec, out, device)
+        return [[Artifact(j.directory, _train_source_job, j) for j in jobs
+                 if (j.teacher_dir is None) == first] for first in (True, False)]
+
+    def units(self, pending: list[str], out: Path, device: str) -> list[Unit]:
+        runs = {r.run_id: r for r in expand(self.spec)}
+        jobs = [_finetune_job(runs[run_id], out, device) for run_id in pending]
+        return [Unit(tuple(j.run_id for j in b.jobs), _finetune_batch_job, b)
+                for b in batches(jobs, engine=self.engine, max_memory=self.max_memory)]
+
+
+def _source_jobs(spec: GridSpec, out: Path, device: str) -> list[_SourceJob]:
+    """Every source of `spec` as a training job (trained or not), in spec order."""
+    source_dirs = {r.source_id: (r.source, out / SOURCES / r.source_id) for r in expand(spec)}
+    by_recipe = {content_id(cfg.to_dict()): d for cfg, d in source_dirs.values()}
+
+    def teacher_dir(cfg: SourceConfig) -> Path | None:
+        return None if cfg.distill is None else by_recipe[content_id(cfg.distill.teacher)]
+
+    return [_SourceJob(cfg, d, device, teacher_dir(cfg)) for cfg, d in source_dirs.values()]
+
+
+def _finetune_job(r: Run, out: Path, device: str) -> _FinetuneJob:
+    return _FinetuneJob(r.run_id, out / SOURCES / r.source_id, r.finetune, device, r.probes,
+                        r.certify)
+
+
+@dataclass(frozen=True)
 class GridPlan:
     runs: list[Run]
     sources_to_train: list[_SourceJob]
@@ -201,38 +225,23 @@ class GridPlan:
 
 
 def plan(spec: GridSpec, out: Path, device: str = "cpu") -> GridPlan:
-    """What is still to do for `spec` in `out`."""
+    """What is still to do for `spec` in `out` (`runner.plan_study`, as grid jobs)."""
     out, device = Path(out), str(device)
-    runs = expand(spec)
-    source_dirs = {r.source_id: (r.source, out / SOURCES / r.source_id) for r in runs}
-    by_recipe = {content_id(cfg.to_dict()): d for cfg, d in source_dirs.values()}
-
-    def teacher_dir(cfg: SourceConfig) -> Path | None:
-        return None if cfg.distill is None else by_recipe[content_id(cfg.distill.teacher)]
-
-    to_train = [
-        _SourceJob(cfg, d, device, teacher_dir(cfg)) for cfg, d in source_dirs.values()
-        if not (d / META).is_file()
-    ]
-    scan = scan_parts(out, {r.run_id for r in runs})
-    pending = [
-        _FinetuneJob(r.run_id, out / SOURCES / r.source_id, r.finetune, device, r.probes,
-                     r.certify)
-        for r in runs if r.run_id not in scan.done
-    ]
-    return GridPlan(runs, to_train, pending, scan.corrupt)
+    todo = plan_study(GridStudy(spec), out, device)
+    runs = {r.run_id: r for r in expand(spec)}
+    return GridPlan(list(runs.values()), [a.job for stage in todo.artifacts for a in stage],
+                    [_finetune_job(runs[i], out, device) for i in todo.pending], todo.corrupt)
 
 
 def spec_text(spec: GridSpec) -> str:
     """The spec as YAML, as it is recorded in the grid directory."""
-    return yaml.safe_dump(_spec_dict(spec), sort_keys=False)
+    return runner.spec_text(GridStudy(spec))
 
 
 def previous_spec_differs(spec: GridSpec, out: str | Path) -> bool:
     """True when `out` was last run with another spec (its results stay; the table, the
     printed count and the report will cover `spec` only)."""
-    recorded = Path(out) / SPEC
-    return recorded.is_file() and recorded.read_text(errors="replace") != spec_text(spec)
+    return runner.previous_spec_differs(GridStudy(spec), out)
 
 
 def run_grid(
@@ -249,12 +258,10 @@ def run_grid(
 ) -> Path:
     """Run everything `spec` asks for that `out` does not hold yet; return the table's path.
 
-    Sources train first, then the fine-tunes, both through `executor` (default: a
-    `LocalExecutor` of `workers` processes; entered here as a context manager) on `device`
-    (as the user names it; each worker resolves it, `worker_device`).
-    The main process alone writes results, one atomic Parquet part per finished run; the
-    returned `results.parquet` holds the finished runs of `spec` only. Holds `out`'s writer
-    lock throughout: a second writer is refused (`UserError`) before anything is written.
+    `runner.run_study` on the `GridStudy`: sources train first, then the fine-tunes, both
+    through `executor` (default: a `LocalExecutor` of `workers` processes) on `device` (as
+    the user names it; each worker resolves it, `worker_device`); one atomic Parquet part per
+    finished run, written by this process alone, under `out`'s writer lock.
     `engine` auto | batched | per-run and `max_memory` (bytes): as
     `run.finetune_many_from_checkpoint` takes them; "batched" on a run no batched engine
     covers is a `UserError` before anything is written (`check_engine`).
@@ -262,40 +269,15 @@ def run_grid(
     its wall time (split by runs between engines; summed over workers, not wall time).
     """
     check_engine(spec, engine)
-    out = Path(out)
-    with writer_lock(out):
-        return _run_locked(spec, out, workers, executor, device, on_source_done, on_run_done,
-                           engine, max_memory, on_engine_time)
 
+    def unit_done(results: list[list[dict]], seconds: float) -> None:
+        used = [rows[0]["engine"] for rows in results if rows]
+        for name in sorted(set(used)):
+            n = used.count(name)
+            on_engine_time(name, n, seconds * n / len(used))
 
-def _run_locked(spec: GridSpec, out: Path, workers: int, executor: Executor | None,
-                device: str | torch.device, on_source_done: Callable[[Path], None] | None,
-                on_run_done: Callable[[str], None] | None, engine: str,
-                max_memory: int | None,
-                on_engine_time: Callable[[str, int, float], None] | None) -> Path:
-    runs = expand(spec)
-    atomic_write_text(out / SPEC, spec_text(spec))
-    write_manifest(out, [r.run_id for r in runs])
-    todo = plan(spec, out, str(device))
-    with (executor if executor is not None else LocalExecutor(workers)) as pool:
-        teachers_first = ([j for j in todo.sources_to_train if j.teacher_dir is None],
-                          [j for j in todo.sources_to_train if j.teacher_dir is not None])
-        for stage in teachers_first:
-            for _job, directory in pool.map_unordered(_train_source_job, stage):
-                if on_source_done:
-                    on_source_done(directory)
-        units = batches(todo.pending, engine=engine, max_memory=max_memory)
-        for batch, (results, seconds) in pool.map_unordered(_finetune_batch_job, units):
-            for job, rows in zip(batch.jobs, results, strict=True):
-                append_run(out, job.run_id, rows)
-                if on_run_done:
-                    on_run_done(job.run_id)
-            if on_engine_time:
-                used = [rows[0]["engine"] for rows in results if rows]
-                for name in sorted(set(used)):
-                    n = used.count(name)
-                    on_engine_time(name, n, seconds * n / len(used))
-    return consolidate(out)
+    return run_study(GridStudy(spec, engine, max_memory), out, workers, executor, str(device),
+                     on_source_done, on_run_done, unit_done if on_engine_time else None)
 
 
 def _spec_dict(spec: GridSpec) -> dict:

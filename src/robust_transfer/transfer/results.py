@@ -76,8 +76,8 @@ def read_part(part: Path) -> pa.Table:
                         "the same spec and --out to re-run that run") from None
 
 
-def _is_current(table: pa.Table) -> bool:
-    return all(c in table.column_names for c in REQUIRED_COLUMNS)
+def _is_current(table: pa.Table, required: tuple[str, ...] = REQUIRED_COLUMNS) -> bool:
+    return all(c in table.column_names for c in required)
 
 
 @dataclass
@@ -89,15 +89,16 @@ class PartScan:
     corrupt: list[Path] = field(default_factory=list)
 
 
-def scan_parts(out: Path, run_ids: set[str] | None = None) -> PartScan:
+def scan_parts(out: Path, run_ids: set[str] | None = None,
+               required: tuple[str, ...] = REQUIRED_COLUMNS) -> PartScan:
     """Read every stored part (of `run_ids`, if given) under `out`: which runs are finished,
-    which parts are corrupt. A part written by an older version, without the columns the
-    report pairs on, is neither: its run is re-run."""
+    which parts are corrupt. A part written by an older version, without the `required`
+    columns (the grid's: those the report pairs on), is neither: its run is re-run."""
     scan = PartScan()
     for part in part_files(Path(out) / PARTS):
         if run_ids is not None and part.stem not in run_ids:
             continue
-        state = _part_state(part)
+        state = _part_state(part, tuple(required))
         if state == "corrupt":
             scan.corrupt.append(part)
         elif state == "done":
@@ -107,20 +108,20 @@ def scan_parts(out: Path, run_ids: set[str] | None = None) -> PartScan:
 
 # A part's state by (path, mtime, size): reading 14,400 parts in full takes seconds, and the
 # CLI plans a grid twice (to print what is left, then to run it); a changed file is re-read.
-_states: dict[Path, tuple[int, int, str]] = {}
+_states: dict[tuple[Path, tuple[str, ...]], tuple[int, int, str]] = {}
 
 
-def _part_state(part: Path) -> str:
+def _part_state(part: Path, required: tuple[str, ...] = REQUIRED_COLUMNS) -> str:
     """"done", "old" (written by an older version) or "corrupt"."""
     st = part.stat()
-    cached = _states.get(part)
+    cached = _states.get((part, required))
     if cached is not None and cached[:2] == (st.st_mtime_ns, st.st_size):
         return cached[2]
     try:
-        state = "done" if _is_current(read_part(part)) else "old"
+        state = "done" if _is_current(read_part(part), required) else "old"
     except UserError:
         state = "corrupt"
-    _states[part] = (st.st_mtime_ns, st.st_size, state)
+    _states[(part, required)] = (st.st_mtime_ns, st.st_size, state)
     return state
 
 
@@ -225,9 +226,9 @@ def manifest_run_ids(out: Path) -> set[str] | None:
         raise UserError(f"corrupt run list {str(path)!r}; re-run the grid to rewrite it") from None
 
 
-def consolidate(out: Path) -> Path:
+def consolidate(out: Path, required: tuple[str, ...] = REQUIRED_COLUMNS) -> Path:
     """Write the current spec's stored runs as one `results.parquet` in `out`; its path."""
-    df = read_results(out)
+    df = read_results(out, required)
     table = Path(out) / TABLE
     with atomic_path(table) as tmp:
         _to_parquet(df, tmp)
@@ -249,7 +250,7 @@ def _concat(tables: list[pa.Table]) -> pd.DataFrame:
     return pa.concat_tables(tables, promote_options="permissive").to_pandas()
 
 
-def _grid_table(out: Path) -> pd.DataFrame:
+def _grid_table(out: Path, required: tuple[str, ...]) -> pd.DataFrame:
     """The current spec's finished runs in grid directory `out`, read from its parts (or from
     `results.parquet` while that holds exactly those runs and is newer than all of them).
     A corrupt part is a `UserError` naming it: the table without that run is not the truth."""
@@ -259,9 +260,10 @@ def _grid_table(out: Path) -> pd.DataFrame:
     if candidates and table.is_file() and \
             table.stat().st_mtime >= max(p.stat().st_mtime for p in candidates):
         ids = set(pq.read_table(table, columns=["run_id"]).column("run_id").to_pylist())
-        if ids == {p.stem for p in candidates} and all(_schema_ok(p) for p in candidates):
+        if ids == {p.stem for p in candidates} and \
+                all(_schema_ok(p, required) for p in candidates):
             return _read_parquet([table])
-    tables = [t for t in map(read_part, candidates) if _is_current(t)]
+    tables = [t for t in map(read_part, candidates) if _is_current(t, required)]
     if not tables:
         what = "of its current spec " if wanted is not None else ""
         why = ("only runs stored by an older version, which the grid re-runs" if candidates
@@ -270,7 +272,7 @@ def _grid_table(out: Path) -> pd.DataFrame:
     return _concat(tables)
 
 
-def _schema_ok(part: Path) -> bool:
+def _schema_ok(part: Path, required: tuple[str, ...]) -> bool:
     """The part's footer reads and has the current columns (the cheap check the table copy
     needs: a part changed after the copy was written is newer than it, and read in full)."""
     try:
@@ -278,14 +280,15 @@ def _schema_ok(part: Path) -> bool:
     except Exception:
         read_part(part)  # names the corrupt file
         raise
-    return all(c in names for c in REQUIRED_COLUMNS)
+    return all(c in names for c in required)
 
 
-def read_results(path: str | Path) -> pd.DataFrame:
-    """Load a results table: a grid's out dir, its `results/` directory, or a Parquet file.
+def read_results(path: str | Path, required: tuple[str, ...] = REQUIRED_COLUMNS) -> pd.DataFrame:
+    """Load a results table: a study's out dir, its `results/` directory, or a Parquet file.
 
-    A grid directory (or its `results.parquet`) gives the finished runs of the spec it was
+    A study directory (or its `results.parquet`) gives the finished runs of the spec it was
     last run with, never a stale copy. `images_per_class` comes back as int or "all".
+    `required`: the columns the study's table must have (default: the grid's).
     Raises `UserError` if it is missing, unreadable, or not one of ours.
     """
     path = Path(path)
@@ -295,7 +298,7 @@ def read_results(path: str | Path) -> pd.DataFrame:
         raise UserError(f"no results at {str(path)!r}: expected a results.parquet or a grid dir")
     try:
         if path.is_dir() and (path / PARTS).is_dir():
-            df = _grid_table(path)
+            df = _grid_table(path, tuple(required))
         elif path.is_dir() and (path / TABLE).is_file():
             df = _read_parquet([path / TABLE])
         elif path.is_dir():
@@ -311,11 +314,12 @@ def read_results(path: str | Path) -> pd.DataFrame:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f"cannot read results {str(path)!r}: not a Parquet table ({first})"
                         ) from None
-    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    missing = [c for c in required if c not in df.columns]
     if missing:
         raise UserError(
             f"{str(path)!r} is not a robust_transfer results table of this version: missing "
             f"column {missing[0]!r} (re-run the grid to rewrite older results)"
         )
-    df[SHOTS] = df[SHOTS].map(parse_shots).astype(object)
+    if SHOTS in df.columns:
+        df[SHOTS] = df[SHOTS].map(parse_shots).astype(object)
     return df
