@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -41,3 +43,19 @@ def cli(capsys):
         return exit_info.value.code or 0, captured.out, captured.err
 
     return run
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the whole test session (starting Ray costs seconds): 2 CPUs, no
+    dashboard, a small object store; executors find it initialised and leave it running."""
+    ray = pytest.importorskip("ray", reason="ray is not installed (pip install "
+                              "robust_transfer[ray]; `make test` installs it)")
+    # Ray's session files (logs, sockets, spilled objects) go to a folder of our own, removed
+    # afterwards, instead of piling up under /tmp/ray with every test session.
+    temp = tempfile.mkdtemp(prefix="ray-")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             object_store_memory=80 * 1024**2, configure_logging=False, _temp_dir=temp)
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)

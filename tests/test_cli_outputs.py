@@ -41,9 +41,11 @@ def no_work(monkeypatch):
         raise AssertionError("work started before --out was checked")
 
     from robust_transfer.cli import attack as attack_cli
+    from robust_transfer.cli import studies as studies_cli
 
-    for name in ("train_source", "finetune_from_checkpoint", "run_grid", "make_report"):
+    for name in ("train_source", "finetune_from_checkpoint", "make_report"):
         monkeypatch.setattr(study_cli, name, forbidden)
+    monkeypatch.setattr(studies_cli, "run_study", forbidden)  # every study command's runs
     monkeypatch.setattr(attack_cli, "load_checkpoint", forbidden)
 
 

@@ -1,13 +1,12 @@
 """The Ray executor: same table as the local executor, resumable, a clear error without Ray.
 
-One local Ray (2 CPUs, no dashboard, small object store) serves the whole module: starting
-Ray costs seconds, so the executors under test find it initialised and leave it running.
+One local Ray (`conftest.ray_local`: 2 CPUs, no dashboard, small object store) serves every
+test that needs one: starting Ray costs seconds, so the executors under test find it
+initialised and leave it running.
 """
 
 import builtins
-import shutil
 import sys
-import tempfile
 
 import pandas as pd
 import pytest
@@ -29,20 +28,6 @@ SPEC = {
     "epochs": 2,
     "seeds": [0],
 }
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray", reason="ray is not installed (pip install "
-                              "robust_transfer[ray]; `make test` installs it)")
-    # Ray's session files (logs, sockets, spilled objects) go to a folder of our own, removed
-    # afterwards, instead of piling up under /tmp/ray with every test session.
-    temp = tempfile.mkdtemp(prefix="ray-")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             object_store_memory=80 * 1024**2, configure_logging=False, _temp_dir=temp)
-    yield ray
-    ray.shutdown()
-    shutil.rmtree(temp, ignore_errors=True)
 
 
 def _sorted(path) -> pd.DataFrame:

@@ -1,7 +1,7 @@
 """The layering of DESIGN.md, checked on the source: a package imports only from the packages
 before it (data → models → attacks → defenses → certify → train → backdoors → transfer →
-explain → report → cli), and from the top-level helpers (errors, atomic, stats, variables, plugins)
-that every layer shares."""
+explain → studies → report → cli), and from the top-level helpers (errors, atomic, stats,
+variables, plugins) that every layer shares."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import robust_transfer
 # certify (randomized smoothing) needs only models and attacks, and grids certify the models
 # they fine-tune (transfer/), so it sits right after defenses.
 LAYERS = ("data", "models", "attacks", "defenses", "certify", "train", "backdoors", "transfer",
-          "explain", "report", "cli")
+          "explain", "studies", "report", "cli")
 SHARED = {"errors", "atomic", "stats", "variables", "plugins"}
 ROOT = Path(robust_transfer.__file__).parent
 

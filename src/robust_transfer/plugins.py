@@ -30,6 +30,7 @@ import types
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import MISSING
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import yaml
@@ -64,8 +65,10 @@ def _allows(hint: Any, value: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
-    if origin is tuple:
+    if origin is tuple or hint in (tuple, list):
         return isinstance(value, (list, tuple))
+    if hint is Path:
+        return isinstance(value, (str, Path))
     return isinstance(value, hint) if isinstance(hint, type) else True
 
 
@@ -78,6 +81,8 @@ def _coerce(hint: Any, value: Any) -> Any:
         return float(value)
     if isinstance(value, list):
         return tuple(value)
+    if isinstance(value, str) and (hint is Path or Path in typing.get_args(hint)):
+        return Path(value)
     return value
 
 

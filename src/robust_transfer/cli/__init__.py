@@ -4,7 +4,7 @@ Commands live in topic modules (`study`, ...), each registering on the one `app`
 error ends the same way: one `error: ...` line on stderr and exit code 2, whether it is a
 `UserError` raised anywhere below or a parse error of typer/click (`--eps abc`, a missing
 `--out`); `--debug` shows the traceback of a `UserError` instead. Ctrl-C is one line and exit
-code 130 (for `grid`/`demo` it says that re-running the same command resumes), also while
+code 130 (for a command running a study it says that re-running it resumes), also while
 the commands are still being imported (a second or more of torch).
 """
 
@@ -43,10 +43,13 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode="markdown",  # reflow docstring paragraphs instead of keeping line breaks
 )
-_state: dict = {"debug": False, "command": None}
+_state: dict = {"debug": False, "command": None, "resumable": False}
 
-# Commands that resume where they stopped when re-run with the same arguments.
-RESUMABLE_COMMANDS = ("grid", "demo")
+
+def mark_resumable() -> None:
+    """Called by a command once it runs a study: a Ctrl-C from then on says that running the
+    same command again resumes where it stopped."""
+    _state["resumable"] = True
 
 _value_type_rich = TyperOption.display_type_rich
 
@@ -80,6 +83,7 @@ from robust_transfer.cli import (  # noqa: E402,F401  (register commands)
     defend,
     distill,
     explain,
+    studies,
     study,
     watermark,
 )
@@ -130,7 +134,7 @@ def _usage_error_line(e: click_errors.ClickException) -> str:
 
 def _interrupted() -> None:
     message = "interrupted"
-    if _state["command"] in RESUMABLE_COMMANDS:
+    if _state["resumable"]:
         message += ("; finished runs are saved: run the same command again to resume where "
                     "it stopped")
     print(message, file=sys.stderr)
@@ -144,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     are printed like every other input error: one `error:` line, exit code 2.
     """
     argv = sys.argv[1:] if argv is None else argv
-    _state.update(debug=False, command=None)
+    _state.update(debug=False, command=None, resumable=False)
     try:
         code = app(args=expand_multi_value_options(argv), prog_name="robust-transfer",
                    standalone_mode=False)

@@ -6,7 +6,6 @@ starts, so a bad value costs nothing and is one `error:` line.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import typer
@@ -21,28 +20,26 @@ from robust_transfer.cli.common import (
     console,
     print_table,
     progress_bar,
-    progress_bars,
 )
-from robust_transfer.cli.common import out as stdout
+from robust_transfer.cli.studies import run_with_progress
 from robust_transfer.data import TASKS
 from robust_transfer.errors import UserError
 from robust_transfer.models import ARCHS, save_checkpoint
-from robust_transfer.models.runtime import check_device, resolve_device
+from robust_transfer.models.runtime import resolve_device
 from robust_transfer.report.backdoor_transfer import make_backdoor_report
 from robust_transfer.report.certify_transfer import make_certify_report
+from robust_transfer.report.studies import make_study_report, study_of
 from robust_transfer.report.study import headline_rows, make_report
+from robust_transfer.studies import GRID
 from robust_transfer.train import SourceConfig, TrainConfig, train_source
 from robust_transfer.train.methods import ATTACK_MODE, METHODS
 from robust_transfer.train.overfit import ACTIONS
 from robust_transfer.transfer import FinetuneConfig
 from robust_transfer.transfer.certify_study import certify_sources
-from robust_transfer.transfer.executors import Executor, LocalExecutor, make_executor
 from robust_transfer.transfer.grid import (
+    GridStudy,
     check_engine,
     demo_spec_path,
-    plan,
-    previous_spec_differs,
-    run_grid,
 )
 from robust_transfer.transfer.results import manifest_run_ids, read_results, writer_lock
 from robust_transfer.transfer.run import finetune_from_checkpoint
@@ -166,60 +163,31 @@ def finetune(
 
 
 def _run_grid_with_progress(spec, out: Path, workers: int, device: str,
-                            executor: Executor | None = None, engine: str = "auto",
+                            executor: str = "local", address: str | None = None,
+                            tasks_per_gpu: int = 4, engine: str = "auto",
                             max_memory: float | None = None) -> Path:
-    """Run the grid with progress bars; print what is reused; end with the results line
-    (on stdout, with fine-tunes per second, and per engine: runs / the worker time their
-    units took; progress and notes on stderr). Holds `out`'s writer lock from the start."""
-    with writer_lock(out):
-        return _run_grid_locked(spec, out, workers, device, executor, engine, max_memory)
-
-
-def _run_grid_locked(spec, out: Path, workers: int, device: str, executor: Executor | None,
-                     engine: str, max_memory: float | None) -> Path:
-    if executor is None or isinstance(executor, LocalExecutor):
-        resolve_device(device)  # the jobs run on this machine: absent CUDA is an error now
-    check_device(device)  # shipped as named: each worker resolves it (`grid.worker_device`)
-    if previous_spec_differs(spec, out):
-        console.print(f"note: {out} was run with another spec; its runs stay on disk, but "
-                      "spec.yaml, results.parquet and the report now cover this spec only")
-    todo = plan(spec, out, device)
-    total, done = len(todo.runs), len(todo.runs) - len(todo.pending)
-    if todo.sources_to_train:
-        names = ", ".join(j.directory.name for j in todo.sources_to_train)
-        console.print(f"training {len(todo.sources_to_train)} source model(s): {names}")
-    if done:
-        rest = "running the rest" if done < total else "nothing left to run"
-        console.print(f"{done} of {total} fine-tunes already done; {rest}")
-    for part in todo.corrupt:
-        console.print(f"note: corrupt results part {part} cannot be read; re-running its run",
-                      soft_wrap=True)
-    bars = {"source models": len(todo.sources_to_train), "fine-tunes": total}
+    """Run the grid with progress bars (`studies.run_with_progress`); the closing line adds
+    the rate per engine: runs / the worker time their units took."""
+    if max_memory is not None and not max_memory > 0:
+        raise UserError(f"--max-memory must be > 0 GiB, got {max_memory}")
+    check_engine(spec, engine)
     per_engine: dict[str, list[float]] = {}
 
-    def engine_time(name: str, runs: int, seconds: float) -> None:
-        runs_seconds = per_engine.setdefault(name, [0, 0.0])
-        runs_seconds[0] += runs
-        runs_seconds[1] += seconds
+    def unit_done(results: list[list[dict]], seconds: float) -> None:
+        used = [rows[0]["engine"] for rows in results if rows]
+        for name in set(used):
+            runs_seconds = per_engine.setdefault(name, [0, 0.0])
+            runs_seconds[0] += used.count(name)
+            runs_seconds[1] += seconds * used.count(name) / len(used)
 
-    start = time.perf_counter()
-    with progress_bars(bars) as advance:
-        advance["fine-tunes"](done)
-        table = run_grid(spec, out, workers, executor=executor, device=device,
-                         on_source_done=lambda _d: advance["source models"](),
-                         on_run_done=lambda _r: advance["fine-tunes"](), engine=engine,
-                         max_memory=None if max_memory is None else int(max_memory * 2**30),
-                         on_engine_time=engine_time)
-    seconds = time.perf_counter() - start
-    n_runs = read_results(table).run_id.nunique()
-    stdout.print(f"results: {table}  ({n_runs} run{'' if n_runs == 1 else 's'})",
-                 soft_wrap=True)
-    ran = len(todo.pending)  # this invocation's; the time includes training its sources
-    engines = "".join(f"; {name} {int(n)} at {n / max(t, 1e-9):.1f} per s"
-                      for name, (n, t) in sorted(per_engine.items()))
-    stdout.print(f"{ran} fine-tunes in {seconds:.1f} s ({ran / max(seconds, 1e-9):.1f} per s"
-                 f"{engines})", soft_wrap=True)
-    return table
+    def rates() -> str:
+        return "".join(f"; {name} {int(n)} at {n / max(t, 1e-9):.1f} per s"
+                       for name, (n, t) in sorted(per_engine.items()))
+
+    limit = None if max_memory is None else int(max_memory * 2**30)
+    return run_with_progress(GridStudy(spec, engine, limit), out, workers, executor, address,
+                             device, "fine-tunes", "source model(s)", tasks_per_gpu,
+                             unit_done, rates)
 
 
 @app.command()
@@ -254,16 +222,8 @@ def grid(
     the printed run count and `report` then cover the new spec's runs only.
     """
     spec = load_spec(spec_file)
-    check_output_dir(out, "--out")
-    if max_memory is not None and not max_memory > 0:
-        raise UserError(f"--max-memory must be > 0 GiB, got {max_memory}")
-    check_engine(spec, engine)
-    check_device(device)
-    if executor == "local":
-        resolve_device(device)  # the runs are this machine's: absent CUDA is an error now
-    use_gpus = device != "cpu"  # Ray: GPUs where the cluster has them; workers resolve "auto"
-    pool = make_executor(executor, workers, address, tasks_per_gpu, use_gpus)
-    _run_grid_with_progress(spec, out, workers, device, pool, engine, max_memory)
+    _run_grid_with_progress(spec, out, workers, device, executor, address, tasks_per_gpu,
+                            engine, max_memory)
 
 
 def _certify_report(results: Path, grid_dir: Path, out: Path) -> list[Path]:
@@ -286,7 +246,8 @@ def _certify_report(results: Path, grid_dir: Path, out: Path) -> list[Path]:
 
 @app.command()
 def report(
-    results: Path = typer.Argument(..., help="A grid's --out directory, or a results.parquet."),
+    results: Path = typer.Argument(..., help="A study's --out directory (a grid's, or any "
+                                   "study's: its spec.yaml names it), or a results.parquet."),
     out: Path = typer.Option(None, "--out", help="Directory for figures (default: next to "
                              "the results, in report/)."),
     epoch_shots: list[str] = typer.Option(None, "--epoch-shots", help="Images per class for "
@@ -304,6 +265,10 @@ def report(
     """
     out = out or (results if results.is_dir() else results.parent) / "report"
     check_output_dir(out, "--out")
+    if study_of(results) != GRID:
+        for f in make_study_report(results, out):
+            console.print(f"{'summary' if f.suffix in ('.md', '.csv') else 'figure'}: {f}")
+        return
     rep = make_report(results, out, epoch_shots or None)
     grid_dir = results if results.is_dir() else results.parent
     for f in [*rep.figures, *make_backdoor_report(results, out),

@@ -455,6 +455,11 @@ def check_against_data(spec: GridSpec) -> None:
 
 def load_spec(path: str | Path) -> GridSpec:
     """Read and validate a YAML spec file."""
+    return parse_spec(read_spec_file(path))
+
+
+def read_spec_file(path: str | Path) -> dict:
+    """A YAML spec file's mapping (empty: {}), or a `UserError` saying why it is none."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"spec file {str(path)!r} is a directory; give a YAML file")
@@ -472,7 +477,7 @@ def load_spec(path: str | Path) -> GridSpec:
     if d is not None and not isinstance(d, dict):
         raise UserError(f"spec file {str(path)!r} must hold a YAML mapping of spec keys, "
                         f"got {type(d).__name__}")
-    return parse_spec(d or {})
+    return d or {}
 
 
 def source_config(spec: GridSpec, e: SourceEntry) -> SourceConfig:
