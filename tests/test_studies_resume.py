@@ -2,9 +2,10 @@
 mid-run and re-run into the same folder, it loses and duplicates no row, and its table
 equals an uninterrupted run's; run with `--executor ray`, its table equals the local one.
 
-A study joins by one line in `CASES` (its command, and the columns that hold wall times,
-which no two runs share) and a tiny spec at `tests/data/studies/<name>.yaml`, big enough to
-be killed between its first and its last run.
+A study command joins by one line in `CASES` (its command words, the columns that hold wall
+times, which no two runs share, and whether the spec is its positional argument rather than
+`--spec`) and a tiny spec at `tests/data/studies/<case>.yaml`, big enough to be killed
+between its first and its last run.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 import pytest
@@ -23,9 +25,18 @@ from robust_transfer.studies import load_study
 from robust_transfer.transfer.results import PARTS, part_files, read_results
 
 SPECS = Path(__file__).parent / "data" / "studies"
-# study name: (its command, the columns of wall times left out of the comparison)
-CASES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "grid": (("run",), ("seconds",)),
+
+
+class Case(NamedTuple):
+    command: tuple[str, ...]
+    wall: tuple[str, ...] = ()  # columns of wall times, left out of the comparison
+    positional: bool = False  # the spec is the command's argument, not --spec
+
+
+# `grid` itself: tests/test_faults.py (kill -9, Ctrl-C) and tests/test_executor_ray.py.
+CASES: dict[str, Case] = {
+    "backdoor-transfer": Case(("backdoor", "transfer"), positional=True),
+    "certify-transfer": Case(("certify-transfer",), positional=True),
 }
 
 
@@ -34,15 +45,15 @@ def _spec(name: str) -> Path:
 
 
 def _argv(name: str, out: Path, *extra: str) -> list[str]:
-    command, _ = CASES[name]
-    spec = ["--spec", str(_spec(name))] if command != ("run",) else [str(_spec(name))]
-    return [*command, *spec, "--out", str(out), "--device", "cpu", *extra]
+    case = CASES[name]
+    spec = [str(_spec(name))] if case.positional else ["--spec", str(_spec(name))]
+    return [*case.command, *spec, "--out", str(out), "--device", "cpu", *extra]
 
 
 def _table(name: str, out: Path) -> pd.DataFrame:
     study = load_study(_spec(name))
     df = read_results(out, study.required)
-    wall = [c for c in CASES[name][1] if c in df.columns]
+    wall = [c for c in CASES[name].wall if c in df.columns]
     keys = [c for c in ("run_id", "epoch", "step") if c in df.columns]
     return (df.drop(columns=wall).sort_values(keys).reset_index(drop=True)
             [sorted(set(df.columns) - set(wall))])

@@ -10,11 +10,18 @@ import typer
 
 from robust_transfer.cli.backdoor import backdoor_app
 from robust_transfer.cli.common import DEVICE_OPTION, check_output_dir, console, print_table
+from robust_transfer.cli.studies import (
+    ADDRESS_OPTION,
+    EXECUTOR_OPTION,
+    SAVE_SPEC_OPTION,
+    require_out,
+    save_spec,
+)
 from robust_transfer.cli.study import _run_grid_with_progress
 from robust_transfer.errors import UserError
 from robust_transfer.report.backdoor_transfer import backdoor_headline_rows, make_backdoor_report
 from robust_transfer.report.study import make_report
-from robust_transfer.transfer.grid import backdoor_spec_path
+from robust_transfer.transfer.grid import GridStudy, backdoor_spec_path
 from robust_transfer.transfer.spec import load_spec, probes
 
 
@@ -23,9 +30,13 @@ def transfer(
     spec_file: Path = typer.Argument(None, help="YAML grid spec whose `sources` carry "
                                      "`backdoor:` keys (default: the shipped "
                                      "specs/backdoor.yaml)."),
-    out: Path = typer.Option(..., "--out", help="Directory for sources, results and report."),
+    out: Path = typer.Option(None, "--out", help="Directory for sources, results and report "
+                             "(required unless --save-spec)."),
     workers: int = typer.Option(2, "--workers", help="Parallel worker processes."),
     device: str = DEVICE_OPTION,
+    executor: str = EXECUTOR_OPTION,
+    address: str = ADDRESS_OPTION,
+    save_spec_file: Path = SAVE_SPEC_OPTION,
 ) -> None:
     """Does a source's backdoor survive transfer? Run the grid, then the report.
 
@@ -39,9 +50,12 @@ def transfer(
     if not probes(spec):
         raise UserError(f"spec {str(spec_path)!r} has no backdoored source; give a `sources` "
                         "entry a key such as `backdoor: {attack: badnets, rate: 0.1, target: 0}`")
-    check_output_dir(out, "--out")
+    if save_spec_file is not None:
+        save_spec(GridStudy(spec), save_spec_file)
+        return
+    check_output_dir(require_out(out), "--out")
     console.print(f"spec: {spec_path}")
-    table = _run_grid_with_progress(spec, out, workers, device)
+    table = _run_grid_with_progress(spec, out, workers, device, executor, address)
     report = out / "report"
     rep = make_report(table, report)
     for f in [*rep.figures, *make_backdoor_report(table, report)]:

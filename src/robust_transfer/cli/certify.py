@@ -25,6 +25,13 @@ from robust_transfer.cli.common import (
     print_table,
     progress_bar,
 )
+from robust_transfer.cli.studies import (
+    ADDRESS_OPTION,
+    EXECUTOR_OPTION,
+    SAVE_SPEC_OPTION,
+    require_out,
+    save_spec,
+)
 from robust_transfer.cli.study import _run_grid_with_progress
 from robust_transfer.errors import UserError
 from robust_transfer.models import load_checkpoint
@@ -34,6 +41,7 @@ from robust_transfer.report.certify_figures import certified_accuracy_plot
 from robust_transfer.report.certify_transfer import certify_headline_rows, make_certify_report
 from robust_transfer.report.study import make_report
 from robust_transfer.transfer.certify_study import certify_sources, certify_spec_path
+from robust_transfer.transfer.grid import GridStudy
 from robust_transfer.transfer.results import read_results, writer_lock
 from robust_transfer.transfer.spec import load_spec
 
@@ -144,10 +152,13 @@ def certify(
 def certify_transfer(
     spec_file: Path = typer.Argument(None, help="YAML grid spec with a `certify:` section "
                                      "(default: the shipped specs/certify.yaml)."),
-    out_dir: Path = typer.Option(..., "--out", help="Directory for sources, results and "
-                                 "report."),
+    out_dir: Path = typer.Option(None, "--out", help="Directory for sources, results and "
+                                 "report (required unless --save-spec)."),
     workers: int = typer.Option(2, "--workers", help="Parallel worker processes."),
     device: str = DEVICE_OPTION,
+    executor: str = EXECUTOR_OPTION,
+    address: str = ADDRESS_OPTION,
+    save_spec_file: Path = SAVE_SPEC_OPTION,
 ) -> None:
     """Does a certificate transfer? Run the grid, certify, then the report.
 
@@ -163,11 +174,14 @@ def certify_transfer(
     if spec.certify is None:
         raise UserError(f"spec {str(spec_path)!r} has no certify: section; add e.g. "
                         "`certify: {sigma: 0.25, n: 1000, max_images: 200}`")
-    check_output_dir(out_dir, "--out")
+    if save_spec_file is not None:
+        save_spec(GridStudy(spec), save_spec_file)
+        return
+    check_output_dir(require_out(out_dir), "--out")
     resolve_device(device)  # before the writer lock creates --out
     console.print(f"spec: {spec_path}")
     with writer_lock(out_dir):  # the sources' certificates and the report too, as demo
-        table = _run_grid_with_progress(spec, out_dir, workers, device)
+        table = _run_grid_with_progress(spec, out_dir, workers, device, executor, address)
         sources = certify_sources(spec, out_dir, device)
         report = out_dir / "report"
         atomic_write_text(report / "source_certify.csv", sources.to_csv(index=False))

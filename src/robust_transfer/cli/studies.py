@@ -54,6 +54,14 @@ def study_spec(spec_file: Path | None, name: str, build: Callable[[], Study]) ->
     return study
 
 
+def require_out(out: Path | None) -> Path:
+    """`--out`, which running a study needs (only `--save-spec` does without it)."""
+    if out is None:
+        raise UserError("missing option '--out' (the study's folder; or --save-spec FILE to "
+                        "only write the spec)")
+    return out
+
+
 def save_spec(study: Study, path: Path) -> None:
     """Write `study`'s spec to `path` (the YAML `--spec` and `run` read back)."""
     if path.is_dir():
