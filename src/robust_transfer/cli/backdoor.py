@@ -18,7 +18,7 @@ from robust_transfer.backdoors.defenses import DEFENSES, DefenseConfig, defense_
 from robust_transfer.backdoors.source import (
     gallery_examples,
     recorded_backdoor,
-    source_backdoor_metrics,
+    strongest_trigger,
     train_backdoor_source,
 )
 from robust_transfer.cli import app
@@ -137,16 +137,15 @@ def evaluate(
     dev = resolve_device(device)
     model, meta = load_checkpoint(checkpoint, dev)
     backdoor = recorded_backdoor(meta)
-    m = source_backdoor_metrics(model, meta, backdoor)
+    trig, m = strongest_trigger(model, meta, backdoor)
     print_table(f"backdoor {backdoor.attack} (target {backdoor.target})",
                 [_metric_row(str(checkpoint), m)])
     if out is None:
         return
     task = load_task(meta["task"])
-    attack = backdoor.attack_plugin()
-    trig = attack.triggers(task.input_shape)[0]  # (NeuBA: its first of several)
-    target = None if attack.task_agnostic or backdoor.labels != "all-to-one" \
-        else backdoor.target
+    # the label the trigger sends images to (task-agnostic NeuBA: the most common one)
+    target = m["asr_label"] if backdoor.attack_plugin().task_agnostic else (
+        backdoor.target if backdoor.labels == "all-to-one" else None)
     index = gallery_examples(task.test.y, target, images)
     x, y = task.test.x[index], task.test.y[index]
     xt = trig.apply(x)

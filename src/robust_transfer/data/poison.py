@@ -253,11 +253,10 @@ class Poisoning:
         x, y = data.x.clone(), data.y.clone()
         (trigger,) = self.triggers(tuple(data.x.shape[1:]))
         x[index] = trigger.apply(data.x[index])
-        if getattr(trigger, "cross_ratio", 0) > 0:  # WaNet's noise mode (data.wanet)
-            rest = torch.nonzero(~torch.isin(torch.arange(len(x)), index)).flatten()
-            cross = rest[torch.randperm(len(rest), generator=gen)[:round(trigger.cross_ratio
-                                                                         * len(index))]]
-            x[cross] = trigger.noise_examples(data.x[cross], gen)
+        cover = getattr(trigger, "cover_examples", None)  # optional: WaNet's noise mode
+        if cover is not None:
+            cross, images = cover(data.x, index, gen)
+            x[cross] = images
         if not cfg.clean_label:
             y[index] = cfg.backdoor_labels(data.y[index], num_classes)
         return ImageSet(x, y), index

@@ -38,7 +38,11 @@ Corner = Literal["bottom-right", "bottom-left", "top-right", "top-left"]
 
 
 class Trigger(Protocol):
-    """`apply(x)`: (N, C, H, W) images in [0,1] -> triggered images, same shape, in [0,1]."""
+    """`apply(x)`: (N, C, H, W) images in [0,1] -> triggered images, same shape, in [0,1].
+
+    A trigger class also has `Options` (its typed settings) and `seeded` (whether `seed`
+    draws its pattern), and may have `cover_examples(x, poisoned, generator)`: further
+    images a poisoned set changes but keeps the labels of (WaNet's noise mode)."""
 
     name: str
 

@@ -11,8 +11,8 @@ combination of pixels, so the output stays in [0, 1], and s = 0 is the identity.
 Noise mode (their `cross_ratio`, default 2): besides the rate-share of images warped and
 relabelled, `cross_ratio` times as many other training images are warped by the same field
 plus fresh uniform noise in [-1, 1] / H on the grid, and keep their true labels, so the model
-learns the exact warp rather than "any warp -> target". `noise_examples` makes them;
-`data.poison.poison` calls it.
+learns the exact warp rather than "any warp -> target". `cover_examples` picks and makes
+them; `data.poison` asks every trigger for such label-keeping cover examples.
 
 Scale: their defaults are k = 4, s = 0.5 on 32 x 32 (CIFAR-10, GTSRB) and 28 x 28 (MNIST).
 Both are relative to the image: k control points per side give the same field shape on any
@@ -91,6 +91,18 @@ class WaNet:
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
         return self._warp(x, self.grid)
+
+    def cover_examples(self, x: torch.Tensor, poisoned: torch.Tensor,
+                       generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise mode in a poisoned set (`data.poison` asks any trigger for these): (indices,
+        images) of round(cross_ratio * len(poisoned)) images of `x` not in `poisoned`, drawn
+        from `generator`, warped with noise (`noise_examples`); they keep their labels."""
+        if not self.cross_ratio > 0:
+            return torch.zeros(0, dtype=torch.long), x[:0]
+        rest = torch.nonzero(~torch.isin(torch.arange(len(x)), poisoned)).flatten()
+        n = round(self.cross_ratio * len(poisoned))
+        cross = rest[torch.randperm(len(rest), generator=generator)[:n]]
+        return cross, self.noise_examples(x[cross], generator)
 
     def noise_examples(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Noise mode: each image warped by the field plus its own uniform grid noise in
