@@ -284,11 +284,12 @@ class Defender:
     poisoned_index: torch.Tensor | None = None
 
 
-class FineTuning:
-    """FT: every layer on the clean data (BackdoorBench's FT)."""
+class Defense:
+    """A backdoor defense plugin: `name`, typed `Options` (kept in `DefenseConfig`: under
+    `config_field`, or as fields of the same names when None) and `run`."""
 
-    name = "ft"
-    config_field = None
+    name: str
+    config_field: str | None = None
 
     def __init__(self, options: Any = None) -> None:
         self.options = options
@@ -296,11 +297,20 @@ class FineTuning:
     def run(self, model: nn.Module, d: Defender) -> tuple[nn.Module, dict]:
         """(the defended model, details for the defense's row) from a copy of the
         backdoored `model`, which it may change."""
+        raise NotImplementedError
+
+
+class FineTuning(Defense):
+    """FT: every layer on the clean data (BackdoorBench's FT)."""
+
+    name = "ft"
+
+    def run(self, model: nn.Module, d: Defender) -> tuple[nn.Module, dict]:
         fine_tune(model, d.clean, d.cfg)
         return model, {}
 
 
-class SuperFineTuning(FineTuning):
+class SuperFineTuning(Defense):
     """Super-FT (Sha et al. 2022): two triangular cycles, peaks `super_lr`, `super_lr / 10`."""
 
     name = "super-ft"
@@ -311,7 +321,7 @@ class SuperFineTuning(FineTuning):
         return model, {}
 
 
-class FinePruning(FineTuning):
+class FinePruning(Defense):
     """Fine-pruning (Liu et al. 2018): `fine_prune`."""
 
     name = "fine-pruning"
@@ -322,7 +332,7 @@ class FinePruning(FineTuning):
         return model, {"pruned_channels": len(pruned)}
 
 
-class ANP(FineTuning):
+class ANP(Defense):
     """ANP (Wu & Wang 2021), `backdoors.anp`: prunes the neurons whose masks fall."""
 
     name = "anp"
@@ -334,7 +344,7 @@ class ANP(FineTuning):
         return model, {"pruned_neurons": pruned}
 
 
-class ABL(FineTuning):
+class ABL(Defense):
     """ABL (Li et al. 2021), `backdoors.abl`: retrains a fresh model (seeded) on the poisoned
     training set, rebuilt from the backdoor, with the source's optimiser; reports how many of
     its isolated examples are among the poisoned ones."""
