@@ -202,7 +202,5 @@ def make_trigger(name: str, input_shape: tuple[int, int, int], seed: int = 0,
     cls = TRIGGERS.get(name)
     if len(input_shape) != 3:
         raise UserError(f"input shape must be (C, H, W), got {tuple(input_shape)}")
-    typed = TRIGGERS.options(name, options)
-    if cls.seeded:
-        return cls(tuple(input_shape), typed, seed=seed)
-    return cls(tuple(input_shape), typed)
+    seeded = {"seed": seed} if cls.seeded else {}
+    return TRIGGERS.build(name, tuple(input_shape), options=options, **seeded)
