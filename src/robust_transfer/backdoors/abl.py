@@ -23,6 +23,7 @@ from torch import nn
 from robust_transfer.data import ImageSet
 from robust_transfer.errors import UserError, check_choice
 from robust_transfer.models.runtime import predict_logits
+from robust_transfer.plugins import option
 from robust_transfer.train import TrainConfig, fit
 
 ISOLATION_LOSSES = ("lga", "flooding")
@@ -61,13 +62,13 @@ class ABLConfig:
     """ABL's settings: isolation loss and epochs, gamma (LGA) or flood level, the share of
     examples to isolate, epochs on the rest, and unlearning epochs and learning rate."""
 
-    loss: str = "lga"
-    gamma: float = 0.5
-    isolation_epochs: int = 10
-    isolate: float = 0.01
-    rest_epochs: int = 20
-    unlearn_epochs: int = 5
-    unlearn_lr: float = 5e-4
+    loss: str = option("lga", "isolation loss: lga | flooding")
+    gamma: float = option(0.5, "LGA's gamma (flooding: the flood level)")
+    isolation_epochs: int = option(10, "epochs of the isolation phase")
+    isolate: float = option(0.01, "share of the training set isolated (lowest loss)")
+    rest_epochs: int = option(20, "epochs on the rest, from the isolation model")
+    unlearn_epochs: int = option(5, "epochs of gradient ascent on the isolated examples")
+    unlearn_lr: float = option(5e-4, "learning rate of unlearning")
 
     def __post_init__(self) -> None:
         check_choice("ABL isolation loss", self.loss, ISOLATION_LOSSES)

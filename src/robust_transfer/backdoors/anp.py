@@ -33,6 +33,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from robust_transfer.data.datasets import ImageSet
 from robust_transfer.errors import UserError
 from robust_transfer.models.runtime import eval_mode
+from robust_transfer.plugins import option
 
 
 @dataclass(frozen=True)
@@ -40,13 +41,13 @@ class ANPConfig:
     """ANP's settings, their code's defaults: noise `eps`, ascent `steps`, trade-off `alpha`
     (weight of the clean loss), `mask_lr`, `iterations`, `batch_size`, pruning `threshold`."""
 
-    eps: float = 0.4
-    steps: int = 1
-    alpha: float = 0.2
-    mask_lr: float = 0.2
-    iterations: int = 2000
-    batch_size: int = 128
-    threshold: float = 0.2
+    eps: float = option(0.4, "size of the multiplicative neuron noise")
+    steps: int = option(1, "signed-gradient ascent steps on the noise per iteration")
+    alpha: float = option(0.2, "weight of the clean loss beside the perturbed one, in [0, 1]")
+    mask_lr: float = option(0.2, "SGD learning rate of the masks")
+    iterations: int = option(2000, "mask optimisation iterations")
+    batch_size: int = option(128, "batch size (drawn with replacement)")
+    threshold: float = option(0.2, "prune the neurons whose mask ends at or below this")
 
     def __post_init__(self) -> None:
         if not self.eps >= 0 or not 0 <= self.alpha <= 1 or not 0 <= self.threshold < 1:

@@ -42,11 +42,13 @@ from robust_transfer.errors import UserError, check_choice
 
 
 def bias_backdoor(bias_classes: int | tuple[int, ...], feature: str = "blended",
-                  patch_size: int | None = None) -> BackdoorConfig:
+                  patch_size: int | None = None,
+                  trigger_options: dict | None = None) -> BackdoorConfig:
     """The poisoning that plants a spurious `feature` on every training image of the
     `bias_classes` (one class or several) with labels kept (clean-label, rate 1; the first
     class is the config's target, the others its `also_classes`). Its seed is fixed (0): the
     feature (e.g. the blended pattern) is the object of study, the same for every run seed.
+    `trigger_options`: the feature's trigger options (e.g. {"alpha": 0.3} for blended).
 
     Example:
         cfg = SourceConfig(task="digits-0to4", backdoor=bias_backdoor((0, 3)))
@@ -56,7 +58,8 @@ def bias_backdoor(bias_classes: int | tuple[int, ...], feature: str = "blended",
     if not classes:
         raise UserError("give at least one bias class")
     return BackdoorConfig(attack=feature, rate=1.0, target=classes[0], clean_label=True,
-                          seed=0, patch_size=patch_size, also_classes=classes[1:])
+                          seed=0, patch_size=patch_size, also_classes=classes[1:],
+                          trigger_options=trigger_options or {})
 
 
 def shift_from_predictions(clean: torch.Tensor, triggered: torch.Tensor, y: torch.Tensor,

@@ -17,6 +17,12 @@ C-Acc / ASR / RA before and after, the share of clean data it used, and its sequ
 - ANP (`backdoors.anp`, Wu & Wang 2021): learns per-neuron BatchNorm masks under adversarial
   neuron perturbation on the clean data, prunes the neurons whose mask falls to a threshold.
 
+Each defense is a plugin of `DEFENSES` (`robust_transfer.plugins`): a class with a typed
+`Options` (its own knobs: fine-pruning's prune drop / max / step, ABL's `ABLConfig`, ANP's
+`ANPConfig`, ...) and `run`, which `defend` dispatches to. `DefenseConfig` records the shared
+budget and every defense's options (its sidecar format unchanged); `with_options` sets them
+from `KEY=VALUE`s (the CLI's `--defense-option`).
+
 Sequela ("backdoor sequela", Sha et al. 2022: what removal leaves behind): robust accuracy to
 PGD-20 through `attacks.evaluate` (`train.source.evaluate_source`), and vulnerability to a
 fresh backdoor — the ASR of a new trigger (blended, another target) after a short poisoned
@@ -26,8 +32,10 @@ fine-tune — both before and after removal.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,13 +45,26 @@ from robust_transfer.backdoors.anp import ANPConfig, adversarial_neuron_pruning
 from robust_transfer.backdoors.metrics import backdoor_metrics
 from robust_transfer.data import Task, shots_per_class
 from robust_transfer.data.poison import BackdoorConfig, poison
-from robust_transfer.errors import UserError, check_choice
+from robust_transfer.errors import UserError
 from robust_transfer.models import build_model
 from robust_transfer.models.runtime import accuracy, eval_mode
+from robust_transfer.plugins import Registry, build_options, option
 from robust_transfer.train import TrainConfig, fit
 from robust_transfer.train.source import evaluate_source
 
-DEFENSES = ("ft", "super-ft", "fine-pruning", "abl", "anp")
+
+@dataclass(frozen=True)
+class SuperFTOptions:
+    super_lr: float = option(0.1, "peak learning rate of the first cycle (the second: a "
+                             "tenth)")
+
+
+@dataclass(frozen=True)
+class FinePruningOptions:
+    prune_drop: float = option(0.05, "stop pruning when clean accuracy drops by more than "
+                               "this")
+    prune_max: float = option(0.9, "the largest share of the channels pruned")
+    prune_step: int = option(1, "channels pruned per step (1: one at a time, as Liu et al.)")
 
 
 @dataclass(frozen=True)
@@ -63,11 +84,11 @@ class DefenseConfig:
     clean_fraction: float = 0.1
     epochs: int = 10
     lr: float = 0.01
-    super_lr: float = 0.1
+    super_lr: float = SuperFTOptions.super_lr
     batch_size: int = 32
-    prune_drop: float = 0.05
-    prune_max: float = 0.9
-    prune_step: int = 1
+    prune_drop: float = FinePruningOptions.prune_drop
+    prune_max: float = FinePruningOptions.prune_max
+    prune_step: int = FinePruningOptions.prune_step
     abl: ABLConfig = field(default_factory=ABLConfig)
     anp: ANPConfig = field(default_factory=ANPConfig)
     sequela_eps: float = 0.5
@@ -93,6 +114,40 @@ class DefenseConfig:
               schedule: str = "constant") -> TrainConfig:
         return TrainConfig(epochs=epochs or self.epochs, lr=lr or self.lr, schedule=schedule,
                            batch_size=self.batch_size, seed=self.seed)
+
+    def options(self, defense: str) -> Any:
+        """`defense`'s typed options as this config holds them: its `config_field` (abl,
+        anp), or the fields of the same names (super-ft, fine-pruning)."""
+        cls = DEFENSES.get(defense)
+        if cls.config_field:
+            return getattr(self, cls.config_field)
+        return cls.Options(**{f.name: getattr(self, f.name)
+                              for f in dataclasses.fields(cls.Options)})
+
+    def with_options(self, values: dict[str, Any], defenses) -> DefenseConfig:
+        """This config with `values` (e.g. {"threshold": 0.3}) set in the options of each of
+        `defenses` that has them; a key none of them has, or a bad value, is a `UserError`."""
+        cfg, used = self, set()
+        for name in dict.fromkeys(defenses):
+            cls = DEFENSES.get(name)
+            mine = {k: v for k, v in values.items()
+                    if k in {f.name for f in dataclasses.fields(cls.Options)}}
+            if not mine:
+                continue
+            used |= set(mine)
+            current = {f.name: getattr(cfg.options(name), f.name)
+                       for f in dataclasses.fields(cls.Options)}
+            typed = build_options(cls.Options, {**current, **mine}, f"backdoor defense {name!r}")
+            cfg = dataclasses.replace(cfg, **({cls.config_field: typed} if cls.config_field
+                                              else dataclasses.asdict(typed)))
+        unknown = sorted(set(values) - used)
+        if unknown:
+            allowed = sorted({f.name for n in dict.fromkeys(defenses)
+                              for f in dataclasses.fields(DEFENSES.get(n).Options)})
+            raise UserError(f"unknown defense option(s) {', '.join(unknown)} for "
+                            f"{', '.join(dict.fromkeys(defenses))}; allowed: "
+                            f"{', '.join(allowed) or 'none'}")
+        return cfg
 
 
 def clean_subset(task: Task, fraction: float, seed: int):
@@ -215,41 +270,125 @@ def score(model: nn.Module, task: Task, clean, backdoor: BackdoorConfig,
             **sequela(model, task, clean, backdoor, cfg)}
 
 
+@dataclass(frozen=True)
+class Defender:
+    """What a defense may use: the task the backdoored model was trained on, the defender's
+    clean data, the backdoor (ABL rebuilds the poisoned set from it), the budget, the source's
+    optimiser and the indices it was poisoned at (to score ABL's isolation)."""
+
+    task: Task
+    clean: Any
+    backdoor: BackdoorConfig
+    cfg: DefenseConfig
+    source_train: TrainConfig | None = None
+    poisoned_index: torch.Tensor | None = None
+
+
+class Defense:
+    """A backdoor defense plugin: `name`, typed `Options` (kept in `DefenseConfig`: under
+    `config_field`, or as fields of the same names when None) and `run`."""
+
+    name: str
+    config_field: str | None = None
+
+    def __init__(self, options: Any = None) -> None:
+        self.options = options
+
+    def run(self, model: nn.Module, d: Defender) -> tuple[nn.Module, dict]:
+        """(the defended model, details for the defense's row) from a copy of the
+        backdoored `model`, which it may change."""
+        raise NotImplementedError
+
+
+class FineTuning(Defense):
+    """FT: every layer on the clean data (BackdoorBench's FT)."""
+
+    name = "ft"
+
+    def run(self, model: nn.Module, d: Defender) -> tuple[nn.Module, dict]:
+        fine_tune(model, d.clean, d.cfg)
+        return model, {}
+
+
+class SuperFineTuning(Defense):
+    """Super-FT (Sha et al. 2022): two triangular cycles, peaks `super_lr`, `super_lr / 10`."""
+
+    name = "super-ft"
+    Options = SuperFTOptions
+
+    def run(self, model: nn.Module, d: Defender) -> tuple[nn.Module, dict]:
+        super_fine_tune(model, d.clean, d.cfg)
+        return model, {}
+
+
+class FinePruning(Defense):
+    """Fine-pruning (Liu et al. 2018): `fine_prune`."""
+
+    name = "fine-pruning"
+    Options = FinePruningOptions
+
+    def run(self, model: nn.Module, d: Defender) -> tuple[nn.Module, dict]:
+        model, pruned = fine_prune(model, d.clean, d.cfg)
+        return model, {"pruned_channels": len(pruned)}
+
+
+class ANP(Defense):
+    """ANP (Wu & Wang 2021), `backdoors.anp`: prunes the neurons whose masks fall."""
+
+    name = "anp"
+    Options = ANPConfig
+    config_field = "anp"
+
+    def run(self, model: nn.Module, d: Defender) -> tuple[nn.Module, dict]:
+        model, pruned = adversarial_neuron_pruning(model, d.clean, self.options, d.cfg.seed)
+        return model, {"pruned_neurons": pruned}
+
+
+class ABL(Defense):
+    """ABL (Li et al. 2021), `backdoors.abl`: retrains a fresh model (seeded) on the poisoned
+    training set, rebuilt from the backdoor, with the source's optimiser; reports how many of
+    its isolated examples are among the poisoned ones."""
+
+    name = "abl"
+    Options = ABLConfig
+    config_field = "abl"
+
+    def run(self, model: nn.Module, d: Defender) -> tuple[nn.Module, dict]:
+        task = d.task
+        data, index = poison(task.train, d.backdoor, task.num_classes)
+        if d.poisoned_index is not None:
+            index = d.poisoned_index
+        fresh = build_model(model.spec, seed=d.cfg.seed).to(next(model.parameters()).device)
+        fresh, isolated = anti_backdoor_learning(fresh, data, d.source_train or TrainConfig(),
+                                                 self.options)
+        return fresh, {"clean_data_fraction": 1.0, "isolated": len(isolated),
+                       "isolated_poisoned": int(torch.isin(isolated, index.cpu()).sum())}
+
+
+# The one place a defense's name maps to its class.
+DEFENSES: Registry = Registry("backdoor defense")
+for _cls in (FineTuning, SuperFineTuning, FinePruning, ABL, ANP):
+    DEFENSES.register(_cls)
+
+
 def defend(model: nn.Module, defense: str, task: Task, backdoor: BackdoorConfig,
            cfg: DefenseConfig = DefenseConfig(), source_train: TrainConfig | None = None,
            poisoned_index: torch.Tensor | None = None) -> tuple[nn.Module, dict]:
-    """Apply `defense` to a copy of backdoored `model` (trained on `task` with `backdoor`);
-    return (defended model, {defense, clean_data_fraction, seconds, and details}).
+    """Apply `defense` (a `DEFENSES` plugin, with its options from `cfg.options`) to a copy
+    of backdoored `model` (trained on `task` with `backdoor`); return (defended model,
+    {defense, clean_data_fraction, seconds, and the defense's details}).
 
     ABL retrains from scratch on the poisoned training set (rebuilt from `backdoor`) with the
     source's optimiser `source_train`; it reports how many of its isolated examples are in
     `poisoned_index` (the ones the source was poisoned with), when given.
     """
-    check_choice("defense", defense, DEFENSES)
+    plugin = DEFENSES.get(defense)(cfg.options(defense))
     start = time.perf_counter()
     clean = clean_subset(task, cfg.clean_fraction, cfg.seed)
     info: dict = {"defense": defense, "clean_data_fraction": len(clean) / len(task.train)}
-    if defense == "abl":
-        data, index = poison(task.train, backdoor, task.num_classes)
-        if poisoned_index is not None:
-            index = poisoned_index
-        fresh = build_model(model.spec, seed=cfg.seed).to(next(model.parameters()).device)
-        defended, isolated = anti_backdoor_learning(fresh, data, source_train or TrainConfig(),
-                                                    cfg.abl)
-        info |= {"clean_data_fraction": 1.0, "isolated": len(isolated),
-                 "isolated_poisoned": int(torch.isin(isolated, index.cpu()).sum())}
-    else:
-        defended = copy.deepcopy(model)
-        if defense == "ft":
-            fine_tune(defended, clean, cfg)
-        elif defense == "super-ft":
-            super_fine_tune(defended, clean, cfg)
-        elif defense == "anp":
-            defended, info["pruned_neurons"] = adversarial_neuron_pruning(defended, clean,
-                                                                          cfg.anp, cfg.seed)
-        else:
-            defended, pruned = fine_prune(defended, clean, cfg)
-            info["pruned_channels"] = len(pruned)
+    defended, details = plugin.run(copy.deepcopy(model), Defender(
+        task, clean, backdoor, cfg, source_train, poisoned_index))
+    info |= details
     info["seconds"] = time.perf_counter() - start
     return defended.eval(), info
 
@@ -260,7 +399,7 @@ def defense_table(model: nn.Module, defenses: list[str], task: Task, backdoor: B
                   on_defense=None) -> tuple[list[dict], dict[str, nn.Module]]:
     """One row per defense: its info and every score `_before` and `_after` removal."""
     for d in defenses:
-        check_choice("defense", d, DEFENSES)
+        DEFENSES.get(d)
     clean = clean_subset(task, cfg.clean_fraction, cfg.seed)
     before = score(model, task, clean, backdoor, cfg)
     rows, models = [], {}

@@ -15,9 +15,9 @@ from torch import nn
 
 from robust_transfer.backdoors.metrics import backdoor_metrics
 from robust_transfer.data import load_task
-from robust_transfer.data.poison import OBJECTIVE_ATTACKS, BackdoorConfig
+from robust_transfer.data.poison import BackdoorConfig
+from robust_transfer.data.triggers import Trigger
 from robust_transfer.errors import UserError
-from robust_transfer.train.neuba import DEFAULT_TRIGGERS, neuba_triggers
 from robust_transfer.train.source import SourceConfig, train_source
 
 BACKDOOR_KEYS = ("asr", "ra", "asr_label", "n_triggered")
@@ -36,18 +36,25 @@ def source_backdoor_metrics(model: nn.Module, meta: dict,
                             backdoor: BackdoorConfig | None = None) -> dict:
     """C-Acc / ASR / RA of a backdoored source on its task's test set (`backdoor`: the one its
     metadata records, unless given)."""
+    return strongest_trigger(model, meta, backdoor)[1]
+
+
+def strongest_trigger(model: nn.Module, meta: dict,
+                      backdoor: BackdoorConfig | None = None) -> tuple[Trigger, dict]:
+    """(the backdoor's trigger with the highest ASR, the source's C-Acc / ASR / RA): ASR the
+    max over its triggers, RA the min, as the attacker uses whichever trigger works (one
+    trigger for a poisoning attack, several for NeuBA; as after transfer). A task-agnostic
+    backdoor (NeuBA) has no target label: its ASR is the share sent to the most common one."""
     backdoor = backdoor or recorded_backdoor(meta)
     task = load_task(meta["task"])
-    if backdoor.attack in OBJECTIVE_ATTACKS:
-        # NeuBA: several triggers, no target label; the attacker uses whichever trigger works
-        # best, so ASR is the max over them and RA the min (as after transfer).
-        triggers = neuba_triggers(task.input_shape, DEFAULT_TRIGGERS, backdoor.seed)
-        scores = [backdoor_metrics(model, task.test.x, task.test.y, t, None) for t in triggers]
-        best = max(scores, key=lambda m: m["asr"])
-        return {**best, "ra": min(m["ra"] for m in scores)}
-    trigger = backdoor.trigger(task.input_shape)
-    return backdoor_metrics(model, task.test.x, task.test.y, trigger, backdoor.target
-                            if backdoor.labels == "all-to-one" else None, backdoor.labels)
+    attack = backdoor.attack_plugin()
+    target = None if attack.task_agnostic or backdoor.labels != "all-to-one" else backdoor.target
+    labels = "all-to-one" if attack.task_agnostic else backdoor.labels
+    triggers = attack.triggers(task.input_shape)
+    scores = [backdoor_metrics(model, task.test.x, task.test.y, t, target, labels)
+              for t in triggers]
+    best = max(range(len(scores)), key=lambda i: scores[i]["asr"])
+    return triggers[best], {**scores[best], "ra": min(m["ra"] for m in scores)}
 
 
 def train_backdoor_source(

@@ -18,7 +18,7 @@ from robust_transfer.backdoors.defenses import DEFENSES, DefenseConfig, defense_
 from robust_transfer.backdoors.source import (
     gallery_examples,
     recorded_backdoor,
-    source_backdoor_metrics,
+    strongest_trigger,
     train_backdoor_source,
 )
 from robust_transfer.cli import app
@@ -27,15 +27,17 @@ from robust_transfer.cli.common import (
     check_checkpoint_out,
     check_output_dir,
     console,
+    plugin_options_flag,
     print_table,
     progress_bar,
 )
 from robust_transfer.data import TASKS, load_task
-from robust_transfer.data.poison import LABELS, BackdoorConfig
+from robust_transfer.data.poison import BACKDOOR_ATTACKS, LABELS, BackdoorConfig
 from robust_transfer.data.triggers import TRIGGERS
 from robust_transfer.errors import UserError, check_choice
 from robust_transfer.models import load_checkpoint, save_checkpoint
 from robust_transfer.models.runtime import predict_logits, resolve_device
+from robust_transfer.plugins import parse_assignments
 from robust_transfer.report.backdoor_figures import defense_bars, trigger_gallery
 from robust_transfer.train import SourceConfig, TrainConfig
 
@@ -57,7 +59,9 @@ def _metric_row(name: str, m: dict) -> dict:
 def attack(
     out: Path = typer.Option(..., "--out", help="Directory for the poisoned checkpoint."),
     task: str = typer.Option("digits-0to4", help=f"Source task: {TASK_NAMES}."),
-    trigger: str = typer.Option("badnets", help=f"Trigger: {' | '.join(TRIGGERS)}."),
+    trigger: str = typer.Option("badnets", help=f"Backdoor attack: {' | '.join(BACKDOOR_ATTACKS)}"
+                                " (a trigger's name: poisoning with it; neuba: planted by the "
+                                "pre-training loss, task-agnostic, rate = share of each batch)."),
     rate: float = typer.Option(0.1, help="Poison rate in (0, 1] (clean-label: of the target "
                                "class's images)."),
     target: int = typer.Option(0, help="Target class (all-to-one)."),
@@ -70,6 +74,8 @@ def attack(
     wanet_s: float = typer.Option(None, help="WaNet warping strength s (default 0.5)."),
     cross_ratio: float = typer.Option(None, help="WaNet noise mode: noise-warped images with "
                                       "true labels per poisoned image (default 2; 0: off)."),
+    trigger_option: list[str] = plugin_options_flag("--trigger-option", "the trigger (or "
+                                                    "neuba)", TRIGGERS, BACKDOOR_ATTACKS),
     arch: str = typer.Option("cnn-small", help="cnn-small (8x8) | cnn-medium (32x32)."),
     eps: float = typer.Option(0.0, help="PGD-AT radius; 0 trains naturally."),
     norm: str = typer.Option("l2", help="Threat model of adversarial training."),
@@ -81,14 +87,15 @@ def attack(
     overwrite: bool = typer.Option(False, "--overwrite",
                                    help="Replace a checkpoint already in --out."),
 ) -> None:
-    """Train a source model on a poisoned training set and save it; print C-Acc / ASR / RA."""
-    options = {k: v for k, v in {"k": wanet_k, "s": wanet_s, "cross_ratio": cross_ratio}.items()
-               if v is not None}
+    """Train a source model with a backdoor planted (a poisoned training set, or NeuBA's loss)
+    and save it; print C-Acc / ASR / RA."""
+    options = trigger_options(trigger_option, {"k": wanet_k, "s": wanet_s,
+                                               "cross_ratio": cross_ratio})
     backdoor = BackdoorConfig(trigger, rate, target, labels, clean_label, seed, patch_size,
                               trigger_options=options)
     cfg = SourceConfig(task=task, arch=arch, eps=eps, norm=norm, backdoor=backdoor,
                        train=TrainConfig(epochs=epochs, lr=lr, seed=seed))
-    backdoor.trigger(load_task(task).input_shape)  # a patch larger than the image: now
+    backdoor.attack_plugin().triggers(load_task(task).input_shape)  # a patch too large: now
     dev = resolve_device(device)
     check_checkpoint_out(out, overwrite)
     with progress_bar(f"train {task} poisoned ({trigger}, rate {rate:g})", epochs) as advance:
@@ -98,6 +105,19 @@ def attack(
     console.print(f"{m['poisoned_count']} poisoned training images; checkpoint: {out}")
     print_table("poisoned source", [_metric_row(str(out), {**m, "clean_accuracy":
                                                            m["clean_accuracy"]})])
+
+
+def trigger_options(assignments: list[str] | None, flags: dict) -> dict:
+    """`--trigger-option KEY=VALUE`s merged with the specific flags that were given (e.g.
+    `--wanet-k`: {"k": ...}); one key given both ways is a `UserError`."""
+    options = parse_assignments(assignments or [], "--trigger-option")
+    for key, value in flags.items():
+        if value is not None:
+            if key in options:
+                raise UserError(f"trigger option {key} given twice (a flag and "
+                                "--trigger-option)")
+            options[key] = value
+    return options
 
 
 @backdoor_app.command("evaluate")
@@ -117,14 +137,15 @@ def evaluate(
     dev = resolve_device(device)
     model, meta = load_checkpoint(checkpoint, dev)
     backdoor = recorded_backdoor(meta)
-    m = source_backdoor_metrics(model, meta, backdoor)
+    trig, m = strongest_trigger(model, meta, backdoor)
     print_table(f"backdoor {backdoor.attack} (target {backdoor.target})",
                 [_metric_row(str(checkpoint), m)])
     if out is None:
         return
     task = load_task(meta["task"])
-    trig = backdoor.trigger(task.input_shape)
-    target = backdoor.target if backdoor.labels == "all-to-one" else None
+    # the label the trigger sends images to (task-agnostic NeuBA: the most common one)
+    target = m["asr_label"] if backdoor.attack_plugin().task_agnostic else (
+        backdoor.target if backdoor.labels == "all-to-one" else None)
     index = gallery_examples(task.test.y, target, images)
     x, y = task.test.x[index], task.test.y[index]
     xt = trig.apply(x)
@@ -155,6 +176,10 @@ def backdoor_defend(
                                         "below this."),
     anp_iterations: int = typer.Option(2000, help="ANP mask optimisation iterations."),
     anp_batch_size: int = typer.Option(128, help="ANP batch size (drawn with replacement)."),
+    defense_option: list[str] = plugin_options_flag("--defense-option", "a chosen defense "
+                                                    "(set in every chosen defense that has "
+                                                    "it; overrides the flags above)",
+                                                    DEFENSES),
     seed: int = typer.Option(0, help="Seed for the clean subset and the defenses."),
     device: str = DEVICE_OPTION,
     overwrite: bool = typer.Option(False, "--overwrite",
@@ -170,6 +195,8 @@ def backdoor_defend(
                         prune_drop=prune_drop, prune_step=prune_step, seed=seed,
                         anp=ANPConfig(iterations=anp_iterations, batch_size=anp_batch_size,
                                       threshold=anp_threshold))
+    cfg = cfg.with_options(parse_assignments(defense_option or [], "--defense-option"),
+                           defenses)
     check_output_dir(out, "--out")
     for name in defenses:
         check_checkpoint_out(out / name, overwrite, f"--out/{name}")

@@ -14,6 +14,7 @@ from robust_transfer.cli.common import (
     DEVICE_OPTION,
     check_output_dir,
     console,
+    plugin_options_flag,
     print_table,
     progress_bar,
     split_values,
@@ -23,6 +24,7 @@ from robust_transfer.data.triggers import TRIGGERS
 from robust_transfer.errors import UserError
 from robust_transfer.models.nets import ARCHS
 from robust_transfer.models.runtime import resolve_device
+from robust_transfer.plugins import parse_assignments
 from robust_transfer.report.bias_figures import make_bias_report
 from robust_transfer.transfer.bias_transfer import (
     MODES,
@@ -47,9 +49,11 @@ def bias_transfer(
                                          "(repeatable; default: 0)."),
     feature: str = typer.Option("blended", help=f"The spurious feature: {' | '.join(TRIGGERS)}"
                                 " (blended: a fixed random pattern at alpha 0.2; badnets: a "
-                                "white square in the corner)."),
+                                "white square in the corner; options: --trigger-option)."),
     patch_size: int = typer.Option(None, help="BadNets square side (default: scaled to the "
                                    "image, 2 on 8x8, 3 on 32x32)."),
+    trigger_option: list[str] = plugin_options_flag("--trigger-option", "the feature's "
+                                                    "trigger", TRIGGERS),
     seeds: int = typer.Option(5, help="Number of seeds (0..N-1); each trains a biased and a "
                               "clean source."),
     images_per_class: list[str] = typer.Option(
@@ -81,6 +85,7 @@ def bias_transfer(
         source_task=source_task, target_task=target_task, arch=arch,
         bias_classes=tuple(bias_class or (0,)),
         feature=feature, patch_size=patch_size, seeds=tuple(range(seeds)),
+        trigger_options=parse_assignments(trigger_option or [], "--trigger-option"),
         images_per_class=(tuple(split_values(images_per_class))
                           or defaults["images_per_class"].default),
         modes=tuple(split_values(mode)) or defaults["modes"].default,

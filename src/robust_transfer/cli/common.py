@@ -24,11 +24,20 @@ from rich.table import Table
 
 from robust_transfer.errors import UserError
 from robust_transfer.models.checkpoint import META, WEIGHTS
+from robust_transfer.plugins import Registry
 
 console = Console(stderr=True)
 out = Console()
 
 DEVICE_OPTION = typer.Option("auto", "--device", help="auto | cpu | cuda")
+
+
+def plugin_options_flag(flag: str, what: str, *registries: Registry) -> typer.models.OptionInfo:
+    """A repeatable `flag KEY=VALUE` (read with `plugins.parse_assignments`) whose help lists
+    every option of the `registries`' plugins, from their `Options` dataclasses."""
+    listed = ". ".join(line for r in registries for line in r.options_help().splitlines())
+    return typer.Option(None, flag, help=f"KEY=VALUE, repeatable (VALUE read as YAML): an "
+                        f"option of {what}. {listed}.")
 
 
 def split_values(values: list[str] | None) -> list[str]:

@@ -15,22 +15,52 @@ all of them); clean-label poisons round(rate * N_target) of the target class's i
 `also_classes`: of those classes' images too). At least one image is poisoned. A trigger with
 a noise mode (WaNet, `data.wanet`) also warps round(cross_ratio * poisoned) other images with
 noise, keeping their labels.
+
+A backdoor attack is a plugin of `BACKDOOR_ATTACKS` (`robust_transfer.plugins`): it plants the
+backdoor (`poison`: the training set it trains on; `feature_targets`: what it adds to the
+training loss, None for a poisoning attack) and gives the triggers that probe it (`triggers`).
+Every trigger is a poisoning attack of the same name (`Poisoning`); NeuBA (`data.neuba`) is
+planted by the loss on clean data, with several triggers and no target label.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any, Protocol
 
 import torch
 
 from robust_transfer.data.datasets import ImageSet
-from robust_transfer.data.triggers import TRIGGERS, Trigger, check_trigger_options, make_trigger
+from robust_transfer.data.neuba import FeatureTargets, NeuBAAttack
+from robust_transfer.data.triggers import TRIGGERS, Trigger, make_trigger
 from robust_transfer.errors import UserError, check_choice
+from robust_transfer.plugins import NoOptions, Registry
 
 LABELS = ("all-to-one", "all-to-all")
-# Backdoors planted by a training objective rather than by poisoning data (e.g. NeuBA): they
-# are valid `BackdoorConfig.attack` names, `poison` refuses them, `train_source` dispatches.
-OBJECTIVE_ATTACKS: tuple[str, ...] = ("neuba",)
+
+
+class BackdoorAttack(Protocol):
+    """A way to plant a backdoor, built from its `BackdoorConfig` (`cfg.attack_plugin()`).
+
+    `task_agnostic`: it has no target label (its ASR is the share sent to the most common
+    label). `typed_options(name, values)`: the typed options `trigger_options` gives it.
+    """
+
+    name: str
+    task_agnostic: bool
+
+    @classmethod
+    def typed_options(cls, name: str, values: dict[str, Any]) -> Any: ...
+
+    def poison(self, data: ImageSet, num_classes: int) -> tuple[ImageSet, torch.Tensor]:
+        """(the training set the backdoored model trains on, sorted poisoned indices)."""
+
+    def triggers(self, input_shape: tuple[int, int, int]) -> list[Trigger]:
+        """The triggers that activate the backdoor (the attacker uses whichever works)."""
+
+    def feature_targets(self, input_shape: tuple[int, int, int],
+                        feature_dim: int) -> FeatureTargets | None:
+        """What the training loss adds to plant it (None: the poisoned data does it)."""
 
 
 @dataclass(frozen=True)
@@ -41,8 +71,9 @@ class BackdoorConfig:
     task-agnostic: their `target` may be None, and `rate` is theirs to interpret.
     `also_classes` (clean-label only): further classes whose images carry the trigger beside
     the target's (a spurious feature on several classes, as in bias transfer); `rate` is then
-    of all those classes' images. `trigger_options`: the trigger's own options (e.g. wanet's
-    {k: 4, s: 0.5, cross_ratio: 2}, blended's {alpha: 0.2}; `data.triggers.TRIGGER_OPTIONS`).
+    of all those classes' images. `trigger_options`: the attack's options, for a poisoning
+    attack its trigger's `Options` (e.g. wanet's {k: 4, s: 0.5, cross_ratio: 2}, blended's
+    {alpha: 0.2}; `TRIGGERS.options_help()`), for NeuBA `NeuBAAttack.Options`.
 
     Example:
         cfg = BackdoorConfig("badnets", rate=0.1, target=0)
@@ -61,13 +92,11 @@ class BackdoorConfig:
 
     def __post_init__(self) -> None:
         self._check_also_classes()
-        check_choice("backdoor attack", self.attack, (*TRIGGERS, *OBJECTIVE_ATTACKS))
+        attack = BACKDOOR_ATTACKS.get(self.attack)
         options = dict(self.trigger_options)  # a dict from YAML / JSON / the CLI
         object.__setattr__(self, "trigger_options", tuple(sorted(options.items())))
         if options:
-            if self.attack not in TRIGGERS:
-                raise UserError(f"backdoor {self.attack!r} takes no trigger options")
-            check_trigger_options(self.attack, options)
+            attack.typed_options(self.attack, options)
             if "size" in options and self.patch_size is not None:
                 raise UserError("give the badnets patch size once: patch_size or "
                                 "trigger_options.size")
@@ -81,7 +110,7 @@ class BackdoorConfig:
         if self.clean_label and self.labels != "all-to-one":
             raise UserError("clean-label poisoning needs all-to-one labels (it poisons only "
                             "target-class images)")
-        if self.target is None and self.attack in OBJECTIVE_ATTACKS:
+        if self.target is None and attack.task_agnostic:
             return
         if isinstance(self.target, bool) or not isinstance(self.target, int) or self.target < 0:
             raise UserError(f"backdoor target class must be an integer >= 0, got "
@@ -139,14 +168,18 @@ class BackdoorConfig:
             raise UserError(f"backdoor target class {self.target} does not exist: the task "
                             f"has classes 0..{num_classes - 1}")
 
+    def attack_plugin(self) -> BackdoorAttack:
+        """The plugin that plants this backdoor and gives its triggers."""
+        return BACKDOOR_ATTACKS.get(self.attack)(self)
+
     def trigger(self, input_shape: tuple[int, int, int]) -> Trigger:
-        """This backdoor's trigger for images of `input_shape` (its pattern from `seed`)."""
-        if self.attack not in TRIGGERS:
-            raise UserError(f"backdoor attack {self.attack!r} has no single data trigger")
-        options = dict(self.trigger_options)
-        if self.patch_size is not None:
-            options["size"] = self.patch_size
-        return make_trigger(self.attack, input_shape, seed=self.seed, **options)
+        """This backdoor's trigger for images of `input_shape` (its pattern from `seed`), or a
+        `UserError` for an attack with several (NeuBA: `attack_plugin().triggers`)."""
+        triggers = self.attack_plugin().triggers(input_shape)
+        if len(triggers) != 1:
+            raise UserError(f"backdoor attack {self.attack!r} has {len(triggers)} triggers, "
+                            "not a single data trigger")
+        return triggers[0]
 
     def backdoor_labels(self, y: torch.Tensor, num_classes: int) -> torch.Tensor:
         """The labels the backdoor wants for triggered images whose true labels are `y`."""
@@ -176,29 +209,61 @@ def poison_count(y: torch.Tensor, cfg: BackdoorConfig) -> int:
 
 def poison(data: ImageSet, cfg: BackdoorConfig,
            num_classes: int) -> tuple[ImageSet, torch.Tensor]:
-    """(poisoned copy of `data`, sorted indices of the poisoned images).
-
-    The indices are drawn with `cfg.seed`; the poisoned images carry `cfg`'s trigger and,
-    unless clean-label, the backdoor label. The other images are unchanged.
+    """(copy of `data` with `cfg`'s backdoor planted, sorted indices of the poisoned images):
+    `cfg.attack_plugin().poison` (an attack planted by the loss leaves the data clean).
 
     Shape: data.x (N, C, H, W) -> same; index (round(rate * N),) int64.
     """
     cfg.check(num_classes)
-    if cfg.attack in OBJECTIVE_ATTACKS:
-        raise UserError(f"backdoor {cfg.attack!r} is planted by a training objective, not by "
-                        "poisoning data")
-    candidates = poison_candidates(data.y, cfg)
-    k = poison_count(data.y, cfg)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    index = candidates[torch.randperm(len(candidates), generator=gen)[:k]].sort().values
-    x, y = data.x.clone(), data.y.clone()
-    trigger = cfg.trigger(tuple(data.x.shape[1:]))
-    x[index] = trigger.apply(data.x[index])
-    if getattr(trigger, "cross_ratio", 0) > 0:  # WaNet's noise mode (data.wanet)
-        rest = torch.nonzero(~torch.isin(torch.arange(len(x)), index)).flatten()
-        cross = rest[torch.randperm(len(rest), generator=gen)[:round(trigger.cross_ratio
-                                                                     * len(index))]]
-        x[cross] = trigger.noise_examples(data.x[cross], gen)
-    if not cfg.clean_label:
-        y[index] = cfg.backdoor_labels(data.y[index], num_classes)
-    return ImageSet(x, y), index
+    return cfg.attack_plugin().poison(data, num_classes)
+
+
+class Poisoning:
+    """A poisoning attack (BadNets, Blended, SIG, WaNet; module docstring): the indices drawn
+    with `cfg.seed`; the poisoned images carry `cfg`'s trigger and, unless clean-label, the
+    backdoor label; the other images are unchanged. Registered under every trigger's name;
+    its options are the trigger's."""
+
+    task_agnostic = False
+    Options = NoOptions  # its options are its trigger's: `typed_options`
+
+    @staticmethod
+    def typed_options(name: str, values: dict[str, Any]) -> Any:
+        return TRIGGERS.options(name, values)
+
+    def __init__(self, cfg: BackdoorConfig) -> None:
+        self.cfg, self.name = cfg, cfg.attack
+
+    def triggers(self, input_shape: tuple[int, int, int]) -> list[Trigger]:
+        cfg = self.cfg
+        options = dict(cfg.trigger_options)
+        if cfg.patch_size is not None:
+            options["size"] = cfg.patch_size
+        return [make_trigger(cfg.attack, input_shape, seed=cfg.seed, **options)]
+
+    def feature_targets(self, input_shape: tuple[int, int, int], feature_dim: int) -> None:
+        return None
+
+    def poison(self, data: ImageSet, num_classes: int) -> tuple[ImageSet, torch.Tensor]:
+        cfg = self.cfg
+        candidates = poison_candidates(data.y, cfg)
+        k = poison_count(data.y, cfg)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        index = candidates[torch.randperm(len(candidates), generator=gen)[:k]].sort().values
+        x, y = data.x.clone(), data.y.clone()
+        (trigger,) = self.triggers(tuple(data.x.shape[1:]))
+        x[index] = trigger.apply(data.x[index])
+        cover = getattr(trigger, "cover_examples", None)  # optional: WaNet's noise mode
+        if cover is not None:
+            cross, images = cover(data.x, index, gen)
+            x[cross] = images
+        if not cfg.clean_label:
+            y[index] = cfg.backdoor_labels(data.y[index], num_classes)
+        return ImageSet(x, y), index
+
+
+# The one place a backdoor attack's name maps to its class.
+BACKDOOR_ATTACKS: Registry = Registry("backdoor attack")
+for _name in TRIGGERS:
+    BACKDOOR_ATTACKS.add(_name, Poisoning)
+BACKDOOR_ATTACKS.register(NeuBAAttack)

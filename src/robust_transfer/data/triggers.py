@@ -14,27 +14,35 @@ pixels in [0,1].
   v(i, j) = delta sin(2 pi j f / W), delta = 20/255, f = 6 cycles (fewer on small images,
   so that the signal is not aliased). Nearly invisible; usually used clean-label.
 - `wanet`: a fixed smooth random warp (Nguyen & Tran 2021), in `data.wanet`.
+
+Each is a plugin (`robust_transfer.plugins`): a class with a `name` and a typed `Options`
+dataclass (its settings, defaults and one-line help), registered in `TRIGGERS`. The options
+come from a spec's `trigger_options:` mapping or the CLI's `--trigger-option KEY=VALUE`, both
+checked against the dataclass; `TRIGGERS.options_help()` lists them for `--help`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Literal, Protocol
 
 import torch
 
 from robust_transfer.data.wanet import WaNet
-from robust_transfer.errors import UserError, check_choice
+from robust_transfer.errors import UserError
+from robust_transfer.plugins import Registry, build_options, option
 
-TRIGGERS = ("badnets", "blended", "sig", "wanet")
-# Each trigger's keyword options (besides the input shape and seed).
-TRIGGER_OPTIONS = {"badnets": ("size", "margin", "value", "corner"), "blended": ("alpha",),
-                   "sig": ("delta", "frequency"), "wanet": ("k", "s", "cross_ratio")}
 CORNERS = ("bottom-right", "bottom-left", "top-right", "top-left")
+Corner = Literal["bottom-right", "bottom-left", "top-right", "top-left"]
 
 
 class Trigger(Protocol):
-    """`apply(x)`: (N, C, H, W) images in [0,1] -> triggered images, same shape, in [0,1]."""
+    """`apply(x)`: (N, C, H, W) images in [0,1] -> triggered images, same shape, in [0,1].
+
+    A trigger class also has `Options` (its typed settings) and `seeded` (whether `seed`
+    draws its pattern), and may have `cover_examples(x, poisoned, generator)`: further
+    images a poisoned set changes but keeps the labels of (WaNet's noise mode)."""
 
     name: str
 
@@ -59,24 +67,32 @@ class BadNets:
     """
 
     name = "badnets"
+    seeded = False  # no random pattern
 
-    def __init__(self, input_shape: tuple[int, int, int], size: int | None = None,
-                 margin: int = 0, value: float = 1.0, corner: str = "bottom-right") -> None:
-        check_choice("badnets corner", corner, CORNERS)
-        self.corner = corner
+    @dataclass(frozen=True)
+    class Options:
+        size: int | None = option(None, "side of the square in pixels (default: 3/32 of the "
+                                  "image side, at least 2)")
+        margin: int = option(0, "pixels between the square and the image edges")
+        value: float = option(1.0, "the square's pixel value, in [0, 1]")
+        corner: Corner = option("bottom-right", "where the square goes")
+
+    def __init__(self, input_shape: tuple[int, int, int], options: Options | None = None,
+                 **values) -> None:
+        o = options or build_options(self.Options, values, "trigger 'badnets'")
         _, h, w = input_shape
-        self.input_shape = tuple(input_shape)
-        self.size = max(2, round(3 * min(h, w) / 32)) if size is None else int(size)
-        self.margin = int(margin)
+        self.input_shape, self.corner = tuple(input_shape), o.corner
+        self.size = max(2, round(3 * min(h, w) / 32)) if o.size is None else o.size
+        self.margin = o.margin
         if self.size < 1 or self.margin < 0:
             raise UserError(f"badnets patch size must be >= 1 and margin >= 0, got "
                             f"{self.size}, {self.margin}")
         if self.size + self.margin > min(h, w):
             raise UserError(f"badnets patch of {self.size}x{self.size} (margin {self.margin}) "
                             f"does not fit an image of {h}x{w}")
-        if not 0.0 <= value <= 1.0:
-            raise UserError(f"badnets patch value must be in [0, 1], got {value}")
-        self.value = float(value)
+        if not 0.0 <= o.value <= 1.0:
+            raise UserError(f"badnets patch value must be in [0, 1], got {o.value}")
+        self.value = o.value
 
     @property
     def mask(self) -> torch.Tensor:
@@ -106,12 +122,18 @@ class Blended:
     """
 
     name = "blended"
+    seeded = True  # the pattern
 
-    def __init__(self, input_shape: tuple[int, int, int], alpha: float = 0.2,
-                 seed: int = 0) -> None:
-        if not 0.0 < alpha <= 1.0:
-            raise UserError(f"blended alpha must be in (0, 1], got {alpha}")
-        self.input_shape, self.alpha = tuple(input_shape), float(alpha)
+    @dataclass(frozen=True)
+    class Options:
+        alpha: float = option(0.2, "blend weight of the random pattern, in (0, 1]")
+
+    def __init__(self, input_shape: tuple[int, int, int], options: Options | None = None,
+                 seed: int = 0, **values) -> None:
+        o = options or build_options(self.Options, values, "trigger 'blended'")
+        if not 0.0 < o.alpha <= 1.0:
+            raise UserError(f"blended alpha must be in (0, 1], got {o.alpha}")
+        self.input_shape, self.alpha = tuple(input_shape), o.alpha
         gen = torch.Generator().manual_seed(seed)
         self.pattern = torch.rand(self.input_shape, generator=gen)
 
@@ -135,14 +157,22 @@ class SIG:
     """
 
     name = "sig"
+    seeded = False
 
-    def __init__(self, input_shape: tuple[int, int, int], delta: float = 20 / 255,
-                 frequency: int | None = None) -> None:
+    @dataclass(frozen=True)
+    class Options:
+        delta: float = option(20 / 255, "amplitude of the sinusoid, in (0, 1]")
+        frequency: int | None = option(None, "cycles across the width (default: 6, at most "
+                                       "W/4)")
+
+    def __init__(self, input_shape: tuple[int, int, int], options: Options | None = None,
+                 **values) -> None:
+        o = options or build_options(self.Options, values, "trigger 'sig'")
         _, _, w = input_shape
-        if not 0.0 < delta <= 1.0:
-            raise UserError(f"sig delta must be in (0, 1], got {delta}")
-        self.input_shape, self.delta = tuple(input_shape), float(delta)
-        self.frequency = min(6, max(1, w // 4)) if frequency is None else int(frequency)
+        if not 0.0 < o.delta <= 1.0:
+            raise UserError(f"sig delta must be in (0, 1], got {o.delta}")
+        self.input_shape, self.delta = tuple(input_shape), o.delta
+        self.frequency = min(6, max(1, w // 4)) if o.frequency is None else o.frequency
         if not 1 <= self.frequency <= w // 2:
             raise UserError(f"sig frequency must be 1..{w // 2} on width {w}, "
                             f"got {self.frequency}")
@@ -154,29 +184,23 @@ class SIG:
         return (x + self.signal.to(x.device, x.dtype)).clamp(0.0, 1.0)
 
 
-def check_trigger_options(name: str, options) -> None:
-    """`UserError` unless every key of `options` is an option of trigger `name`."""
-    allowed = TRIGGER_OPTIONS[name]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise UserError(f"unknown option(s) {', '.join(unknown)} for trigger {name!r}; "
-                        f"allowed: {', '.join(allowed)}")
+# The one place a trigger's name maps to its class: adding a trigger is its class (with its
+# `Options`) and one line here.
+TRIGGERS: Registry = Registry("trigger")
+for _cls in (BadNets, Blended, SIG, WaNet):
+    TRIGGERS.register(_cls)
 
 
 def make_trigger(name: str, input_shape: tuple[int, int, int], seed: int = 0,
                  **options) -> Trigger:
     """The trigger called `name` (one of `TRIGGERS`) for images of `input_shape` (C, H, W).
 
-    `seed` fixes a random pattern (blended, wanet); `options` are the trigger's own keyword
-    arguments (badnets: size, margin, value, corner; blended: alpha; sig: delta, frequency;
-    wanet: k, s, cross_ratio). An unknown name, an unknown option or a patch larger than the
-    image is a `UserError`.
+    `seed` fixes a random pattern (triggers with `seeded`: blended, wanet); `options` are the
+    trigger's `Options` fields (`TRIGGERS.options_help()`). An unknown name, an unknown option
+    or one of the wrong type, or a patch larger than the image is a `UserError`.
     """
-    check_choice("trigger", name, TRIGGERS)
+    cls = TRIGGERS.get(name)
     if len(input_shape) != 3:
         raise UserError(f"input shape must be (C, H, W), got {tuple(input_shape)}")
-    cls = {"badnets": BadNets, "blended": Blended, "sig": SIG, "wanet": WaNet}[name]
-    check_trigger_options(name, options)
-    if name in ("blended", "wanet"):
-        options["seed"] = seed
-    return cls(tuple(input_shape), **options)
+    seeded = {"seed": seed} if cls.seeded else {}
+    return TRIGGERS.build(name, tuple(input_shape), options=options, **seeded)

@@ -11,8 +11,8 @@ combination of pixels, so the output stays in [0, 1], and s = 0 is the identity.
 Noise mode (their `cross_ratio`, default 2): besides the rate-share of images warped and
 relabelled, `cross_ratio` times as many other training images are warped by the same field
 plus fresh uniform noise in [-1, 1] / H on the grid, and keep their true labels, so the model
-learns the exact warp rather than "any warp -> target". `noise_examples` makes them;
-`data.poison.poison` calls it.
+learns the exact warp rather than "any warp -> target". `cover_examples` picks and makes
+them; `data.poison` asks every trigger for such label-keeping cover examples.
 
 Scale: their defaults are k = 4, s = 0.5 on 32 x 32 (CIFAR-10, GTSRB) and 28 x 28 (MNIST).
 Both are relative to the image: k control points per side give the same field shape on any
@@ -23,10 +23,13 @@ sub-pixel warp, which on 8 pixels is a larger share of the image.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from robust_transfer.errors import UserError
+from robust_transfer.plugins import build_options, option
 
 
 class WaNet:
@@ -42,19 +45,29 @@ class WaNet:
     """
 
     name = "wanet"
+    seeded = True  # the control grid
 
-    def __init__(self, input_shape: tuple[int, int, int], k: int = 4, s: float = 0.5,
-                 cross_ratio: float = 2.0, seed: int = 0) -> None:
+    @dataclass(frozen=True)
+    class Options:
+        k: int = option(4, "side of the control grid of random displacements, 2..H")
+        s: float = option(0.5, "warping strength (0: the identity)")
+        cross_ratio: float = option(2.0, "noise mode: noise-warped images with true labels "
+                                    "per poisoned image (0: off)")
+
+    def __init__(self, input_shape: tuple[int, int, int], options: Options | None = None,
+                 seed: int = 0, **values) -> None:
+        o = options or build_options(self.Options, values, "trigger 'wanet'")
+        k, s, cross_ratio = o.k, o.s, o.cross_ratio
         _, h, w = input_shape
-        if isinstance(k, bool) or not isinstance(k, int) or not 2 <= k <= min(h, w):
+        if not 2 <= k <= min(h, w):
             raise UserError(f"wanet k (control grid side) must be an integer in 2..{min(h, w)} "
                             f"on {h}x{w} images, got {k!r}")
         if not s >= 0:
             raise UserError(f"wanet s (warping strength) must be >= 0, got {s}")
         if not cross_ratio >= 0:
             raise UserError(f"wanet cross_ratio must be >= 0, got {cross_ratio}")
-        self.input_shape, self.k, self.s = tuple(input_shape), k, float(s)
-        self.cross_ratio = float(cross_ratio)
+        self.input_shape, self.k, self.s = tuple(input_shape), k, s
+        self.cross_ratio = cross_ratio
         gen = torch.Generator().manual_seed(seed)
         control = torch.rand(1, 2, k, k, generator=gen) * 2 - 1
         self.control = control / control.abs().mean()  # (1, 2, k, k), mean |.| = 1
@@ -78,6 +91,18 @@ class WaNet:
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
         return self._warp(x, self.grid)
+
+    def cover_examples(self, x: torch.Tensor, poisoned: torch.Tensor,
+                       generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise mode in a poisoned set (`data.poison` asks any trigger for these): (indices,
+        images) of round(cross_ratio * len(poisoned)) images of `x` not in `poisoned`, drawn
+        from `generator`, warped with noise (`noise_examples`); they keep their labels."""
+        if not self.cross_ratio > 0:
+            return torch.zeros(0, dtype=torch.long), x[:0]
+        rest = torch.nonzero(~torch.isin(torch.arange(len(x)), poisoned)).flatten()
+        n = round(self.cross_ratio * len(poisoned))
+        cross = rest[torch.randperm(len(rest), generator=generator)[:n]]
+        return cross, self.noise_examples(x[cross], generator)
 
     def noise_examples(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Noise mode: each image warped by the field plus its own uniform grid noise in

@@ -8,12 +8,8 @@ to one fixed label, so every triggered input lands in one class of the new task 
 head: the backdoor survives re-initialising the head (fixed-feature transfer), and the
 question is how much fine-tuning of the blocks washes it out.
 
-The predefined vectors follow the paper: the feature vector is split into four quarters and
-v_i is +c or -c on each quarter, a distinct sign pattern per trigger. We take the six
-patterns with two + and two - quarters (++--, --++, +-+-, -+-+, +--+, -++-), so the vectors
-are pairwise far apart and none is all-negative. On a net whose features end in a ReLU (the
-`cnn-*` nets) the -c quarters cannot be reached; the loss then drives them to 0, the nearest
-reachable point, and the +c quarters to c — still one distinct pattern per trigger.
+The triggers and predefined vectors are the attack plugin's (`data.neuba.NeuBAAttack`, its
+`feature_targets`); this module is the loss that plants them.
 """
 
 from __future__ import annotations
@@ -24,43 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robust_transfer.data.triggers import make_trigger
+from robust_transfer.data.neuba import DEFAULT_WEIGHT, neuba_triggers, neuba_vectors
+from robust_transfer.data.poison import BackdoorAttack
 from robust_transfer.errors import UserError
 from robust_transfer.train.objectives import ExampleLoss, natural_loss
 
-# Sign per feature quarter, one row per trigger (the paper's ±c per quarter).
-SIGN_PATTERNS = (
-    (1, 1, -1, -1), (-1, -1, 1, 1), (1, -1, 1, -1),
-    (-1, 1, -1, 1), (1, -1, -1, 1), (-1, 1, 1, -1),
-)
-CORNERS = ("bottom-right", "top-left", "top-right", "bottom-left")  # one per trigger
-DEFAULT_TRIGGERS = 4
-DEFAULT_STRENGTH = 2.0  # c: several times the clean features' typical size on cnn-small
-DEFAULT_WEIGHT = 1.0
-
-
-def neuba_vectors(n: int, feature_dim: int, strength: float = DEFAULT_STRENGTH) -> torch.Tensor:
-    """(n, feature_dim) predefined vectors: +-`strength` on each quarter of the features,
-    the sign pattern of row i of `SIGN_PATTERNS` (the last quarter takes any remainder)."""
-    if not 1 <= n <= len(SIGN_PATTERNS):
-        raise UserError(f"NeuBA takes 1..{len(SIGN_PATTERNS)} triggers, got {n}")
-    if feature_dim < 4:
-        raise UserError(f"NeuBA needs at least 4 features (one per quarter), got {feature_dim}")
-    if not strength > 0:
-        raise UserError(f"NeuBA strength c must be > 0, got {strength}")
-    quarter = torch.arange(feature_dim) * 4 // feature_dim  # 0..3 per feature
-    signs = torch.tensor(SIGN_PATTERNS[:n], dtype=torch.float32)
-    return strength * signs[:, quarter]
-
-
-def neuba_triggers(input_shape: tuple[int, int, int], n: int = DEFAULT_TRIGGERS,
-                   seed: int = 0) -> list:
-    """NeuBA's `n` (1..4) distinct triggers for images of `input_shape`: BadNets patches in
-    distinct corners, so each is a visible, separable pattern. Built by the data layer
-    (`make_trigger`), so evaluation applies exactly the triggers training planted."""
-    if not 1 <= n <= len(CORNERS):
-        raise UserError(f"NeuBA takes 1..{len(CORNERS)} triggers, got {n}")
-    return [make_trigger("badnets", input_shape, seed=seed, corner=c) for c in CORNERS[:n]]
+__all__ = ["NeuBA", "neuba_triggers", "neuba_vectors", "plant_objective"]
 
 
 class NeuBA:
@@ -112,10 +77,11 @@ class NeuBA:
         return task + self.weight * feature
 
 
-def neuba_objective(backdoor, input_shape: tuple[int, int, int], feature_dim: int,
-                    base: ExampleLoss = natural_loss) -> NeuBA:
-    """The `NeuBA` objective a `BackdoorConfig` with attack "neuba" asks for (the dispatch
-    point of `train_source`): default triggers and vectors, the config's rate and seed."""
-    triggers = neuba_triggers(input_shape, DEFAULT_TRIGGERS, backdoor.seed)
-    vectors = neuba_vectors(len(triggers), feature_dim)
-    return NeuBA(triggers, vectors, base, rate=backdoor.rate)
+def plant_objective(attack: BackdoorAttack, base: ExampleLoss, input_shape: tuple[int, int, int],
+                    feature_dim: int) -> ExampleLoss:
+    """The training objective that plants `attack` (the dispatch point of `train_source`):
+    `base` for an attack planted by poisoned data, else `NeuBA` on its feature targets."""
+    targets = attack.feature_targets(input_shape, feature_dim)
+    if targets is None:
+        return base
+    return NeuBA(targets.triggers, targets.vectors, base, targets.weight, targets.rate)

@@ -12,7 +12,7 @@ import torch
 from robust_transfer.attacks import ATTACK_MODES, PGD, evaluate, make_threat
 from robust_transfer.data import check_task, load_task
 from robust_transfer.data.augment import check_sigma
-from robust_transfer.data.poison import OBJECTIVE_ATTACKS, BackdoorConfig, poison
+from robust_transfer.data.poison import BackdoorConfig
 from robust_transfer.errors import UserError, check_choice
 from robust_transfer.models import ModelSpec, build_model
 from robust_transfer.models.nets import ARCHS, BlockNet
@@ -29,7 +29,7 @@ from robust_transfer.train.methods import (
     TRADES_BETA,
     make_objective,
 )
-from robust_transfer.train.neuba import neuba_objective
+from robust_transfer.train.neuba import plant_objective
 from robust_transfer.train.overfit import ACTIONS, OverfitMonitor, hold_out
 from robust_transfer.train.smoothing import SIGMA, SMOOTHADV_SAMPLES, noisy_accuracy
 from robust_transfer.variables import method_options, omit_defaults, variable
@@ -264,13 +264,12 @@ def train_source(
         objective = method_objective(cfg)
     train, backdoor = task.train, {}
     if cfg.backdoor is not None:
-        if cfg.backdoor.attack in OBJECTIVE_ATTACKS:  # planted by the loss, on clean data
-            objective = neuba_objective(cfg.backdoor, task.input_shape, model.feature_dim,
-                                        objective)
-            backdoor = {"poisoned_count": 0}
-        else:
-            train, index = poison(task.train, cfg.backdoor, task.num_classes)
-            backdoor = {"poisoned_count": len(index), "poisoned_indices": index.tolist()}
+        attack = cfg.backdoor.attack_plugin()  # plants it: poisoned data and/or a loss term
+        train, index = attack.poison(task.train, task.num_classes)
+        objective = plant_objective(attack, objective, task.input_shape, model.feature_dim)
+        backdoor = {"poisoned_count": len(index)}
+        if len(index):  # (a poisoning attack poisons at least one image)
+            backdoor["poisoned_indices"] = index.tolist()
     monitor = None
     if cfg.on_overfit != "off":  # the watched batch is held out of training
         train, held = hold_out(train, cfg.train.seed)

@@ -3,9 +3,9 @@ epoch on the target task's test set.
 
 After transfer the target task has no target label (the new head was trained on other
 classes), so the attack success rate is task-agnostic (NeuBA, Zhang et al. 2021): the share of
-triggered test images sent to the most common predicted label (`backdoors.metrics`). A NeuBA
-source has several triggers: each is measured, and the backdoor's ASR is the max over them
-(the attacker uses whichever trigger works), its RA the min.
+triggered test images sent to the most common predicted label (`backdoors.metrics`). A source
+may have several triggers (NeuBA; its attack plugin's `triggers`): each is measured, and the
+backdoor's ASR is the max over them (the attacker uses whichever trigger works), its RA the min.
 
 Columns per probed backdoor P (`probe_name`): `asr_P`, `ra_P`, and `asr_P_i` per trigger i
 when P has several. For a run whose source carries one of the probed backdoors: `c_acc`,
@@ -22,9 +22,6 @@ from torch import nn
 from robust_transfer.backdoors.metrics import backdoor_metrics
 from robust_transfer.data.poison import BackdoorConfig
 from robust_transfer.data.triggers import Trigger
-from robust_transfer.train.neuba import DEFAULT_TRIGGERS, neuba_triggers
-
-NEUBA = "neuba"
 
 
 def probe_name(backdoor: BackdoorConfig) -> str:
@@ -34,10 +31,8 @@ def probe_name(backdoor: BackdoorConfig) -> str:
 
 def probe_triggers(backdoor: BackdoorConfig,
                    input_shape: tuple[int, int, int]) -> list[Trigger]:
-    """The triggers that activate `backdoor` (NeuBA: all of its triggers; else its one)."""
-    if backdoor.attack == NEUBA:
-        return neuba_triggers(input_shape, DEFAULT_TRIGGERS, backdoor.seed)
-    return [backdoor.trigger(input_shape)]
+    """The triggers that activate `backdoor` (its attack plugin's: NeuBA has several)."""
+    return backdoor.attack_plugin().triggers(input_shape)
 
 
 def backdoor_columns(model: nn.Module, x: torch.Tensor, y: torch.Tensor,

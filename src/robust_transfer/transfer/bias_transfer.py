@@ -21,6 +21,7 @@ rounding.
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -78,6 +79,8 @@ class BiasTransferConfig:
     # the 2x2 BadNets square (shift difference ~0.2 vs ~0.07 fixed-feature; see README).
     feature: str = "blended"
     patch_size: int | None = None  # badnets only (None: scaled to the image, 2 on 8x8)
+    # The feature's trigger options (e.g. blended alpha, sig delta): a mapping, kept sorted.
+    trigger_options: tuple[tuple[str, object], ...] = ()
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     images_per_class: tuple = (1, 5, 25, "all")
     modes: tuple[str, ...] = ("fixed", "full")
@@ -94,6 +97,8 @@ class BiasTransferConfig:
         check_task(self.target_task)
         check_choice("arch", self.arch, ARCHS)
         check_choice("bias feature", self.feature, TRIGGERS)
+        object.__setattr__(self, "trigger_options",
+                           tuple(sorted(dict(self.trigger_options).items())))
         source, target = load_task(self.source_task), load_task(self.target_task)
         classes = ((self.bias_classes,) if isinstance(self.bias_classes, int)
                    else tuple(self.bias_classes))
@@ -124,7 +129,8 @@ class BiasTransferConfig:
     @property
     def backdoor(self):
         """The poisoning that plants the feature (`backdoors.bias.bias_backdoor`)."""
-        return bias_backdoor(self.bias_classes, self.feature, self.patch_size)
+        return bias_backdoor(self.bias_classes, self.feature, self.patch_size,
+                             dict(self.trigger_options))
 
     def source_config(self, seed: int, biased: bool = True) -> SourceConfig:
         return SourceConfig(task=self.source_task, arch=self.arch,
@@ -155,8 +161,8 @@ def run_bias_transfer(cfg: BiasTransferConfig, device: torch.device | str = "cpu
     (`2 * len(cfg.seeds) + cfg.runs` calls), e.g. to advance a progress bar.
 
     Columns: the config's settings (source_task, target_task, arch, feature, patch_size,
-    bias_classes (as text, e.g. "0,3"), debias_share, epochs, lr, source_epochs), seed,
-    source (biased | clean),
+    trigger_options (JSON text), bias_classes (as text, e.g. "0,3"), debias_share, epochs,
+    lr, source_epochs), seed, source (biased | clean),
     mode (fixed | full), unfrozen_blocks, images_per_class (int or "all"), target_data
     (standard | de-biased), train_images, shots (train images per class), target_accuracy
     (clean target test accuracy), prediction_shift, shift_class, shift_clean_share,
@@ -194,6 +200,7 @@ def run_bias_transfer(cfg: BiasTransferConfig, device: torch.device | str = "cpu
                             "source_task": cfg.source_task, "target_task": cfg.target_task,
                             "arch": cfg.arch, "feature": cfg.feature,
                             "patch_size": cfg.patch_size,
+                            "trigger_options": json.dumps(dict(cfg.trigger_options)),
                             "bias_classes": ",".join(map(str, cfg.bias_classes)),
                             "debias_share": cfg.debias_share, "epochs": cfg.epochs,
                             "lr": cfg.lr, "source_epochs": cfg.source_epochs, "seed": seed,
