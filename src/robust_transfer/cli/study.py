@@ -36,7 +36,12 @@ from robust_transfer.train.methods import ATTACK_MODE, METHODS
 from robust_transfer.train.overfit import ACTIONS
 from robust_transfer.transfer import FinetuneConfig
 from robust_transfer.transfer.certify_study import certify_sources
-from robust_transfer.transfer.executors import Executor, LocalExecutor, make_executor
+from robust_transfer.transfer.executors import (
+    Executor,
+    LocalExecutor,
+    executors_help,
+    make_executor,
+)
 from robust_transfer.transfer.grid import (
     check_engine,
     demo_spec_path,
@@ -229,8 +234,8 @@ def grid(
     workers: int = typer.Option(2, "--workers", help="Parallel runs per machine (each run "
                                 "uses one thread, so numbers do not depend on it)."),
     device: str = DEVICE_OPTION,
-    executor: str = typer.Option("local", "--executor", help="local (this machine's "
-                                 "processes) | ray (pip install robust_transfer[ray])."),
+    executor: str = typer.Option("local", "--executor", help=f"{executors_help()}; Ray: "
+                                 "pip install robust_transfer[ray]."),
     address: str = typer.Option(None, "--address", help="Ray cluster address (e.g. auto, "
                                 "ray://host:10001); default: a local Ray for this run."),
     tasks_per_gpu: int = typer.Option(4, "--tasks-per-gpu", help="Ray: runs sharing one GPU "
