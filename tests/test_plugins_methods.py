@@ -1,0 +1,99 @@
+"""Training methods, input defenses, executors and distillation objectives as plugins
+(`robust_transfer.plugins`): names from each registry, unknown names and options as one-line
+`UserError`s (exit 2 from the CLI), input defenses honouring their seed, executors by name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from robust_transfer.cli import main
+from robust_transfer.defenses import INPUT_DEFENSES, RandomResizePad, parse_defenses
+from robust_transfer.defenses.parse import build_defense
+from robust_transfer.errors import UserError
+from robust_transfer.transfer.executors import EXECUTORS, LocalExecutor, make_executor
+from robust_transfer.transfer.ray_executor import RayExecutor
+
+X = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
+# ---- input defenses ---------------------------------------------------------------------
+
+def test_input_defense_names_and_typed_parameters():
+    assert INPUT_DEFENSES.names() == ("squeeze-bits", "median", "random-resize")
+    spec, = parse_defenses("squeeze-bits:3+median+random-resize:12")
+    assert [(n, o) for n, o in spec.parts] == [
+        ("squeeze-bits", INPUT_DEFENSES.options("squeeze-bits", {"bits": 3})),
+        ("median", INPUT_DEFENSES.options("median", {"size": 2})),
+        ("random-resize", INPUT_DEFENSES.options("random-resize", {"size": 12}))]
+    assert spec.label == "squeeze-bits:3+median:2+random-resize:12"
+    bits, median, resize = spec.transforms(seed=1)
+    assert (bits.bits, median.size, resize.size, resize.seed) == (3, 2, 12, 1)
+    with pytest.raises(UserError, match=r"unknown option\(s\) levels for input defense "
+                                        r"'squeeze-bits'; allowed: bits"):
+        INPUT_DEFENSES.options("squeeze-bits", {"levels": 3})
+    with pytest.raises(UserError, match="option bits must be int, got 2.5"):
+        INPUT_DEFENSES.options("squeeze-bits", {"bits": 2.5})
+
+
+@pytest.mark.parametrize("name", [n for n in INPUT_DEFENSES if INPUT_DEFENSES.get(n).randomized])
+def test_every_random_defense_draws_from_the_seed_it_is_given(name):
+    options = INPUT_DEFENSES.options(name)
+    first = build_defense(name, options, seed=7)(X)
+    assert torch.equal(build_defense(name, options, seed=7)(X), first)  # same seed, same draws
+    assert not torch.equal(build_defense(name, options, seed=8)(X), first)
+
+
+def test_defense_spec_seeds_every_random_transform_of_its_chain():
+    spec, = parse_defenses("random-resize+random-resize")
+    out = spec.build(nn.Identity(), seed=5)(X)
+    assert torch.equal(spec.build(nn.Identity(), seed=5)(X), out)
+    assert not torch.equal(spec.build(nn.Identity(), seed=6)(X), out)
+    # the first random transform draws from the seed itself (the numbers of a one-transform
+    # defense are those of before), the second from its own stream: not a repeat of the first
+    first, second = spec.transforms(seed=5)
+    assert torch.equal(first(X), RandomResizePad(seed=5)(X))
+    middle = RandomResizePad(seed=5)(X)  # 10 x 10
+    assert not torch.equal(second(middle), RandomResizePad(seed=5)(middle))
+    # reseeding the defended model restarts the streams `build` gave it
+    defended = spec.build(nn.Identity(), seed=5)
+    defended(X)
+    defended.reseed(5)
+    assert torch.equal(defended(X), out)
+
+
+def test_unknown_input_defense_is_one_line_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["defend", str(tmp_path / "missing"), "--defense", "blur"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert err.startswith("error: unknown defense 'blur'; defenses: squeeze-bits[:N]")
+
+
+# ---- executors ----------------------------------------------------------------------------
+
+def test_executors_by_name_with_their_options():
+    assert EXECUTORS.names() == ("local", "ray")
+    assert EXECUTORS.get("ray") is RayExecutor
+    local = make_executor("local", workers=3, tasks_per_gpu=2, use_gpus=False)
+    assert isinstance(local, LocalExecutor) and local.workers == 3
+    assert [f for f in EXECUTORS.options("ray").__dataclass_fields__] == [
+        "workers", "address", "tasks_per_gpu", "use_gpus"]
+    with pytest.raises(UserError, match="unknown executor 'dask'; allowed: local, ray"):
+        make_executor("dask")
+    with pytest.raises(UserError, match="executor 'local' option workers must be int"):
+        make_executor("local", workers="2")
+
+
+def test_unknown_executor_is_one_line_exit_2(tmp_path, capsys):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("source: {task: synthetic-0to4, epochs: 1}\nsources: [{eps: 0.0}]\n"
+                    "targets: [synthetic-5to9]\nimages_per_class: [1]\nunfrozen_blocks: [0]\n"
+                    "epochs: 1\nseeds: [0]\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["grid", str(spec), "--out", str(tmp_path / "g"), "--executor", "dask"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2
+    assert err == "error: unknown executor 'dask'; allowed: local, ray"
+    assert not (tmp_path / "g").exists()
