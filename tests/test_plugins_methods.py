@@ -12,8 +12,20 @@ from robust_transfer.cli import main
 from robust_transfer.defenses import INPUT_DEFENSES, RandomResizePad, parse_defenses
 from robust_transfer.defenses.parse import build_defense
 from robust_transfer.errors import UserError
+from robust_transfer.train import SourceConfig
+from robust_transfer.train.methods import (
+    ATTACK_MODE,
+    METHODS,
+    NOISE_METHODS,
+    ROBUST_METHODS,
+    TRAINING_METHODS,
+    FreeLoss,
+    TRADESLoss,
+    make_objective,
+)
 from robust_transfer.transfer.executors import EXECUTORS, LocalExecutor, make_executor
 from robust_transfer.transfer.ray_executor import RayExecutor
+from robust_transfer.variables import method_options
 
 X = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
 
@@ -97,3 +109,49 @@ def test_unknown_executor_is_one_line_exit_2(tmp_path, capsys):
     assert exit_info.value.code == 2
     assert err == "error: unknown executor 'dask'; allowed: local, ray"
     assert not (tmp_path / "g").exists()
+
+
+# ---- training methods ---------------------------------------------------------------------
+
+def test_training_method_facts_and_the_tables_derived_from_them():
+    assert TRAINING_METHODS.names() == METHODS == (
+        "natural", "pgd", "fgsm", "fast", "free", "trades", "gaussian", "smoothadv")
+    assert ROBUST_METHODS == ("pgd", "fgsm", "fast", "free", "trades", "smoothadv")
+    assert NOISE_METHODS == ("gaussian", "smoothadv")
+    # the model's mode while examples are made, as in each method's reference code
+    assert ATTACK_MODE == {"pgd": "eval", "fgsm": "train", "fast": "train", "free": "train",
+                           "trades": "eval"}
+    # SourceConfig's method options take their owners and defaults from the plugins
+    assert method_options(SourceConfig) == {
+        "trades_beta": (("trades",), 6.0), "free_replays": (("free",), 8),
+        "sigma": (("gaussian", "smoothadv"), 0.25), "noise_samples": (("smoothadv",), 1),
+        "trades_attack": (("trades",), "reference")}
+    assert SourceConfig(eps=0.5, method="fast").on_overfit == "warn"
+    cfg = SourceConfig(eps=0.5, method="trades", trades_beta=2)
+    assert cfg.plugin_options() == TRAINING_METHODS.options("trades", {"trades_beta": 2.0})
+
+
+def test_objectives_by_name_take_their_typed_options():
+    free = make_objective("free", 0.1, "linf", free_replays=3, sigma=None)
+    assert isinstance(free, FreeLoss) and free.replays == 3
+    trades = make_objective("trades", 0.1, "linf", trades_beta=2, free_replays=3)
+    assert isinstance(trades, TRADESLoss) and trades.beta == 2.0 and trades.mode == "eval"
+    with pytest.raises(UserError, match=r"unknown training method option\(s\) beta; allowed: "
+                                        "free_replays, trades_beta"):
+        make_objective("trades", 0.1, "linf", beta=2)
+    with pytest.raises(UserError, match="free replays must be an integer >= 1, got 0"):
+        make_objective("free", 0.1, "linf", free_replays=0)
+    with pytest.raises(UserError, match="training method 'free' option free_replays must be "
+                                        "int, got 1.5"):
+        make_objective("free", 0.1, "linf", free_replays=1.5)
+    with pytest.raises(UserError, match="unknown training method 'sgd'; allowed: natural, "):
+        make_objective("sgd", 0.1, "linf")
+
+
+def test_unknown_training_method_is_one_line_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--out", str(tmp_path / "o"), "--method", "sgd", "--eps", "0.1"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert err.startswith("error: unknown training method 'sgd'; allowed: natural, pgd")
+    assert not (tmp_path / "o").exists()
