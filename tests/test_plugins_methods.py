@@ -13,6 +13,14 @@ from robust_transfer.defenses import INPUT_DEFENSES, RandomResizePad, parse_defe
 from robust_transfer.defenses.parse import build_defense
 from robust_transfer.errors import UserError
 from robust_transfer.train import SourceConfig
+from robust_transfer.train.distill import (
+    DISTILL_OBJECTIVES,
+    ARDLoss,
+    DistillConfig,
+    KDLoss,
+    SoftLabelLoss,
+    distill_objective,
+)
 from robust_transfer.train.methods import (
     ATTACK_MODE,
     METHODS,
@@ -155,3 +163,41 @@ def test_unknown_training_method_is_one_line_exit_2(tmp_path, capsys):
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1
     assert err.startswith("error: unknown training method 'sgd'; allowed: natural, pgd")
     assert not (tmp_path / "o").exists()
+
+
+# ---- distillation objectives --------------------------------------------------------------
+
+def test_distillation_objectives_by_name_with_typed_options():
+    assert DISTILL_OBJECTIVES.names() == ("kd", "ard", "defensive")
+    assert [DISTILL_OBJECTIVES.get(n).attack_mode for n in DISTILL_OBJECTIVES] == [
+        None, "train", None]  # ARD's code attacks the student in train mode
+    assert DISTILL_OBJECTIVES.options("defensive").temperature == 100.0  # Papernot et al.
+    teacher = nn.Linear(4, 3)
+    kd = distill_objective(DistillConfig("kd", 2, 0.5), teacher, 0.0, "l2")
+    assert isinstance(kd, KDLoss) and (kd.temperature, kd.alpha) == (2.0, 0.5)
+    ard = distill_objective(DistillConfig("ard", kl_scaling="code"), teacher, 0.5, "l2")
+    assert isinstance(ard, ARDLoss) and ard.kl_scaling == "code"
+    assert ard.examples.mode == "train" and ard.examples.eps == 0.5
+    soft = distill_objective(DistillConfig("defensive", 50.0), teacher, 0.0, "l2")
+    assert isinstance(soft, SoftLabelLoss) and soft.temperature == 50.0
+    with pytest.raises(UserError, match="unknown distillation objective 'fitnets'; allowed: "
+                                        "kd, ard, defensive"):
+        DistillConfig("fitnets")
+    with pytest.raises(UserError, match=r"unknown option\(s\) kl_scaling for distillation "
+                                        "objective 'kd'"):
+        DISTILL_OBJECTIVES.options("kd", {"kl_scaling": "code"})
+    with pytest.raises(UserError, match="option temperature must be float, got 'hot'"):
+        DISTILL_OBJECTIVES.options("kd", {"temperature": "hot"})
+    with pytest.raises(UserError, match="unknown ARD KL scaling 'half'"):
+        DistillConfig("ard", kl_scaling="half")
+    with pytest.raises(UserError, match="ARD only"):
+        DistillConfig("kd", kl_scaling="code")
+
+
+def test_bad_distillation_option_is_one_line_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["distill", str(tmp_path / "teacher"), "--out", str(tmp_path / "s"),
+              "--temperature", "0"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err == "error: temperature must be > 0, got 0.0"
+    assert not (tmp_path / "s").exists()

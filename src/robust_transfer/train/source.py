@@ -16,7 +16,7 @@ from robust_transfer.errors import UserError, check_choice
 from robust_transfer.models import ModelSpec, build_model
 from robust_transfer.models.nets import ARCHS, BlockNet
 from robust_transfer.models.runtime import accuracy, amp_enabled
-from robust_transfer.train.distill import ARD_ATTACK_MODE, DistillConfig, distill_objective
+from robust_transfer.train.distill import DISTILL_OBJECTIVES, DistillConfig, distill_objective
 from robust_transfer.train.loop import TrainConfig, fit
 from robust_transfer.train.methods import (
     ATTACK_MODE,
@@ -150,8 +150,8 @@ class SourceConfig:
         """Resolve `attack_mode` to the method's reference default; refuse it where no
         examples are made (natural, KD, defensive distillation) and eval for free AT."""
         distill = getattr(self.distill, "method", None)
-        reference = (ARD_ATTACK_MODE if distill == "ard" else None) if distill else \
-            ATTACK_MODE.get(method)
+        reference = (DISTILL_OBJECTIVES.get(distill) if distill else
+                     TRAINING_METHODS.get(method)).attack_mode
         if reference is None:
             if self.attack_mode is not None:
                 what = f"{distill} distillation" if distill else f"method {method!r}"
