@@ -104,18 +104,28 @@ def test_executors_by_name_with_their_options():
         make_executor("dask")
     with pytest.raises(UserError, match="executor 'local' option workers must be int"):
         make_executor("local", workers="2")
+    # options by KEY=VALUE (the CLI's --executor-option) reach the executor's own settings
+    assert make_executor("local", options={"workers": 4}).workers == 4
+    with pytest.raises(UserError, match=r"unknown option\(s\) tasks_per_gpu for executor "
+                                        "'local'; allowed: workers"):
+        make_executor("local", options={"tasks_per_gpu": 2})
 
 
-def test_unknown_executor_is_one_line_exit_2(tmp_path, capsys):
+@pytest.mark.parametrize("args, message", [
+    (["--executor", "dask"], "unknown executor 'dask'; allowed: local, ray"),
+    (["--executor-option", "threads=2"], "unknown option(s) threads for executor 'local'; "
+                                         "allowed: workers"),
+    (["--executor-option", "workers"], "--executor-option takes KEY=VALUE, got 'workers'"),
+])
+def test_bad_executor_is_one_line_exit_2(tmp_path, capsys, args, message):
     spec = tmp_path / "spec.yaml"
     spec.write_text("source: {task: synthetic-0to4, epochs: 1}\nsources: [{eps: 0.0}]\n"
                     "targets: [synthetic-5to9]\nimages_per_class: [1]\nunfrozen_blocks: [0]\n"
                     "epochs: 1\nseeds: [0]\n")
     with pytest.raises(SystemExit) as exit_info:
-        main(["grid", str(spec), "--out", str(tmp_path / "g"), "--executor", "dask"])
+        main(["grid", str(spec), "--out", str(tmp_path / "g"), *args])
     err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2
-    assert err == "error: unknown executor 'dask'; allowed: local, ray"
+    assert exit_info.value.code == 2 and err == f"error: {message}"
     assert not (tmp_path / "g").exists()
 
 

@@ -28,6 +28,7 @@ from robust_transfer.data import TASKS
 from robust_transfer.errors import UserError
 from robust_transfer.models import ARCHS, save_checkpoint
 from robust_transfer.models.runtime import check_device, resolve_device
+from robust_transfer.plugins import parse_assignments
 from robust_transfer.report.backdoor_transfer import make_backdoor_report
 from robust_transfer.report.certify_transfer import make_certify_report
 from robust_transfer.report.study import headline_rows, make_report
@@ -37,6 +38,7 @@ from robust_transfer.train.overfit import ACTIONS
 from robust_transfer.transfer import FinetuneConfig
 from robust_transfer.transfer.certify_study import certify_sources
 from robust_transfer.transfer.executors import (
+    EXECUTORS,
     Executor,
     LocalExecutor,
     executors_help,
@@ -240,6 +242,9 @@ def grid(
                                 "ray://host:10001); default: a local Ray for this run."),
     tasks_per_gpu: int = typer.Option(4, "--tasks-per-gpu", help="Ray: runs sharing one GPU "
                                       "when the cluster has GPUs."),
+    executor_option: list[str] = typer.Option(None, "--executor-option", help="KEY=VALUE, "
+                                              "repeatable: an option of the executor; "
+                                              + EXECUTORS.options_help().replace("\n", "; ")),
     engine: str = typer.Option("auto", "--engine", help="auto (runs of one shape trained "
                                "together where a batched engine covers them, else one by "
                                "one) | batched (an error for a run it cannot cover) | "
@@ -267,7 +272,8 @@ def grid(
     if executor == "local":
         resolve_device(device)  # the runs are this machine's: absent CUDA is an error now
     use_gpus = device != "cpu"  # Ray: GPUs where the cluster has them; workers resolve "auto"
-    pool = make_executor(executor, workers, address, tasks_per_gpu, use_gpus)
+    pool = make_executor(executor, workers, address, tasks_per_gpu, use_gpus,
+                         parse_assignments(executor_option or [], "--executor-option"))
     _run_grid_with_progress(spec, out, workers, device, pool, engine, max_memory)
 
 

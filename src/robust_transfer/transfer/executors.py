@@ -23,10 +23,10 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, fields
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 
@@ -132,11 +132,14 @@ def executors_help() -> str:
 
 
 def make_executor(name: str = "local", workers: int = 1, address: str | None = None,
-                  tasks_per_gpu: int = 4, use_gpus: bool = True) -> Executor:
+                  tasks_per_gpu: int = 4, use_gpus: bool = True,
+                  options: Mapping[str, Any] | None = None) -> Executor:
     """The executor a user names (`EXECUTORS`: `local`, this machine's processes; `ray`, a
     Ray cluster at `address` or a local Ray started for the run, `tasks_per_gpu` runs sharing
-    a GPU unless not `use_gpus`). Each executor takes the settings its `Options` declare; an
-    `address` given to one that takes none is an error (it would be silently ignored)."""
+    a GPU unless not `use_gpus`). Each executor takes the settings its `Options` declare, and
+    `options` (e.g. the CLI's `--executor-option KEY=VALUE`) may set any of them; an unknown
+    one is a `UserError`, and so is an `address` for an executor that takes none (it would be
+    silently ignored)."""
     cls = EXECUTORS.get(name)
     takes = {f.name for f in fields(cls.Options)}
     if address is not None and "address" not in takes:
@@ -146,5 +149,5 @@ def make_executor(name: str = "local", workers: int = 1, address: str | None = N
                         f"add --executor {owners[0]}")
     given = {"workers": workers, "address": address, "tasks_per_gpu": tasks_per_gpu,
              "use_gpus": use_gpus}
-    options = EXECUTORS.options(name, {k: v for k, v in given.items() if k in takes})
-    return cls(**asdict(options))
+    values = {k: v for k, v in given.items() if k in takes} | dict(options or {})
+    return cls(**asdict(EXECUTORS.options(name, values)))
