@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 from torch import nn
@@ -12,6 +14,7 @@ from robust_transfer.cli import main
 from robust_transfer.defenses import INPUT_DEFENSES, RandomResizePad, parse_defenses
 from robust_transfer.defenses.parse import build_defense
 from robust_transfer.errors import UserError
+from robust_transfer.plugins import option
 from robust_transfer.train import SourceConfig
 from robust_transfer.train.distill import (
     DISTILL_OBJECTIVES,
@@ -93,22 +96,67 @@ def test_unknown_input_defense_is_one_line_exit_2(tmp_path, capsys):
 
 # ---- executors ----------------------------------------------------------------------------
 
-def test_executors_by_name_with_their_options():
-    assert EXECUTORS.names() == ("local", "ray")
+class LabelledExecutor(LocalExecutor):
+    """Runs here, and carries a label (an executor plugin with an option of its own)."""
+
+    name = "labelled"
+    used: list = []
+
+    @dataclass(frozen=True)
+    class Options:
+        workers: int = option(1, "parallel runs")
+        label: str = option("", "a label")
+
+    def __init__(self, workers: int = 1, label: str = "") -> None:
+        super().__init__(workers)
+        self.label = label
+        LabelledExecutor.used.append(self)
+
+
+@pytest.fixture
+def labelled(monkeypatch):
+    """`labelled` registered for one test: no other file changes for a new executor."""
+    monkeypatch.setitem(EXECUTORS._plugins, "labelled", LabelledExecutor)
+    LabelledExecutor.used.clear()
+    return LabelledExecutor
+
+
+def test_executors_by_name_with_their_options(labelled):
     assert EXECUTORS.get("ray") is RayExecutor
     local = make_executor("local", workers=3, tasks_per_gpu=2, use_gpus=False)
     assert isinstance(local, LocalExecutor) and local.workers == 3
     assert [f for f in EXECUTORS.options("ray").__dataclass_fields__] == [
         "workers", "address", "tasks_per_gpu", "use_gpus"]
+    pool = make_executor("labelled", workers=2, options={"label": "x"})
+    assert isinstance(pool, LabelledExecutor) and (pool.workers, pool.label) == (2, "x")
     with pytest.raises(UserError, match="unknown executor 'dask'; allowed: local, ray"):
         make_executor("dask")
     with pytest.raises(UserError, match="executor 'local' option workers must be int"):
         make_executor("local", workers="2")
-    # options by KEY=VALUE (the CLI's --executor-option) reach the executor's own settings
-    assert make_executor("local", options={"workers": 4}).workers == 4
-    with pytest.raises(UserError, match=r"unknown option\(s\) tasks_per_gpu for executor "
-                                        "'local'; allowed: workers"):
-        make_executor("local", options={"tasks_per_gpu": 2})
+    with pytest.raises(UserError, match=r"unknown option\(s\) label for executor 'local'; "
+                                        "allowed: workers"):
+        make_executor("local", options={"label": "x"})
+    with pytest.raises(UserError, match=r"executor option workers has a setting of its own "
+                                        r"\(--workers\)"):
+        make_executor("labelled", options={"workers": 4})
+    with pytest.raises(UserError, match="--address is for the Ray executor"):
+        make_executor("labelled", address="auto")
+
+
+SPEC = ("source: {task: synthetic-0to4, epochs: 1}\nsources: [{eps: 0.0}]\n"
+        "targets: [synthetic-5to9]\nimages_per_class: [1]\nunfrozen_blocks: [0]\n"
+        "epochs: 1\nseeds: [0]\n")
+
+
+def test_grid_runs_on_an_executor_plugin_with_its_option(labelled, tmp_path):
+    (tmp_path / "spec.yaml").write_text(SPEC)
+    main_args = ["grid", str(tmp_path / "spec.yaml"), "--out", str(tmp_path / "g"),
+                 "--workers", "1", "--executor", "labelled", "--executor-option", "label=x"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(main_args)
+    assert exit_info.value.code == 0
+    assert [(e.workers, e.label) for e in labelled.used] == [(1, "x")]
+    assert (tmp_path / "g" / "results.parquet").exists()
 
 
 @pytest.mark.parametrize("args, message", [
@@ -116,14 +164,13 @@ def test_executors_by_name_with_their_options():
     (["--executor-option", "threads=2"], "unknown option(s) threads for executor 'local'; "
                                          "allowed: workers"),
     (["--executor-option", "workers"], "--executor-option takes KEY=VALUE, got 'workers'"),
+    (["--executor-option", "workers=3"], "executor option workers has a setting of its own "
+                                         "(--workers); give it there"),
 ])
 def test_bad_executor_is_one_line_exit_2(tmp_path, capsys, args, message):
-    spec = tmp_path / "spec.yaml"
-    spec.write_text("source: {task: synthetic-0to4, epochs: 1}\nsources: [{eps: 0.0}]\n"
-                    "targets: [synthetic-5to9]\nimages_per_class: [1]\nunfrozen_blocks: [0]\n"
-                    "epochs: 1\nseeds: [0]\n")
+    (tmp_path / "spec.yaml").write_text(SPEC)
     with pytest.raises(SystemExit) as exit_info:
-        main(["grid", str(spec), "--out", str(tmp_path / "g"), *args])
+        main(["grid", str(tmp_path / "spec.yaml"), "--out", str(tmp_path / "g"), *args])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and err == f"error: {message}"
     assert not (tmp_path / "g").exists()

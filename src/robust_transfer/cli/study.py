@@ -38,7 +38,6 @@ from robust_transfer.train.overfit import ACTIONS
 from robust_transfer.transfer import FinetuneConfig
 from robust_transfer.transfer.certify_study import certify_sources
 from robust_transfer.transfer.executors import (
-    EXECUTORS,
     Executor,
     LocalExecutor,
     executors_help,
@@ -243,8 +242,9 @@ def grid(
     tasks_per_gpu: int = typer.Option(4, "--tasks-per-gpu", help="Ray: runs sharing one GPU "
                                       "when the cluster has GPUs."),
     executor_option: list[str] = typer.Option(None, "--executor-option", help="KEY=VALUE, "
-                                              "repeatable: an option of the executor; "
-                                              + EXECUTORS.options_help().replace("\n", "; ")),
+                                              "repeatable: an option of a plugin executor "
+                                              "that has no flag above (local and ray have "
+                                              "none)."),
     engine: str = typer.Option("auto", "--engine", help="auto (runs of one shape trained "
                                "together where a batched engine covers them, else one by "
                                "one) | batched (an error for a run it cannot cover) | "

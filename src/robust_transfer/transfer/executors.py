@@ -131,15 +131,26 @@ def executors_help() -> str:
     return " | ".join(f"{name} ({line[0].lower()}{line[1:]})" for name, line in lines.items())
 
 
+# make_executor's own settings and the CLI flags that set them.
+OWN_SETTINGS = {"workers": "--workers", "address": "--address",
+                "tasks_per_gpu": "--tasks-per-gpu", "use_gpus": "--device; cpu asks for none"}
+
+
 def make_executor(name: str = "local", workers: int = 1, address: str | None = None,
                   tasks_per_gpu: int = 4, use_gpus: bool = True,
                   options: Mapping[str, Any] | None = None) -> Executor:
     """The executor a user names (`EXECUTORS`: `local`, this machine's processes; `ray`, a
     Ray cluster at `address` or a local Ray started for the run, `tasks_per_gpu` runs sharing
-    a GPU unless not `use_gpus`). Each executor takes the settings its `Options` declare, and
-    `options` (e.g. the CLI's `--executor-option KEY=VALUE`) may set any of them; an unknown
-    one is a `UserError`, and so is an `address` for an executor that takes none (it would be
-    silently ignored)."""
+    a GPU unless not `use_gpus`). Each executor takes those of these settings its `Options`
+    declare; `options` (the CLI's `--executor-option KEY=VALUE`) sets its other options. An
+    unknown option is a `UserError`, and so are an `address` for an executor that takes none
+    (it would be silently ignored) and one of these settings given again in `options`."""
+    given = {"workers": workers, "address": address, "tasks_per_gpu": tasks_per_gpu,
+             "use_gpus": use_gpus}
+    again = sorted(set(options or {}) & set(given))
+    if again:
+        raise UserError(f"executor option {again[0]} has a setting of its own "
+                        f"({OWN_SETTINGS[again[0]]}); give it there")
     cls = EXECUTORS.get(name)
     takes = {f.name for f in fields(cls.Options)}
     if address is not None and "address" not in takes:
@@ -147,7 +158,5 @@ def make_executor(name: str = "local", workers: int = 1, address: str | None = N
             EXECUTORS.get(n).Options)}]
         raise UserError(f"--address is for the {' or '.join(owners).capitalize()} executor; "
                         f"add --executor {owners[0]}")
-    given = {"workers": workers, "address": address, "tasks_per_gpu": tasks_per_gpu,
-             "use_gpus": use_gpus}
     values = {k: v for k, v in given.items() if k in takes} | dict(options or {})
     return cls(**asdict(EXECUTORS.options(name, values)))
