@@ -213,7 +213,7 @@ def test_overfit_watch_stays_silent_on_pgd_at():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"method": "bogus", "eps": 0.1}, "unknown method"),
+    ({"method": "bogus", "eps": 0.1}, "unknown training method"),
     ({"method": "natural", "eps": 0.1}, "takes eps 0"),
     ({"method": "fast", "eps": 0.0}, "needs eps > 0"),
     ({"method": "trades", "eps": 0.1, "trades_beta": -1.0}, "beta must be >= 0"),

@@ -21,6 +21,7 @@ from robust_transfer.cli.common import (
 )
 from robust_transfer.models import save_checkpoint
 from robust_transfer.models.runtime import resolve_device
+from robust_transfer.train.distill import DISTILL_OBJECTIVES
 from robust_transfer.train.distill_study import (
     CW_STEPS,
     EVAL_STEPS,
@@ -30,6 +31,7 @@ from robust_transfer.train.distill_study import (
 )
 
 NORM_NAMES = " | ".join(NORMS)
+KD_T, DEFENSIVE_T = (DISTILL_OBJECTIVES.options(n).temperature for n in ("kd", "defensive"))
 
 
 @app.command()
@@ -39,7 +41,7 @@ def distill(
     student: str = typer.Option("cnn-small", "--student", help="Student arch: cnn-small | "
                                 "cnn-medium."),
     temperature: float = typer.Option(None, "--temperature", help="Softmax temperature T "
-                                      "(default 4; 100 with --defensive)."),
+                                      f"(default {KD_T:g}; {DEFENSIVE_T:g} with --defensive)."),
     alpha: float = typer.Option(0.9, "--alpha", help="Weight of the distillation (KL) term; "
                                 "1 - alpha weights cross-entropy on the labels."),
     task: str = typer.Option(None, "--task", help="Task to distil on (default: the "

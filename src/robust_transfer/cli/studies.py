@@ -17,8 +17,9 @@ from robust_transfer.cli.common import DEVICE_OPTION, check_output_dir, console,
 from robust_transfer.cli.common import out as stdout
 from robust_transfer.errors import UserError
 from robust_transfer.models.runtime import check_device, resolve_device
+from robust_transfer.plugins import parse_assignments
 from robust_transfer.studies import STUDIES, load_study
-from robust_transfer.transfer.executors import make_executor
+from robust_transfer.transfer.executors import executors_help, make_executor
 from robust_transfer.transfer.results import read_results, writer_lock
 from robust_transfer.transfer.runner import (
     Study,
@@ -36,8 +37,11 @@ SAVE_SPEC_OPTION = typer.Option(None, "--save-spec", help="Write the spec these 
                                 "with --spec FILE or `robust-transfer run FILE`).")
 WORKERS_OPTION = typer.Option(1, "--workers", help="Parallel runs on this machine (each run "
                               "uses one thread, so numbers do not depend on it).")
-EXECUTOR_OPTION = typer.Option("local", "--executor", help="local (this machine's processes) "
-                               "| ray (pip install robust_transfer[ray]).")
+EXECUTOR_OPTION = typer.Option("local", "--executor", help=f"{executors_help()}; Ray: pip "
+                               "install robust_transfer[ray].")
+EXECUTOR_OPTIONS_OPTION = typer.Option(None, "--executor-option", help="KEY=VALUE, repeatable: "
+                                       "an option of a plugin executor that has no flag of "
+                                       "its own (local and ray have none).")
 ADDRESS_OPTION = typer.Option(None, "--address", help="Ray cluster address (e.g. auto, "
                               "ray://host:10001); default: a local Ray for this run.")
 
@@ -82,6 +86,7 @@ def run_with_progress(
     tasks_per_gpu: int = 4,
     on_unit: Callable[[list[list[dict]], float], None] | None = None,
     rates: Callable[[], str] | None = None,
+    executor_options: list[str] | None = None,
 ) -> Path:
     """Run `study` into `out` with progress bars; print what is reused; end with the results
     line and "N runs in S s (R per s)" on stdout (progress and notes on stderr). Validates
@@ -91,7 +96,8 @@ def run_with_progress(
     check_device(device)
     if executor == "local":
         resolve_device(device)  # the runs are this machine's: absent CUDA is an error now
-    pool = make_executor(executor, workers, address, tasks_per_gpu, device != "cpu")
+    pool = make_executor(executor, workers, address, tasks_per_gpu, device != "cpu",
+                         parse_assignments(executor_options or [], "--executor-option"))
     mark_resumable()
     with writer_lock(out):
         if previous_spec_differs(study, out):
@@ -137,9 +143,11 @@ def run(
     workers: int = WORKERS_OPTION,
     executor: str = EXECUTOR_OPTION,
     address: str = ADDRESS_OPTION,
+    executor_option: list[str] = EXECUTOR_OPTIONS_OPTION,
     device: str = DEVICE_OPTION,
 ) -> None:
     """Run any study from its spec, resumably: finished runs are kept, only missing ones run,
     and `robust-transfer report OUT` draws the study's figures."""
     study = load_study(spec_file)
-    run_with_progress(study, out, workers, executor, address, device)
+    run_with_progress(study, out, workers, executor, address, device,
+                      executor_options=executor_option)

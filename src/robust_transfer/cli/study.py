@@ -21,7 +21,11 @@ from robust_transfer.cli.common import (
     print_table,
     progress_bar,
 )
-from robust_transfer.cli.studies import run_with_progress
+from robust_transfer.cli.studies import (
+    EXECUTOR_OPTION,
+    EXECUTOR_OPTIONS_OPTION,
+    run_with_progress,
+)
 from robust_transfer.data import TASKS
 from robust_transfer.errors import UserError
 from robust_transfer.models import ARCHS, save_checkpoint
@@ -165,7 +169,8 @@ def finetune(
 def _run_grid_with_progress(spec, out: Path, workers: int, device: str,
                             executor: str = "local", address: str | None = None,
                             tasks_per_gpu: int = 4, engine: str = "auto",
-                            max_memory: float | None = None) -> Path:
+                            max_memory: float | None = None,
+                            executor_options: list[str] | None = None) -> Path:
     """Run the grid with progress bars (`studies.run_with_progress`); the closing line adds
     the rate per engine: runs / the worker time their units took."""
     if max_memory is not None and not max_memory > 0:
@@ -187,7 +192,7 @@ def _run_grid_with_progress(spec, out: Path, workers: int, device: str,
     limit = None if max_memory is None else int(max_memory * 2**30)
     return run_with_progress(GridStudy(spec, engine, limit), out, workers, executor, address,
                              device, "fine-tunes", "source model(s)", tasks_per_gpu,
-                             unit_done, rates)
+                             unit_done, rates, executor_options)
 
 
 @app.command()
@@ -197,12 +202,12 @@ def grid(
     workers: int = typer.Option(2, "--workers", help="Parallel runs per machine (each run "
                                 "uses one thread, so numbers do not depend on it)."),
     device: str = DEVICE_OPTION,
-    executor: str = typer.Option("local", "--executor", help="local (this machine's "
-                                 "processes) | ray (pip install robust_transfer[ray])."),
+    executor: str = EXECUTOR_OPTION,
     address: str = typer.Option(None, "--address", help="Ray cluster address (e.g. auto, "
                                 "ray://host:10001); default: a local Ray for this run."),
     tasks_per_gpu: int = typer.Option(4, "--tasks-per-gpu", help="Ray: runs sharing one GPU "
                                       "when the cluster has GPUs."),
+    executor_option: list[str] = EXECUTOR_OPTIONS_OPTION,
     engine: str = typer.Option("auto", "--engine", help="auto (runs of one shape trained "
                                "together where a batched engine covers them, else one by "
                                "one) | batched (an error for a run it cannot cover) | "
@@ -223,7 +228,7 @@ def grid(
     """
     spec = load_spec(spec_file)
     _run_grid_with_progress(spec, out, workers, device, executor, address, tasks_per_gpu,
-                            engine, max_memory)
+                            engine, max_memory, executor_option)
 
 
 def _certify_report(results: Path, grid_dir: Path, out: Path) -> list[Path]:

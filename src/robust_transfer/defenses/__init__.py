@@ -17,7 +17,12 @@ from robust_transfer.defenses.evaluation import (
     detection_rates,
     squeezers_of,
 )
-from robust_transfer.defenses.parse import DEFENSES, DefenseSpec, defenses_help, parse_defenses
+from robust_transfer.defenses.parse import (
+    INPUT_DEFENSES,
+    DefenseSpec,
+    defenses_help,
+    parse_defenses,
+)
 from robust_transfer.defenses.randomization import RandomResizePad
 from robust_transfer.defenses.squeeze import BitDepth, MedianSmoothing
 from robust_transfer.defenses.wrap import Defended
@@ -28,7 +33,7 @@ __all__ = [
     "RandomResizePad",
     "Defended",
     "SqueezeDetector",
-    "DEFENSES",
+    "INPUT_DEFENSES",
     "DefenseSpec",
     "parse_defenses",
     "defenses_help",

@@ -14,10 +14,13 @@ seed give the same sequence of outputs; `reseed(seed)` starts the sequence again
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from robust_transfer.attacks.adaptive import InputTransform
 from robust_transfer.errors import UserError
+from robust_transfer.plugins import option
 
 XIE_RATIO = 331 / 299
 
@@ -40,7 +43,13 @@ class RandomResizePad(InputTransform):
         x_adv = PGD(defended, eps=0.1).set_adaptive(eot_samples=30)(x, y)
     """
 
+    name = "random-resize"
     randomized = True
+
+    @dataclass(frozen=True)
+    class Options:
+        size: int | None = option(None, "canvas side > image side (default max(round(1.107 "
+                                  "H), H + 2))")
 
     def __init__(self, size: int | None = None, seed: int = 0) -> None:
         super().__init__()

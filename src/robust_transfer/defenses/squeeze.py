@@ -16,10 +16,13 @@ Both are vectorised (one `round`; one unfold + kthvalue) and keep shape and [0,1
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from robust_transfer.attacks.adaptive import InputTransform
 from robust_transfer.errors import UserError
+from robust_transfer.plugins import option
 
 
 class BitDepth(InputTransform):
@@ -32,7 +35,12 @@ class BitDepth(InputTransform):
         defended = Defended(model, squeeze)
     """
 
+    name = "squeeze-bits"
     differentiable = False
+
+    @dataclass(frozen=True)
+    class Options:
+        bits: int = option(4, "bits, 1..16 (default 4)")
 
     def __init__(self, bits: int) -> None:
         super().__init__()
@@ -64,6 +72,12 @@ class MedianSmoothing(InputTransform):
         smooth = MedianSmoothing(2)
         x_smooth = smooth(x)
     """
+
+    name = "median"
+
+    @dataclass(frozen=True)
+    class Options:
+        size: int = option(2, "window side, 2..9 (default 2)")
 
     def __init__(self, size: int) -> None:
         super().__init__()

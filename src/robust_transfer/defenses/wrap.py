@@ -7,11 +7,29 @@ logits, every attack and `attacks.evaluate` accept it unchanged; the adaptive op
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
 from robust_transfer.attacks.adaptive import InputTransform
 from robust_transfer.errors import UserError
+
+# Seed offset between the random transforms of one chain: odd, about 2^32 / golden ratio, and
+# below 2^32 (a torch CPU generator keeps only the low 32 bits of its seed).
+STREAM = 0x9E3779B9
+
+
+def chain_seeds(seed: int, randomized: Sequence[bool]) -> list[int]:
+    """The seed of each transform of a chain: its k-th random transform (k = 0, 1, ...)
+    draws from seed + k * STREAM mod 2^32 (the first from `seed` itself), so two random
+    transforms of one chain do not repeat each other's draws; deterministic ones get `seed`
+    (unused)."""
+    out, k = [], 0
+    for random in randomized:
+        out.append((seed + k * STREAM) % 2**32 if random and k else seed)
+        k += bool(random)
+    return out
 
 
 class Defended(nn.Module):
@@ -19,7 +37,8 @@ class Defended(nn.Module):
 
     `differentiable` is False when some transform is (BPDA applies), `randomized` is True
     when some transform draws randomness (EOT applies); `reseed(seed)` restarts every
-    random transform's draws.
+    random transform's draws, each from its own stream of `seed` (`chain_seeds`), as
+    `DefenseSpec.build(model, seed)` seeds them.
 
     Shape: x (N, C, H, W) in [0,1] -> logits (N, num_classes).
 
@@ -50,9 +69,10 @@ class Defended(nn.Module):
         return self.model.spec
 
     def reseed(self, seed: int) -> None:
-        for t in self.transforms:
-            if hasattr(t, "reseed"):
-                t.reseed(seed)
+        seeds = chain_seeds(seed, [t.randomized for t in self.transforms])
+        for t, s in zip(self.transforms, seeds, strict=True):
+            if t.randomized:
+                t.reseed(s)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(self.transforms(x))

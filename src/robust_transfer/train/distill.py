@@ -11,11 +11,18 @@
 
 The teacher is always run in eval mode without gradients: it is a fixed target, and its
 BatchNorm statistics must not drift with the student's batches.
+
+Each objective is a plugin (`robust_transfer.plugins`) in `DISTILL_OBJECTIVES`: a class with
+its facts (whether it attacks the student, the model's mode while it does in its reference
+code), its typed options (temperature, alpha, ARD's KL scaling) and its objective.
+`DistillConfig` is the recorded treatment (its fields enter run ids); `distill_objective`
+builds the objective it names through the registry.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +30,12 @@ from torch import nn
 
 from robust_transfer.errors import UserError, check_choice
 from robust_transfer.models.runtime import eval_mode
+from robust_transfer.plugins import Registry, option
 from robust_transfer.train.examples import ExampleMaker, PGDExamples
+from robust_transfer.train.objectives import Objective
 
-METHODS = ("kd", "ard", "defensive")
 DEFENSIVE_TEMPERATURE = 100.0
-ARD_ATTACK_MODE = "train"  # Goldblum et al.'s code attacks the student after net.train()
+KD_TEMPERATURE, KD_ALPHA = 4.0, 0.9
 # ARD's KL: "paper" = summed over classes, mean over examples (the paper's KL per example);
 # "code" = the ARD code's nn.KLDivLoss() ('mean'), which also divides by the K classes.
 KL_SCALINGS = ("paper", "code")
@@ -161,27 +169,126 @@ class SoftLabelLoss:
         return F.cross_entropy(model(x) / self.temperature, soft)
 
 
+# ---- the objectives as plugins (`robust_transfer.plugins`) ---------------------------------
+
+DISTILL_OBJECTIVES: Registry[DistillObjective] = Registry("distillation objective")
+
+
+class DistillObjective:
+    """A distillation objective: its facts, its typed options and its objective.
+
+    Facts: `adversarial` (trains on the student's adversarial examples: needs eps > 0),
+    `attack_mode` (the student's mode while they are made in the reference code; None: no
+    examples made). `Options` fields are named as `DistillConfig`'s fields that carry them.
+    """
+
+    name: ClassVar[str]
+    adversarial: ClassVar[bool] = False
+    attack_mode: ClassVar[str | None] = None
+
+    @dataclass(frozen=True)
+    class Options:
+        temperature: float = option(KD_TEMPERATURE, "softmax temperature T, > 0")
+        alpha: float = option(KD_ALPHA, "weight of the distillation (KL) term, in [0, 1]; "
+                              "1 - alpha weights cross-entropy on the labels")
+
+        def __post_init__(self) -> None:
+            check_distill_settings(self.temperature, self.alpha)
+
+    def __init__(self, options: Any = None) -> None:
+        self.options = self.Options() if options is None else options
+
+    def objective(self, teacher: nn.Module, eps: float, norm: str, steps: int,
+                  alpha: float | None, seed: int, mode: str | None) -> Objective:
+        """The loss against `teacher`; (eps, norm, steps, alpha, seed, mode) set up the
+        student's adversarial examples where the objective makes them."""
+        raise NotImplementedError
+
+
+@DISTILL_OBJECTIVES.register
+class KnowledgeDistillation(DistillObjective):
+    """Hinton et al. 2015: the student matches the teacher's softened outputs (`KDLoss`)."""
+
+    name = "kd"
+
+    def objective(self, teacher, eps, norm, steps, alpha, seed, mode) -> Objective:
+        return KDLoss(teacher, self.options.temperature, self.options.alpha)
+
+
+@DISTILL_OBJECTIVES.register
+class AdversariallyRobustDistillation(DistillObjective):
+    """Goldblum et al. 2020: the KD term on the student's PGD examples (`ARDLoss`)."""
+
+    name, adversarial = "ard", True
+    attack_mode = "train"  # Goldblum et al.'s code attacks the student after net.train()
+
+    @dataclass(frozen=True)
+    class Options(DistillObjective.Options):
+        kl_scaling: str = option(KL_SCALINGS[0], "paper (KL summed over classes, mean over "
+                                 "examples) | code (the ARD code's KLDivLoss 'mean': also / K)")
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            check_choice("ARD KL scaling", self.kl_scaling, KL_SCALINGS)
+
+    def objective(self, teacher, eps, norm, steps, alpha, seed, mode) -> Objective:
+        if eps <= 0:
+            raise UserError("adversarial distillation (ARD) needs eps > 0")
+        examples = PGDExamples(eps, norm, steps, alpha, seed, mode=mode or self.attack_mode)
+        o = self.options
+        return ARDLoss(teacher, examples, o.temperature, o.alpha, o.kl_scaling)
+
+
+@DISTILL_OBJECTIVES.register
+class DefensiveDistillation(DistillObjective):
+    """Papernot et al. 2016: the student on the teacher's soft labels at T (`SoftLabelLoss`);
+    no hard labels, so no alpha."""
+
+    name = "defensive"
+
+    @dataclass(frozen=True)
+    class Options:
+        temperature: float = option(DEFENSIVE_TEMPERATURE, "softmax temperature T, > 0")
+
+        def __post_init__(self) -> None:
+            check_distill_settings(self.temperature, 1.0)
+
+    def objective(self, teacher, eps, norm, steps, alpha, seed, mode) -> Objective:
+        return SoftLabelLoss(teacher, self.options.temperature)
+
+
+METHODS = DISTILL_OBJECTIVES.names()
+ARD_ATTACK_MODE = DISTILL_OBJECTIVES.get("ard").attack_mode
+
+
 @dataclass(frozen=True)
 class DistillConfig:
     """How a source is distilled (its treatment): method, temperature, alpha and the teacher.
 
-    `method`: "kd" (Hinton), "ard" (Goldblum; adversarial examples under the source's own
-    eps/norm) or "defensive" (Papernot; soft labels at T, alpha unused). `teacher` identifies
-    the teacher: its recipe as a dict (a grid source), or its checkpoint path and recipe.
+    `method`: a `DISTILL_OBJECTIVES` name: "kd" (Hinton), "ard" (Goldblum; adversarial
+    examples under the source's own eps/norm) or "defensive" (Papernot; soft labels at T,
+    alpha unused). `teacher` identifies the teacher: its recipe as a dict (a grid source), or
+    its checkpoint path and recipe. `kl_scaling`: ARD only (`KL_SCALINGS`).
     """
 
     method: str = "kd"
-    temperature: float = 4.0
-    alpha: float = 0.9
+    temperature: float = KD_TEMPERATURE
+    alpha: float = KD_ALPHA
     teacher: dict = field(default_factory=dict)
     kl_scaling: str = "paper"  # ARD only: `KL_SCALINGS`
 
     def __post_init__(self) -> None:
-        check_choice("distillation method", self.method, METHODS)
         check_distill_settings(self.temperature, self.alpha)
-        check_choice("ARD KL scaling", self.kl_scaling, KL_SCALINGS)
-        if self.kl_scaling != "paper" and self.method != "ard":
+        takes = {f.name for f in fields(DISTILL_OBJECTIVES.get(self.method).Options)}
+        if self.kl_scaling != "paper" and "kl_scaling" not in takes:
             raise UserError(f"the KL scaling option applies to ARD only, not {self.method!r}")
+        self.plugin_options()  # the objective's own checks (kl_scaling's choices)
+
+    def plugin_options(self) -> Any:
+        """The typed options of the objective (`DISTILL_OBJECTIVES`) from this config."""
+        cls = DISTILL_OBJECTIVES.get(self.method)
+        return DISTILL_OBJECTIVES.options(self.method, {
+            f.name: getattr(self, f.name) for f in fields(cls.Options)})
 
     def to_dict(self) -> dict:
         """As plain data; `kl_scaling` only when not the paper's (the ids of recipes from
@@ -200,18 +307,11 @@ class DistillConfig:
 
 def distill_objective(cfg: DistillConfig, teacher: nn.Module, eps: float, norm: str,
                       attack_steps: int = 7, attack_alpha: float | None = None,
-                      seed: int = 0, attack_mode: str | None = None):
-    """The training objective `cfg` names, against `teacher` (ARD attacks at eps/norm, in
-    `attack_mode`, None: `ARD_ATTACK_MODE`)."""
-    if cfg.method == "defensive":
-        return SoftLabelLoss(teacher, cfg.temperature)
-    if cfg.method == "ard":
-        if eps <= 0:
-            raise UserError("adversarial distillation (ARD) needs eps > 0")
-        examples = PGDExamples(eps, norm, attack_steps, attack_alpha, seed,
-                               mode=attack_mode or ARD_ATTACK_MODE)
-        return ARDLoss(teacher, examples, cfg.temperature, cfg.alpha, cfg.kl_scaling)
-    return KDLoss(teacher, cfg.temperature, cfg.alpha)
+                      seed: int = 0, attack_mode: str | None = None) -> Objective:
+    """The training objective `cfg` names (`DISTILL_OBJECTIVES`), against `teacher` (ARD
+    attacks at eps/norm, in `attack_mode`, None: the objective's reference mode)."""
+    plugin = DISTILL_OBJECTIVES.get(cfg.method)(cfg.plugin_options())
+    return plugin.objective(teacher, eps, norm, attack_steps, attack_alpha, seed, attack_mode)
 
 
 def distill_label(d: dict | None, eps: float = 0.0, norm: str = "") -> str:

@@ -32,7 +32,7 @@ from robust_transfer.models import load_checkpoint
 from robust_transfer.models.nets import ARCHS
 from robust_transfer.models.runtime import predict_logits
 from robust_transfer.train.distill import (
-    DEFENSIVE_TEMPERATURE,
+    DISTILL_OBJECTIVES,
     DistillConfig,
     TemperatureLoss,
     check_distill_settings,
@@ -119,7 +119,8 @@ def plan_distillation(teacher_dir, settings: DistillSettings) -> DistillPlan:
         raise UserError("--attack-mode and --ard-kl-scaling set up ARD; add --adversarial")
     temperature = settings.temperature
     if temperature is None:
-        temperature = DEFENSIVE_TEMPERATURE if settings.defensive else 4.0
+        temperature = DISTILL_OBJECTIVES.options(
+            "defensive" if settings.defensive else "kd").temperature
     check_distill_settings(temperature, settings.alpha)
     model, meta = load_checkpoint(teacher_dir)  # validates the checkpoint (cheap)
     del model

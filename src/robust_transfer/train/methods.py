@@ -14,6 +14,10 @@
   soft classifier's CE with m noise draws, then CE on the m noisy copies of x'
   (`train.smoothing.SmoothAdvLoss`).
 
+Each method is a plugin (`robust_transfer.plugins`) in `TRAINING_METHODS`: a class with its
+facts (robust, noise, reference attack mode, overfitting watch), its typed options and its
+objective; `METHODS`, `ROBUST_METHODS`, `NOISE_METHODS` and `ATTACK_MODE` are derived from it.
+
 Every perturbation comes from the attacks layer (its attacks and `ThreatModel`s), so every
 example a method trains on lies in the threat model's ball and in [0,1].
 
@@ -29,13 +33,18 @@ codes.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from robust_transfer.attacks import FGSM, KLPGD, L1Threat, make_threat
 from robust_transfer.attacks.kl import STARTS
-from robust_transfer.errors import check_choice
+from robust_transfer.data.augment import check_sigma
+from robust_transfer.errors import UserError, check_choice
+from robust_transfer.plugins import NoOptions, Registry, option
 from robust_transfer.train.examples import PGDExamples
 from robust_transfer.train.objectives import ExampleLoss, Objective, natural_loss
 from robust_transfer.train.smoothing import (
@@ -45,18 +54,10 @@ from robust_transfer.train.smoothing import (
     SmoothAdvLoss,
 )
 
-METHODS = ("natural", "pgd", "fgsm", "fast", "free", "trades", "gaussian", "smoothadv")
-# Methods with an adversary: they need eps > 0 (natural and gaussian take eps 0).
-ROBUST_METHODS = ("pgd", "fgsm", "fast", "free", "trades", "smoothadv")
-# Methods that add Gaussian noise of level `sigma` (randomized smoothing).
-NOISE_METHODS = ("gaussian", "smoothadv")
 FGSM_CLEAN_WEIGHT = 0.5  # Goodfellow et al.'s a
 FAST_STEP = 1.25  # Wong et al.'s FGSM-RS step, as a multiple of eps
 TRADES_BETA = 6.0  # Zhang et al.'s default for CIFAR-10
 FREE_REPLAYS = 8  # Shafahi et al.'s m for CIFAR-10
-# The model's mode while each method makes its examples, as in its reference code.
-ATTACK_MODE = {"pgd": "eval", "trades": "eval", "fgsm": "train", "fast": "train",
-               "free": "train"}
 # TRADES' inner maximisation: "reference" = its code (x + 0.001 N(0, I), step 0.007 at
 # eps 8/255 for Linf, scaled with eps; its L2 branch's 2 * eps / K for L2 and L1), "uniform" =
 # a uniform start in the ball and PGD's step 2.5 * eps / K (this package's choice before).
@@ -84,7 +85,7 @@ class FGSMLoss:
     """
 
     def __init__(self, eps: float, norm: str, clean_weight: float = FGSM_CLEAN_WEIGHT,
-                 mode: str = ATTACK_MODE["fgsm"]) -> None:
+                 mode: str = "train") -> None:
         self.eps, self.norm, self.clean_weight, self.mode = eps, norm, clean_weight, mode
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -172,7 +173,7 @@ class TRADESLoss:
 
     def __init__(self, eps: float, norm: str, beta: float = TRADES_BETA, steps: int = 7,
                  alpha: float | None = None, seed: int = 0, attack: str = "reference",
-                 mode: str = ATTACK_MODE["trades"]) -> None:
+                 mode: str = "eval") -> None:
         check_choice("TRADES attack", attack, TRADES_ATTACKS)
         self.eps, self.norm, self.beta, self.steps = eps, norm, beta, steps
         self.alpha = trades_alpha(eps, norm, steps, attack) if alpha is None else alpha
@@ -199,31 +200,198 @@ class TRADESLoss:
         return F.cross_entropy(logits, y) + self.beta * kl
 
 
-def make_objective(method: str, eps: float, norm: str, steps: int = 7,
-                   alpha: float | None = None, seed: int = 0, trades_beta: float = TRADES_BETA,
-                   free_replays: int = FREE_REPLAYS, sigma: float = SIGMA,
-                   noise_samples: int = SMOOTHADV_SAMPLES, attack_mode: str | None = None,
-                   trades_attack: str = "reference") -> Objective:
-    """The objective of `method` (one of `METHODS`) at threat model (norm, eps). `steps` and
-    `alpha` are the PGD settings of `pgd`, `trades` and `smoothadv`; `sigma` the noise level
-    of `gaussian` and `smoothadv`, `noise_samples` smoothadv's m; `attack_mode` the model's
-    mode while examples are made (None: the method's reference, `ATTACK_MODE`; free AT has no
-    separate attack: its examples come from the training pass itself)."""
-    mode = attack_mode or ATTACK_MODE.get(method, "eval")
-    if method == "natural":
+# ---- the methods as plugins (`robust_transfer.plugins`) ------------------------------------
+
+TRAINING_METHODS: Registry[TrainingMethod] = Registry("training method")
+
+
+class TrainingMethod:
+    """A training method: its facts, its typed options and its objective.
+
+    Facts (class attributes): `robust` (has an adversary: needs eps > 0; else takes eps 0),
+    `noise` (trains on Gaussian noise of level `sigma`, L2 only: randomized smoothing),
+    `attack_mode` (the model's mode while its examples are made in its reference code; None:
+    no separate attack), `on_overfit` (the default catastrophic-overfitting watch). Its
+    `Options` fields are named as `train.SourceConfig`'s fields that carry them (the grid's
+    declaration of each, `variables.variable(methods=...)`, takes owner and default from here).
+    """
+
+    name: ClassVar[str]
+    robust: ClassVar[bool] = True
+    noise: ClassVar[bool] = False
+    attack_mode: ClassVar[str | None] = None
+    on_overfit: ClassVar[str] = "off"
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, options: Any = None) -> None:
+        self.options = self.Options() if options is None else options
+
+    def objective(self, eps: float, norm: str, steps: int, alpha: float | None, seed: int,
+                  mode: str) -> Objective:
+        """The loss at threat model (norm, eps): `steps`/`alpha` the PGD settings, `mode` the
+        model's mode while examples are made."""
+        raise NotImplementedError
+
+
+@TRAINING_METHODS.register
+class Natural(TrainingMethod):
+    """Cross-entropy on the clean inputs."""
+
+    name, robust = "natural", False
+
+    def objective(self, eps, norm, steps, alpha, seed, mode) -> Objective:
         return natural_loss
-    if method == "pgd":
+
+
+@TRAINING_METHODS.register
+class PGDTraining(TrainingMethod):
+    """Madry et al. 2018: cross-entropy on PGD examples."""
+
+    name, attack_mode = "pgd", "eval"
+
+    def objective(self, eps, norm, steps, alpha, seed, mode) -> Objective:
         return ExampleLoss(PGDExamples(eps, norm, steps, alpha, seed, mode=mode))
-    if method == "fgsm":
+
+
+@TRAINING_METHODS.register
+class FGSMTraining(TrainingMethod):
+    """Goodfellow et al. 2015: a*CE(x) + (1-a)*CE(x_fgsm) (`FGSMLoss`)."""
+
+    name, attack_mode = "fgsm", "train"
+
+    def objective(self, eps, norm, steps, alpha, seed, mode) -> Objective:
         return FGSMLoss(eps, norm, mode=mode)
-    if method == "fast":
+
+
+@TRAINING_METHODS.register
+class FastTraining(TrainingMethod):
+    """Wong et al. 2020: FGSM from a uniform random start, step 1.25*eps (watched for
+    catastrophic overfitting by default)."""
+
+    name, attack_mode, on_overfit = "fast", "train", "warn"
+
+    def objective(self, eps, norm, steps, alpha, seed, mode) -> Objective:
         return ExampleLoss(PGDExamples(eps, norm, 1, FAST_STEP * eps, seed, mode=mode))
-    if method == "free":
-        return FreeLoss(eps, norm, free_replays)
-    if method == "trades":
-        return TRADESLoss(eps, norm, trades_beta, steps, alpha, seed, trades_attack, mode)
-    if method == "gaussian":
-        return ExampleLoss(GaussianExamples(sigma, seed))
-    if method == "smoothadv":  # L2 only (SourceConfig checks the norm)
-        return SmoothAdvLoss(eps, sigma, steps, alpha, noise_samples, seed)
-    raise ValueError(f"unknown method {method!r}")  # SourceConfig checks names first
+
+
+def _at_least_one(value: int, what: str) -> None:
+    if value < 1:
+        raise UserError(f"{what} must be an integer >= 1, got {value}")
+
+
+@TRAINING_METHODS.register
+class FreeTraining(TrainingMethod):
+    """Shafahi et al. 2019: each minibatch replayed m times (`FreeLoss`); its examples come
+    from the training pass itself, in train mode."""
+
+    name, attack_mode = "free", "train"
+
+    @dataclass(frozen=True)
+    class Options:
+        free_replays: int = option(FREE_REPLAYS, "replays m of each minibatch; epochs count "
+                                   "passes")
+
+        def __post_init__(self) -> None:
+            _at_least_one(self.free_replays, "free replays")
+
+    def objective(self, eps, norm, steps, alpha, seed, mode) -> Objective:
+        return FreeLoss(eps, norm, self.options.free_replays)
+
+
+@TRAINING_METHODS.register
+class TRADESTraining(TrainingMethod):
+    """Zhang et al. 2019: CE(x) + beta*KL(f(x)||f(x')) (`TRADESLoss`)."""
+
+    name, attack_mode = "trades", "eval"
+
+    @dataclass(frozen=True)
+    class Options:
+        trades_beta: float = option(TRADES_BETA, "weight of the KL term")
+        trades_attack: str = option(TRADES_ATTACKS[0], "inner attack: reference (its code's "
+                                    "start and step) | uniform (PGD's)")
+
+        def __post_init__(self) -> None:
+            check_choice("trades attack", self.trades_attack, TRADES_ATTACKS)
+            if not 0 <= self.trades_beta < float("inf"):
+                raise UserError(f"trades beta must be >= 0 and finite, got {self.trades_beta}")
+
+    def objective(self, eps, norm, steps, alpha, seed, mode) -> Objective:
+        o = self.options
+        return TRADESLoss(eps, norm, o.trades_beta, steps, alpha, seed, o.trades_attack, mode)
+
+
+@TRAINING_METHODS.register
+class GaussianTraining(TrainingMethod):
+    """Cohen et al. 2019: cross-entropy on x + N(0, sigma^2 I), for randomized smoothing."""
+
+    name, robust, noise = "gaussian", False, True
+
+    @dataclass(frozen=True)
+    class Options:
+        sigma: float = option(SIGMA, "std of the Gaussian noise added to [0,1] images")
+
+        def __post_init__(self) -> None:
+            check_sigma(self.sigma)
+
+    def objective(self, eps, norm, steps, alpha, seed, mode) -> Objective:
+        return ExampleLoss(GaussianExamples(self.options.sigma, seed))
+
+
+@TRAINING_METHODS.register
+class SmoothAdvTraining(TrainingMethod):
+    """Salman et al. 2019: SmoothAdv-PGD on the smoothed classifier (`SmoothAdvLoss`), L2."""
+
+    name, noise = "smoothadv", True
+
+    @dataclass(frozen=True)
+    class Options:
+        sigma: float = option(SIGMA, "std of the Gaussian noise added to [0,1] images")
+        noise_samples: int = option(SMOOTHADV_SAMPLES, "noise draws m per image")
+
+        def __post_init__(self) -> None:
+            check_sigma(self.sigma)
+            _at_least_one(self.noise_samples, "noise samples")
+
+    def objective(self, eps, norm, steps, alpha, seed, mode) -> Objective:
+        o = self.options
+        return SmoothAdvLoss(eps, o.sigma, steps, alpha, o.noise_samples, seed)
+
+
+# The methods' facts as tables, derived from the registry.
+METHODS = TRAINING_METHODS.names()
+ROBUST_METHODS = tuple(m for m in METHODS if TRAINING_METHODS.get(m).robust)
+NOISE_METHODS = tuple(m for m in METHODS if TRAINING_METHODS.get(m).noise)
+ATTACK_MODE = {m: TRAINING_METHODS.get(m).attack_mode for m in METHODS
+               if TRAINING_METHODS.get(m).attack_mode}
+OPTION_NAMES = tuple(dict.fromkeys(f.name for m in METHODS
+                                   for f in fields(TRAINING_METHODS.get(m).Options)))
+
+
+def method_option(name: str) -> dict:
+    """The methods that take option `name` and its default there, as
+    `variables.variable(methods=..., method_default=...)` keywords."""
+    owners = tuple(m for m in METHODS
+                   if name in {f.name for f in fields(TRAINING_METHODS.get(m).Options)})
+    default = next(f.default for f in fields(TRAINING_METHODS.get(owners[0]).Options)
+                   if f.name == name)
+    return {"methods": owners, "method_default": default}
+
+
+def make_objective(method: str, eps: float, norm: str, steps: int = 7,
+                   alpha: float | None = None, seed: int = 0, attack_mode: str | None = None,
+                   **options: Any) -> Objective:
+    """The objective of `method` (`TRAINING_METHODS`) at threat model (norm, eps). `steps`
+    and `alpha` are the PGD settings of `pgd`, `trades` and `smoothadv`; `attack_mode` the
+    model's mode while examples are made (None: the method's reference, `ATTACK_MODE`).
+    `options`: method options by name (`OPTION_NAMES`: trades_beta, trades_attack,
+    free_replays, sigma, noise_samples); each method takes its own, None is its default."""
+    unknown = sorted(set(options) - set(OPTION_NAMES))
+    if unknown:
+        raise UserError(f"unknown training method option(s) {', '.join(unknown)}; allowed: "
+                        f"{', '.join(OPTION_NAMES)}")
+    cls = TRAINING_METHODS.get(method)
+    takes = {f.name for f in fields(cls.Options)}
+    method_opts = TRAINING_METHODS.options(method, {k: v for k, v in options.items()
+                                                    if k in takes and v is not None})
+    mode = attack_mode or cls.attack_mode or "eval"
+    return cls(method_opts).objective(eps, norm, steps, alpha, seed, mode)

@@ -5,33 +5,30 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 
 from robust_transfer.attacks import ATTACK_MODES, PGD, evaluate, make_threat
 from robust_transfer.data import check_task, load_task
-from robust_transfer.data.augment import check_sigma
 from robust_transfer.data.poison import BackdoorConfig
 from robust_transfer.errors import UserError, check_choice
 from robust_transfer.models import ModelSpec, build_model
 from robust_transfer.models.nets import ARCHS, BlockNet
 from robust_transfer.models.runtime import accuracy, amp_enabled
-from robust_transfer.train.distill import ARD_ATTACK_MODE, DistillConfig, distill_objective
+from robust_transfer.train.distill import DISTILL_OBJECTIVES, DistillConfig, distill_objective
 from robust_transfer.train.loop import TrainConfig, fit
 from robust_transfer.train.methods import (
     ATTACK_MODE,
-    FREE_REPLAYS,
-    METHODS,
-    NOISE_METHODS,
+    OPTION_NAMES,
     ROBUST_METHODS,
-    TRADES_ATTACKS,
-    TRADES_BETA,
+    TRAINING_METHODS,
     make_objective,
+    method_option,
 )
 from robust_transfer.train.neuba import plant_objective
 from robust_transfer.train.overfit import ACTIONS, OverfitMonitor, hold_out
-from robust_transfer.train.smoothing import SIGMA, SMOOTHADV_SAMPLES, noisy_accuracy
+from robust_transfer.train.smoothing import noisy_accuracy
 from robust_transfer.variables import method_options, omit_defaults, variable
 
 EVAL_STEPS = 20
@@ -46,7 +43,8 @@ def _eval_at_eval_default(cfg: SourceConfig) -> bool:
 
 @dataclass(frozen=True)
 class SourceConfig:
-    """A source model's recipe: training `method` (`train.methods.METHODS`) at (norm, eps).
+    """A source model's recipe: training `method` (`train.methods.TRAINING_METHODS`) at
+    (norm, eps).
 
     `method=None` means natural when eps is 0, else PGD-AT (the recipes before methods
     existed). A method's options apply to it alone and stay None otherwise (None also picks
@@ -76,24 +74,24 @@ class SourceConfig:
     attack_alpha: float | None = variable(None, role="recipe")
     train: TrainConfig = variable(role="recipe", default_factory=TrainConfig)
     method: str | None = variable(None, role="treatment")
+    # A training method's options: which methods take each and its default there come from
+    # the method plugins (`train.methods.TRAINING_METHODS`).
     trades_beta: float | None = variable(None, role="treatment", option=True,
-                                         methods=("trades",), method_default=TRADES_BETA)
+                                         **method_option("trades_beta"))
     free_replays: int | None = variable(None, role="treatment", option=True,
-                                        methods=("free",), method_default=FREE_REPLAYS)
+                                        **method_option("free_replays"))
     on_overfit: str | None = variable(None, role="treatment", option=True)
     distill: DistillConfig | None = variable(None, role="treatment", id_at_default=False)
     # Randomized smoothing (`train.smoothing`): noise level and smoothadv's noise samples m.
     sigma: float | None = variable(None, role="treatment", option=True, id_at_default=False,
-                                   column="source_sigma", label="σ", methods=NOISE_METHODS,
-                                   method_default=SIGMA)
+                                   column="source_sigma", label="σ",
+                                   **method_option("sigma"))
     noise_samples: int | None = variable(None, role="treatment", option=True,
-                                         id_at_default=False, methods=("smoothadv",),
-                                         method_default=SMOOTHADV_SAMPLES)
+                                         id_at_default=False, **method_option("noise_samples"))
     attack_mode: str | None = variable(None, role="treatment", option=True,
                                        id_at_default=False, omit=_eval_at_eval_default)
     trades_attack: str | None = variable(None, role="treatment", option=True,
-                                         id_at_default=False, methods=("trades",),
-                                         method_default=TRADES_ATTACKS[0])
+                                         id_at_default=False, **method_option("trades_attack"))
     # A backdoor planted while training (data poisoning, see `data.poison`, or NeuBA's
     # objective); None: clean. Measured after every fine-tuning epoch: per-run path.
     backdoor: BackdoorConfig | None = variable(None, role="treatment", engines=(),
@@ -113,14 +111,14 @@ class SourceConfig:
 
     def _check_method(self) -> None:
         method = self.method or ("natural" if self.eps == 0 else "pgd")
-        check_choice("method", method, METHODS)
-        if method not in ROBUST_METHODS and self.eps != 0:
+        plugin = TRAINING_METHODS.get(method)
+        if not plugin.robust and self.eps != 0:
             raise UserError(f"method {method!r} takes eps 0, got eps {self.eps:g}; give a "
                             f"robust method ({', '.join(ROBUST_METHODS)}) or eps 0")
-        if method in ROBUST_METHODS and self.eps == 0:
+        if plugin.robust and self.eps == 0:
             raise UserError(f"method {method!r} needs eps > 0; eps 0 is natural training")
         # gaussian has no threat model: one norm, so that one sigma is one source
-        if method in NOISE_METHODS and self.norm != "l2":
+        if plugin.noise and self.norm != "l2":
             raise UserError(f"method {method!r} works in the L2 norm (the smoothing "
                             f"certificate's); got norm {self.norm!r}")
         for name, (owners, default) in method_options(SourceConfig).items():
@@ -130,33 +128,30 @@ class SourceConfig:
                 raise UserError(f"{name} applies to method {names} only, not {method!r}")
             if method in owners and value is None:
                 object.__setattr__(self, name, default)
-        if method in NOISE_METHODS:
-            object.__setattr__(self, "sigma", check_sigma(self.sigma))
-        if method == "smoothadv" and (self.noise_samples != int(self.noise_samples)
-                                      or self.noise_samples < 1):
-            raise UserError(f"noise samples must be an integer >= 1, got {self.noise_samples}")
-        if method == "trades" and not 0 <= self.trades_beta < float("inf"):
-            raise UserError(f"trades beta must be >= 0 and finite, got {self.trades_beta}")
-        if method == "free" and (self.free_replays != int(self.free_replays)
-                                 or self.free_replays < 1):
-            raise UserError(f"free replays must be an integer >= 1, got {self.free_replays}")
-        if method == "trades":
-            check_choice("trades attack", self.trades_attack, TRADES_ATTACKS)
+        options = self.plugin_options(method)  # the plugin checks types and ranges
+        if plugin.noise:  # sigma as a float, as recipes have always recorded it
+            object.__setattr__(self, "sigma", options.sigma)
         self._check_attack_mode(method)
-        action = self.on_overfit or ("warn" if method == "fast" else "off")
+        action = self.on_overfit or plugin.on_overfit
         check_choice("on-overfit", action, ACTIONS)
-        if method not in ROBUST_METHODS and action != "off":
+        if not plugin.robust and action != "off":
             raise UserError(f"on-overfit watches adversarial training; {method} training has "
                             "nothing to watch (use 'off')")
         object.__setattr__(self, "method", method)
         object.__setattr__(self, "on_overfit", action)
 
+    def plugin_options(self, method: str | None = None):
+        """The typed options of the training method (`TRAINING_METHODS`) from this recipe."""
+        method = method or self.method
+        return TRAINING_METHODS.options(method, {
+            f.name: getattr(self, f.name) for f in fields(TRAINING_METHODS.get(method).Options)})
+
     def _check_attack_mode(self, method: str) -> None:
         """Resolve `attack_mode` to the method's reference default; refuse it where no
         examples are made (natural, KD, defensive distillation) and eval for free AT."""
         distill = getattr(self.distill, "method", None)
-        reference = (ARD_ATTACK_MODE if distill == "ard" else None) if distill else \
-            ATTACK_MODE.get(method)
+        reference = (DISTILL_OBJECTIVES.get(distill) if distill else
+                     TRAINING_METHODS.get(method)).attack_mode
         if reference is None:
             if self.attack_mode is not None:
                 what = f"{distill} distillation" if distill else f"method {method!r}"
@@ -188,9 +183,8 @@ class SourceConfig:
 def method_objective(cfg: SourceConfig):
     """The training objective of `cfg`'s method and options (not distilled)."""
     return make_objective(cfg.method, cfg.eps, cfg.norm, cfg.attack_steps, cfg.attack_alpha,
-                          cfg.train.seed, cfg.trades_beta, cfg.free_replays, cfg.sigma,
-                          cfg.noise_samples, cfg.attack_mode,
-                          cfg.trades_attack or TRADES_ATTACKS[0])
+                          cfg.train.seed, cfg.attack_mode,
+                          **{name: getattr(cfg, name) for name in OPTION_NAMES})
 
 
 def evaluate_source(model: BlockNet, task_name: str, eps: float, norm: str,

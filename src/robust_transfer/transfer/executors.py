@@ -3,7 +3,9 @@
 An executor is anything with the `Executor` interface: a context manager whose
 `map_unordered(fn, items)` yields `(item, fn(item))` as runs finish. `run_grid` takes one as a
 parameter, so a cluster executor (`RayExecutor`, in `transfer.ray_executor`) plugs in without
-touching the grid.
+touching the grid. Executors by name are plugins (`robust_transfer.plugins`): each is one class
+with a `name` and an `Options` dataclass of its constructor's keyword arguments, listed once in
+`EXECUTORS`; `make_executor` builds the one a user names.
 
 `LocalExecutor(workers)` runs in this process (workers <= 1) or in a pool of spawned worker
 processes (spawn, not fork: forking a process whose OpenMP threads have run can deadlock).
@@ -21,13 +23,15 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from typing import Protocol, TypeVar
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Protocol, TypeVar
 
 import torch
 
-from robust_transfer.errors import UserError, check_choice
+from robust_transfer.errors import UserError
+from robust_transfer.plugins import Registry, option
 from robust_transfer.transfer.ray_executor import RayExecutor
 from robust_transfer.transfer.threads import worker_threads
 
@@ -61,8 +65,17 @@ def _init_worker(threads: int, parent_pid: int) -> None:
 
 
 class LocalExecutor:
-    """Use as a context manager: the worker pool is started once, on first need, and shared
-    by every `map_unordered` call inside the block (spawning workers costs seconds)."""
+    """Runs on this machine, in this process or in spawned worker processes.
+
+    One worker runs in this process, more in spawned processes. Use as a context manager:
+    the worker pool is started once, on first need, and shared by every `map_unordered` call
+    inside the block (spawning workers costs seconds)."""
+
+    name = "local"
+
+    @dataclass(frozen=True)
+    class Options:
+        workers: int = option(1, "parallel runs (worker processes; 1: in this process)")
 
     def __init__(self, workers: int = 1) -> None:
         self.workers = max(1, int(workers))
@@ -107,17 +120,43 @@ class LocalExecutor:
                 yield item, future.result()
 
 
-EXECUTORS = ("local", "ray")
+EXECUTORS: Registry[Executor] = Registry("executor")
+for _executor in (LocalExecutor, RayExecutor):  # adding an executor: its file and its name here
+    EXECUTORS.register(_executor)
+
+
+def executors_help() -> str:
+    """The executors by name with their docstring's first line, for --help."""
+    lines = {name: EXECUTORS.get(name).__doc__.splitlines()[0].rstrip(".") for name in EXECUTORS}
+    return " | ".join(f"{name} ({line[0].lower()}{line[1:]})" for name, line in lines.items())
+
+
+# make_executor's own settings and the CLI flags that set them.
+OWN_SETTINGS = {"workers": "--workers", "address": "--address",
+                "tasks_per_gpu": "--tasks-per-gpu", "use_gpus": "--device; cpu asks for none"}
 
 
 def make_executor(name: str = "local", workers: int = 1, address: str | None = None,
-                  tasks_per_gpu: int = 4, use_gpus: bool = True) -> Executor:
-    """The executor a user names: `local` (this machine's processes) or `ray` (a Ray cluster
-    at `address`, or a local Ray started for the run; `tasks_per_gpu` runs share a GPU
-    unless not `use_gpus`). `address` is for Ray only."""
-    check_choice("executor", name, EXECUTORS)
-    if name == "local":
-        if address is not None:
-            raise UserError("--address is for the Ray executor; add --executor ray")
-        return LocalExecutor(workers)
-    return RayExecutor(workers, address, tasks_per_gpu, use_gpus)
+                  tasks_per_gpu: int = 4, use_gpus: bool = True,
+                  options: Mapping[str, Any] | None = None) -> Executor:
+    """The executor a user names (`EXECUTORS`: `local`, this machine's processes; `ray`, a
+    Ray cluster at `address` or a local Ray started for the run, `tasks_per_gpu` runs sharing
+    a GPU unless not `use_gpus`). Each executor takes those of these settings its `Options`
+    declare; `options` (the CLI's `--executor-option KEY=VALUE`) sets its other options. An
+    unknown option is a `UserError`, and so are an `address` for an executor that takes none
+    (it would be silently ignored) and one of these settings given again in `options`."""
+    given = {"workers": workers, "address": address, "tasks_per_gpu": tasks_per_gpu,
+             "use_gpus": use_gpus}
+    again = sorted(set(options or {}) & set(given))
+    if again:
+        raise UserError(f"executor option {again[0]} has a setting of its own "
+                        f"({OWN_SETTINGS[again[0]]}); give it there")
+    cls = EXECUTORS.get(name)
+    takes = {f.name for f in fields(cls.Options)}
+    if address is not None and "address" not in takes:
+        owners = [n for n in EXECUTORS if "address" in {f.name for f in fields(
+            EXECUTORS.get(n).Options)}]
+        raise UserError(f"--address is for the {' or '.join(owners).capitalize()} executor; "
+                        f"add --executor {owners[0]}")
+    values = {k: v for k, v in given.items() if k in takes} | dict(options or {})
+    return cls(**asdict(EXECUTORS.options(name, values)))

@@ -11,18 +11,22 @@ Numbers equal `LocalExecutor(workers)`'s: every task sets the same intra-op thre
 `workers` tasks share a machine's cores. When the cluster has GPUs, each task asks for
 `1 / tasks_per_gpu` of one (Ray's fractional GPUs: small fine-tunes share a device).
 
-Ray is an optional dependency: `pip install robust_transfer[ray]`.
+Ray is an optional dependency: `pip install robust_transfer[ray]`. The executor registry
+(`transfer.executors.EXECUTORS`) lists this class; this module imports nothing of it, so the
+two modules form no import circle.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
 
 from robust_transfer.errors import UserError
+from robust_transfer.plugins import option
 from robust_transfer.transfer.threads import worker_threads
 
 T = TypeVar("T")
@@ -49,8 +53,9 @@ def _run_task(fn: Callable[[T], R], item: T, threads: int) -> R:
 
 
 class RayExecutor:
-    """Run a grid's runs as Ray tasks (Moritz et al. 2018, "Ray: A Distributed Framework for
-    Emerging AI Applications").
+    """Runs as Ray tasks, on a cluster or on a local Ray started for the run.
+
+    Ray: Moritz et al. 2018, "Ray: A Distributed Framework for Emerging AI Applications".
 
     `address`: an existing cluster ("auto", "ray://host:10001", "host:6379"); None starts a
     local Ray for the run (all this machine's CPUs and GPUs, no dashboard) and shuts it down
@@ -65,6 +70,16 @@ class RayExecutor:
         >>> with RayExecutor(workers=2) as pool:
         ...     results = dict(pool.map_unordered(fn, items))
     """
+
+    name = "ray"
+
+    @dataclass(frozen=True)
+    class Options:
+        workers: int = option(1, "runs sharing one machine's cores (threads per task)")
+        address: str | None = option(None, "cluster address (auto, ray://host:10001); "
+                                     "None: a local Ray for the run")
+        tasks_per_gpu: int = option(4, "runs sharing one GPU when the cluster has GPUs")
+        use_gpus: bool = option(True, "ask for GPUs where the cluster has them")
 
     def __init__(self, workers: int = 1, address: str | None = None,
                  tasks_per_gpu: int = 4, use_gpus: bool = True) -> None:
