@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import copy
 import json
+import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from robust_transfer.backdoors.bias import (
@@ -25,17 +28,24 @@ from robust_transfer.errors import UserError
 from robust_transfer.models import ModelSpec, build_model, load_checkpoint
 from robust_transfer.report.bias_figures import bias_shift_figure, bias_summary
 from robust_transfer.stats import t_interval
+from robust_transfer.studies import load_study, study_from_dict
+from robust_transfer.studies.bias import BiasStudy, read_bias_table
 from robust_transfer.transfer import batched
-from robust_transfer.transfer.bias_transfer import (
-    BiasTransferConfig,
-    read_bias_table,
-    run_bias_transfer,
-)
 from robust_transfer.transfer.engines import finetune
 from robust_transfer.transfer.finetune import FinetuneConfig
+from robust_transfer.transfer.runner import run_study
 
 TINY = dict(source_task="synthetic-0to4", target_task="synthetic-5to9", seeds=(0,),
             images_per_class=(2, "all"), source_epochs=1, epochs=1)
+TINY_SPEC = {k: list(v) if isinstance(v, tuple) else v for k, v in TINY.items()}
+
+
+def run_bias_transfer(study: BiasStudy, out) -> pd.DataFrame:
+    """The study's table, run into `out` by the one runner, in the order of its runs."""
+    run_study(study, out)
+    order = {run_id: i for i, run_id in enumerate(study.run_ids())}
+    table = read_bias_table(out)
+    return table.sort_values("run_id", key=lambda ids: ids.map(order)).reset_index(drop=True)
 
 
 def test_shift_matches_a_hand_computation():
@@ -131,22 +141,23 @@ def test_finetune_applies_train_transform_on_the_per_run_path(source_dir):
         finetune(copy.deepcopy(source), cfg, train_transform=lambda d: d.subset(torch.arange(2)))
 
 
-def test_biased_source_shifts_fixed_feature_predictions_more_than_clean():
+def test_biased_source_shifts_fixed_feature_predictions_more_than_clean(tmp_path):
     # Per seed the paired difference is ~0.2 (0.02-0.28 over 8 seeds on one CPU); five seeds
     # and a margin of half of it keep the test about the mechanism, not one trajectory (float
     # rounding differs between CPUs, and training amplifies it).
-    cfg = BiasTransferConfig(seeds=(0, 1, 2, 3, 4), images_per_class=(5,), modes=("fixed",),
-                             target_data=("standard",))
-    table = run_bias_transfer(cfg)
-    shift = table.pivot(index="seed", columns="source", values="prediction_shift")
+    cfg = BiasStudy(seeds=(0, 1, 2, 3, 4), images_per_class=(5,), modes=("fixed",),
+                    target_data=("standard",))
+    table = run_bias_transfer(cfg, tmp_path)
+    shift = table.pivot(index="seed", columns="source_kind", values="prediction_shift")
     assert (shift.biased > shift.clean).sum() >= 4
     assert shift.biased.mean() > shift.clean.mean() + 0.1
-    assert (table.target_accuracy > 0.4).all()  # both sources transfer (chance is 0.2)
+    assert (table.test_accuracy > 0.4).all()  # both sources transfer (chance is 0.2)
 
 
-def test_same_config_same_table():
-    cfg = BiasTransferConfig(**TINY, modes=("fixed",))
-    pd.testing.assert_frame_equal(run_bias_transfer(cfg), run_bias_transfer(cfg))
+def test_same_config_same_table(tmp_path):
+    cfg = BiasStudy(**TINY, modes=("fixed",))
+    pd.testing.assert_frame_equal(run_bias_transfer(cfg, tmp_path / "a"),
+                                  run_bias_transfer(cfg, tmp_path / "b"))
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -161,7 +172,7 @@ def test_same_config_same_table():
 ])
 def test_config_rejects_bad_values(bad, match):
     with pytest.raises(UserError, match=match):
-        BiasTransferConfig(**{**TINY, **bad})
+        BiasStudy(**{**TINY, **bad})
 
 
 def test_cli_writes_table_summary_and_figure(cli, tmp_path):
@@ -171,9 +182,11 @@ def test_cli_writes_table_summary_and_figure(cli, tmp_path):
                                "--images-per-class", "2,all", "--source-epochs", "1",
                                "--epochs", "1", "--device", "cpu")
     assert code == 0, stderr
-    assert {p.name for p in out.iterdir()} == {"bias_transfer.parquet", "bias_summary.csv",
-                                               "bias_summary.md", "bias_shift.png"}
-    table = read_bias_table(out / "bias_transfer.parquet")
+    assert {p.name for p in out.iterdir()} == {
+        "sources", "results", "results.parquet", "spec.yaml", "runs.json",  # the runner's
+        "bias_summary.csv", "bias_summary.md", "bias_shift.png"}
+    assert len(list((out / "sources").iterdir())) == 2 * 2  # seeds x (biased, clean)
+    table = read_bias_table(out)
     assert len(table) == 2 * 2 * 2 * 2 * 2  # seeds x sources x modes x target data x shots
     assert set(table.images_per_class) == {2, "all"}
     assert set(table.target_data) == {"standard", "de-biased"}
@@ -200,6 +213,77 @@ def test_cli_writes_table_summary_and_figure(cli, tmp_path):
     assert "n=2 seeds" in fig._suptitle.get_text()
     assert [t.get_text() for t in axes[1, 0].get_xticklabels()] == ["2", "all\n(~42)"]
 
+    # `report DIR` recognises the folder (its spec.yaml) and draws the same report
+    code, _, stderr = cli("report", out, "--out", tmp_path / "again")
+    assert code == 0, stderr
+    assert (tmp_path / "again" / "bias_summary.csv").read_text() == \
+        (out / "bias_summary.csv").read_text()
+    assert (tmp_path / "again" / "bias_shift.png").is_file()
+
+
+def test_save_spec_then_spec_runs_the_study_the_options_build(cli, tmp_path):
+    options = ["--source-task", "synthetic-0to4", "--target-task", "synthetic-5to9", "--seeds",
+               "3", "--images-per-class", "2,all", "--mode", "full", "--bias-class", "1",
+               "--bias-class", "2", "--debias-share", "0.25", "--epochs", "2"]
+    spec = tmp_path / "bias.yaml"
+    code, _, stderr = cli("bias-transfer", *options, "--save-spec", spec)
+    assert code == 0, stderr
+    study = load_study(spec)
+    assert study == BiasStudy(source_task="synthetic-0to4", target_task="synthetic-5to9",
+                              seeds=(0, 1, 2), images_per_class=(2, "all"), modes=("full",),
+                              bias_classes=(1, 2), debias_share=0.25, epochs=2)
+    assert len(study.run_ids()) == len(set(study.run_ids())) == 3 * 2 * 1 * 2 * 2
+    assert study_from_dict(yaml.safe_load(spec.read_text())) == study  # round trip
+    grid = Path(__file__).parent / "data" / "studies" / "grid.yaml"
+    code, _, stderr = cli("bias-transfer", "--spec", grid, "--out", tmp_path / "o")
+    assert code == 2 and "is a grid spec, not a bias-transfer spec" in stderr
+    code, _, stderr = cli("run", spec, "--out", tmp_path / "o", "--seeds", "2")
+    assert code == 2 and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"seeds": 2}, "option seeds must be tuple"),
+    ({"arch": "cnn-small"}, "unknown option(s) arch"),
+    ({"modes": ["partial"]}, "unknown mode 'partial'"),
+])
+def test_spec_errors_name_the_key(bad, match):
+    with pytest.raises(UserError, match=re.escape(match)):
+        study_from_dict({"study": "bias-transfer", **TINY_SPEC, **bad})
+
+
+def test_run_ids_change_exactly_with_what_the_row_depends_on():
+    def ids(**kw) -> dict:
+        study = BiasStudy(**{**TINY, "seeds": (0, 1), **kw})
+        return {(r.source_kind, r.mode, r.target_data, r.finetune.images_per_class,
+                 r.finetune.seed): r.run_id for r in study.runs()}
+
+    base = ids()
+    assert len(set(base.values())) == len(base) == 2 * 2 * 2 * 2 * 2
+    # the de-biased share: only the de-biased runs
+    share = ids(debias_share=0.25)
+    assert {k for k in base if base[k] != share[k]} == {k for k in base if k[2] == "de-biased"}
+    # the feature: every run, the clean source's too (its shift is measured with it)
+    feature = ids(feature="badnets")
+    assert all(base[k] != feature[k] for k in base)
+    # fewer seeds or modes: the same ids for the runs that stay
+    fewer = ids(seeds=(1,), modes=("full",))
+    assert fewer == {k: base[k] for k in fewer}
+
+
+def test_reads_a_table_of_the_previous_version(tmp_path):
+    rows = [dict(seed=s, source=k, mode="fixed", images_per_class="5", target_data="standard",
+                 shots=5.0, prediction_shift=0.1 * s, shift_class=1, target_accuracy=0.5,
+                 arch="cnn-small", source_accuracy=0.9)
+            for s in range(2) for k in ("biased", "clean")]
+    pd.DataFrame(rows).to_parquet(tmp_path / "bias_transfer.parquet")
+    table = read_bias_table(tmp_path / "bias_transfer.parquet")
+    assert {"source_kind", "test_accuracy", "source_arch", "source_clean_accuracy"} <= \
+        set(table.columns)
+    assert set(table.images_per_class) == {5} and len(bias_summary(table)) == 1
+    pd.DataFrame(rows).drop(columns="shots").to_parquet(tmp_path / "other.parquet")
+    with pytest.raises(UserError, match="not a bias-transfer table: missing column 'shots'"):
+        read_bias_table(tmp_path / "other.parquet")
+
 
 @pytest.mark.parametrize("args, match", [
     (["--bias-class", "7"], "bias class 7"),
@@ -217,8 +301,9 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(cli, tmp_path, args, match
 
 
 def test_summary_pairs_seeds():
-    rows = [dict(seed=s, source=k, mode="fixed", images_per_class=5, target_data="standard",
-                 shots=5.0, prediction_shift=v, shift_class=1, target_accuracy=0.5)
+    rows = [dict(seed=s, source_kind=k, mode="fixed", images_per_class=5,
+                 target_data="standard", shots=5.0, prediction_shift=v, shift_class=1,
+                 test_accuracy=0.5)
             for s, (b, c) in enumerate([(0.3, 0.1), (0.5, 0.2), (0.4, 0.2)])
             for k, v in (("biased", b), ("clean", c))]
     s = bias_summary(pd.DataFrame(rows)).iloc[0]
@@ -233,7 +318,7 @@ def test_bias_backdoor_is_clean_label_at_rate_one():
     assert (b.rate, b.target, b.clean_label, b.labels) == (1.0, 2, True, "all-to-one")
 
 
-def test_several_bias_classes_get_the_feature_on_every_image_and_nowhere_else():
+def test_several_bias_classes_get_the_feature_on_every_image_and_nowhere_else(tmp_path):
     b = bias_backdoor((0, 3), "badnets")
     assert (b.target, b.also_classes, b.classes) == (0, (3,), (0, 3))
     task = load_task("digits-0to4")
@@ -246,8 +331,8 @@ def test_several_bias_classes_get_the_feature_on_every_image_and_nowhere_else():
     # the record round-trips through JSON, and a one-class config keeps its old form and id
     assert BackdoorConfig.from_dict(json.loads(json.dumps(b.to_dict()))) == b
     assert "also_classes" not in bias_backdoor(0).to_dict()
-    table = run_bias_transfer(BiasTransferConfig(**{**TINY, "bias_classes": (0, 3)},
-                                                 modes=("fixed",), target_data=("standard",)))
+    table = run_bias_transfer(BiasStudy(**{**TINY, "bias_classes": (0, 3)}, modes=("fixed",),
+                                        target_data=("standard",)), tmp_path)
     assert set(table.bias_classes) == {"0,3"}
     fig, _ = bias_shift_figure(table)
     assert "on source classes 0, 3" in fig._suptitle.get_text()

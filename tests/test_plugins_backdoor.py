@@ -21,11 +21,11 @@ from robust_transfer.data.triggers import TRIGGERS, make_trigger
 from robust_transfer.errors import UserError, check_choice
 from robust_transfer.models import build_model, load_checkpoint
 from robust_transfer.models.base import ModelSpec
+from robust_transfer.studies.bias import BiasStudy
 from robust_transfer.train import SourceConfig, TrainConfig
 from robust_transfer.train.neuba import NeuBA, neuba_vectors, plant_objective
 from robust_transfer.train.objectives import natural_loss
 from robust_transfer.transfer.backdoor_eval import probe_triggers
-from robust_transfer.transfer.bias_transfer import BiasTransferConfig
 from robust_transfer.transfer.spec import parse_spec
 
 X = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(5))
@@ -122,14 +122,14 @@ def test_bad_plugin_options_are_one_line_errors(cli, tmp_path, args, message):
 
 
 def test_bias_transfer_sig_delta_from_the_cli(cli, tmp_path):
-    cfg = BiasTransferConfig(feature="sig", trigger_options={"delta": 0.3}, seeds=(0,))
+    cfg = BiasStudy(feature="sig", trigger_options={"delta": 0.3}, seeds=(0,))
     assert torch.allclose(cfg.backdoor.trigger((1, 8, 8)).apply(X), _sig(X, 0.3, 2), atol=1e-6)
     code, _, err = cli("bias-transfer", "--feature", "sig", "--trigger-option", "delta=0.3",
                        "--seeds", "1", "--images-per-class", "1", "--mode", "fixed",
                        "--target-data", "standard", "--source-epochs", "1", "--epochs", "1",
                        "--out", tmp_path / "bias")
     assert code == 0, err
-    table = pd.read_parquet(tmp_path / "bias" / "bias_transfer.parquet")
+    table = pd.read_parquet(tmp_path / "bias" / "results.parquet")
     assert set(table.trigger_options) == {json.dumps({"delta": 0.3})}
 
 

@@ -37,6 +37,7 @@ class Case(NamedTuple):
 CASES: dict[str, Case] = {
     "backdoor-transfer": Case(("backdoor", "transfer"), positional=True),
     "certify-transfer": Case(("certify-transfer",), positional=True),
+    "bias-transfer": Case(("bias-transfer",)),
 }
 
 

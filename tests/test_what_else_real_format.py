@@ -32,7 +32,7 @@ def test_bias_transfer_on_image_folders(cli, folders, tmp_path):
                        "--images-per-class", "2", "--source-epochs", "1", "--epochs", "1",
                        "--device", "cpu")
     assert code == 0, err
-    table = pd.read_parquet(tmp_path / "bias" / "bias_transfer.parquet")
+    table = pd.read_parquet(tmp_path / "bias" / "results.parquet")
     assert set(table.target_task) == {tgt} and len(table) == 2 * 2 * 2  # sources x modes x data
     assert table.train_images.eq(6).all()  # 2 images x 3 target classes
 

@@ -1,6 +1,7 @@
 """`robust-transfer bias-transfer --out DIR`: the bias-transfer study (Salman et al. 2022,
-arXiv 2207.02842). Thin: parse, validate, call `transfer.bias_transfer` and
-`report.bias_figures`, print."""
+arXiv 2207.02842). Thin: build the spec (`studies.bias.BiasStudy`) from the options or
+--spec, run it on the one runner (`cli.studies.run_with_progress`), write
+`report.bias_figures`' report, print."""
 
 from __future__ import annotations
 
@@ -12,34 +13,35 @@ import typer
 from robust_transfer.cli import app
 from robust_transfer.cli.common import (
     DEVICE_OPTION,
-    check_output_dir,
     console,
     plugin_options_flag,
     print_table,
-    progress_bar,
     split_values,
+)
+from robust_transfer.cli.studies import (
+    ADDRESS_OPTION,
+    EXECUTOR_OPTION,
+    SAVE_SPEC_OPTION,
+    SPEC_OPTION,
+    WORKERS_OPTION,
+    require_out,
+    run_with_progress,
+    save_spec,
+    study_spec,
 )
 from robust_transfer.data import TASKS
 from robust_transfer.data.triggers import TRIGGERS
 from robust_transfer.errors import UserError
 from robust_transfer.models.nets import ARCHS
-from robust_transfer.models.runtime import resolve_device
 from robust_transfer.plugins import parse_assignments
 from robust_transfer.report.bias_figures import make_bias_report
-from robust_transfer.transfer.bias_transfer import (
-    MODES,
-    TARGET_DATA,
-    BiasTransferConfig,
-    run_bias_transfer,
-    save_bias_table,
-)
-
-TABLE = "bias_transfer.parquet"
+from robust_transfer.studies.bias import MODES, TARGET_DATA, BiasStudy
 
 
 @app.command("bias-transfer")
 def bias_transfer(
-    out: Path = typer.Option(..., "--out", help="Directory for the table, summary and figure."),
+    out: Path = typer.Option(None, "--out", help="Directory for the source models, results, "
+                             "summary and figure (required unless --save-spec)."),
     source_task: str = typer.Option("digits-0to4", help=f"Source task: {', '.join(TASKS)}."),
     target_task: str = typer.Option("digits-5to9", help="Target task (without the feature), "
                                     "from the same list."),
@@ -68,6 +70,11 @@ def bias_transfer(
     source_epochs: int = typer.Option(20, help="Source training epochs."),
     epochs: int = typer.Option(10, help="Fine-tuning epochs."),
     lr: float = typer.Option(0.1, help="Fine-tuning learning rate (step schedule)."),
+    spec_file: Path = SPEC_OPTION,
+    save_spec_file: Path = SAVE_SPEC_OPTION,
+    workers: int = WORKERS_OPTION,
+    executor: str = EXECUTOR_OPTION,
+    address: str = ADDRESS_OPTION,
     device: str = DEVICE_OPTION,
 ) -> None:
     """Does a spurious feature planted in the source move the target model's predictions?
@@ -75,30 +82,36 @@ def bias_transfer(
     Per seed, trains a source with the feature on every image of one class and a clean one,
     fine-tunes both (fixed-feature and full, on the standard and on a de-biased target
     training set, at each number of images per class), and measures how far adding the
-    feature to target test images moves predictions towards one class. Writes
-    bias_transfer.parquet, bias_summary.csv/.md and bias_shift.png into --out.
+    feature to target test images moves predictions towards one class. Writes the sources
+    (sources/), one results part per fine-tune (results/, results.parquet), spec.yaml,
+    bias_summary.csv/.md and bias_shift.png into --out. Resumable: re-run the same command
+    (or `robust-transfer run OUT/spec.yaml --out OUT`) and only the missing runs run.
     """
-    if seeds < 1:
-        raise UserError(f"--seeds must be >= 1, got {seeds}")
-    defaults = BiasTransferConfig.__dataclass_fields__
-    cfg = BiasTransferConfig(
-        source_task=source_task, target_task=target_task, arch=arch,
-        bias_classes=tuple(bias_class or (0,)),
-        feature=feature, patch_size=patch_size, seeds=tuple(range(seeds)),
-        trigger_options=parse_assignments(trigger_option or [], "--trigger-option"),
-        images_per_class=(tuple(split_values(images_per_class))
-                          or defaults["images_per_class"].default),
-        modes=tuple(split_values(mode)) or defaults["modes"].default,
-        target_data=tuple(split_values(target_data)) or defaults["target_data"].default,
-        debias_share=debias_share, source_epochs=source_epochs, epochs=epochs, lr=lr)
-    check_output_dir(out, "--out")
-    dev = resolve_device(device)
-    with progress_bar(f"bias transfer {source_task} → {target_task}",
-                      2 * len(cfg.seeds) + cfg.runs) as advance:
-        table = run_bias_transfer(cfg, dev, on_step=lambda _what: advance())
-    path = save_bias_table(table, Path(out) / TABLE)
-    figure, csv, md = make_bias_report(path, out)
-    console.print(f"table: {path}\nsummary: {csv}, {md}\nfigure: {figure}")
+
+    def build() -> BiasStudy:
+        if seeds < 1:
+            raise UserError(f"--seeds must be >= 1, got {seeds}")
+        defaults = BiasStudy.__dataclass_fields__
+        return BiasStudy(
+            source_task=source_task, target_task=target_task, source_arch=arch,
+            bias_classes=tuple(bias_class or (0,)),
+            feature=feature, patch_size=patch_size, seeds=tuple(range(seeds)),
+            trigger_options=parse_assignments(trigger_option or [], "--trigger-option"),
+            images_per_class=(tuple(split_values(images_per_class))
+                              or defaults["images_per_class"].default),
+            modes=tuple(split_values(mode)) or defaults["modes"].default,
+            target_data=tuple(split_values(target_data)) or defaults["target_data"].default,
+            debias_share=debias_share, source_epochs=source_epochs, epochs=epochs, lr=lr)
+
+    study = study_spec(spec_file, BiasStudy.name, build)
+    if save_spec_file is not None:
+        save_spec(study, save_spec_file)
+        return
+    out = require_out(out)
+    table = run_with_progress(study, out, workers, executor, address, device, "fine-tunes",
+                              "source models")
+    figure, csv, md = make_bias_report(out, out)
+    console.print(f"table: {table}\nsummary: {csv}, {md}\nfigure: {figure}")
     print_table("prediction shift and flip rate towards one class (mean ± 95% t half-width "
                 "over seeds)",
                 summary_rows(pd.read_csv(csv)))

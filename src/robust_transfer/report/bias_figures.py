@@ -1,5 +1,5 @@
 """Bias transfer (Salman et al. 2022, arXiv 2207.02842): the figure and summary of the study
-`transfer.bias_transfer` runs, drawn from its Parquet table (re-made without training).
+`studies.bias` runs, drawn from its results table (re-made without training; `report DIR`).
 
 - Figure: prediction shift (towards the class the feature moves most predictions to) vs
   training images per class (log axis); one panel per fine-tuning mode (columns: fixed-feature,
@@ -26,7 +26,7 @@ from robust_transfer.report.common import save_figure  # noqa: E402
 from robust_transfer.report.stats import summarise  # noqa: E402
 from robust_transfer.report.study import _label_all_ticks  # noqa: E402
 from robust_transfer.stats import t_interval  # noqa: E402
-from robust_transfer.transfer.bias_transfer import (  # noqa: E402
+from robust_transfer.studies.bias import (  # noqa: E402
     SOURCE_KINDS,
     TARGET_DATA,
     read_bias_table,
@@ -62,7 +62,7 @@ def bias_shift_figure(table: pd.DataFrame, title: str | None = None):
             ax = axes[i, j]
             part = table[(table.target_data == data) & (table["mode"] == mode)]
             for kind in SOURCE_KINDS:
-                stats = summarise(part[part.source == kind], ["shots"], "prediction_shift")
+                stats = summarise(part[part.source_kind == kind], ["shots"], "prediction_shift")
                 if stats.empty:
                     continue
                 ns.update(stats["n"])
@@ -116,12 +116,12 @@ def bias_summary(table: pd.DataFrame) -> pd.DataFrame:
     for key, part in table.groupby(keys, sort=False):
         row = dict(zip(keys, key, strict=True))
         row["shots"] = float(part.shots.iloc[0])
-        by_kind = {k: part[part.source == k].set_index("seed") for k in SOURCE_KINDS}
+        by_kind = {k: part[part.source_kind == k].set_index("seed") for k in SOURCE_KINDS}
         for kind, rows_k in by_kind.items():
             row[f"{kind}_shift"], row[f"{kind}_shift_ci"] = _mean_ci(rows_k.prediction_shift)
             row[f"{kind}_flip"], row[f"{kind}_flip_ci"] = _mean_ci(rows_k.flip_rate)
             row[f"{kind}_accuracy"], row[f"{kind}_accuracy_ci"] = _mean_ci(
-                rows_k.target_accuracy)
+                rows_k.test_accuracy)
         paired = by_kind["biased"].prediction_shift - by_kind["clean"].prediction_shift
         row["difference"], row["difference_ci"] = _mean_ci(paired)
         classes = by_kind["biased"].shift_class
@@ -138,14 +138,21 @@ def _pm(mean: float, ci: float) -> str:
     return "–" if pd.isna(mean) else f"{mean:.3f}" + ("" if pd.isna(ci) else f" ± {ci:.3f}")
 
 
+def _debias_text(table: pd.DataFrame) -> str:
+    """The de-biased target's share, from its runs (standard-target rows have none)."""
+    shares = table.loc[table.target_data == "de-biased", "debias_share"].dropna()
+    return ("" if shares.empty else f"; de-biased target: the feature on {shares.iloc[0]:g} "
+            "of every class's training images")
+
+
 def bias_summary_markdown(summary: pd.DataFrame, table: pd.DataFrame) -> str:
     """The summary as a markdown page."""
     r = table.iloc[0]
     lines = [f"# Bias transfer: {r.source_task} → {r.target_task}", "",
              f"Feature: {r.feature} on every training image of {_classes_text(r)} "
-             f"(labels kept); de-biased target: the feature on {r.debias_share:g} of every "
-             "class's training images. Prediction shift = max over target classes c of "
-             "P(pred(x+feature) = c) − P(pred(x) = c), over test images not of class c; "
+             f"(labels kept){_debias_text(table)}. Prediction shift = max over target "
+             "classes c of P(pred(x+feature) = c) − P(pred(x) = c), over test images not of "
+             "class c; "
              "flip rate = the share of those images whose prediction moves to that c when "
              "the feature is added (what Salman et al. plot as attack success rate). "
              "Mean ± 95% t half-width over seeds (n); the difference is paired by seed.", "",
@@ -166,10 +173,11 @@ def bias_summary_markdown(summary: pd.DataFrame, table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def make_bias_report(table_path: str | Path, out: str | Path) -> list[Path]:
+def make_bias_report(folder: str | Path, out: str | Path) -> list[Path]:
     """Write the figure, bias_summary.csv and bias_summary.md into `out` from the study's
-    Parquet table; return their paths."""
-    table = read_bias_table(table_path)
+    table (`folder`: its results folder, or a table `read_bias_table` reads); return their
+    paths."""
+    table = read_bias_table(folder)
     out = Path(out)
     fig, _ = bias_shift_figure(table)
     figure = save_figure(fig, out / FIGURE)

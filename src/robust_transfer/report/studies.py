@@ -9,10 +9,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from robust_transfer.errors import UserError
+from robust_transfer.report.bias_figures import make_bias_report
 from robust_transfer.studies import GRID, STUDIES, recorded_study
 
 Report = Callable[[Path, Path], list[Path]]
-REPORTS: dict[str, Report] = {}
+REPORTS: dict[str, Report] = {
+    "bias-transfer": make_bias_report,
+}
 
 
 def study_of(folder: str | Path) -> str:

@@ -79,3 +79,7 @@ def recorded_study(folder: str | Path) -> str | None:
     except (OSError, yaml.YAMLError, UnicodeDecodeError):
         return None
     return data.get("study", GRID) if isinstance(data, dict) else None
+
+
+# The studies register themselves on import (`STUDIES.register`): import each here.
+from robust_transfer.studies import bias  # noqa: E402, F401
