@@ -10,11 +10,13 @@ from pathlib import Path
 
 from robust_transfer.errors import UserError
 from robust_transfer.report.defense_figures import defend_report
+from robust_transfer.report.influence import influence_report
 from robust_transfer.studies import GRID, STUDIES, recorded_study
 
 Report = Callable[[Path, Path], list[Path]]
 REPORTS: dict[str, Report] = {}
 REPORTS["defend"] = defend_report
+REPORTS["influence"] = influence_report
 
 
 def study_of(folder: str | Path) -> str:

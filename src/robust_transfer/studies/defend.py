@@ -28,7 +28,7 @@ from robust_transfer.defenses import (
 from robust_transfer.defenses.evaluation import UNDEFENDED
 from robust_transfer.errors import UserError
 from robust_transfer.models import load_checkpoint
-from robust_transfer.models.checkpoint import WEIGHTS, file_sha256, read_meta
+from robust_transfer.models.checkpoint import checkpoint_sha256, read_meta
 from robust_transfer.studies import STUDIES, spec_record
 from robust_transfer.transfer.grid import worker_device
 from robust_transfer.transfer.runner import Artifact, Unit
@@ -37,11 +37,6 @@ from robust_transfer.transfer.spec import content_id
 # Clean training images the squeeze detector's threshold is fitted on.
 CALIBRATION_IMAGES = 500
 DEFENSE, DETECTOR = "defense", "detector"  # the `kind` of a row
-
-
-def checkpoint_sha256(path: str | Path) -> str:
-    """The content hash of a checkpoint's weights (its sidecar's, else computed)."""
-    return read_meta(path).get("sha256") or file_sha256(Path(path) / WEIGHTS)
 
 
 @STUDIES.register
