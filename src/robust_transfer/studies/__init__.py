@@ -79,3 +79,8 @@ def recorded_study(folder: str | Path) -> str | None:
     except (OSError, yaml.YAMLError, UnicodeDecodeError):
         return None
     return data.get("study", GRID) if isinstance(data, dict) else None
+
+
+# Every study module registers its spec class in `STUDIES` when imported: imported here, so
+# that a spec names any study wherever this package is imported (Python API, `run --help`).
+from robust_transfer.studies import defend, influence  # noqa: E402,F401
