@@ -14,10 +14,15 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+import pandas as pd
+
 from robust_transfer.models import save_checkpoint
+from robust_transfer.studies.influence import InfluenceStudy
 from robust_transfer.train import SourceConfig, TrainConfig, train_source
 from robust_transfer.transfer import FinetuneConfig
+from robust_transfer.transfer.results import read_results
 from robust_transfer.transfer.run import finetune_from_checkpoint
+from robust_transfer.transfer.runner import run_study
 
 FINETUNE = FinetuneConfig(target_task="digits-5to9", images_per_class=10, unfrozen_blocks=1,
                           epochs=8, lr=0.05, seed=0)
@@ -45,3 +50,10 @@ def checkpoints() -> Checkpoints:
         paths[f"ft_{name}"] = root / f"ft_{name}"
         finetune_from_checkpoint(paths[name], FINETUNE, paths[f"ft_{name}"])
     return Checkpoints(root, **paths)
+
+
+def study_results(out: Path, *paths: Path, **options) -> pd.DataFrame:
+    """The results table of the influence study of `paths` (options: `InfluenceStudy`'s)
+    run into `out` (the Python API of Figs. 5-6)."""
+    run_study(InfluenceStudy(tuple(paths), **options), out)
+    return read_results(out, InfluenceStudy.required)

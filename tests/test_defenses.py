@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import warnings
 from functools import cache
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,6 +34,8 @@ from robust_transfer.defenses import (
 from robust_transfer.errors import UserError
 from robust_transfer.models import ModelSpec, build_model, save_checkpoint
 from robust_transfer.report.defense_figures import defense_figure
+from robust_transfer.studies import load_study
+from robust_transfer.studies.defend import DefendStudy
 
 
 @cache
@@ -228,8 +231,8 @@ def test_defend_prints_table_and_writes_figure_and_csv(checkpoint, tmp_path):
     for text in ("naive robust", "adaptive robust", "BPDA", "EOT-2", "zero_gradients",
                  "randomized", "feature-squeezing detector"):
         assert text in result.output, text
-    assert sorted(p.name for p in out.iterdir()) == ["defenses.csv", "defenses_vs_eps.png",
-                                                     "detector.csv"]
+    assert {"defenses.csv", "defenses_vs_eps.png", "detector.csv"} <= {p.name for p in
+                                                                       out.iterdir()}
     import pandas as pd
 
     table = pd.read_csv(out / "defenses.csv", keep_default_na=False)
@@ -263,4 +266,50 @@ def test_defend_bad_input_exits_2_with_one_line(checkpoint, tmp_path, capsys, ar
     assert exit_info.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(match), lines
+    assert not (tmp_path / "x").exists()
+
+
+def test_defend_spec_runs_resumably_and_report_redraws(checkpoint, tmp_path, cli):
+    """--save-spec writes the spec the options make; --spec and `run` run it (the same run
+    ids, so the second finds them done); `report DIR` redraws the study's files; a different
+    checkpoint at the same path gets new run ids (its sha256 is in them)."""
+    spec = tmp_path / "defend.yaml"
+    opts = ["--defense", "median:2", "--eps", "0.1", "--n", "20", "--steps", "2"]
+    assert cli("defend", checkpoint, *opts, "--save-spec", spec)[0] == 0
+    study = load_study(spec)
+    assert (study.name, study.defenses, study.eps) == ("defend", ("median:2",), (0.1,))
+    code, out, err = cli("defend", "--spec", spec, "--out", tmp_path / "a", "--device", "cpu")
+    assert code == 0, err
+    assert "3 runs in" in out  # none, median:2 and the detector (median is a squeezer)
+    code, out, err = cli("run", spec, "--out", tmp_path / "a", "--device", "cpu")
+    assert code == 0 and "0 runs in" in out and "3 of 3 runs already done" in err
+    code, out, err = cli("report", tmp_path / "a", "--out", tmp_path / "r")
+    assert code == 0, err
+    for name in ("defenses.csv", "detector.csv"):
+        assert (tmp_path / "r" / name).read_text() == (tmp_path / "a" / name).read_text()
+    assert (tmp_path / "r" / "defenses_vs_eps.png").is_file()
+    other = save_checkpoint(build_model(ModelSpec(num_classes=5), seed=1), tmp_path / "c",
+                            {"task": "digits-0to4"})
+    before = DefendStudy(other, ("median:2",)).run_ids()
+    save_checkpoint(natural_model(), other, {"task": "digits-0to4"})
+    after = DefendStudy(other, ("median:2",)).run_ids()
+    assert len(before) == 3 and not set(before) & set(after)
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--defense", "median"], "error: give a checkpoint directory (or --spec FILE)"),
+    (["{ckpt}"], "error: give --defense (or --spec FILE)"),
+    (["--spec", "{bad}"], "error: unknown option(s) defence for defend spec"),
+    (["--spec", "{grid}"], "is a grid spec, not a defend spec"),
+])
+def test_defend_spec_bad_input_exits_2(checkpoint, tmp_path, capsys, args, match):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"study: defend\ncheckpoint: {checkpoint}\ndefence: [median]\n")
+    grid = Path(__file__).parent / "data" / "studies" / "grid.yaml"
+    args = [a.format(ckpt=checkpoint, bad=bad, grid=grid) for a in args]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["defend", *args, "--out", str(tmp_path / "x")])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and match in lines[0], lines
     assert not (tmp_path / "x").exists()

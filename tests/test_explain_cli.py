@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+import torch
 
 from explain_fixtures import checkpoints
 from robust_transfer.cli import main
+from robust_transfer.models import load_checkpoint, save_checkpoint
+from robust_transfer.studies import load_study
+from robust_transfer.studies.influence import InfluenceStudy
 
 
 def run(capsys, *args):
@@ -49,10 +53,34 @@ def test_influence_from_finetunes_and_from_a_source(capsys, tmp_path):
     assert "natural" in out and "robust" in out and "k=10" in out
     table = pd.read_parquet(tmp_path / "class_match.parquet")
     assert table["k"].max() == 20
-    robust = table[table["label"].str.startswith("robust")]
-    natural = table[table["label"] == "natural"]
+    robust = table[table["source_label"].str.startswith("robust")]
+    natural = table[table["source_label"] == "natural"]
     assert (robust["over"] == "seeds").all() and (robust["n"] == 2).all()  # band over seeds
     assert (natural["over"] != "seeds").all() and (natural["n"] > 2).all()  # over images
+
+
+def test_influence_spec_from_the_options_and_run_ids_follow_content(capsys, tmp_path):
+    """--save-spec writes the study the options make (one run per fine-tune: the given one,
+    and the source fine-tuned with 2 seeds, its artifacts); another checkpoint at the same
+    path (other weights: another sha256) gets another run id."""
+    c = checkpoints()
+    spec = tmp_path / "influence.yaml"
+    code, _, err = run(capsys, "explain", "influence", c.ft_natural, c.robust, "--seeds", "2",
+                       "--epochs", "3", "--save-spec", spec)
+    assert code == 0, err
+    study = load_study(spec)
+    assert (study.name, study.seeds, study.epochs) == ("influence", (0, 1), 3)
+    assert study.checkpoints == (c.ft_natural.resolve(), c.robust.resolve())
+    assert len(study.run_ids()) == 3
+    (built,) = study.artifacts(tmp_path / "out", "cpu")
+    assert [a.directory.parent for a in built] == [tmp_path / "out" / "finetunes"] * 2
+    model, meta = load_checkpoint(c.ft_natural)
+    copy = save_checkpoint(model, tmp_path / "ft", meta)
+    before = InfluenceStudy((copy,)).run_ids()
+    with torch.no_grad():
+        model.head.bias.add_(1.0)
+    save_checkpoint(model, copy, meta)
+    assert InfluenceStudy((copy,)).run_ids() != before
 
 
 def test_influence_validate(capsys, tmp_path):
@@ -75,6 +103,8 @@ def test_influence_validate(capsys, tmp_path):
     (["influence", "{ft}", "--blocks", "3"], "not allowed"),
     (["influence", "{ft}", "--ranking", "best"], "unknown ranking 'best'"),
     (["influence", "{ft}", "--targets-per-class", "0"], "targets per class"),
+    (["influence", "{ft}", "--seeds", "0"], "seeds must be >= 1"),
+    (["influence", "--spec", "{tmp}/missing.yaml"], "missing.yaml"),
 ])
 def test_bad_input_is_exit_code_2(capsys, tmp_path, args, message):
     c = checkpoints()

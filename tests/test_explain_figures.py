@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 import robust_transfer.report.explain_figures as figures
-from explain_fixtures import checkpoints
-from robust_transfer.explain import influence_study
+from explain_fixtures import checkpoints, study_results
+from robust_transfer.report.influence import class_match_table, influence_examples
 
 
 @pytest.fixture
@@ -33,9 +33,9 @@ def _decaying_table() -> pd.DataFrame:
         for targets in ("held-out test images", "training images"):
             for k in range(1, 101):
                 m = 0.2 + 0.8 * np.exp(-(k - 1) / 12) - shift * np.exp(-(k - 1) / 30)
-                rows.append({"label": label, "targets": targets, "k": k, "mean": m,
+                rows.append({"source_label": label, "targets": targets, "k": k, "mean": m,
                              "lower": m - 0.03, "upper": m + 0.03, "n": 10, "over": "seeds",
-                             "method": "exact"})
+                             "influence_method": "exact"})
     return pd.DataFrame(rows)
 
 
@@ -51,15 +51,15 @@ def test_class_match_legend_does_not_hide_the_curves(captured):
         assert "n=10 seeds" in " ".join(t.get_text() for t in ax.get_legend().get_texts())
 
 
-def test_figure_titles_name_the_ranking_used(captured):
-    study = influence_study([checkpoints().ft_robust], k_max=10, ranking="harmful",
-                            targets_per_class=1)
-    table = study.class_match_table()
+def test_figure_titles_name_the_ranking_used(captured, tmp_path):
+    results = study_results(tmp_path, checkpoints().ft_robust, top_k=10, ranking="harmful",
+                            targets_per_class=1, examples=3)
+    table = class_match_table(results)
     assert (table["ranking"] == "harmful").all()
     figures.class_match_figure(table, "unused.png")
     title = captured["fig"]._suptitle.get_text()
     assert "most harmful" in title and "helpful" not in title
-    examples = study.examples(top_k=3)
+    examples = influence_examples(results)
     assert examples.ranking == "harmful"
     figures.influence_examples_figure(examples, "unused.png")
     title = captured["fig"]._suptitle.get_text()

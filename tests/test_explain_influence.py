@@ -9,14 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from explain_fixtures import checkpoints
+from explain_fixtures import checkpoints, study_results
 from robust_transfer.errors import UserError
 from robust_transfer.explain import (
     CGInfluence,
     ExactInfluence,
     LiSSAInfluence,
     class_match_fractions,
-    influence_study,
     load_finetune,
     make_influence,
     rank_training_images,
@@ -24,6 +23,8 @@ from robust_transfer.explain import (
 )
 from robust_transfer.explain.loo import minimise
 from robust_transfer.models import load_checkpoint
+from robust_transfer.report.influence import class_match_table, influence_examples
+from robust_transfer.studies.influence import InfluenceStudy
 
 
 @pytest.fixture(scope="module")
@@ -168,11 +169,12 @@ def test_ranking_excludes_self_and_counts_class_matches():
         rank_training_images(scores, 1, "best")
 
 
-def test_study_table_and_examples():
+def test_study_table_and_examples(tmp_path):
     c = checkpoints()
-    study = influence_study([c.ft_natural, c.ft_robust], k_max=100, targets_per_class=3)
-    table = study.class_match_table()
-    assert set(table["label"]) == {"natural", "robust (l2 eps=0.5)"}
+    results = study_results(tmp_path, c.ft_natural, c.ft_robust, top_k=100,
+                            targets_per_class=3, examples=4)
+    table = class_match_table(results)
+    assert set(table["source_label"]) == {"natural", "robust (l2 eps=0.5)"}
     test_rows = table[table["targets"] == "held-out test images"]
     train_rows = table[table["targets"] == "training images"]
     assert test_rows["k"].max() == 50 and train_rows["k"].max() == 49  # capped at n (-self)
@@ -181,7 +183,7 @@ def test_study_table_and_examples():
     assert table["mean"].between(0, 1).all()
     # k = n for held-out targets: every training image counted, 10 of 50 share the class.
     assert np.allclose(test_rows[test_rows["k"] == 50]["mean"], 0.2)
-    ex = study.examples(top_k=4)
+    ex = influence_examples(results)
     assert ex.test_labels.tolist() == [0, 1, 2, 3, 4]
     assert ex.top_images["natural"].shape == (5, 4, 1, 8, 8)
 
@@ -194,6 +196,6 @@ def test_bad_influence_requests_are_user_errors(ft):
     with pytest.raises(UserError, match="influence method"):
         make_influence("newton", ft.model, ft.train)
     with pytest.raises(UserError, match="not allowed"):
-        influence_study([checkpoints().ft_robust], unfrozen_blocks=2)
+        InfluenceStudy((checkpoints().ft_robust,), blocks=2)
     with pytest.raises(UserError, match="not a fine-tuned checkpoint"):
         load_finetune(checkpoints().natural)

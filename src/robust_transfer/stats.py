@@ -17,5 +17,12 @@ def t_interval(values, level: float = 0.95, axis: int = 0):
     mean = v.mean(axis)
     if n < 2:
         return mean, np.full_like(mean, np.nan), n
-    half = stats.t.ppf(0.5 + level / 2, n - 1) * v.std(axis, ddof=1) / np.sqrt(n)
-    return mean, half, n
+    return mean, t_half_width(v.std(axis, ddof=1), n, level), n
+
+
+def t_half_width(sd, n: int, level: float = 0.95):
+    """The t-interval's half-width from a sample's standard deviation (ddof=1) and size:
+    for intervals rebuilt from stored (mean, sd, n) summaries; NaN where n < 2."""
+    if n < 2:
+        return np.full_like(np.asarray(sd, dtype=float), np.nan)
+    return stats.t.ppf(0.5 + level / 2, n - 1) * sd / np.sqrt(n)

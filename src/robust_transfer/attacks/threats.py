@@ -253,6 +253,8 @@ class L1Threat(ThreatModel):
 
 
 NORMS: dict[str, type[ThreatModel]] = {"linf": LinfThreat, "l2": L2Threat, "l1": L1Threat}
+# A default radius per norm in pixel space, for evaluations given none (`attack`, `defend`).
+DEFAULT_EPS = {"linf": 0.1, "l2": 0.5, "l1": 2.0}
 
 
 def make_threat(norm: str, eps: float) -> ThreatModel:

@@ -10,6 +10,7 @@ import typer
 from robust_transfer.atomic import atomic_write_text
 from robust_transfer.attacks import NORMS, as_matrix, evaluate, make_threat, transfer_matrix
 from robust_transfer.attacks.registry import check_norm, names_help, stages
+from robust_transfer.attacks.threats import DEFAULT_EPS
 from robust_transfer.cli import app
 from robust_transfer.cli.common import (
     DEVICE_OPTION,
@@ -33,7 +34,6 @@ from robust_transfer.report.attack_figures import (
 )
 
 NORM_HELP = " | ".join(NORMS)
-DEFAULT_EPS = {"linf": 0.1, "l2": 0.5, "l1": 2.0}
 
 
 def _attack_names(values: list[str]) -> list[str]:

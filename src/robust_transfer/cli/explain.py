@@ -5,24 +5,31 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pandas as pd
 import typer
 
 from robust_transfer.cli import app
 from robust_transfer.cli.common import DEVICE_OPTION, check_output_dir, console, print_table
-from robust_transfer.data.tasks import parse_shots
+from robust_transfer.cli.studies import (
+    ADDRESS_OPTION,
+    EXECUTOR_OPTION,
+    SAVE_SPEC_OPTION,
+    SPEC_OPTION,
+    WORKERS_OPTION,
+    run_with_progress,
+    save_spec,
+    study_spec,
+)
 from robust_transfer.errors import UserError, check_choice
-from robust_transfer.explain import study as study_mod
 from robust_transfer.explain.checkpoints import load_labelled, task_split
-from robust_transfer.explain.influence import METHODS as INFLUENCE_METHODS
-from robust_transfer.explain.influence import RANKINGS
 from robust_transfer.explain.loo import validate_leave_one_out
 from robust_transfer.explain.saliency import METHODS as SALIENCY_METHODS
 from robust_transfer.explain.saliency import saliency_for_checkpoints
 from robust_transfer.explain.units import unit_analysis
 from robust_transfer.models.runtime import resolve_device
 from robust_transfer.report import explain_figures as figures
-from robust_transfer.report.common import save_table
-from robust_transfer.transfer import FinetuneConfig
+from robust_transfer.report.influence import class_match_summary, influence_report
+from robust_transfer.studies.influence import InfluenceStudy
 
 explain_app = typer.Typer(
     help="Explain what transfers: saliency maps, influence functions, unit analysis.",
@@ -89,17 +96,26 @@ def influence(
     lr: float = typer.Option(0.1, help="Fine-tuning learning rate (sources)."),
     seeds: int = typer.Option(1, help="Fine-tune each source with seeds 0..N-1 (sources)."),
     removed: int = typer.Option(40, help="--validate: training images removed."),
-    out: Path = typer.Option(Path("explain-influence"), "--out", help="Output directory."),
+    out: Path = typer.Option(Path("explain-influence"), "--out", help="Output directory "
+                             "(fine-tunes under finetunes/, the runner's results, figures)."),
+    spec_file: Path = SPEC_OPTION,
+    save_spec_file: Path = SAVE_SPEC_OPTION,
+    workers: int = WORKERS_OPTION,
+    executor: str = EXECUTOR_OPTION,
+    address: str = ADDRESS_OPTION,
     device: str = DEVICE_OPTION,
 ) -> None:
     """Most influential training images per test image (Fig. 5) and how often they share its
-    class, robust vs natural source (Fig. 6); or --validate against leave-one-out."""
+    class, robust vs natural source (Fig. 6); or --validate against leave-one-out.
 
-    dev = resolve_device(device)
-    check_output_dir(out, "--out")
+    A resumable study: source checkpoints are fine-tuned once (per seed) into
+    OUT/finetunes/, each fine-tune's influence is one run; re-run into the same --out to
+    finish a killed study; --workers / --executor ray run fine-tunes in parallel."""
+
     if validate:
         if paths:
             raise UserError("--validate runs on the embedded digits data; give no checkpoints")
+        check_output_dir(out, "--out")
         console.print(f"leave-one-out validation: retraining {removed} times (L-BFGS) ...")
         result = validate_leave_one_out(num_removed=removed)
         png = figures.loo_scatter(result, out / "influence_validation.png")
@@ -109,38 +125,29 @@ def influence(
             "sign agreement": result.sign_agreement}])
         console.print(f"wrote {png}")
         return
-    if not paths:
-        raise UserError("give fine-tune directories or source checkpoints, or use --validate")
-    check_choice("influence method", method, INFLUENCE_METHODS)
-    check_choice("ranking", ranking, RANKINGS)
-    for name, value in (("seeds", seeds), ("top-k", top_k), ("examples", examples)):
-        if value < 1:
-            raise UserError(f"{name} must be >= 1, got {value}")
-    if blocks < 0 or damping < 0:
-        raise UserError(f"blocks and damping must be >= 0, got {blocks}, {damping}")
-    try:
-        per_class = parse_shots(targets_per_class)
-    except UserError:
-        raise UserError(f"targets per class must be a positive integer or 'all', got "
-                        f"{targets_per_class!r}") from None
-    config = FinetuneConfig(task, images_per_class, unfrozen_blocks, epochs, lr)
-    finetunes = study_mod.prepare_finetunes(
-        [str(p) for p in paths], config, range(seeds), out, dev, on_finetune=console.print)
-    options = {"depth": lissa_depth} if method == "lissa" else {}
-    study = study_mod.influence_study(
-        [str(f) for f in finetunes], method, blocks, damping, top_k, ranking,
-        per_class, options, dev,
-        on_run=lambda text: console.print(f"influence ({method}): {text}"),
-    )
-    table = study.class_match_table()
-    save_table(table, out / "class_match.parquet")
-    chance = float(study.task.train.y.bincount().max()) / len(study.task.train.y)
-    fig6 = figures.class_match_figure(table, out / "influence_class_match.png", chance=chance)
-    fig5 = figures.influence_examples_figure(study.examples(examples),
-                                             out / "influence_examples.png")
+
+    def build() -> InfluenceStudy:
+        if not paths:
+            raise UserError("give fine-tune directories or source checkpoints, or use "
+                            "--validate")
+        if seeds < 1:
+            raise UserError(f"seeds must be >= 1, got {seeds}")
+        return InfluenceStudy(tuple(p.resolve() for p in paths), method, blocks, damping,
+                              top_k, examples, ranking, targets_per_class, lissa_depth, task,
+                              images_per_class, unfrozen_blocks, epochs, lr,
+                              tuple(range(seeds)))
+
+    study = study_spec(spec_file, InfluenceStudy.name, build)
+    if save_spec_file is not None:
+        save_spec(study, save_spec_file)
+        return
+    run_with_progress(study, out, workers, executor, address, device, "influence runs",
+                      "fine-tunes")
+    written = influence_report(out, out)
+    table = pd.read_parquet(written[-1])
     print_table("fraction of the top-k influential training images with the target's class",
-                study_mod.class_match_summary(table))
-    console.print(f"wrote {fig5}, {fig6} and {out / 'class_match.parquet'}")
+                class_match_summary(table))
+    console.print(f"wrote {', '.join(map(str, written))}")
 
 
 @explain_app.command()

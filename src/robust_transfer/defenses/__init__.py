@@ -13,8 +13,8 @@ subclass its `InputTransform` and say whether they are differentiable and random
 from robust_transfer.defenses.detector import SqueezeDetector
 from robust_transfer.defenses.evaluation import (
     adaptive_options,
-    compare_defenses,
     detection_rates,
+    evaluate_defense,
     squeezers_of,
 )
 from robust_transfer.defenses.parse import (
@@ -38,7 +38,7 @@ __all__ = [
     "parse_defenses",
     "defenses_help",
     "adaptive_options",
-    "compare_defenses",
     "detection_rates",
+    "evaluate_defense",
     "squeezers_of",
 ]

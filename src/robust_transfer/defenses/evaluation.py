@@ -3,9 +3,10 @@
 The published story (Athalye et al. 2018, arXiv 1802.00420): input-transformation defenses
 look robust when attacked naively, because their gradients are shattered (bit-depth
 reduction) or stochastic (random resize and pad); BPDA and EOT bring robust accuracy back
-down to about the undefended model's. `compare_defenses` measures both through the one
-evaluation path (`attacks.evaluate`), records which gradient-masking checks fired on each,
-and picks the adaptive attack from what each defense declares:
+down to about the undefended model's. `evaluate_defense` measures both for one defense
+through the one evaluation path (`attacks.evaluate`), records which gradient-masking checks
+fired on each, and picks the adaptive attack from what the defense declares (the `defend`
+study, `studies.defend`, runs it per defense):
 
 - a non-differentiable transform -> BPDA; a randomized one -> EOT (n draws); both -> both;
 - a differentiable deterministic defense (median smoothing) -> its true gradient, which
@@ -15,7 +16,7 @@ and picks the adaptive attack from what each defense declares:
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import pandas as pd
 import torch
@@ -40,14 +41,14 @@ def adaptive_options(defended: Defended, eot_samples: int) -> tuple[bool, int, s
     return bpda, eot, label or "gradient"
 
 
-def _evaluate(model, x, y, attacks, eps, norm, steps, seed, progress, bpda=False,
+def _evaluate(model, x, y, attacks, eps, norm, steps, seed, bpda=False,
               eot_samples=1, examples=None) -> tuple[pd.DataFrame, list[str]]:
     """`attacks.evaluate`'s worst-case rows and the names of the masking checks that fired."""
     if isinstance(model, Defended):
         model.reseed(seed)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", GradientMaskingWarning)
-        table = evaluate(model, x, y, attacks, eps, norm, steps, seed, progress=progress,
+        table = evaluate(model, x, y, attacks, eps, norm, steps, seed,
                          examples=examples, bpda=bpda, eot_samples=eot_samples)
     fired = []
     for w in caught:
@@ -59,64 +60,52 @@ def _evaluate(model, x, y, attacks, eps, norm, steps, seed, progress, bpda=False
     return table[table["attack"] == "worst case"].reset_index(drop=True), fired
 
 
-def n_evaluations(defenses: Sequence[DefenseSpec], model: nn.Module) -> int:
-    """How many `evaluate` runs `compare_defenses` makes (for a progress total)."""
-    runs = 1
-    for spec in defenses:
-        d = spec.build(model)
-        runs += 1 if d.differentiable and not d.randomized else 2
-    return runs
-
-
-def compare_defenses(
+def evaluate_defense(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
-    defenses: Sequence[DefenseSpec],
+    defense: DefenseSpec | None,
     attacks: Sequence[str] = ("pgd",),
     eps: Sequence[float] = (0.1,),
     norm: str = "linf",
     steps: int | None = None,
     seed: int = 0,
     eot_samples: int = 30,
-    progress: Callable[[], None] | None = None,
     examples: dict | None = None,
-) -> pd.DataFrame:
-    """One row per (defense, eps): clean, naive and adaptive robust accuracy, the adaptive
-    attack used, and the masking checks that fired on each (comma-separated names from
-    `attacks.masking.CHECKS`). The first defense is the undefended model ("none").
-    `progress()` is called after every attack stage (`len(stage list) * len(eps)` per
-    `n_evaluations` run). `examples` (a dict) gets the undefended model's worst-case inputs
-    per eps, as `attacks.evaluate` gives them (for `detection_rates`)."""
+) -> list[dict]:
+    """One row per eps for `defense` on `model` (None: the undefended model, "none"): test
+    accuracy, naive and adaptive robust accuracy, the adaptive attack used, and the masking
+    checks that fired on each (comma-separated names from `attacks.masking.CHECKS`). The
+    defense is built from `seed` and every attack is reseeded, so a defense's rows do not
+    depend on which others are evaluated. `examples` (a dict; undefended model only) gets its
+    worst-case inputs per eps, as `attacks.evaluate` gives them (for `detection_rates`)."""
     check_adaptive(False, eot_samples)
     stages(list(attacks), steps)  # unknown attack names fail before any work
-    rows = []
-    base, base_fired = _evaluate(model, x, y, attacks, eps, norm, steps, seed, progress,
-                                 examples=examples)
-    for r in base.itertuples():
-        rows.append({"defense": UNDEFENDED, "eps": r.eps, "norm": norm,
-                     "clean_accuracy": r.clean_accuracy, "naive_robust_accuracy":
-                     r.robust_accuracy, "adaptive_robust_accuracy": r.robust_accuracy,
-                     "adaptive_attack": "gradient", "naive_warnings": ",".join(base_fired),
-                     "adaptive_warnings": ",".join(base_fired)})
-    for spec in defenses:
-        defended = spec.build(model, seed)
-        bpda, eot, label = adaptive_options(defended, eot_samples)
-        naive, naive_fired = _evaluate(defended, x, y, attacks, eps, norm, steps, seed,
-                                       progress)
-        if label == "gradient":
-            adaptive, adaptive_fired = naive, naive_fired
-        else:
-            adaptive, adaptive_fired = _evaluate(defended, x, y, attacks, eps, norm, steps,
-                                                 seed, progress, bpda, eot)
-        for n_row, a_row in zip(naive.itertuples(), adaptive.itertuples(), strict=True):
-            rows.append({"defense": spec.label, "eps": n_row.eps, "norm": norm,
-                         "clean_accuracy": n_row.clean_accuracy,
-                         "naive_robust_accuracy": n_row.robust_accuracy,
-                         "adaptive_robust_accuracy": a_row.robust_accuracy,
-                         "adaptive_attack": label, "naive_warnings": ",".join(naive_fired),
-                         "adaptive_warnings": ",".join(adaptive_fired)})
-    return pd.DataFrame(rows)
+    if defense is None:
+        base, fired = _evaluate(model, x, y, attacks, eps, norm, steps, seed,
+                                examples=examples)
+        return [_row(UNDEFENDED, norm, r, r, "gradient", fired, fired)
+                for r in base.itertuples()]
+    defended = defense.build(model, seed)
+    bpda, eot, label = adaptive_options(defended, eot_samples)
+    naive, naive_fired = _evaluate(defended, x, y, attacks, eps, norm, steps, seed)
+    if label == "gradient":
+        adaptive, adaptive_fired = naive, naive_fired
+    else:
+        adaptive, adaptive_fired = _evaluate(defended, x, y, attacks, eps, norm, steps, seed,
+                                             bpda, eot)
+    return [_row(defense.label, norm, n_row, a_row, label, naive_fired, adaptive_fired)
+            for n_row, a_row in zip(naive.itertuples(), adaptive.itertuples(), strict=True)]
+
+
+def _row(defense: str, norm: str, naive, adaptive, label: str, naive_fired: list[str],
+         adaptive_fired: list[str]) -> dict:
+    return {"defense": defense, "eps": naive.eps, "norm": norm,
+            "test_accuracy": naive.clean_accuracy,
+            "naive_robust_accuracy": naive.robust_accuracy,
+            "adaptive_robust_accuracy": adaptive.robust_accuracy, "adaptive_attack": label,
+            "naive_warnings": ",".join(naive_fired),
+            "adaptive_warnings": ",".join(adaptive_fired)}
 
 
 def squeezers_of(defenses: Sequence[DefenseSpec]) -> list:

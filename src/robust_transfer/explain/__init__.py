@@ -4,7 +4,8 @@
   digit's ink (Utrera et al. arXiv 2007.05869 Fig. 4; Smilkov et al. arXiv 1706.03825).
 - `influence`: influence of each training image on each test loss over the fine-tuned
   parameters, behind one `inverse_hvp` seam: exact, CG, LiSSA (Koh & Liang arXiv 1703.04730);
-  `influence_study`: Figs. 5-6 of Utrera et al.; `loo`: leave-one-out validation.
+  `loo`: leave-one-out validation. (Figs. 5-6 of Utrera et al. are the `influence` study,
+  `studies.influence`.)
 - `units`: single units vs random directions of a layer (Szegedy et al. arXiv 1312.6199).
 """
 
@@ -26,11 +27,6 @@ from robust_transfer.explain.saliency import (
     saliency,
     smoothgrad,
 )
-from robust_transfer.explain.study import (
-    InfluenceStudy,
-    influence_study,
-    prepare_finetunes,
-)
 from robust_transfer.explain.units import UnitAnalysis, layer_activations, unit_analysis
 
 __all__ = [
@@ -44,9 +40,6 @@ __all__ = [
     "make_influence",
     "rank_training_images",
     "class_match_fractions",
-    "InfluenceStudy",
-    "influence_study",
-    "prepare_finetunes",
     "LeaveOneOutResult",
     "validate_leave_one_out",
     "input_gradient",

@@ -76,6 +76,7 @@ class FinetunedModel:
     config: FinetuneConfig
     task: Task
     train: ImageSet
+    train_index: torch.Tensor  # `train`'s images in `task.train`
 
     @property
     def label(self) -> str:
@@ -99,8 +100,8 @@ def load_finetune(path: str | Path, device: str | torch.device = "cpu") -> Finet
     known = {f.name for f in fields(FinetuneConfig)}
     config = FinetuneConfig(**{k: v for k, v in meta["finetune"].items() if k in known})
     task = load_task(config.target_task)
-    train = task.train.subset(shots_per_class(task.train.y, config.images_per_class, config.seed))
-    return FinetunedModel(Path(path), model, meta, config, task, train)
+    index = shots_per_class(task.train.y, config.images_per_class, config.seed)
+    return FinetunedModel(Path(path), model, meta, config, task, task.train.subset(index), index)
 
 
 @dataclass

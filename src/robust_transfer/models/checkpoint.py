@@ -51,6 +51,12 @@ def save_checkpoint(model: BlockNet, directory: str | Path, meta: dict | None = 
     return directory
 
 
+def checkpoint_sha256(directory: str | Path) -> str:
+    """The content hash of a checkpoint's weights: its sidecar's "sha256", else computed (a
+    study puts it into the run ids of runs that read the checkpoint)."""
+    return read_meta(directory).get("sha256") or file_sha256(Path(directory) / WEIGHTS)
+
+
 def read_meta(directory: str | Path) -> dict:
     """The JSON sidecar of a checkpoint, or `UserError` naming what is wrong."""
     directory = Path(directory)

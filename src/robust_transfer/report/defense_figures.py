@@ -1,8 +1,10 @@
-"""Defense figure: clean, naive and adaptive robust accuracy vs eps, one panel per defense.
+"""The `defend` study's report: defenses.csv, detector.csv and the defense figure (clean,
+naive and adaptive robust accuracy vs eps, one panel per defense).
 
-Made from `defenses.compare_defenses`' table, so it can be re-made from the CSV. The gap
-between the naive and the adaptive curve is what gradient masking hid (Athalye et al. 2018);
-the undefended model's robust accuracy is drawn in every panel for reference.
+Made from the study's results table (`studies.defend`), so it can be re-made from the folder
+(`robust-transfer report DIR`) or the CSV. The gap between the naive and the adaptive curve
+is what gradient masking hid (Athalye et al. 2018); the undefended model's robust accuracy
+is drawn in every panel for reference.
 """
 
 from __future__ import annotations
@@ -15,10 +17,54 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
 
+from robust_transfer.atomic import atomic_write_text  # noqa: E402
+from robust_transfer.defenses.evaluation import UNDEFENDED  # noqa: E402
 from robust_transfer.report.common import save_figure  # noqa: E402
+from robust_transfer.studies.defend import DEFENSE, DETECTOR, DefendStudy  # noqa: E402
+from robust_transfer.transfer.results import read_results  # noqa: E402
 
-UNDEFENDED = "none"
+# The columns of defenses.csv and detector.csv, in order (the run's identity last).
+IDENTITY = ["attacks", "task", "seed", "checkpoint", "checkpoint_sha256", "run_id"]
+DEFENSE_COLUMNS = ["defense", "eps", "norm", "test_accuracy", "naive_robust_accuracy",
+                   "adaptive_robust_accuracy", "adaptive_attack", "naive_warnings",
+                   "adaptive_warnings", *IDENTITY]
+DETECTOR_COLUMNS = ["eps", "squeezers", "target_fpr", "threshold", "fpr_calibration",
+                    "fpr_test", "n_adversarial", "detection_rate", *IDENTITY]
+
+
+def defend_tables(folder: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(defense rows, detector rows) of a `defend` study's folder: defenses in the spec's
+    order (the undefended model first), eps ascending; no detector: an empty table."""
+    df = read_results(folder, DefendStudy.required)
+    spec = yaml.safe_load((Path(folder) / "spec.yaml").read_text()) or {}
+    order = {d: i for i, d in enumerate([UNDEFENDED, *spec.get("defenses", [])])}
+    defense = df[df["kind"] == DEFENSE].copy()
+    defense["_order"] = defense["defense"].map(order)
+    defense = defense.sort_values(["_order", "eps"], kind="stable")[DEFENSE_COLUMNS]
+    detector = df[df["kind"] == DETECTOR]
+    detector = (detector.sort_values("eps", kind="stable")[DETECTOR_COLUMNS] if len(detector)
+                else pd.DataFrame(columns=DETECTOR_COLUMNS))
+    detector = detector.astype({"n_adversarial": int})  # null in the defense rows: floats
+    return defense.reset_index(drop=True), detector.reset_index(drop=True)
+
+
+def defend_report(folder: str | Path, out: str | Path) -> list[Path]:
+    """defenses.csv, detector.csv (when the study fitted the detector) and
+    defenses_vs_eps.png of the `defend` study in `folder`, written into `out`."""
+    out = Path(out)
+    defense, detector = defend_tables(folder)
+    written = [out / "defenses.csv"]
+    atomic_write_text(written[0], defense.to_csv(index=False))
+    if len(detector):
+        written.append(out / "detector.csv")
+        atomic_write_text(written[-1], detector.to_csv(index=False))
+    first = defense.iloc[0]
+    title = f"{Path(first['checkpoint']).name} on {first['task']}: " + \
+        ", ".join(first["attacks"].split(","))
+    written.append(defense_curves(defense, out / "defenses_vs_eps.png", title=title))
+    return written
 
 
 def defense_curves(table: pd.DataFrame, path: str | Path, title: str = "") -> Path:
@@ -41,7 +87,7 @@ def defense_figure(table: pd.DataFrame, title: str = ""):
     norm = table["norm"].iloc[0]
     for ax, name in zip(axes.flat, defenses, strict=False):
         df = table[table["defense"] == name].sort_values("eps")
-        ax.plot(df["eps"], df["clean_accuracy"], ls="--", color="grey", marker=".",
+        ax.plot(df["eps"], df["test_accuracy"], ls="--", color="grey", marker=".",
                 label="clean")
         if name == UNDEFENDED:
             ax.plot(df["eps"], df["adaptive_robust_accuracy"], marker="o", color="black",

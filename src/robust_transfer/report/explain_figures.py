@@ -7,6 +7,7 @@ Every figure is written atomically (temporary file in the same directory, then r
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -20,7 +21,6 @@ import torch  # noqa: E402
 
 from robust_transfer.explain.loo import LeaveOneOutResult  # noqa: E402
 from robust_transfer.explain.saliency import SaliencyComparison  # noqa: E402
-from robust_transfer.explain.study import InfluenceExamples  # noqa: E402
 from robust_transfer.explain.units import UnitAnalysis  # noqa: E402
 from robust_transfer.report.common import save_figure  # noqa: E402
 
@@ -28,6 +28,19 @@ MATCH, MISMATCH = "#1a7f37", "#cf222e"
 # What "top-k" means under each ranking of `explain.influence.rank_training_images`.
 RANKING_WORDS = {"helpful": "most helpful", "harmful": "most harmful",
                  "abs": "most influential (largest |influence|)"}
+
+
+@dataclass
+class InfluenceExamples:
+    """Fig. 5 data: one test image per class and its top-k training images per source."""
+
+    test_images: torch.Tensor  # (C, ch, H, W)
+    test_labels: torch.Tensor  # (C,)
+    class_names: tuple[int, ...]
+    top_images: dict[str, torch.Tensor]  # source label -> (C, k, ch, H, W)
+    top_labels: dict[str, torch.Tensor]  # source label -> (C, k)
+    top_scores: dict[str, torch.Tensor]  # source label -> (C, k)
+    ranking: str = "helpful"  # how the top-k were chosen (see `rank_training_images`)
 
 
 def _image(ax, x: torch.Tensor, **kwargs) -> None:
@@ -121,17 +134,18 @@ def influence_examples_figure(examples: InfluenceExamples, path: str | Path) -> 
 
 def class_match_figure(table: pd.DataFrame, path: str | Path,
                        chance: float | None = None, title: str | None = None) -> Path:
-    """Fig. 6 analog from `InfluenceStudy.class_match_table()`: fraction of the top-k
+    """Fig. 6 analog from `report.influence.class_match_table`: fraction of the top-k
     influential training images sharing the target's class vs k, one panel per target kind,
     a t-interval band per source (n and what it is over in the legend)."""
     panels = list(dict.fromkeys(table["targets"]))
     fig, axes = plt.subplots(1, len(panels), squeeze=False, sharey=True,
                              figsize=(5.2 * len(panels), 4.0))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    labels = list(dict.fromkeys(table["label"]))
+    labels = list(dict.fromkeys(table["source_label"]))
     for ax, targets in zip(axes[0], panels, strict=True):
         for i, label in enumerate(labels):
-            d = table[(table["targets"] == targets) & (table["label"] == label)].sort_values("k")
+            d = table[(table["targets"] == targets)
+                      & (table["source_label"] == label)].sort_values("k")
             if d.empty:
                 continue
             color = colors[i % len(colors)]
@@ -146,7 +160,7 @@ def class_match_figure(table: pd.DataFrame, path: str | Path,
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
     axes[0, 0].set_ylabel("fraction of top-k with the target's class")
-    method = table["method"].iloc[0] if "method" in table else ""
+    method = table["influence_method"].iloc[0] if "influence_method" in table else ""
     ranking = table["ranking"].iloc[0] if "ranking" in table else "helpful"
     words = RANKING_WORDS.get(ranking, ranking)
     fig.suptitle(title or f"Class agreement of the {words} training images "

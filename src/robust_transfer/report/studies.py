@@ -10,11 +10,15 @@ from pathlib import Path
 
 from robust_transfer.errors import UserError
 from robust_transfer.report.bias_figures import make_bias_report
+from robust_transfer.report.defense_figures import defend_report
+from robust_transfer.report.influence import influence_report
 from robust_transfer.studies import GRID, STUDIES, recorded_study
 
 Report = Callable[[Path, Path], list[Path]]
 REPORTS: dict[str, Report] = {
     "bias-transfer": make_bias_report,
+    "defend": defend_report,
+    "influence": influence_report,
 }
 
 

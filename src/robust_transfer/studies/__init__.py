@@ -81,5 +81,6 @@ def recorded_study(folder: str | Path) -> str | None:
     return data.get("study", GRID) if isinstance(data, dict) else None
 
 
-# The studies register themselves on import (`STUDIES.register`): import each here.
-from robust_transfer.studies import bias  # noqa: E402, F401
+# Every study module registers its spec class in `STUDIES` when imported: imported here, so
+# that a spec names any study wherever this package is imported (Python API, `run --help`).
+from robust_transfer.studies import bias, defend, influence  # noqa: E402,F401
