@@ -9,7 +9,13 @@ from pathlib import Path
 import typer
 
 from robust_transfer.cli.backdoor import backdoor_app
-from robust_transfer.cli.common import DEVICE_OPTION, check_output_dir, console, print_table
+from robust_transfer.cli.common import (
+    DEVICE_OPTION,
+    check_output_dir,
+    console,
+    print_outputs,
+    print_table,
+)
 from robust_transfer.cli.studies import (
     ADDRESS_OPTION,
     EXECUTOR_OPTION,
@@ -58,8 +64,7 @@ def transfer(
     table = _run_grid_with_progress(spec, out, workers, device, executor, address)
     report = out / "report"
     rep = make_report(table, report)
-    for f in [*rep.figures, *make_backdoor_report(table, report)]:
-        console.print(f"{'summary' if f.suffix == '.md' else 'figure'}: {f}")
+    print_outputs([*rep.figures, *make_backdoor_report(table, report)])
     console.print(f"summary: {rep.summary}")
     print_table("final-epoch task-agnostic ASR (mean over seeds; CIs in backdoor_summary.md)",
                 backdoor_headline_rows(table))

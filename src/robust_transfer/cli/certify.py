@@ -22,6 +22,7 @@ from robust_transfer.cli.common import (
     checkpoint_task,
     console,
     out,
+    print_outputs,
     print_table,
     progress_bar,
 )
@@ -188,8 +189,7 @@ def certify_transfer(
         rep = make_report(table, report)
         results = read_results(table)
         figures = [*rep.figures, *make_certify_report(results, sources, report)]
-    for f in figures:
-        console.print(f"{'summary' if f.suffix == '.md' else 'figure'}: {f}")
+    print_outputs(figures)
     console.print(f"summary: {rep.summary}")
     print_table(f"mean ACR at σ={spec.certify.sigma:g} (CIs in certify_summary.md)",
                 certify_headline_rows(results))

@@ -158,6 +158,16 @@ def progress_bar(description: str, total: int) -> Iterator:
         yield advances[description]
 
 
+OUTPUT_KINDS = {".png": "figure", ".pdf": "figure", ".md": "summary", ".csv": "table",
+                ".parquet": "table"}
+
+
+def print_outputs(files) -> None:
+    """One line per file a report wrote, named by its kind (figure, summary, table)."""
+    for f in files:
+        console.print(f"{OUTPUT_KINDS.get(Path(f).suffix, 'file')}: {f}", soft_wrap=True)
+
+
 def _cell(value) -> str:
     if isinstance(value, float):
         return "–" if math.isnan(value) else f"{value:.4f}"

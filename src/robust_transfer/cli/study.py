@@ -18,6 +18,7 @@ from robust_transfer.cli.common import (
     check_checkpoint_out,
     check_output_dir,
     console,
+    print_outputs,
     print_table,
     progress_bar,
 )
@@ -271,14 +272,12 @@ def report(
     out = out or (results if results.is_dir() else results.parent) / "report"
     check_output_dir(out, "--out")
     if study_of(results) != GRID:
-        for f in make_study_report(results, out):
-            console.print(f"{'summary' if f.suffix in ('.md', '.csv') else 'figure'}: {f}")
+        print_outputs(make_study_report(results, out))
         return
     rep = make_report(results, out, epoch_shots or None)
     grid_dir = results if results.is_dir() else results.parent
-    for f in [*rep.figures, *make_backdoor_report(results, out),
-              *_certify_report(results, grid_dir, out)]:
-        console.print(f"{'summary' if f.suffix == '.md' else 'figure'}: {f}")
+    print_outputs([*rep.figures, *make_backdoor_report(results, out),
+                   *_certify_report(results, grid_dir, out)])
     console.print(f"summary: {rep.summary}")
     planned = manifest_run_ids(grid_dir)
     if planned and rep.runs < len(planned):
