@@ -26,6 +26,7 @@ SPECS = Path(__file__).parent / "data" / "studies"
 # study name: (its command, the columns of wall times left out of the comparison)
 CASES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "grid": (("run",), ("seconds",)),
+    "backdoor-updates": (("backdoor", "updates"), ()),
 }
 
 
@@ -43,7 +44,7 @@ def _table(name: str, out: Path) -> pd.DataFrame:
     study = load_study(_spec(name))
     df = read_results(out, study.required)
     wall = [c for c in CASES[name][1] if c in df.columns]
-    keys = [c for c in ("run_id", "epoch", "step") if c in df.columns]
+    keys = [c for c in ("run_id", "epoch", "step", "update") if c in df.columns]
     return (df.drop(columns=wall).sort_values(keys).reset_index(drop=True)
             [sorted(set(df.columns) - set(wall))])
 
@@ -99,7 +100,7 @@ def test_kill_9_mid_run_then_rerun_gives_the_uninterrupted_table(reference, tmp_
     assert code == 0, err
     assert f"{whole.run_id.nunique() - parts} " in stdout  # only the missing runs ran
     again = _table(name, out)
-    assert not again.duplicated(subset=[c for c in ("run_id", "epoch", "step")
+    assert not again.duplicated(subset=[c for c in ("run_id", "epoch", "step", "update")
                                         if c in again.columns]).any()
     pd.testing.assert_frame_equal(again, whole)
 
