@@ -27,6 +27,7 @@ SPECS = Path(__file__).parent / "data" / "studies"
 CASES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "grid": (("run",), ("seconds",)),
     "backdoor-updates": (("backdoor", "updates"), ()),
+    "distill": (("distill",), ()),
 }
 
 

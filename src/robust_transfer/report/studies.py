@@ -9,13 +9,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 from robust_transfer.errors import UserError
+from robust_transfer.report.distill import make_distill_report
 from robust_transfer.report.updates_figures import make_survival_report
 from robust_transfer.studies import GRID, STUDIES, recorded_study
+from robust_transfer.studies.distill import DistillStudy
 from robust_transfer.studies.updates import SurvivalStudy
 
 Report = Callable[[Path, Path], list[Path]]
 REPORTS: dict[str, Report] = {
     SurvivalStudy.name: make_survival_report,
+    DistillStudy.name: make_distill_report,
 }
 
 

@@ -16,12 +16,15 @@ thing (`run_id`, `seed`, `source_task`, `source_arch`, `target_task`, `images_pe
 from __future__ import annotations
 
 import dataclasses
+import os
+import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from robust_transfer.errors import UserError
+from robust_transfer.models.checkpoint import WEIGHTS, file_sha256, read_meta
 from robust_transfer.plugins import Registry, build_options
 from robust_transfer.transfer.grid import GridStudy
 from robust_transfer.transfer.runner import Study
@@ -51,9 +54,10 @@ def spec_record(study: Any) -> dict:
     return {"study": study.name, **plain(study)}
 
 
-def study_from_dict(data: dict, where: str = "spec") -> Study:
+def study_from_dict(data: dict, where: str = "spec", base: Path | None = None) -> Study:
     """The study a spec mapping describes (`study:` names it; none: a grid). Unknown keys,
-    wrong types and bad values are `UserError`s naming them."""
+    wrong types and bad values are `UserError`s naming them. `base`: the folder relative
+    paths (the checkpoints a study reads) are relative to (default: the working folder)."""
     if not isinstance(data, dict):
         raise UserError(f"{where} must be a YAML mapping, got {type(data).__name__}")
     data = dict(data)
@@ -62,12 +66,28 @@ def study_from_dict(data: dict, where: str = "spec") -> Study:
         return GridStudy(parse_spec(data))
     name = data.pop("study", GRID)
     cls = STUDIES.get(name)
+    if base is not None:
+        hints = typing.get_type_hints(cls)
+        data = {k: os.path.join(base, v) if _is_path(hints.get(k)) and isinstance(v, str)
+                else v for k, v in data.items()}
     return build_options(cls, data, f"{name} {where}")
 
 
+def _is_path(hint: Any) -> bool:
+    return hint is Path or Path in typing.get_args(hint)
+
+
 def load_study(path: str | Path) -> Study:
-    """The study in a YAML spec file (a grid spec, or one with `study: NAME`)."""
-    return study_from_dict(read_spec_file(path), f"spec {str(Path(path))!r}")
+    """The study in a YAML spec file (a grid spec, or one with `study: NAME`); relative paths
+    in it are relative to the file's folder."""
+    return study_from_dict(read_spec_file(path), f"spec {str(Path(path))!r}",
+                           Path(path).parent)
+
+
+def absolute(path: str | Path) -> Path:
+    """`path` made absolute (not resolving links), as a study records the checkpoints it
+    reads: its spec, saved anywhere, then names them wherever it is run from."""
+    return Path(os.path.abspath(path))
 
 
 def recorded_study(folder: str | Path) -> str | None:
@@ -79,3 +99,14 @@ def recorded_study(folder: str | Path) -> str | None:
     except (OSError, yaml.YAMLError, UnicodeDecodeError):
         return None
     return data.get("study", GRID) if isinstance(data, dict) else None
+
+
+def checkpoint_sha256(directory: str | Path) -> str:
+    """The SHA-256 of the weights of a checkpoint a study reads as input: it enters the study's
+    run ids, so that another checkpoint at the same path never reuses old runs. Checked
+    against the one its meta.json records (a mismatch is a `UserError`: corrupt weights)."""
+    meta = read_meta(directory)
+    sha = file_sha256(Path(directory) / WEIGHTS)
+    if meta.get("sha256", sha) != sha:
+        raise UserError(f"checkpoint {str(directory)!r} is corrupt: weights do not match sha256")
+    return sha

@@ -39,20 +39,14 @@ from robust_transfer.data.poison import BackdoorConfig
 from robust_transfer.data.triggers import TRIGGERS
 from robust_transfer.errors import UserError, check_choice
 from robust_transfer.models import load_checkpoint
-from robust_transfer.models.checkpoint import WEIGHTS, file_sha256, read_meta
-from robust_transfer.studies import STUDIES, spec_record
+from robust_transfer.models.checkpoint import read_meta
+from robust_transfer.studies import STUDIES, absolute, checkpoint_sha256, spec_record
 from robust_transfer.train import SourceConfig, TrainConfig
 from robust_transfer.transfer.grid import _SourceJob, _train_source_job, worker_device
 from robust_transfer.transfer.runner import SOURCES, Artifact, Unit
 from robust_transfer.transfer.spec import content_id, source_id
 
 DEFAULT_TASK = "digits"
-
-
-def checkpoint_sha256(directory: Path) -> str:
-    """The content hash of a checkpoint's weights: the one its meta.json records, else
-    computed (a checkpoint written without one)."""
-    return read_meta(directory).get("sha256") or file_sha256(Path(directory) / WEIGHTS)
 
 
 @STUDIES.register
@@ -122,7 +116,8 @@ class SurvivalStudy:
     def _from_checkpoint(self, given: BackdoorConfig | None) -> None:
         """Task and backdoor from the checkpoint's metadata (`UserError` if it is not a
         data-poisoned model, or a given task or backdoor differs from its own)."""
-        object.__setattr__(self, "checkpoint", Path(self.checkpoint))
+        object.__setattr__(self, "checkpoint", absolute(self.checkpoint))
+        checkpoint_sha256(self.checkpoint)  # corrupt weights: now, before any work
         meta = read_meta(self.checkpoint)
         backdoor = recorded_backdoor(meta)
         if self.task is not None and self.task != meta["task"]:
