@@ -210,6 +210,7 @@ class DistillStudy:
         return runs
 
     def run_ids(self) -> list[str]:
+        # ids take the artifacts' directory names only, never the folder they are in
         return [m.run_id for m in self.measurements(Path("."))]
 
     def artifacts(self, out: Path, device: str) -> list[list[Artifact]]:
