@@ -223,14 +223,14 @@ def test_spec_sources_carry_the_attack_options():
 
 
 def test_distill_plan_records_ards_attack_mode_and_kl_scaling(source_dir):
-    from robust_transfer.train.distill_study import DistillSettings, plan_distillation
+    from robust_transfer.studies.distill import DistillStudy
 
-    plan = plan_distillation(source_dir, DistillSettings(adversarial=True, attack_mode="eval",
-                                                         kl_scaling="code"))
+    plan = DistillStudy(source_dir, adversarial=True, attack_mode="eval",
+                        kl_scaling="code").plan()
     ard = plan.students["ARD student"]
     recipe = ard.to_dict()
     assert recipe["attack_mode"] == "eval" and recipe["distill"]["kl_scaling"] == "code"
-    default = plan_distillation(source_dir, DistillSettings(adversarial=True))
+    default = DistillStudy(source_dir, adversarial=True).plan()
     recipe = default.students["ARD student"].to_dict()
     assert recipe["attack_mode"] == "train" and "kl_scaling" not in recipe["distill"]
     assert all(s.attack_mode is None for n, s in default.students.items() if n != "ARD student")

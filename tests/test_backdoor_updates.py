@@ -1,9 +1,12 @@
 """Backdoor survival under model updates: drift functions (uniform at strength 0, seeded,
 bounded, an exact rotation), forgetting under a strong drift and the faster-forgetting LR
-schedule, the figure's lines, and the CLI (files written; bad input: one line, exit 2, nothing
-written)."""
+schedule, the figure's lines, the study's spec (round trip, the checkpoint's hash in the run
+ids) and the CLI (files written; bad input: one line, exit 2, nothing written)."""
 
 from __future__ import annotations
+
+import copy
+from dataclasses import replace
 
 import pandas as pd
 import pytest
@@ -11,10 +14,8 @@ import torch
 
 from robust_transfer.backdoors.source import train_backdoor_source
 from robust_transfer.backdoors.updates import (
-    SurvivalConfig,
     UpdateConfig,
     drift_metrics,
-    run_survival,
     survival_curve,
     update_data,
 )
@@ -29,11 +30,25 @@ from robust_transfer.data.drift import (
 from robust_transfer.errors import UserError
 from robust_transfer.models import save_checkpoint
 from robust_transfer.models.runtime import predict_logits
-from robust_transfer.report.updates_figures import headline_rows, survival_figure
+from robust_transfer.report.updates_figures import (
+    OLD_NAMES,
+    headline_rows,
+    make_survival_report,
+    survival_figure,
+)
+from robust_transfer.studies import load_study
+from robust_transfer.studies.updates import SurvivalStudy
+from robust_transfer.transfer.results import read_results
+from robust_transfer.transfer.runner import run_study
 
 # Small but real: the demo's task and backdoor, a shorter source and 3 updates.
-CFG = SurvivalConfig(source_epochs=10, drifts=("rotation",), strengths=(0.0, 1.0), updates=3,
-                     seeds=(0,))
+CFG = SurvivalStudy(source_epochs=10, drifts=("rotation",), strengths=(0.0, 1.0), updates=3,
+                    seeds=(0,))
+
+
+def run_survival(study: SurvivalStudy, out) -> pd.DataFrame:
+    """The study's table, run into `out` by the one runner."""
+    return read_results(run_study(study, out), study.required)
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +59,15 @@ def poisoned():
 
 
 @pytest.fixture(scope="module")
-def table(poisoned):
-    return run_survival(CFG, source=poisoned[0])
+def checkpoint(poisoned, tmp_path_factory):
+    return save_checkpoint(*poisoned[:1], tmp_path_factory.mktemp("ckpt") / "poisoned",
+                           poisoned[1])
+
+
+@pytest.fixture(scope="module")
+def table(checkpoint, tmp_path_factory):
+    return run_survival(replace(CFG, checkpoint=checkpoint),
+                        tmp_path_factory.mktemp("updates") / "study")
 
 
 def _final_asr(table: pd.DataFrame, strength: float, lr_schedule: str) -> float:
@@ -116,14 +138,15 @@ def test_survival_curve_is_deterministic_and_starts_from_the_model(poisoned):
     assert all(torch.equal(p, q) for p, q in zip(before, model.parameters(), strict=True))
 
 
-def test_no_drift_is_one_run_for_every_drift_kind(poisoned):
-    cfg = SurvivalConfig(drifts=("class-prior", "rotation"), strengths=(0.0,), updates=1,
-                         update_images=(64,), update_epochs=1, lr_schedules=("constant",),
-                         seeds=(0,))
-    t = run_survival(cfg, source=poisoned[0])
-    cols = ["update", "asr", "clean_accuracy", "drift_accuracy"]
+def test_no_drift_is_one_run_for_every_drift_kind(checkpoint, tmp_path):
+    cfg = SurvivalStudy(checkpoint=checkpoint, drifts=("class-prior", "rotation"),
+                        strengths=(0.0,), updates=1, update_images=(64,), update_epochs=1,
+                        lr_schedules=("constant",), seeds=(0,))
+    t = run_survival(cfg, tmp_path).sort_values("update")
+    cols = ["update", "asr", "test_accuracy", "drift_accuracy"]
     assert t[t.drift == "class-prior"][cols].reset_index(drop=True).equals(
         t[t.drift == "rotation"][cols].reset_index(drop=True))
+    assert t.run_id.nunique() == 2  # one run per drift kind, computed once
 
 
 def test_drift_asr_stamps_the_trigger_on_the_drifted_test_images(poisoned, table):
@@ -168,11 +191,15 @@ def test_cli_writes_its_files(cli, tmp_path):
                                "--update-images", 32, 64, "--update-epochs", 1,
                                "--lr-schedule", "constant", "--seeds", 1, "--device", "cpu")
     assert code == 0, stderr
-    for name in ("survival.parquet", "figU1_survival.png", "survival_summary.md"):
+    for name in ("results.parquet", "figU1_survival.png", "survival_summary.md"):
         assert (out / name).is_file()
-    t = pd.read_parquet(out / "survival.parquet")
-    assert set(t.images_per_update) == {32, 64} and set(t.strength) == {0.0, 1.0}
+    t = pd.read_parquet(out / "results.parquet")
+    assert set(t.train_images) == {32, 64} and set(t.strength) == {0.0, 1.0}
     assert "backdoor survival" in stdout and "gone at" in stdout
+    code, _, stderr = cli("report", out, "--out", out / "again")  # recognised from spec.yaml
+    assert code == 0, stderr
+    assert (out / "again" / "survival_summary.md").read_text() == \
+        (out / "survival_summary.md").read_text()
     # one row per arm: no drift once per update size (not once per drift kind), then the drift
     rows = headline_rows(t)
     assert [(r["drift"], r["update"]) for r in rows] == [
@@ -180,20 +207,58 @@ def test_cli_writes_its_files(cli, tmp_path):
         ("none", "64 img x 1 ep"), ("class-prior 1", "64 img x 1 ep")]
 
 
-def test_cli_from_a_checkpoint_and_its_task(cli, tmp_path, poisoned):
-    model, meta = poisoned
-    ckpt = save_checkpoint(model, tmp_path / "poisoned", meta)
+def test_cli_from_a_checkpoint_and_its_task(cli, tmp_path, checkpoint):
+    ckpt = checkpoint
     out = tmp_path / "from-ckpt"
     code, _, stderr = cli("backdoor", "updates", "--out", out, "--checkpoint", ckpt,
                           "--drift", "rotation", "--strength", 1, "--updates", 1,
                           "--update-images", 32, "--update-epochs", 1, "--seeds", 2)
     assert code == 0, stderr
-    t = pd.read_parquet(out / "survival.parquet")
+    t = pd.read_parquet(out / "results.parquet")
     assert set(t.source) == {"checkpoint"} and set(t.seed) == {0, 1}
     code, _, stderr = cli("backdoor", "updates", "--out", tmp_path / "x", "--checkpoint", ckpt,
                           "--task", "digits-0to4")
     assert code == 2 and stderr.count("\n") == 1 and "differs" in stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_spec_round_trip_and_the_checkpoint_hash_in_the_run_ids(cli, tmp_path, checkpoint,
+                                                                poisoned):
+    args = ("--drift", "rotation", "--strength", 1, "--updates", 1, "--update-images", 32,
+            "--update-epochs", 1, "--seeds", 2)
+    code, _, stderr = cli("backdoor", "updates", "--checkpoint", checkpoint, *args,
+                          "--save-spec", tmp_path / "spec.yaml")
+    assert code == 0, stderr
+    study = load_study(tmp_path / "spec.yaml")
+    assert list(tmp_path.iterdir()) == [tmp_path / "spec.yaml"]  # nothing run
+    direct = SurvivalStudy(checkpoint=checkpoint, drifts=("rotation",), strengths=(1.0,),
+                           updates=1, update_images=(32,), update_epochs=1, seeds=(0, 1))
+    assert study == direct and study.task == "digits" and len(set(study.run_ids())) == 4
+    # the same weights elsewhere: the same runs; other weights: other runs
+    model, meta = poisoned
+    same = save_checkpoint(model, tmp_path / "copy", meta)
+    assert replace(direct, checkpoint=same).run_ids() == direct.run_ids()
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        next(changed.parameters()).mul_(1.001)
+    other = save_checkpoint(changed, tmp_path / "other", meta)
+    assert not set(replace(direct, checkpoint=other).run_ids()) & set(direct.run_ids())
+    # trained sources: their recipe is in the id
+    assert not set(replace(CFG, source_epochs=9).run_ids()) & set(CFG.run_ids())
+    with pytest.raises(UserError, match="differs from the checkpoint"):
+        replace(direct, backdoor={"attack": "badnets", "rate": 0.2, "target": 0})
+    code, _, stderr = cli("backdoor", "updates", *args)
+    assert code == 2 and stderr.startswith("error:") and "--out" in stderr
+
+
+def test_a_table_of_the_previous_version_still_reports(table, tmp_path):
+    old = table.drop(columns="run_id").rename(columns={v: k for k, v in OLD_NAMES.items()})
+    old.to_parquet(tmp_path / "survival.parquet")
+    make_survival_report(tmp_path / "survival.parquet", tmp_path / "old")
+    make_survival_report(table, tmp_path / "new")
+    assert (tmp_path / "old" / "survival_summary.md").read_text() == \
+        (tmp_path / "new" / "survival_summary.md").read_text()
+    assert headline_rows(old) == headline_rows(table)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -1,15 +1,20 @@
-"""Distillation: the KD loss, KD / defensive / ARD students, the `distill` CLI, grid students."""
+"""Distillation: the KD loss, KD / defensive / ARD students, the `distill` CLI and its study
+(spec round trip, the teacher's hash in the ids, report), grid students."""
 
 import json
 import re
+import shutil
 
 import pytest
 import torch
 
 from robust_transfer.data import load_task
 from robust_transfer.errors import UserError
-from robust_transfer.models import load_checkpoint
+from robust_transfer.models import load_checkpoint, save_checkpoint
+from robust_transfer.report.distill import comparison_rows
 from robust_transfer.report.study import make_report
+from robust_transfer.studies import load_study
+from robust_transfer.studies.distill import DistillStudy, measure, pgd_attack
 from robust_transfer.train import (
     DistillConfig,
     SoftLabelLoss,
@@ -20,7 +25,7 @@ from robust_transfer.train import (
     kd_loss,
     train_source,
 )
-from robust_transfer.train.distill_study import kl_to_teacher, measure, pgd_attack
+from robust_transfer.train.distill import kl_to_teacher
 from robust_transfer.train.source import build_source_model
 from robust_transfer.transfer.grid import run_grid
 from robust_transfer.transfer.results import read_results
@@ -118,17 +123,92 @@ def test_distill_cli_bad_input_is_one_line_and_writes_nothing(cli, source_dir, t
 
 def test_distill_cli_reports_the_three_models_and_saves_the_student(cli, source_dir, tmp_path):
     out = tmp_path / "student"
-    code, stdout, _ = cli("distill", source_dir, "--out", out, "--epochs", "2", "--adversarial",
+    code, stdout, err = cli("distill", source_dir, "--out", out, "--epochs", "2", "--adversarial",
                           "--eps", "0.5")
     assert code == 0
     for name in ("teacher", "student alone", "KD student", "ARD student", "robustness"):
         assert name in stdout
-    _, meta = load_checkpoint(out)
+    study = DistillStudy(source_dir, epochs=2, adversarial=True, eps=0.5)
+    saved = study.models(out)["ARD student"]
+    assert f"saved to {saved}" in err.replace("\n", "")
+    _, meta = load_checkpoint(saved)
     assert meta["distill"]["method"] == "ard"
     assert meta["distill"]["teacher"]["path"] == str(source_dir)
     assert meta["distill"]["temperature"] == 4.0 and meta["eps"] == 0.5
-    assert [r["model"] for r in meta["comparison"]] == [
+    rows = comparison_rows(read_results(out, study.required))
+    assert [r["model"] for r in rows] == [
         "teacher", "student alone", "KD student", "ARD student"]
+    assert rows[0]["robust_kept"] == 1.0 and rows[0]["kl_to_teacher"] != rows[0]["kl_to_teacher"]
+    # `report DIR` recognises the study and writes the same summary
+    code, _, err = cli("report", out, "--out", out / "again")
+    assert code == 0, err
+    assert (out / "again" / "distill_summary.md").read_text() == \
+        (out / "distill_summary.md").read_text()
+
+
+def test_distill_spec_round_trip_and_the_teachers_hash_in_the_ids(cli, source_dir, tmp_path):
+    code, _, err = cli("distill", source_dir, "--defensive", "--epochs", "2", "--save-spec",
+                       tmp_path / "spec.yaml")
+    assert code == 0, err
+    study = load_study(tmp_path / "spec.yaml")
+    assert list(tmp_path.iterdir()) == [tmp_path / "spec.yaml"]  # nothing run
+    assert study == DistillStudy(source_dir, defensive=True, epochs=2)
+    assert (study.temperature, study.eps, study.norm, study.task) == (
+        100.0, 1.0, "l2", "synthetic-0to4")  # resolved from the method and the teacher
+    # teacher, student alone, defensive student x PGD-CE, + margin and CW for two students
+    assert len(set(study.run_ids())) == 7
+    # the same teacher elsewhere: the same students and runs; other weights: none of them
+    copy = shutil.copytree(source_dir, tmp_path / "copy")
+    moved = DistillStudy(copy, defensive=True, epochs=2)
+    assert moved.run_ids() == study.run_ids()
+    assert moved.models(tmp_path).keys() == study.models(tmp_path).keys()
+    assert list(moved.models(tmp_path).values())[1:] == list(study.models(tmp_path).values())[1:]
+    model, meta = load_checkpoint(source_dir)
+    with torch.no_grad():
+        next(model.parameters()).mul_(1.001)
+    other = save_checkpoint(model, tmp_path / "other", meta)
+    assert not set(DistillStudy(other, defensive=True, epochs=2).run_ids()) & set(
+        study.run_ids())
+    # the positional teacher is needed without --spec
+    code, _, err = cli("distill", "--out", tmp_path / "x")
+    assert code == 2 and err.startswith("error:") and "TEACHER" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_distill_report_orders_models_keeps_robustness_and_tells_the_masking_story():
+    """From a hand-made table in the study's columns: teacher first, robustness kept =
+    robust / the teacher's, the story's rows (defensive student first, attacks in order)
+    and every warning that fired, once."""
+    import pandas as pd
+
+    from robust_transfer.report.distill import distill_summary_markdown, story_rows
+    from robust_transfer.studies.distill import ALONE, CW_L2, DEFENSIVE, PGD_CE, PGD_MARGIN
+
+    def row(model, role, attack, robust, warning=""):
+        return {"model": model, "role": role, "attack": attack, "source_task": "digits",
+                "temperature": 100.0, "alpha": 0.9, "eps": 1.0, "norm": "l2",
+                "test_accuracy": 0.9, "robust_accuracy": robust, "attack_success_rate": 0.5,
+                "kl_to_teacher": float("nan") if role == "teacher" else 0.1,
+                "masking_warnings": warning}
+
+    df = pd.DataFrame([row(ALONE, "student", CW_L2, 0.1), row(DEFENSIVE, "student", PGD_CE,
+                       0.8, "zero grads"), row(ALONE, "student", PGD_CE, 0.2),
+                       row("teacher at T=100", "teacher", PGD_CE, 0.4),
+                       row(DEFENSIVE, "student", PGD_MARGIN, 0.05, "zero grads\nrising"),
+                       row(DEFENSIVE, "student", CW_L2, 0.3), row(ALONE, "student",
+                       PGD_MARGIN, 0.15)])
+    rows = comparison_rows(df)
+    assert [(r["model"], r["robust_kept"]) for r in rows] == [
+        ("teacher at T=100", 1.0), (ALONE, 0.5), (DEFENSIVE, 2.0)]
+    story = story_rows(df)
+    assert [(r["model"], r["attack"]) for r in story] == [
+        (DEFENSIVE, PGD_CE), (DEFENSIVE, PGD_MARGIN), (DEFENSIVE, CW_L2),
+        (ALONE, PGD_CE), (ALONE, PGD_MARGIN), (ALONE, CW_L2)]
+    assert story[1]["warnings"] == ["zero grads", "rising"] and story[3]["warnings"] == []
+    text = distill_summary_markdown(df)
+    assert text.count("gradient-masking warning: zero grads") == 1
+    assert "| teacher at T=100 | 0.9000 | 0.4000 | 1.0000 | nan |" in text
+    assert story_rows(df[df.model != DEFENSIVE]) == []
 
 
 GRID = {

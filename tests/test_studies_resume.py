@@ -40,6 +40,8 @@ CASES: dict[str, Case] = {
     "bias-transfer": Case(("bias-transfer",)),
     "defend": Case(("defend",)),
     "influence": Case(("explain", "influence")),
+    "backdoor-updates": Case(("backdoor", "updates")),
+    "distill": Case(("distill",)),
 }
 
 
@@ -57,7 +59,7 @@ def _table(name: str, out: Path) -> pd.DataFrame:
     study = load_study(_spec(name))
     df = read_results(out, study.required)
     wall = [c for c in CASES[name].wall if c in df.columns]
-    keys = [c for c in ("run_id", "epoch", "step") if c in df.columns]
+    keys = [c for c in ("run_id", "epoch", "step", "update") if c in df.columns]
     return (df.drop(columns=wall).sort_values(keys, kind="stable").reset_index(drop=True)
             [sorted(set(df.columns) - set(wall))])
 

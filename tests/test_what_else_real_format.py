@@ -54,5 +54,5 @@ def test_watermark_and_survival_on_image_folders(cli, folders, tmp_path):
                          "--update-images", "20", "--update-epochs", "1", "--source-epochs",
                          "1", "--seeds", "1", "--lr-schedule", "constant", "--device", "cpu")
     assert code == 0, err
-    survival = pd.read_parquet(tmp_path / "upd" / "survival.parquet")
-    assert set(survival.task) == {src} and set(survival["update"]) == {0, 1}
+    survival = pd.read_parquet(tmp_path / "upd" / "results.parquet")
+    assert set(survival.source_task) == {src} and set(survival["update"]) == {0, 1}

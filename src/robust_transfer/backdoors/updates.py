@@ -27,25 +27,22 @@ rotated, or reweighted by p_t(y) / (1/K) for a class-prior shift; equal to C-Acc
 ASR / RA of the trigger on the original test set (`backdoors.metrics.backdoor_metrics`), and
 ASR under the current drift (`drift_metrics`: the trigger stamped on the drifted test images).
 Draws are paired: the update data of seed s, update t use the same sampling seed in every arm.
+The study that runs every arm (sources, run ids, rows) is `studies.updates`.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 
-import pandas as pd
 import torch
 from torch import nn
 
 from robust_transfer.backdoors.metrics import backdoor_metrics, clean_and_triggered_predictions
-from robust_transfer.backdoors.source import train_backdoor_source
-from robust_transfer.data import ImageSet, Task, load_task
+from robust_transfer.data import ImageSet, Task
 from robust_transfer.data.drift import (
-    DRIFTS,
     ROTATION_DEGREES,
-    check_strength,
     class_prior_sample,
     class_priors,
     drift_magnitude,
@@ -54,12 +51,12 @@ from robust_transfer.data.drift import (
 )
 from robust_transfer.data.poison import BackdoorConfig
 from robust_transfer.errors import UserError, check_choice
-from robust_transfer.train import SourceConfig, TrainConfig, fit
+from robust_transfer.train import TrainConfig, fit
 
 LR_SCHEDULES = ("constant", "triangular")
 
 
-def _positive_int(name: str, value) -> None:
+def check_positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise UserError(f"{name} must be an integer >= 1, got {value!r}")
 
@@ -83,7 +80,7 @@ class UpdateConfig:
     def __post_init__(self) -> None:
         check_choice("lr schedule", self.lr_schedule, LR_SCHEDULES)
         for name in ("images", "epochs", "batch_size"):
-            _positive_int(f"update {name.replace('_', ' ')}", getattr(self, name))
+            check_positive_int(f"update {name.replace('_', ' ')}", getattr(self, name))
         if not self.lr > 0 or not self.fast_lr > 0:
             raise UserError(f"update learning rates must be > 0, got lr {self.lr}, fast lr "
                             f"{self.fast_lr}")
@@ -100,61 +97,6 @@ class UpdateConfig:
     def train(self, seed: int) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, lr=self.peak_lr, schedule=self.lr_schedule,
                            batch_size=self.batch_size, seed=seed)
-
-
-@dataclass(frozen=True)
-class SurvivalConfig:
-    """The survival study: a poisoned source per seed (`task`, `backdoor`, `source_epochs`,
-    `source_lr`), then `updates` updates for every drift kind x strength in [0, 1] x images
-    per update (`update_images`) x LR schedule; the rest is `UpdateConfig`'s.
-
-    Example:
-        table = run_survival(SurvivalConfig(strengths=(0.0, 1.0), seeds=(0,)))
-    """
-
-    task: str = "digits"
-    backdoor: BackdoorConfig = field(default_factory=BackdoorConfig)
-    source_epochs: int = 20
-    source_lr: float = 0.1
-    drifts: tuple[str, ...] = DRIFTS
-    strengths: tuple[float, ...] = (0.0, 0.5, 1.0)
-    updates: int = 5
-    update_images: tuple[int, ...] = (300,)
-    update_epochs: int = 5
-    lr: float = 0.01
-    lr_schedules: tuple[str, ...] = LR_SCHEDULES
-    fast_lr: float = 0.1
-    batch_size: int = 32
-    seeds: tuple[int, ...] = (0, 1, 2)
-
-    def __post_init__(self) -> None:
-        for name in ("drifts", "strengths", "update_images", "lr_schedules", "seeds"):
-            value = tuple(getattr(self, name))
-            if not value:
-                raise UserError(f"give at least one value for {name.replace('_', ' ')}")
-            if len(set(value)) != len(value):
-                raise UserError(f"repeated value in {name.replace('_', ' ')}: {list(value)}")
-            object.__setattr__(self, name, value)
-        for d in self.drifts:
-            check_choice("drift", d, DRIFTS)
-        object.__setattr__(self, "strengths", tuple(check_strength(s) for s in self.strengths))
-        _positive_int("updates", self.updates)
-        _positive_int("source epochs", self.source_epochs)
-        for seed in self.seeds:
-            if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-                raise UserError(f"seeds must be integers >= 0, got {seed!r}")
-        self.update_configs()  # validates images, epochs, LRs, schedules
-
-    def update_configs(self) -> list[UpdateConfig]:
-        return [UpdateConfig(images, self.update_epochs, self.lr, schedule, self.fast_lr,
-                             self.batch_size)
-                for images in self.update_images for schedule in self.lr_schedules]
-
-    def source(self, seed: int) -> SourceConfig:
-        """The poisoned source of `seed` (its backdoor's poisoned images drawn with it too)."""
-        return SourceConfig(task=self.task, backdoor=replace(self.backdoor, seed=seed),
-                            train=TrainConfig(epochs=self.source_epochs, lr=self.source_lr,
-                                              seed=seed))
 
 
 def _step_seed(seed: int, step: int) -> int:
@@ -206,13 +148,13 @@ def drift_metrics(model: nn.Module, task: Task, backdoor: BackdoorConfig, drift:
 
 def evaluate_update(model: nn.Module, task: Task, backdoor: BackdoorConfig, drift: str,
                     magnitude: float, seed: int) -> dict:
-    """C-Acc and ASR of the backdoor on the original test set (with RA), and both under the
-    current drift."""
+    """C-Acc (`test_accuracy`) and ASR of the backdoor on the original test set (with RA), and
+    both under the current drift."""
     target = backdoor.target if backdoor.labels == "all-to-one" else None
     m = backdoor_metrics(model, task.test.x, task.test.y, backdoor.trigger(task.input_shape),
                          target, backdoor.labels)
     drifted = drift_metrics(model, task, backdoor, drift, magnitude, seed)
-    return {"clean_accuracy": m["clean_accuracy"], "drift_accuracy": drifted["drift_accuracy"],
+    return {"test_accuracy": m["clean_accuracy"], "drift_accuracy": drifted["drift_accuracy"],
             "asr": m["asr"], "ra": m["ra"], "drift_asr": drifted["drift_asr"]}
 
 
@@ -234,56 +176,3 @@ def survival_curve(model: nn.Module, task: Task, backdoor: BackdoorConfig, drift
         if on_update is not None:
             on_update()
     return records
-
-
-def steps_total(cfg: SurvivalConfig, trained_sources: bool = True) -> int:
-    """Progress steps of `run_survival`: one per source trained and per update run (arms at
-    strength 0 are run once for all drift kinds: no drift is the same for every kind)."""
-    strengths = [s for s in cfg.strengths if s > 0]
-    arms = len(cfg.drifts) * len(strengths) + (len(strengths) < len(cfg.strengths))
-    per_seed = arms * len(cfg.update_configs()) * cfg.updates
-    return len(cfg.seeds) * (per_seed + trained_sources)
-
-
-def run_survival(cfg: SurvivalConfig, device: torch.device | str = "cpu",
-                 source: nn.Module | None = None,
-                 on_step: Callable[[], None] | None = None) -> pd.DataFrame:
-    """The survival table: one row per (seed, drift, strength, update schedule, LR schedule,
-    update 0..U), with the recipe in every row.
-
-    `source`: a poisoned model (of `cfg.task`, carrying `cfg.backdoor`) to start every seed
-    from; by default one is trained per seed. Seeds then still vary the update data.
-    `on_step()` is called after each source trained and each update (`steps_total`).
-    """
-    task = load_task(cfg.task)
-    cfg.backdoor.check(task.num_classes)
-    rows = []
-    for seed in cfg.seeds:
-        backdoor = replace(cfg.backdoor, seed=seed) if source is None else cfg.backdoor
-        if source is None:
-            model, _meta = train_backdoor_source(cfg.source(seed), device)
-            if on_step is not None:
-                on_step()
-        else:
-            model = source.to(device)
-        for update in cfg.update_configs():
-            no_drift = None  # strength 0: one run serves every drift kind
-            for drift in cfg.drifts:
-                for strength in cfg.strengths:
-                    if strength == 0 and no_drift is not None:
-                        curve = no_drift
-                    else:
-                        curve = survival_curve(model, task, backdoor, drift, strength,
-                                               cfg.updates, update, seed, on_step)
-                        no_drift = curve if strength == 0 else no_drift
-                    rows += [{"seed": seed, "task": cfg.task, "num_classes": task.num_classes,
-                              "drift": drift,
-                              "strength": strength, "updates": cfg.updates,
-                              "schedule": update.label, "images_per_update": update.images,
-                              "epochs_per_update": update.epochs,
-                              "lr_schedule": update.lr_schedule, "peak_lr": update.peak_lr,
-                              "attack": backdoor.attack, "poison_rate": backdoor.rate,
-                              "target": backdoor.target,
-                              "source": "trained" if source is None else "checkpoint",
-                              **record} for record in curve]
-    return pd.DataFrame(rows)

@@ -1,7 +1,8 @@
 """`robust-transfer distill`: knowledge, adversarially robust and defensive distillation.
 
-Thin: checks the request (`train.distill_study.plan_distillation`) and `--out` before any
-training, runs it with a progress bar, prints the tables, saves the student.
+Thin: the options build the study's spec (`studies.distill.DistillStudy`, checked before any
+training), the one runner trains the students and measures every model, and
+`report.distill` makes the tables it prints and the summary it writes.
 """
 
 from __future__ import annotations
@@ -12,23 +13,29 @@ import typer
 
 from robust_transfer.attacks import NORMS
 from robust_transfer.cli import app
-from robust_transfer.cli.common import (
-    DEVICE_OPTION,
-    check_checkpoint_out,
-    console,
-    print_table,
-    progress_bars,
+from robust_transfer.cli.common import DEVICE_OPTION, console, print_table
+from robust_transfer.cli.studies import (
+    ADDRESS_OPTION,
+    EXECUTOR_OPTION,
+    SAVE_SPEC_OPTION,
+    SPEC_OPTION,
+    WORKERS_OPTION,
+    run_with_progress,
+    save_spec,
+    study_spec,
 )
-from robust_transfer.models import save_checkpoint
-from robust_transfer.models.runtime import resolve_device
+from robust_transfer.errors import UserError
+from robust_transfer.report.distill import (
+    comparison_rows,
+    comparison_title,
+    make_distill_report,
+    robust_label,
+    story_rows,
+    story_title,
+)
+from robust_transfer.studies.distill import DistillStudy
 from robust_transfer.train.distill import DISTILL_OBJECTIVES
-from robust_transfer.train.distill_study import (
-    CW_STEPS,
-    EVAL_STEPS,
-    DistillSettings,
-    plan_distillation,
-    run_distillation,
-)
+from robust_transfer.transfer.results import read_results
 
 NORM_NAMES = " | ".join(NORMS)
 KD_T, DEFENSIVE_T = (DISTILL_OBJECTIVES.options(n).temperature for n in ("kd", "defensive"))
@@ -36,8 +43,12 @@ KD_T, DEFENSIVE_T = (DISTILL_OBJECTIVES.options(n).temperature for n in ("kd", "
 
 @app.command()
 def distill(
-    teacher: Path = typer.Argument(..., help="Teacher checkpoint directory."),
-    out: Path = typer.Option(..., "--out", help="Directory for the student checkpoint."),
+    teacher: Path = typer.Argument(None, metavar="TEACHER", help="Teacher checkpoint "
+                                   "directory (optional with --spec)."),
+    out: Path = typer.Option(None, "--out", help="Directory for the study: the students' "
+                             "checkpoints (sources/), results and spec, and the summary."),
+    spec_file: Path = SPEC_OPTION,
+    save_spec_file: Path = SAVE_SPEC_OPTION,
     student: str = typer.Option("cnn-small", "--student", help="Student arch: cnn-small | "
                                 "cnn-medium."),
     temperature: float = typer.Option(None, "--temperature", help="Softmax temperature T "
@@ -67,9 +78,10 @@ def distill(
                                        "paper (summed over classes, mean over examples) | "
                                        "code (the ARD code's KLDivLoss 'mean': also / K "
                                        "classes)."),
+    workers: int = WORKERS_OPTION,
+    executor: str = EXECUTOR_OPTION,
+    address: str = ADDRESS_OPTION,
     device: str = DEVICE_OPTION,
-    overwrite: bool = typer.Option(False, "--overwrite",
-                                   help="Replace a checkpoint already in --out."),
 ) -> None:
     """Distil TEACHER into a student; compare student alone, distilled student and teacher.
 
@@ -79,35 +91,48 @@ def distill(
     the teacher checkpoint's task and recipe, and a second table shows PGD on cross-entropy
     failing (vanishing gradients at T = 1, masking warnings) where the margin loss and CW
     break the model.
+
+    The students are trained once each (kept in OUT/sources/, the teacher's weights hash in
+    their ids) and every measurement is one run: resumable after `kill -9` or Ctrl-C,
+    parallel with --workers or --executor ray; `robust-transfer report OUT` rewrites the
+    summary.
     """
-    settings = DistillSettings(student, temperature, alpha, task, epochs, seed, adversarial,
-                               defensive, eps, norm, attack_mode, ard_kl_scaling)
-    plan = plan_distillation(teacher, settings)
-    dev = resolve_device(device)
-    check_checkpoint_out(out, overwrite)
-    if plan.defensive_teacher is not None:
-        r = plan.defensive_teacher
+
+    def build() -> DistillStudy:
+        if teacher is None:
+            raise UserError("give the TEACHER checkpoint (or --spec FILE)")
+        return DistillStudy(teacher, student, temperature, alpha, task, epochs, seed,
+                            adversarial, defensive, eps, norm, attack_mode, ard_kl_scaling)
+
+    study = study_spec(spec_file, DistillStudy.name, build)
+    if save_spec_file is not None:
+        save_spec(study, save_spec_file)
+        return
+    if out is None:
+        raise UserError("give --out DIR (the study's folder), or --save-spec FILE")
+    plan = study.plan()
+    if plan.retrained is not None:
+        r = plan.retrained
         console.print(f"defensive distillation: teacher {r.arch} retrained at T="
-                      f"{plan.temperature:g} on {r.task} ({r.train.epochs} epochs, lr "
-                      f"{r.train.lr:g}, no weight decay); student {student} on its soft "
+                      f"{study.temperature:g} on {r.task} ({r.train.epochs} epochs, lr "
+                      f"{r.train.lr:g}, no weight decay); student {study.student} on its soft "
                       "labels at T, deployed at T = 1")
-    with progress_bars({name: n for name, n in plan.stages}) as advance:
-        result = run_distillation(plan, dev, on_epoch=lambda name, _e: advance[name]())
-    save_checkpoint(result.student, out, result.meta)
-    robust = f"PGD-{EVAL_STEPS} {plan.norm} eps={plan.eps:g}"
-    print_table(f"distillation (T={plan.temperature:g}, alpha={alpha:g}) on "
-                f"{plan.students[plan.saved].task} test set", [
-                    {"model": r["model"], "clean accuracy": r["clean"], robust: r["robust"],
-                     "robustness kept": r["robust_kept"],
-                     "KL to teacher (T=1)": r["kl_to_teacher"]}
-                    for r in result.rows])
-    if result.story:
-        print_table(f"defensive distillation at T = 1: attacks at {plan.norm} "
-                    f"eps={plan.eps:g} (CW-L2: {CW_STEPS} Adam steps per search step)", [
-                        {"model": r["model"], "attack": r["attack"], "clean": r["clean"],
-                         "robust": r["robust"], "success rate": r["success_rate"],
-                         "masking warnings": len(r["warnings"])} for r in result.story])
-        fired = sorted({w for r in result.story for w in r["warnings"]})
-        for w in fired:
+    run_with_progress(study, out, workers, executor, address, device, "measurements",
+                      "models")
+    for path in make_distill_report(out, out):
+        console.print(f"wrote {path}")
+    table = read_results(out, study.required)
+    print_table(comparison_title(table), [
+        {"model": r["model"], "clean accuracy": r["clean"], robust_label(table): r["robust"],
+         "robustness kept": r["robust_kept"], "KL to teacher (T=1)": r["kl_to_teacher"]}
+        for r in comparison_rows(table)])
+    story = story_rows(table)
+    if story:
+        print_table(story_title(table), [
+            {"model": r["model"], "attack": r["attack"], "clean": r["clean"],
+             "robust": r["robust"], "success rate": r["success_rate"],
+             "masking warnings": len(r["warnings"])} for r in story])
+        for w in sorted({w for r in story for w in r["warnings"]}):
             console.print(f"gradient-masking warning: {w}")
-    console.print(f"student ({plan.saved}) saved to {out}")
+    console.print(f"student ({plan.kept}) saved to {study.models(out)[plan.kept]}",
+                  soft_wrap=True)

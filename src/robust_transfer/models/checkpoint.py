@@ -52,9 +52,15 @@ def save_checkpoint(model: BlockNet, directory: str | Path, meta: dict | None = 
 
 
 def checkpoint_sha256(directory: str | Path) -> str:
-    """The content hash of a checkpoint's weights: its sidecar's "sha256", else computed (a
-    study puts it into the run ids of runs that read the checkpoint)."""
-    return read_meta(directory).get("sha256") or file_sha256(Path(directory) / WEIGHTS)
+    """The content hash of a checkpoint's weights, checked against its sidecar's "sha256" (a
+    mismatch is a `UserError`: corrupt weights). A study puts it into the run ids of the runs
+    that read the checkpoint, so that another checkpoint at the same path never reuses them."""
+    recorded = read_meta(directory).get("sha256")
+    sha = file_sha256(Path(directory) / WEIGHTS)
+    if recorded is not None and recorded != sha:
+        raise UserError(f"checkpoint {str(directory)!r} is corrupt: its weights do not match "
+                        "the sha256 its meta.json records")
+    return sha
 
 
 def read_meta(directory: str | Path) -> dict:

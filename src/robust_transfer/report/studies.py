@@ -11,7 +11,9 @@ from pathlib import Path
 from robust_transfer.errors import UserError
 from robust_transfer.report.bias_figures import make_bias_report
 from robust_transfer.report.defense_figures import defend_report
+from robust_transfer.report.distill import make_distill_report
 from robust_transfer.report.influence import influence_report
+from robust_transfer.report.updates_figures import make_survival_report
 from robust_transfer.studies import GRID, STUDIES, recorded_study
 
 Report = Callable[[Path, Path], list[Path]]
@@ -19,6 +21,8 @@ REPORTS: dict[str, Report] = {
     "bias-transfer": make_bias_report,
     "defend": defend_report,
     "influence": influence_report,
+    "backdoor-updates": make_survival_report,
+    "distill": make_distill_report,
 }
 
 

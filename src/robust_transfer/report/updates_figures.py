@@ -1,5 +1,5 @@
 """Backdoor survival under model updates: the figure, summary and headline rows, from the
-table `backdoors.updates.run_survival` writes (never retraining).
+table of the `backdoor-updates` study (`studies.updates`; never retraining).
 
 Figure U1: one column per drift kind (and update schedule, when several), three rows — ASR of
 the trigger, C-Acc on the original test set, C-Acc under the current drift — against the
@@ -21,16 +21,32 @@ import pandas as pd  # noqa: E402
 from robust_transfer.atomic import atomic_write_text  # noqa: E402
 from robust_transfer.report.common import legend_below, save_figure  # noqa: E402
 from robust_transfer.report.stats import summarise  # noqa: E402
+from robust_transfer.studies.updates import SurvivalStudy  # noqa: E402
+from robust_transfer.transfer.results import read_results  # noqa: E402
 
 ROWS = (("asr", "ASR (triggered test images → target)"),
         ("drift_asr", "ASR, current distribution"),
-        ("clean_accuracy", "C-Acc, original test set"),
+        ("test_accuracy", "C-Acc, original test set"),
         ("drift_accuracy", "C-Acc, current distribution"))
 
 
 def _rows(df: pd.DataFrame) -> list[tuple[str, str]]:
     """The metrics the table holds (tables written before `drift_asr` existed lack it)."""
     return [(metric, name) for metric, name in ROWS if metric in df]
+
+
+# The columns of tables written before the study ran on the one runner (`survival.parquet`),
+# by their names in the grid's vocabulary.
+OLD_NAMES = {"task": "source_task", "attack": "source_backdoor",
+             "images_per_update": "train_images", "epochs_per_update": "epochs",
+             "peak_lr": "lr", "clean_accuracy": "test_accuracy"}
+
+
+def current_names(df: pd.DataFrame) -> pd.DataFrame:
+    """A survival table with today's column names (an old one's renamed by `OLD_NAMES`)."""
+    return df.rename(columns={k: v for k, v in OLD_NAMES.items() if k in df})
+
+
 STYLES = {"constant": "-", "triangular": "--"}
 ASR_THRESHOLD = 0.5  # "survives" while the mean ASR is at least this (Li et al.'s survivability)
 
@@ -41,7 +57,7 @@ def strength_label(strength: float) -> str:
 
 def lr_label(part: pd.DataFrame) -> str:
     """'constant LR 0.01' or 'triangular LR, peak 0.1', from a run's rows."""
-    schedule, lr = part.lr_schedule.iloc[0], float(part.peak_lr.iloc[0])
+    schedule, lr = part.lr_schedule.iloc[0], float(part.lr.iloc[0])
     return f"constant LR {lr:g}" if schedule == "constant" else f"triangular LR, peak {lr:g}"
 
 
@@ -50,20 +66,21 @@ def line_label(strength: float, part: pd.DataFrame) -> str:
 
 
 def _columns(df: pd.DataFrame) -> list[tuple[str, str]]:
-    schedules = list(df.sort_values("images_per_update").schedule.unique())
+    schedules = list(df.sort_values("train_images").schedule.unique())
     return [(d, s) for d in df.drift.unique() for s in schedules]
 
 
 def _title(df: pd.DataFrame, n_text: str) -> str:
     r = df.iloc[0]
-    return (f"Fig. U1 — does a one-shot {r.attack} backdoor survive model updates? "
-            f"({r.task}, poison rate {r.poison_rate:g}, target {r.target}, "
+    return (f"Fig. U1 — does a one-shot {r.source_backdoor} backdoor survive model updates? "
+            f"({r.source_task}, poison rate {r.poison_rate:g}, target {r.target}, "
             f"{int(r.updates)} updates)\nbands: 95% t-interval over seeds ({n_text})")
 
 
 def survival_figure(df: pd.DataFrame):
     """Figure U1 from a survival table: (figure, axes of shape (rows, columns)), one row per
     metric of `ROWS` the table holds."""
+    df = current_names(df)
     columns, rows = _columns(df), _rows(df)
     strengths = sorted(df.strength.unique())
     colors = {s: plt.cm.viridis(0.85 * i / max(1, len(strengths) - 1))
@@ -105,7 +122,7 @@ def survival_figure(df: pd.DataFrame):
 
 def _arms(df: pd.DataFrame):
     keys = ["drift", "schedule", "strength", "lr_schedule"]
-    order = df.sort_values(["drift", "images_per_update", "strength", "lr_schedule"])
+    order = df.sort_values(["drift", "train_images", "strength", "lr_schedule"])
     for key, part in order.groupby(keys, sort=False):
         yield dict(zip(keys, key, strict=True)), part
 
@@ -122,6 +139,7 @@ def headline_rows(df: pd.DataFrame) -> list[dict]:
     terminal: ASR and C-Acc on the original test set and under the current drift ("now"), and
     "gone at": the first update whose mean ASR is below `ASR_THRESHOLD`. The update schedule
     is a column only when the table holds several."""
+    df = current_names(df)
     last = int(df["update"].max())
     several = df.schedule.nunique() > 1
     rows, seen = [], set()
@@ -132,17 +150,17 @@ def headline_rows(df: pd.DataFrame) -> list[dict]:
                 continue
             seen.add(key)
         end = part[part["update"] == last]
-        schedule, lr = part.lr_schedule.iloc[0], float(part.peak_lr.iloc[0])
+        schedule, lr = part.lr_schedule.iloc[0], float(part.lr.iloc[0])
         row = {"drift": "none" if arm["strength"] == 0
                else f"{arm['drift']} {arm['strength']:g}"}
         if several:
-            row["update"] = f"{int(part.images_per_update.iloc[0])} img x "\
-                            f"{int(part.epochs_per_update.iloc[0])} ep"
+            row["update"] = f"{int(part.train_images.iloc[0])} img x "\
+                            f"{int(part.epochs.iloc[0])} ep"
         row |= {"LR": f"{'const' if schedule == 'constant' else 'tri'} {lr:g}",
                 "ASR": f"{end.asr.mean():.2f}"}
         if "drift_asr" in end:
             row["ASR now"] = f"{end.drift_asr.mean():.2f}"
-        row |= {"C-Acc": f"{end.clean_accuracy.mean():.2f}",
+        row |= {"C-Acc": f"{end.test_accuracy.mean():.2f}",
                 "C-Acc now": f"{end.drift_accuracy.mean():.2f}",
                 "gone at": _first_below(part)}
         rows.append(row)
@@ -157,6 +175,7 @@ def _cell(part: pd.DataFrame, metric: str) -> str:
 
 def survival_summary_markdown(df: pd.DataFrame) -> str:
     """ASR after every update per arm (mean ± 95% t half-width over n seeds), then C-Acc."""
+    df = current_names(df)
     updates = sorted(df["update"].unique())
     n = int(df.groupby(["drift", "schedule", "strength", "lr_schedule", "update"]).seed
             .nunique().min())
@@ -179,11 +198,13 @@ def survival_summary_markdown(df: pd.DataFrame) -> str:
 
 
 def make_survival_report(table: pd.DataFrame | str | Path, out: str | Path) -> list[Path]:
-    """Write figU1_survival.png and survival_summary.md into `out` from a survival table (or
-    its Parquet file); return their paths."""
+    """Write figU1_survival.png and survival_summary.md into `out` from a survival table (a
+    study's folder, its results.parquet, or an older version's survival.parquet); return
+    their paths."""
     out = Path(out)
     if not isinstance(table, pd.DataFrame):
-        table = pd.read_parquet(table)
+        table = read_results(table, SurvivalStudy.required) if Path(table).is_dir() \
+            else pd.read_parquet(table)
     fig, _ = survival_figure(table)
     figure = save_figure(fig, out / "figU1_survival.png")
     summary = out / "survival_summary.md"

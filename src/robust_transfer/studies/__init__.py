@@ -16,6 +16,8 @@ thing (`run_id`, `seed`, `source_task`, `source_arch`, `target_task`, `images_pe
 from __future__ import annotations
 
 import dataclasses
+import os
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +53,10 @@ def spec_record(study: Any) -> dict:
     return {"study": study.name, **plain(study)}
 
 
-def study_from_dict(data: dict, where: str = "spec") -> Study:
+def study_from_dict(data: dict, where: str = "spec", base: Path | None = None) -> Study:
     """The study a spec mapping describes (`study:` names it; none: a grid). Unknown keys,
-    wrong types and bad values are `UserError`s naming them."""
+    wrong types and bad values are `UserError`s naming them. `base`: the folder relative
+    paths (the checkpoints a study reads) are relative to (default: the working folder)."""
     if not isinstance(data, dict):
         raise UserError(f"{where} must be a YAML mapping, got {type(data).__name__}")
     data = dict(data)
@@ -62,12 +65,28 @@ def study_from_dict(data: dict, where: str = "spec") -> Study:
         return GridStudy(parse_spec(data))
     name = data.pop("study", GRID)
     cls = STUDIES.get(name)
+    if base is not None:
+        hints = typing.get_type_hints(cls)
+        data = {k: os.path.join(base, v) if _is_path(hints.get(k)) and isinstance(v, str)
+                else v for k, v in data.items()}
     return build_options(cls, data, f"{name} {where}")
 
 
+def _is_path(hint: Any) -> bool:
+    return hint is Path or Path in typing.get_args(hint)
+
+
 def load_study(path: str | Path) -> Study:
-    """The study in a YAML spec file (a grid spec, or one with `study: NAME`)."""
-    return study_from_dict(read_spec_file(path), f"spec {str(Path(path))!r}")
+    """The study in a YAML spec file (a grid spec, or one with `study: NAME`); relative paths
+    in it are relative to the file's folder."""
+    return study_from_dict(read_spec_file(path), f"spec {str(Path(path))!r}",
+                           Path(path).parent)
+
+
+def absolute(path: str | Path) -> Path:
+    """`path` made absolute (not resolving links), as a study records the checkpoints it
+    reads: its spec, saved anywhere, then names them wherever it is run from."""
+    return Path(os.path.abspath(path))
 
 
 def recorded_study(folder: str | Path) -> str | None:
@@ -83,4 +102,4 @@ def recorded_study(folder: str | Path) -> str | None:
 
 # Every study module registers its spec class in `STUDIES` when imported: imported here, so
 # that a spec names any study wherever this package is imported (Python API, `run --help`).
-from robust_transfer.studies import bias, defend, influence  # noqa: E402,F401
+from robust_transfer.studies import bias, defend, distill, influence, updates  # noqa: E402,F401

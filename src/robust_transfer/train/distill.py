@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robust_transfer.errors import UserError, check_choice
-from robust_transfer.models.runtime import eval_mode
+from robust_transfer.models.runtime import eval_mode, predict_logits
 from robust_transfer.plugins import Registry, option
 from robust_transfer.train.examples import ExampleMaker, PGDExamples
 from robust_transfer.train.objectives import Objective
@@ -329,3 +329,12 @@ def distill_label(d: dict | None, eps: float = 0.0, norm: str = "") -> str:
     if cfg.method == "ard" and (eps, norm) != (t_eps, t_norm):
         own = f" at {norm.upper()} ε={eps:g}"
     return f"{cfg.label()}{own} ← {source}"
+
+
+def kl_to_teacher(student: nn.Module, teacher: nn.Module, x: torch.Tensor,
+                  temperature: float = 1.0) -> float:
+    """Mean over examples of KL(softmax(t/T) || softmax(s/T)) on x: how far a student is
+    from its teacher."""
+    t = F.log_softmax(predict_logits(teacher, x) / temperature, 1)
+    s = F.log_softmax(predict_logits(student, x) / temperature, 1)
+    return F.kl_div(s, t, reduction="batchmean", log_target=True).item()
