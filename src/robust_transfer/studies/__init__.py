@@ -67,13 +67,18 @@ def study_from_dict(data: dict, where: str = "spec", base: Path | None = None) -
     cls = STUDIES.get(name)
     if base is not None:
         hints = typing.get_type_hints(cls)
-        data = {k: os.path.join(base, v) if _is_path(hints.get(k)) and isinstance(v, str)
-                else v for k, v in data.items()}
+        data = {k: _rebase(hints.get(k), v, base) for k, v in data.items()}
     return build_options(cls, data, f"{name} {where}")
 
 
-def _is_path(hint: Any) -> bool:
-    return hint is Path or Path in typing.get_args(hint)
+def _rebase(hint: Any, value: Any, base: Path) -> Any:
+    """A spec value of a path field (or a tuple of paths) made relative to `base`."""
+    if isinstance(value, str) and (hint is Path or Path in typing.get_args(hint)):
+        return os.path.join(base, value)
+    if isinstance(value, list) and typing.get_origin(hint) is tuple \
+            and typing.get_args(hint)[:1] == (Path,):
+        return [os.path.join(base, v) if isinstance(v, str) else v for v in value]
+    return value
 
 
 def load_study(path: str | Path) -> Study:
