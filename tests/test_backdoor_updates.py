@@ -38,9 +38,9 @@ CFG = SurvivalConfig(source_epochs=10, drifts=("rotation",), strengths=(0.0, 1.0
 
 @pytest.fixture(scope="module")
 def poisoned():
-    model, meta = train_backdoor_source(CFG.source(0))
-    assert meta["metrics"]["asr"] > 0.9  # the backdoor is there to be forgotten
-    return model, meta
+    model, card = train_backdoor_source(CFG.source(0))
+    assert card.metrics["asr"] > 0.9  # the backdoor is there to be forgotten
+    return model, card
 
 
 @pytest.fixture(scope="module")

@@ -77,7 +77,7 @@ def test_distilled_student_moves_toward_its_teacher(source_dir):
     student, meta = train_source(cfg, teacher=teacher)
     x = load_task("synthetic-0to4").test.x
     assert kl_to_teacher(student, teacher, x) < 0.8 * kl_to_teacher(alone, teacher, x)
-    assert meta["distill"]["method"] == "kd" and meta["distill"]["alpha"] == 0.9
+    assert meta.distill["method"] == "kd" and meta.distill["alpha"] == 0.9
 
 
 def test_defensive_distillation_masks_gradients_and_the_margin_loss_breaks_it():
@@ -124,10 +124,10 @@ def test_distill_cli_reports_the_three_models_and_saves_the_student(cli, source_
     for name in ("teacher", "student alone", "KD student", "ARD student", "robustness"):
         assert name in stdout
     _, meta = load_checkpoint(out)
-    assert meta["distill"]["method"] == "ard"
-    assert meta["distill"]["teacher"]["path"] == str(source_dir)
-    assert meta["distill"]["temperature"] == 4.0 and meta["eps"] == 0.5
-    assert [r["model"] for r in meta["comparison"]] == [
+    assert meta.distill["method"] == "ard"
+    assert meta.distill["teacher"]["path"] == str(source_dir)
+    assert meta.distill["temperature"] == 4.0 and meta.eps == 0.5
+    assert [r["model"] for r in meta.comparison] == [
         "teacher", "student alone", "KD student", "ARD student"]
 
 
@@ -175,7 +175,7 @@ def test_grid_with_a_distilled_source_trains_the_teacher_first_and_labels_the_st
     assert set(student.source_recipe) == set(natural.source_recipe)  # paired with natural
     [student_dir] = (out / "sources").glob("ard-*")
     meta = json.loads((student_dir / "meta.json").read_text())
-    assert meta["teacher_path"].endswith(next((out / "sources").glob("l2-eps0.5-*")).name)
+    assert meta.teacher_path.endswith(next((out / "sources").glob("l2-eps0.5-*")).name)
     summary = make_report(out, tmp_path / "rep").summary.read_text()
     assert "| Δ ARD T=4 α=0.9 ← L2 ε=0.5 |" in summary and "| Δ L2 ε=0.5 |" in summary
 

@@ -1,5 +1,5 @@
 """Backdoored source models: train one (`train_backdoor_source`) and score one from its
-checkpoint metadata (`source_backdoor_metrics`).
+checkpoint card (`source_backdoor_metrics`).
 
 `train.train_source` plants the backdoor (it trains on the poisoned set `SourceConfig.backdoor`
 describes); this layer adds the backdoor's C-Acc / ASR / RA on the task's test set to the
@@ -17,27 +17,28 @@ from robust_transfer.backdoors.metrics import backdoor_metrics
 from robust_transfer.data import load_task
 from robust_transfer.data.poison import OBJECTIVE_ATTACKS, BackdoorConfig
 from robust_transfer.errors import UserError
+from robust_transfer.models.card import SourceCard
 from robust_transfer.train.neuba import DEFAULT_TRIGGERS, neuba_triggers
 from robust_transfer.train.source import SourceConfig, train_source
 
 BACKDOOR_KEYS = ("asr", "ra", "asr_label", "n_triggered")
 
 
-def recorded_backdoor(meta: dict) -> BackdoorConfig:
-    """The backdoor a checkpoint's metadata records, or `UserError` if it has none."""
-    recorded = meta.get("backdoor")
+def recorded_backdoor(card: SourceCard) -> BackdoorConfig:
+    """The backdoor a checkpoint's card records, or `UserError` if it has none."""
+    recorded = card.backdoor
     if not recorded:
         raise UserError("the checkpoint records no backdoor (it was not trained with one)")
     fields = set(BackdoorConfig.__dataclass_fields__)
     return BackdoorConfig.from_dict({k: v for k, v in recorded.items() if k in fields})
 
 
-def source_backdoor_metrics(model: nn.Module, meta: dict,
+def source_backdoor_metrics(model: nn.Module, card: SourceCard,
                             backdoor: BackdoorConfig | None = None) -> dict:
     """C-Acc / ASR / RA of a backdoored source on its task's test set (`backdoor`: the one its
-    metadata records, unless given)."""
-    backdoor = backdoor or recorded_backdoor(meta)
-    task = load_task(meta["task"])
+    card records, unless given)."""
+    backdoor = backdoor or recorded_backdoor(card)
+    task = load_task(card.task)
     if backdoor.attack in OBJECTIVE_ATTACKS:
         # NeuBA: several triggers, no target label; the attacker uses whichever trigger works
         # best, so ASR is the max over them and RA the min (as after transfer).
@@ -56,14 +57,14 @@ def train_backdoor_source(
     on_epoch: Callable[[int], None] | None = None,
     teacher: nn.Module | None = None,
     amp: bool | None = None,
-) -> tuple[nn.Module, dict]:
+) -> tuple[nn.Module, SourceCard]:
     """`train_source(cfg)`, with the backdoor's ASR / RA (and clean accuracy, as C-Acc) added
-    to the metadata's metrics when `cfg.backdoor` is set; a clean recipe is passed through."""
-    model, meta = train_source(cfg, device, on_epoch, teacher=teacher, amp=amp)
+    to the card's metrics when `cfg.backdoor` is set; a clean recipe is passed through."""
+    model, card = train_source(cfg, device, on_epoch, teacher=teacher, amp=amp)
     if cfg.backdoor is not None:
-        scores = source_backdoor_metrics(model, meta, cfg.backdoor)
-        meta["metrics"].update({k: scores[k] for k in BACKDOOR_KEYS})
-    return model, meta
+        scores = source_backdoor_metrics(model, card, cfg.backdoor)
+        card.metrics.update({k: scores[k] for k in BACKDOOR_KEYS})
+    return model, card
 
 
 def gallery_examples(y: torch.Tensor, target: int | None, n: int = 8) -> torch.Tensor:
