@@ -175,7 +175,7 @@ def test_grid_with_a_distilled_source_trains_the_teacher_first_and_labels_the_st
     assert set(student.source_recipe) == set(natural.source_recipe)  # paired with natural
     [student_dir] = (out / "sources").glob("ard-*")
     meta = json.loads((student_dir / "meta.json").read_text())
-    assert meta.teacher_path.endswith(next((out / "sources").glob("l2-eps0.5-*")).name)
+    assert meta["teacher_path"].endswith(next((out / "sources").glob("l2-eps0.5-*")).name)
     summary = make_report(out, tmp_path / "rep").summary.read_text()
     assert "| Δ ARD T=4 α=0.9 ← L2 ε=0.5 |" in summary and "| Δ L2 ε=0.5 |" in summary
 

@@ -159,20 +159,20 @@ _KIND_NAMES = {str: "string", int: "integer", bool: "boolean", dict: "JSON objec
                list: "JSON list"}
 
 
-def check_threat_record(meta: dict) -> None:
+def check_threat_record(raw: dict) -> None:
     """`ValueError` naming the field unless the recorded training threat model is usable:
     `eps` (when present) a finite number >= 0, `norm` (when present) one of `THREAT_NORMS`,
     the recipe's smoothing noise `sigma` (when present) a finite number > 0 (every fine-tuned
     row records it). All optional (an imported checkpoint without a known threat model has
     none)."""
-    eps = meta.get("eps")
+    eps = raw.get("eps")
     if eps is not None and (isinstance(eps, bool) or not isinstance(eps, int | float)
                             or not math.isfinite(eps) or eps < 0):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    norm = meta.get("norm")
+    norm = raw.get("norm")
     if norm is not None and norm not in THREAT_NORMS:
         raise ValueError(f"norm must be one of {', '.join(THREAT_NORMS)}, got {norm!r}")
-    recipe = meta.get("recipe")
+    recipe = raw.get("recipe")
     sigma = recipe.get("sigma") if isinstance(recipe, dict) else None
     if sigma is not None and (isinstance(sigma, bool) or not isinstance(sigma, int | float)
                               or not math.isfinite(sigma) or sigma <= 0):

@@ -32,8 +32,8 @@ from robust_transfer.models.nets import BlockNet, build_model
 __all__ = ["META", "THREAT_NORMS", "WEIGHTS", "file_sha256", "load_checkpoint", "read_meta",
            "save_checkpoint"]
 
-# Transitional name for modules not yet converted (explain/study.py, cli/defend.py): the
-# card of a checkpoint directory.
+# Transitional name for modules not yet converted (explain/study.py, cli/defend.py,
+# cli/certify.py): the card of a checkpoint directory; use `read_card`.
 read_meta = read_card
 
 
