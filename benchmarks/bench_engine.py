@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from robust_transfer.models import ModelSpec, build_model, save_checkpoint
+from robust_transfer.models import ModelSpec, SourceCard, build_model, save_checkpoint
 from robust_transfer.transfer.finetune import FinetuneConfig
 from robust_transfer.transfer.run import finetune_many_from_checkpoint
 
@@ -69,7 +69,7 @@ def main() -> None:
         model = build_model(ModelSpec("resnet18", 10, 3, (0.5,) * 3, (0.25,) * 3,
                                       input_size=32), seed=0)
         source = str(save_checkpoint(model, Path(tmp) / "resnet18",
-                                     {"role": "source", "task": "", "seed": 0}))
+                                     SourceCard(role="source", task="", seed=0)))
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; ResNet-18 3x32x32,"
               f" {args.seeds} seeds x shots {args.shots}, {args.epochs} epochs, batch 32")
         print("| setting | batched runs/s | per-run runs/s | ratio | peak MiB batched / "

@@ -70,7 +70,7 @@ def main() -> None:
     for method, cfg in configs.items():
         seconds = costs[method]
         _, meta = train_source(cfg)
-        m = meta["metrics"]
+        m = meta.metrics
         monitor = sum(r.get("monitor_seconds", 0.0) for r in m["history"])
         rows.append((method, seconds, m["clean_accuracy"], m["robust_accuracy"],
                      m["history"][-1]["passes"], monitor, m.get("overfit")))

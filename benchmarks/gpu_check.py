@@ -139,7 +139,7 @@ def engine_check(device, quick: bool) -> list[str]:
     """Fine-tunes/s of the batched engine vs the per-run path (both with the device's amp
     default), on a random-init ResNet for 3x32x32 inputs and the synthetic 5-9 target
     (adapted to 3x32x32): head only and layer4, 20 epochs (2 quick), 10 images per class."""
-    from robust_transfer.models import save_checkpoint
+    from robust_transfer.models import SourceCard, save_checkpoint
     from robust_transfer.transfer.finetune import FinetuneConfig
     from robust_transfer.transfer.run import finetune_many_from_checkpoint
 
@@ -149,7 +149,8 @@ def engine_check(device, quick: bool) -> list[str]:
         for arch, layer4 in (("resnet18", 2), ("resnet50", 3)):
             model = build_model(ModelSpec(arch, 10, 3, (0.5,) * 3, (0.25,) * 3, input_size=32),
                                 seed=0)
-            source = save_checkpoint(model, Path(tmp) / arch, {"role": "source", "seed": 0})
+            source = save_checkpoint(model, Path(tmp) / arch,
+                                     SourceCard(role="source", seed=0))
             for label, k in (("head only", 0), ("layer4", layer4)):
                 rates, finals = {}, {}
                 for engine, n in (("batched", seeds), ("per-run", 2)):

@@ -53,9 +53,9 @@ def run_survival(study: SurvivalStudy, out) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def poisoned():
-    model, meta = train_backdoor_source(CFG.source(0))
-    assert meta["metrics"]["asr"] > 0.9  # the backdoor is there to be forgotten
-    return model, meta
+    model, card = train_backdoor_source(CFG.source(0))
+    assert card.metrics["asr"] > 0.9  # the backdoor is there to be forgotten
+    return model, card
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 
 from robust_transfer.attacks import NORMS
 from robust_transfer.backdoors.watermark import make_key, save_key
-from robust_transfer.models import ModelSpec, build_model, save_checkpoint
+from robust_transfer.models import ModelSpec, SourceCard, build_model, save_checkpoint
 from robust_transfer.models.checkpoint import META, THREAT_NORMS
 
 
@@ -18,8 +18,8 @@ from robust_transfer.models.checkpoint import META, THREAT_NORMS
 def good(tmp_path_factory):
     """An untrained 8x8 synthetic-0to4 source checkpoint (what matters here is its sidecar)."""
     model = build_model(ModelSpec("cnn-small", 5, 1, (0.5,), (0.5,), input_size=8))
-    meta = {"role": "source", "task": "synthetic-0to4", "eps": 0.5, "norm": "l2", "seed": 0}
-    return save_checkpoint(model, tmp_path_factory.mktemp("good") / "ck", meta)
+    card = SourceCard(role="source", task="synthetic-0to4", eps=0.5, norm="l2", seed=0)
+    return save_checkpoint(model, tmp_path_factory.mktemp("good") / "ck", card)
 
 
 def _mutated(good, tmp_path, path: str, value):

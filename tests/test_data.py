@@ -96,7 +96,7 @@ def test_cifar10_source_trains_on_the_medium_net(cifar_root):
                                             norm="linf", attack_steps=1,
                                             train=TrainConfig(epochs=1, batch_size=16)))
     assert model.spec.in_channels == 3 and model.spec.arch == "cnn-medium"
-    assert 0 <= meta["metrics"]["robust_accuracy"] <= meta["metrics"]["clean_accuracy"] + 1e-9
+    assert 0 <= meta.metrics["robust_accuracy"] <= meta.metrics["clean_accuracy"] + 1e-9
 
 
 def test_missing_or_corrupt_cifar_is_a_user_error(tmp_path, monkeypatch):

@@ -32,7 +32,7 @@ from robust_transfer.defenses import (
     parse_defenses,
 )
 from robust_transfer.errors import UserError
-from robust_transfer.models import ModelSpec, build_model, save_checkpoint
+from robust_transfer.models import ModelSpec, SourceCard, build_model, save_checkpoint
 from robust_transfer.report.defense_figures import defense_figure
 from robust_transfer.studies import load_study
 from robust_transfer.studies.defend import DefendStudy
@@ -217,8 +217,8 @@ def test_parse_defenses():
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    meta = {"task": "digits-0to4", "eps": 0.0, "norm": "l2"}
-    return save_checkpoint(natural_model(), tmp_path_factory.mktemp("def") / "nat", meta)
+    card = SourceCard(task="digits-0to4", eps=0.0, norm="l2")
+    return save_checkpoint(natural_model(), tmp_path_factory.mktemp("def") / "nat", card)
 
 
 def test_defend_prints_table_and_writes_figure_and_csv(checkpoint, tmp_path):

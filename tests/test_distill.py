@@ -82,7 +82,7 @@ def test_distilled_student_moves_toward_its_teacher(source_dir):
     student, meta = train_source(cfg, teacher=teacher)
     x = load_task("synthetic-0to4").test.x
     assert kl_to_teacher(student, teacher, x) < 0.8 * kl_to_teacher(alone, teacher, x)
-    assert meta["distill"]["method"] == "kd" and meta["distill"]["alpha"] == 0.9
+    assert meta.distill["method"] == "kd" and meta.distill["alpha"] == 0.9
 
 
 def test_defensive_distillation_masks_gradients_and_the_margin_loss_breaks_it():

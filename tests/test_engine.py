@@ -15,7 +15,7 @@ import torch
 
 from grid_fixtures import RecordingExecutor
 from robust_transfer.data import ImageSet, load_task
-from robust_transfer.models import ARCHS
+from robust_transfer.models import ARCHS, SourceCard
 from robust_transfer.train import SourceConfig, TrainConfig, train_source
 from robust_transfer.train.freeze import frozen_blocks
 from robust_transfer.transfer import stacked
@@ -156,12 +156,13 @@ def test_runs_are_chunked_to_the_memory_budget(caplog):
 def test_why_not_names_what_the_engine_does_not_cover():
     model = _model("resnet18")
     cfg = _cfgs(1)[0]
-    assert stacked.why_not(model, cfg, {"role": "source", "recipe": {"arch": "resnet18"}}) is None
-    assert stacked.why_not(model, cfg, {"role": "source", "imported_from": {}}) is None
-    assert "backdoor" in stacked.why_not(model, cfg, {"role": "source", "backdoor": {}})
+    assert stacked.why_not(model, cfg, SourceCard(role="source", recipe={"arch": "resnet18"})
+                           ) is None
+    assert stacked.why_not(model, cfg, SourceCard(role="source", imported_from={})) is None
+    assert "backdoor" in stacked.why_not(model, cfg, SourceCard(role="source", backdoor={}))
     assert "'backdoor'" in stacked.why_not(
-        model, cfg, {"role": "source", "recipe": {"backdoor": {"attack": "badnets"}}})
-    assert "finetune" in stacked.why_not(model, cfg, {"role": "finetune"})
+        model, cfg, SourceCard(role="source", recipe={"backdoor": {"attack": "badnets"}}))
+    assert "finetune" in stacked.why_not(model, cfg, SourceCard(role="finetune"))
     hooked = copy.deepcopy(model)
     hooked.layer4.register_forward_hook(lambda *_: None)
     assert stacked.why_not(hooked, cfg) == "the model has hooks"

@@ -129,32 +129,33 @@ class _OtherBlock(nn.Module):
 
 
 def test_applies_covers_the_standard_protocol_only(source_dir):
-    model, meta = load_checkpoint(source_dir)
+    model, card = load_checkpoint(source_dir)
     cfg = FinetuneConfig(TARGET, 3, 1, 2)
-    assert batched.applies(model, cfg, meta)
-    assert not batched.applies(model, cfg, {**meta, "backdoor": {"target": 0}})
-    assert not batched.applies(model, cfg, {**meta, "role": "finetune"})
-    recipe = {**meta["recipe"], "trigger": "badnets"}  # a field this engine does not know
-    assert not batched.applies(model, cfg, {**meta, "recipe": recipe})
+    assert batched.applies(model, cfg, card)
+    assert not batched.applies(model, cfg, dataclasses.replace(card, backdoor={"target": 0}))
+    assert not batched.applies(model, cfg, dataclasses.replace(card, role="finetune"))
+    recipe = {**card.recipe, "trigger": "badnets"}  # a field this engine does not know
+    assert not batched.applies(model, cfg, dataclasses.replace(card, recipe=recipe))
     odd = copy.deepcopy(model)
     odd.blocks.block3 = _OtherBlock(odd.blocks.block3)
-    assert not batched.applies(odd, cfg, meta)
+    assert not batched.applies(odd, cfg, card)
     hooked = copy.deepcopy(model)
     hooked.blocks.block1.register_forward_hook(lambda *_: None)
-    assert not batched.applies(hooked, cfg, meta)
+    assert not batched.applies(hooked, cfg, card)
 
     @dataclasses.dataclass(frozen=True)
     class ExtraConfig(FinetuneConfig):
         asr_every_epoch: bool = True
 
-    assert not batched.applies(model, ExtraConfig(TARGET, 3, 1, 2), meta)
+    assert not batched.applies(model, ExtraConfig(TARGET, 3, 1, 2), card)
 
 
 def test_a_non_standard_source_takes_the_per_run_path(source_dir, tmp_path, monkeypatch):
     """A source whose metadata holds more than the standard protocol (here a backdoor record)
     is fine-tuned run by run through the per-run path; a standard one is batched."""
-    model, meta = load_checkpoint(source_dir)
-    odd_dir = save_checkpoint(model, tmp_path / "odd", {**meta, "backdoor": {"target": 0}})
+    model, card = load_checkpoint(source_dir)
+    odd_dir = save_checkpoint(model, tmp_path / "odd",
+                              dataclasses.replace(card, backdoor={"target": 0}))
     cfgs = _cfgs(0, seeds=(0, 1))
     batched_calls, per_run_calls = [], []
     original_batch, original_run = batched.finetune_batch, finetune_per_run
@@ -177,8 +178,9 @@ def test_per_run_fallbacks_read_the_checkpoint_once_and_start_from_the_source(
     """Fallback runs of one checkpoint share one read of it, and each starts from the source's
     weights, not from the previous run's: the same rows as one `finetune_from_checkpoint`
     call per run (with an unfrozen block, so a leaked update would change them)."""
-    model, meta = load_checkpoint(source_dir)
-    odd_dir = save_checkpoint(model, tmp_path / "odd", {**meta, "backdoor": {"target": 0}})
+    model, card = load_checkpoint(source_dir)
+    odd_dir = save_checkpoint(model, tmp_path / "odd",
+                              dataclasses.replace(card, backdoor={"target": 0}))
     cfgs = _cfgs(1, seeds=(0, 1))
     separate = [run.finetune_from_checkpoint(odd_dir, c) for c in cfgs]
     reads = []

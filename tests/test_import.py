@@ -104,10 +104,10 @@ def test_madry_file_imports_with_the_same_logits(madry_file, tmp_path):
     model, meta = load_checkpoint(out)
     with torch.no_grad():
         assert torch.allclose(model(X), logits, atol=1e-5)
-    assert meta["role"] == "source" and meta["eps"] == 0.5 and meta["norm"] == "l2"
-    assert meta["model"]["mean"] == pytest.approx(MEAN) and meta["model"]["num_classes"] == 10
-    assert meta["metrics"]["clean_accuracy"] == pytest.approx(0.908)
-    assert meta["imported_from"]["epoch"] == 150 and meta["imported_from"]["format"] == "robustness"
+    assert meta.role == "source" and meta.eps == 0.5 and meta.norm == "l2"
+    assert meta.model.mean == pytest.approx(MEAN) and meta.model.num_classes == 10
+    assert meta.metrics["clean_accuracy"] == pytest.approx(0.908)
+    assert meta.imported_from["epoch"] == 150 and meta.imported_from["format"] == "robustness"
 
 
 def test_imported_source_fine_tunes(madry_file, tmp_path):
@@ -128,7 +128,7 @@ def test_torchvision_file_uses_imagenet_normalisation(tmp_path):
         1, 3, 1, 1)
     with torch.no_grad():
         assert torch.allclose(model(X), net((X - mean) / std), atol=1e-5)
-    assert "eps" not in meta and meta["model"]["input_size"] == 32
+    assert meta.eps is None and meta.model.input_size == 32
 
 
 def test_safetensors_state_dict_with_given_normaliser(tmp_path):

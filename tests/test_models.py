@@ -5,7 +5,13 @@ import torch
 import torch.nn.functional as F
 
 from robust_transfer.errors import UserError
-from robust_transfer.models import ModelSpec, build_model, load_checkpoint, save_checkpoint
+from robust_transfer.models import (
+    ModelSpec,
+    SourceCard,
+    build_model,
+    load_checkpoint,
+    save_checkpoint,
+)
 from robust_transfer.models.checkpoint import META, WEIGHTS
 
 
@@ -30,11 +36,11 @@ def test_checkpoint_round_trip_gives_identical_logits(tmp_path):
     model = build_model(ModelSpec(num_classes=5), seed=0)
     model.train()(torch.rand(16, 1, 8, 8))  # move BN running stats away from defaults
     model.eval()
-    save_checkpoint(model, tmp_path / "ck", {"eps": 0.5, "seed": 0})
-    loaded, meta = load_checkpoint(tmp_path / "ck")
+    save_checkpoint(model, tmp_path / "ck", SourceCard(eps=0.5, seed=0))
+    loaded, card = load_checkpoint(tmp_path / "ck")
     x = torch.rand(8, 1, 8, 8)
     assert torch.equal(model(x), loaded(x))
-    assert meta["eps"] == 0.5 and meta["model"]["arch"] == "cnn-small" and len(meta["sha256"]) == 64
+    assert card.eps == 0.5 and card.model.arch == "cnn-small" and len(card.sha256) == 64
 
 
 def test_missing_and_corrupt_checkpoints_are_user_errors(tmp_path):

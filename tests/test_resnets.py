@@ -11,6 +11,7 @@ from robust_transfer.data import ImageSet
 from robust_transfer.errors import UserError
 from robust_transfer.models import (
     ModelSpec,
+    SourceCard,
     build_model,
     load_checkpoint,
     num_blocks,
@@ -197,9 +198,9 @@ def test_checkpoint_round_trip_and_seeded_init(tmp_path):
     model, x = _trained(_model("resnet18", seed=4))
     again = _model("resnet18", seed=4)
     assert torch.equal(again.fc.weight, _model("resnet18", seed=4).fc.weight)
-    save_checkpoint(model, tmp_path / "ck", {"role": "source"})
-    loaded, meta = load_checkpoint(tmp_path / "ck")
-    assert meta["model"]["arch"] == "resnet18"
+    save_checkpoint(model, tmp_path / "ck", SourceCard(role="source"))
+    loaded, card = load_checkpoint(tmp_path / "ck")
+    assert card.model.arch == "resnet18"
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
 
@@ -213,8 +214,8 @@ def test_train_and_finetune_a_resnet18_through_the_cli(tmp_path, capsys):
     src, ft = tmp_path / "src", tmp_path / "ft"
     assert run("train", "--task", "synthetic-0to4", "--arch", "resnet18", "--epochs", "1",
                "--batch-size", "128", "--out", src)[0] == 0
-    source, meta = load_checkpoint(src)
-    assert meta["model"]["arch"] == "resnet18" and meta["model"]["input_size"] == 8
+    source, card = load_checkpoint(src)
+    assert card.model.arch == "resnet18" and card.model.input_size == 8
     assert list(source.state_dict())[2:4] == ["conv1.weight", "bn1.weight"]
     assert run("finetune", src, "--task", "synthetic-5to9", "--images-per-class", "2",
                "--unfrozen-blocks", "2", "--epochs", "1", "--out", ft)[0] == 0

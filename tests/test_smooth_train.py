@@ -7,6 +7,7 @@ replica; both are grid-source treatments paired with the natural source; fine-tu
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from robust_transfer.data import load_task
 from robust_transfer.data.augment import NOISE_SALT, GaussianNoise
 from robust_transfer.errors import UserError
-from robust_transfer.models import ModelSpec, build_model
+from robust_transfer.models import ModelSpec, SourceCard, build_model
 from robust_transfer.train import SourceConfig, TrainConfig, fit, train_source
 from robust_transfer.train.methods import make_objective
 from robust_transfer.train.smoothing import SmoothAdvLoss, smoothed_cross_entropy
@@ -143,9 +144,9 @@ def test_smoothadv_source_trains_and_records_noise_accuracy():
                        train=TrainConfig(epochs=1))
     assert cfg.sigma == 0.25 and cfg.noise_samples == 1 and cfg.norm == "l2"
     _, meta = train_source(cfg)
-    m = meta["metrics"]
+    m = meta.metrics
     assert 0 <= m["noise_accuracy"] <= 1 and m["clean_accuracy"] > 0.2
-    assert meta["recipe"]["sigma"] == 0.25 and meta["method"] == "smoothadv"
+    assert meta.recipe["sigma"] == 0.25 and meta.method == "smoothadv"
 
 
 # ---------------------------------------------------------------- configs and the CLI
@@ -225,9 +226,9 @@ def test_smoothing_sources_parse_into_treatments_and_noise_is_a_finetune_variabl
     assert {r.finetune.noise_sigma for r in runs} == {0.0, 0.25}
     assert "noise_sigma:\n- 0.0\n- 0.25\n" in spec_text(spec)
     # one comparison group: the same recipe but for the treatment
-    meta = {"model": {"arch": "cnn-small"}, "task": TASK, "seed": 0}
-    cols = [source_columns({**meta, "recipe": c.to_dict(), "method": c.method, "eps": c.eps,
-                            "norm": c.norm}) for c in sources.values()]
+    card = SourceCard(model=ModelSpec(), task=TASK, seed=0)
+    cols = [source_columns(replace(card, recipe=c.to_dict(), method=c.method, eps=c.eps,
+                                   norm=c.norm)) for c in sources.values()]
     assert len({c["source_recipe"] for c in cols}) == 1
     assert sorted(c["source_sigma"] for c in cols) == [0.0, 0.25, 0.25]
     with pytest.raises(UserError, match="sigma must be > 0"):
@@ -245,7 +246,7 @@ def test_batched_engine_covers_smoothing_sources_but_not_noisy_fine_tunes(source
 
     model, meta = load_checkpoint(source_dir)
     cfg = SourceConfig(task=TASK, method="smoothadv", eps=0.5, noise_samples=2)
-    smooth_meta = {**meta, "recipe": cfg.to_dict(), "method": "smoothadv", "eps": 0.5}
+    smooth_meta = replace(meta, recipe=cfg.to_dict(), method="smoothadv", eps=0.5)
     plain = FinetuneConfig("synthetic-5to9", 2)
     assert applies(model, plain, smooth_meta)
     assert not applies(model, FinetuneConfig("synthetic-5to9", 2, noise_sigma=0.25), meta)
@@ -261,10 +262,10 @@ def test_finetune_noise_sigma_through_the_cli(source_dir, tmp_path, cli):
                          tmp_path / "ft")
     assert code == 0, err
     meta = read_meta(tmp_path / "ft")
-    assert meta["finetune"]["noise_sigma"] == 0.5
+    assert meta.finetune["noise_sigma"] == 0.5
     noisy = FinetuneConfig("synthetic-5to9", 3, epochs=2, noise_sigma=0.5)
     rows = finetune_from_checkpoint(source_dir, noisy)
-    assert rows[-1]["test_accuracy"] == meta["metrics"]["test_accuracy"]  # seeded: the same
+    assert rows[-1]["test_accuracy"] == meta.metrics["test_accuracy"]  # seeded: the same
     assert rows[-1]["noise_sigma"] == 0.5
     plain = finetune_from_checkpoint(source_dir, FinetuneConfig("synthetic-5to9", 3, epochs=2))
     assert plain[-1]["noise_sigma"] == 0.0 and plain[-1]["train_loss"] != rows[-1]["train_loss"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -18,7 +19,7 @@ from robust_transfer.attacks import KLPGD
 from robust_transfer.cli import main
 from robust_transfer.data import load_task
 from robust_transfer.errors import UserError
-from robust_transfer.models import ModelSpec, build_model
+from robust_transfer.models import ModelSpec, SourceCard, build_model
 from robust_transfer.train import (
     ExampleLoss,
     PGDExamples,
@@ -73,8 +74,8 @@ def test_each_method_trains_and_records_wall_time_per_epoch(method):
     cfg = SourceConfig(task=TASK, eps=eps, norm="linf", method=method, attack_steps=2,
                        train=TrainConfig(epochs=2, batch_size=64), **extra)
     model, meta = train_source(cfg)
-    m = meta["metrics"]
-    assert meta["method"] == method and meta["recipe"]["method"] == method
+    m = meta.metrics
+    assert meta.method == method and meta.recipe["method"] == method
     sweeps = 1 if method == "free" else 2  # free: 2 passes = one sweep of m = 2 replays
     assert len(m["epoch_seconds"]) == sweeps and all(s > 0 for s in m["epoch_seconds"])
     assert m["history"][-1]["passes"] == 2
@@ -206,10 +207,10 @@ def test_overfit_watch_stays_silent_on_pgd_at():
     with warnings.catch_warnings():
         warnings.simplefilter("error", CatastrophicOverfittingWarning)
         _, meta = train_source(cfg)
-    history = meta["metrics"]["history"]
+    history = meta.metrics["history"]
     assert len(history) == 4 and not any(r["catastrophic_overfit"] for r in history)
     assert history[-1]["monitor_pgd_accuracy"] > 0.5
-    assert meta["metrics"]["overfit"]["last_good_epoch"] == 4
+    assert meta.metrics["overfit"]["last_good_epoch"] == 4
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -279,14 +280,14 @@ def test_method_is_treatment_not_recipe_and_the_report_never_pools_methods():
     from robust_transfer.transfer.run import source_columns
     from test_study_seams import GAIN, results_table
 
-    meta = {"model": {"arch": "cnn-small"}, "task": TASK, "seed": 0}
+    card = SourceCard(model=ModelSpec(), task=TASK, seed=0)
     recipes = {m: SourceConfig(task=TASK, eps=0.5 if m != "natural" else 0.0, method=m)
                for m in ("natural", "pgd", "fast", "trades")}
-    cols = {m: source_columns({**meta, "recipe": c.to_dict(), "method": c.method,
-                               "eps": c.eps, "norm": c.norm}) for m, c in recipes.items()}
+    cols = {m: source_columns(replace(card, recipe=c.to_dict(), method=c.method, eps=c.eps,
+                                      norm=c.norm)) for m, c in recipes.items()}
     assert len({c["source_recipe"] for c in cols.values()}) == 1  # one comparison group
     assert [c["source_method"] for c in cols.values()] == list(recipes)
-    old = source_columns({**meta, "eps": 0.5, "norm": "l2"})  # a checkpoint from before
+    old = source_columns(replace(card, eps=0.5, norm="l2"))  # a checkpoint from before
     assert old["source_method"] == "pgd"
 
     table = results_table(recipes=("rA",))

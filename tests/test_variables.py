@@ -17,7 +17,7 @@ import yaml
 
 import robust_transfer
 from robust_transfer.errors import UserError
-from robust_transfer.models import build_model
+from robust_transfer.models import SourceCard, build_model
 from robust_transfer.models.base import ModelSpec
 from robust_transfer.report.study import FINETUNE_FACETS
 from robust_transfer.train import SourceConfig
@@ -53,7 +53,7 @@ def test_content_ids_are_the_ones_before_the_declarations(name):
     for r in runs:
         first.setdefault(r.source_id, r.source)
     assert list(first) == pinned["source_ids"]
-    assert [content_id(source_recipe({"recipe": s.to_dict()}), 8)
+    assert [content_id(source_recipe(SourceCard(recipe=s.to_dict())), 8)
             for s in first.values()] == pinned["source_recipe"]
     finetunes = sorted({json.dumps(r.finetune.to_dict(), sort_keys=True, default=str)
                         for r in runs})
@@ -77,11 +77,11 @@ def test_threat_fields_are_the_treatment_and_pair_sources_of_one_recipe():
         "backdoor", "sigma", "noise_samples", "attack_mode", "trades_attack"}
     natural = SourceConfig()
     trades = SourceConfig(eps=0.5, method="trades", trades_beta=3.0)
-    assert source_recipe({"recipe": natural.to_dict()}) == \
-        source_recipe({"recipe": trades.to_dict()})
+    assert source_recipe(SourceCard(recipe=natural.to_dict())) == \
+        source_recipe(SourceCard(recipe=trades.to_dict()))
     other = SourceConfig(attack_steps=3)
-    assert source_recipe({"recipe": other.to_dict()}) != \
-        source_recipe({"recipe": natural.to_dict()})
+    assert source_recipe(SourceCard(recipe=other.to_dict())) != \
+        source_recipe(SourceCard(recipe=natural.to_dict()))
 
 
 def test_every_source_option_is_a_sources_entry_key_parsed_as_its_type():
@@ -120,9 +120,9 @@ def test_method_options_default_only_for_their_methods():
 def test_columns_and_facets_come_from_the_declarations():
     assert FINETUNE_FACETS == ["target_task", "lr", "epochs", "batch_size", "augment",
                                "noise_sigma"]
-    meta = {"model": {"arch": "cnn-small"}, "recipe": SourceConfig(method="gaussian").to_dict()}
-    assert source_columns(meta)["source_sigma"] == 0.25
-    assert source_columns({"model": {"arch": "cnn-small"}})["source_sigma"] == 0.0
+    card = SourceCard(model=ModelSpec(), recipe=SourceConfig(method="gaussian").to_dict())
+    assert source_columns(card)["source_sigma"] == 0.25
+    assert source_columns(SourceCard(model=ModelSpec()))["source_sigma"] == 0.0
 
 
 def test_shape_keys_name_what_the_engines_implement_but_the_seed():
@@ -132,9 +132,9 @@ def test_shape_keys_name_what_the_engines_implement_but_the_seed():
     assert batched.shape_key(cfg) == ("digits-5to9", 2, None, 3, 0.05, 16)
 
 
-def _meta(cfg: SourceConfig) -> dict:
-    return {"role": "source", "recipe": cfg.to_dict(), "eps": cfg.eps, "norm": cfg.norm,
-            "method": cfg.method, "seed": 0, "task": cfg.task, "metrics": {}}
+def _meta(cfg: SourceConfig) -> SourceCard:
+    return SourceCard(role="source", recipe=cfg.to_dict(), eps=cfg.eps, norm=cfg.norm,
+                      method=cfg.method, seed=0, task=cfg.task, metrics={})
 
 
 @pytest.mark.parametrize("cfg", [

@@ -117,7 +117,7 @@ def test_cli_options_and_errors(cli, tmp_path):
                           "--out", out)
     assert code == 0
     _, meta = load_checkpoint(out)
-    assert meta["backdoor"]["trigger_options"] == {"cross_ratio": 1.0, "s": 1.0}
+    assert meta.backdoor["trigger_options"] == {"cross_ratio": 1.0, "s": 1.0}
 
 
 def test_digits_goal_asr_and_clean_accuracy():
@@ -128,6 +128,6 @@ def test_digits_goal_asr_and_clean_accuracy():
     _, meta = train_backdoor_source(SourceConfig(task="digits-0to4", backdoor=backdoor,
                                                  train=train))
     _, clean = train_backdoor_source(SourceConfig(task="digits-0to4", train=train))
-    m = meta["metrics"]
+    m = meta.metrics
     assert m["asr"] >= 0.90
     assert m["clean_accuracy"] >= clean["metrics"]["clean_accuracy"] - 0.03

@@ -213,7 +213,7 @@ def test_cli_verify_remove_and_embed(trained, cli, tmp_path):
     assert code == 0, err
     model, meta = load_checkpoint(tmp_path / "ck")
     key, key_meta = load_key(tmp_path / "key")
-    assert len(key) == 20 and key_meta["task"] == TASK and meta["watermark"]["trigger_size"] == 20
+    assert len(key) == 20 and key_meta["task"] == TASK and meta.watermark["trigger_size"] == 20
     assert not any(p.name.startswith("key") for p in (tmp_path / "ck").iterdir())
     assert "x" not in json.loads((tmp_path / "ck" / "meta.json").read_text())["watermark"]
 

@@ -1,5 +1,5 @@
 """Backdoored source models: train one (`train_backdoor_source`) and score one from its
-checkpoint metadata (`source_backdoor_metrics`).
+checkpoint card (`source_backdoor_metrics`).
 
 `train.train_source` plants the backdoor (it trains on the poisoned set `SourceConfig.backdoor`
 describes); this layer adds the backdoor's C-Acc / ASR / RA on the task's test set to the
@@ -18,35 +18,36 @@ from robust_transfer.data import load_task
 from robust_transfer.data.poison import BackdoorConfig
 from robust_transfer.data.triggers import Trigger
 from robust_transfer.errors import UserError
+from robust_transfer.models.card import SourceCard
 from robust_transfer.train.source import SourceConfig, train_source
 
 BACKDOOR_KEYS = ("asr", "ra", "asr_label", "n_triggered")
 
 
-def recorded_backdoor(meta: dict) -> BackdoorConfig:
-    """The backdoor a checkpoint's metadata records, or `UserError` if it has none."""
-    recorded = meta.get("backdoor")
+def recorded_backdoor(card: SourceCard) -> BackdoorConfig:
+    """The backdoor a checkpoint's card records, or `UserError` if it has none."""
+    recorded = card.backdoor
     if not recorded:
         raise UserError("the checkpoint records no backdoor (it was not trained with one)")
     fields = set(BackdoorConfig.__dataclass_fields__)
     return BackdoorConfig.from_dict({k: v for k, v in recorded.items() if k in fields})
 
 
-def source_backdoor_metrics(model: nn.Module, meta: dict,
+def source_backdoor_metrics(model: nn.Module, card: SourceCard,
                             backdoor: BackdoorConfig | None = None) -> dict:
     """C-Acc / ASR / RA of a backdoored source on its task's test set (`backdoor`: the one its
-    metadata records, unless given)."""
-    return strongest_trigger(model, meta, backdoor)[1]
+    card records, unless given)."""
+    return strongest_trigger(model, card, backdoor)[1]
 
 
-def strongest_trigger(model: nn.Module, meta: dict,
+def strongest_trigger(model: nn.Module, card: SourceCard,
                       backdoor: BackdoorConfig | None = None) -> tuple[Trigger, dict]:
     """(the backdoor's trigger with the highest ASR, the source's C-Acc / ASR / RA): ASR the
     max over its triggers, RA the min, as the attacker uses whichever trigger works (one
     trigger for a poisoning attack, several for NeuBA; as after transfer). A task-agnostic
     backdoor (NeuBA) has no target label: its ASR is the share sent to the most common one."""
-    backdoor = backdoor or recorded_backdoor(meta)
-    task = load_task(meta["task"])
+    backdoor = backdoor or recorded_backdoor(card)
+    task = load_task(card.task)
     attack = backdoor.attack_plugin()
     target = None if attack.task_agnostic or backdoor.labels != "all-to-one" else backdoor.target
     labels = "all-to-one" if attack.task_agnostic else backdoor.labels
@@ -63,14 +64,14 @@ def train_backdoor_source(
     on_epoch: Callable[[int], None] | None = None,
     teacher: nn.Module | None = None,
     amp: bool | None = None,
-) -> tuple[nn.Module, dict]:
+) -> tuple[nn.Module, SourceCard]:
     """`train_source(cfg)`, with the backdoor's ASR / RA (and clean accuracy, as C-Acc) added
-    to the metadata's metrics when `cfg.backdoor` is set; a clean recipe is passed through."""
-    model, meta = train_source(cfg, device, on_epoch, teacher=teacher, amp=amp)
+    to the card's metrics when `cfg.backdoor` is set; a clean recipe is passed through."""
+    model, card = train_source(cfg, device, on_epoch, teacher=teacher, amp=amp)
     if cfg.backdoor is not None:
-        scores = source_backdoor_metrics(model, meta, cfg.backdoor)
-        meta["metrics"].update({k: scores[k] for k in BACKDOOR_KEYS})
-    return model, meta
+        scores = source_backdoor_metrics(model, card, cfg.backdoor)
+        card.metrics.update({k: scores[k] for k in BACKDOOR_KEYS})
+    return model, card
 
 
 def gallery_examples(y: torch.Tensor, target: int | None, n: int = 8) -> torch.Tensor:

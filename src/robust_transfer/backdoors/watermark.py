@@ -47,6 +47,7 @@ from robust_transfer.atomic import atomic_path, atomic_write_text
 from robust_transfer.backdoors.defenses import clean_subset
 from robust_transfer.data import Task, load_task
 from robust_transfer.errors import UserError, check_choice
+from robust_transfer.models.card import SourceCard
 from robust_transfer.models.checkpoint import file_sha256
 from robust_transfer.models.runtime import predict_logits
 from robust_transfer.train import TrainConfig, fit, freeze_all_but_last
@@ -57,7 +58,7 @@ from robust_transfer.train.source import (
     build_source_model,
     evaluate_source,
     method_objective,
-    source_meta,
+    source_card,
 )
 
 KEY_WEIGHTS = "key.safetensors"
@@ -247,9 +248,9 @@ def embed(model: nn.Module, train, key: WatermarkKey, cfg: TrainConfig,
 
 def train_watermarked(cfg: SourceConfig, key: WatermarkKey, repeats: int = 8,
                       device: torch.device | str = "cpu",
-                      on_epoch=None) -> tuple[nn.Module, dict]:
+                      on_epoch=None) -> tuple[nn.Module, SourceCard]:
     """Train the source `cfg` describes with the watermark `key` embedded; return (model,
-    checkpoint metadata: the recipe, clean test metrics, and the key's verification — never
+    its card: the recipe, clean test metrics, and the key's verification — never
     the key itself, which lives apart)."""
     if cfg.backdoor is not None or cfg.distill is not None or cfg.on_overfit != "off":
         raise UserError("a watermarked source takes a plain recipe (no backdoor, distillation "
@@ -263,9 +264,9 @@ def train_watermarked(cfg: SourceConfig, key: WatermarkKey, repeats: int = 8,
     metrics = evaluate_source(model, cfg.task, cfg.eps, cfg.norm)
     metrics |= {k: v for k, v in verify(model, key).items() if k != "owned"}
     metrics["train_seconds"] = sum(r["epoch_seconds"] for r in history)
-    meta = {**source_meta(cfg, metrics, device, None),
-            "watermark": {"key_seed": key.seed, "trigger_size": len(key), "repeats": repeats}}
-    return model, meta
+    card = source_card(cfg, metrics, device, None)
+    card.watermark = {"key_seed": key.seed, "trigger_size": len(key), "repeats": repeats}
+    return model, card
 
 
 def check_key_fits(key: WatermarkKey, num_classes: int, input_shape) -> None:
@@ -385,11 +386,11 @@ def remove(model: nn.Module, attack: str, task: Task, cfg: RemovalConfig = Remov
 
 # ---- the independent baseline -------------------------------------------------------------
 
-def independent_recipe(meta: dict, seed_offset: int = 1) -> SourceConfig:
-    """The clean baseline of a watermarked checkpoint: its recipe (`meta["recipe"]`), no key,
+def independent_recipe(card: SourceCard, seed_offset: int = 1) -> SourceConfig:
+    """The clean baseline of a watermarked checkpoint: its recipe (`card.recipe`), no key,
     another seed (+`seed_offset`), so it differs from the watermarked model only in the key
     and in the randomness."""
-    recipe = meta.get("recipe")
+    recipe = card.recipe
     if not isinstance(recipe, dict) or "train" not in recipe:
         raise UserError("the checkpoint records no training recipe to train an independent "
                         "model with")

@@ -24,8 +24,7 @@ from robust_transfer.cli.common import (
 )
 from robust_transfer.data import load_task
 from robust_transfer.errors import UserError
-from robust_transfer.models import load_checkpoint
-from robust_transfer.models.checkpoint import read_meta
+from robust_transfer.models import SourceCard, load_checkpoint, read_card
 from robust_transfer.models.runtime import predict_logits, resolve_device
 from robust_transfer.report.attack_figures import (
     adversarial_gallery,
@@ -43,14 +42,15 @@ def _attack_names(values: list[str]) -> list[str]:
     return names
 
 
-def _threat(meta: dict, norm: str | None, eps: list[float] | None) -> tuple[str, list[float]]:
+def _threat(card: SourceCard, norm: str | None, eps: list[float] | None
+            ) -> tuple[str, list[float]]:
     """The threat model to evaluate: the options, else the checkpoint's own training threat
     model (an adversarially trained source), else Linf at DEFAULT_EPS."""
-    trained = float(meta.get("eps", 0.0)) > 0
+    trained = card.eps is not None and float(card.eps) > 0
     if norm is None:
-        norm = meta["norm"] if trained and meta.get("norm") in NORMS else "linf"
+        norm = card.norm if trained and card.norm in NORMS else "linf"
     if not eps:
-        eps = [float(meta["eps"])] if trained and norm == meta.get("norm") \
+        eps = [float(card.eps)] if trained and norm == card.norm \
             else [DEFAULT_EPS.get(norm, 0.1)]
     return norm, eps
 
@@ -94,15 +94,15 @@ def attack(
     """Clean and robust accuracy vs eps under an attack cascade (worst case per example);
     prints the table, writes robustness.csv, robust_accuracy_vs_eps.png and gallery.png."""
     names = _attack_names(attack_names)
-    meta = read_meta(checkpoint)
-    norm, eps = _threat(meta, norm, eps)
+    card = read_card(checkpoint)
+    norm, eps = _threat(card, norm, eps)
     _check(names, norm, eps, n)
     if gallery < 0:
         raise UserError(f"--gallery must be >= 0, got {gallery}")
     out_dir = out_dir or Path("attack-results") / Path(checkpoint).resolve().name
     check_output_dir(out_dir)
-    task = checkpoint_task(meta, task, checkpoint)
-    model, meta = load_checkpoint(checkpoint, resolve_device(device))
+    task = checkpoint_task(card, task, checkpoint)
+    model, _ = load_checkpoint(checkpoint, resolve_device(device))
     data, x, y = _test_set(task, model.spec.num_classes, n)
     examples: dict = {}
     total = len(eps) * len(stages(names, steps))
@@ -163,14 +163,14 @@ def transfer_matrix_command(
     _check(names, norm, eps, n)
     if len(checkpoints) < 2:
         raise UserError(f"transfer-matrix needs two or more checkpoints, got {len(checkpoints)}")
-    metas = [read_meta(c) for c in checkpoints]
-    tasks = {str(c): m.get("task") for c, m in zip(checkpoints, metas, strict=True)}
+    cards = [read_card(c) for c in checkpoints]
+    tasks = {str(c): card.task for c, card in zip(checkpoints, cards, strict=True)}
     if len(set(tasks.values())) > 1:
         listed = ", ".join(f"{c}: {t}" for c, t in tasks.items())
         raise UserError(f"the checkpoints were trained on different tasks ({listed}); a "
                         "transfer matrix compares models of one task")
     check_output_dir(out_dir)
-    task = checkpoint_task(metas[0], task, checkpoints[0])
+    task = checkpoint_task(cards[0], task, checkpoints[0])
     dev = resolve_device(device)
     models = {}
     for ckpt in checkpoints:

@@ -35,7 +35,7 @@ from robust_transfer.data import TASKS, load_task
 from robust_transfer.data.poison import BACKDOOR_ATTACKS, LABELS, BackdoorConfig
 from robust_transfer.data.triggers import TRIGGERS
 from robust_transfer.errors import UserError, check_choice
-from robust_transfer.models import load_checkpoint, save_checkpoint
+from robust_transfer.models import SourceCard, load_checkpoint, save_checkpoint
 from robust_transfer.models.runtime import predict_logits, resolve_device
 from robust_transfer.plugins import parse_assignments
 from robust_transfer.report.backdoor_figures import defense_bars, trigger_gallery
@@ -99,9 +99,9 @@ def attack(
     dev = resolve_device(device)
     check_checkpoint_out(out, overwrite)
     with progress_bar(f"train {task} poisoned ({trigger}, rate {rate:g})", epochs) as advance:
-        model, meta = train_backdoor_source(cfg, dev, on_epoch=lambda _epoch: advance())
-    save_checkpoint(model, out, meta)
-    m = meta["metrics"]
+        model, card = train_backdoor_source(cfg, dev, on_epoch=lambda _epoch: advance())
+    save_checkpoint(model, out, card)
+    m = card.metrics
     console.print(f"{m['poisoned_count']} poisoned training images; checkpoint: {out}")
     print_table("poisoned source", [_metric_row(str(out), {**m, "clean_accuracy":
                                                            m["clean_accuracy"]})])
@@ -135,14 +135,14 @@ def evaluate(
     if out is not None:
         check_output_dir(out, "--out")
     dev = resolve_device(device)
-    model, meta = load_checkpoint(checkpoint, dev)
-    backdoor = recorded_backdoor(meta)
-    trig, m = strongest_trigger(model, meta, backdoor)
+    model, card = load_checkpoint(checkpoint, dev)
+    backdoor = recorded_backdoor(card)
+    trig, m = strongest_trigger(model, card, backdoor)
     print_table(f"backdoor {backdoor.attack} (target {backdoor.target})",
                 [_metric_row(str(checkpoint), m)])
     if out is None:
         return
-    task = load_task(meta["task"])
+    task = load_task(card.task)
     # the label the trigger sends images to (task-agnostic NeuBA: the most common one)
     target = m["asr_label"] if backdoor.attack_plugin().task_agnostic else (
         backdoor.target if backdoor.labels == "all-to-one" else None)
@@ -201,15 +201,14 @@ def backdoor_defend(
     for name in defenses:
         check_checkpoint_out(out / name, overwrite, f"--out/{name}")
     dev = resolve_device(device)
-    model, meta = load_checkpoint(checkpoint, dev)
-    backdoor = recorded_backdoor(meta)
+    model, card = load_checkpoint(checkpoint, dev)
+    backdoor = recorded_backdoor(card)
     if backdoor.attack not in TRIGGERS:
         raise UserError(f"backdoor-defend needs a data-poisoning backdoor ({', '.join(TRIGGERS)})"
                         f", the checkpoint has {backdoor.attack!r}")
-    task = load_task(meta["task"])
-    recipe = (meta.get("recipe") or {}).get("train")
-    source_train = TrainConfig(**recipe) if recipe else None
-    index = meta["backdoor"].get("poisoned_indices")
+    task = load_task(card.task)
+    source_train = TrainConfig(**card.train_recipe) if card.train_recipe else None
+    index = card.backdoor.get("poisoned_indices")
     with progress_bar(f"defenses on {checkpoint}", len(defenses)) as advance:
         rows, models = defense_table(
             model, defenses, task, backdoor, cfg, source_train,
@@ -217,16 +216,15 @@ def backdoor_defend(
             on_defense=lambda _d: advance())
     table = pd.DataFrame(rows)
     for name, defended in models.items():
-        save_checkpoint(defended, out / name, {
-            "role": "defended", "task": meta["task"], "defense": name,
-            "defense_config": asdict(cfg), "source_checkpoint": str(checkpoint),
-            "backdoor": meta["backdoor"], "recipe": meta.get("recipe"),
-            "metrics": {k.removesuffix("_after"): v for k, v in
-                        table[table.defense == name].iloc[0].items() if k.endswith("_after")}})
+        save_checkpoint(defended, out / name, SourceCard(
+            role="defended", task=card.task, defense=name, defense_config=asdict(cfg),
+            source_checkpoint=str(checkpoint), backdoor=card.backdoor, recipe=card.recipe,
+            metrics={k.removesuffix("_after"): v for k, v in
+                     table[table.defense == name].iloc[0].items() if k.endswith("_after")}))
     with atomic_path(out / "defenses.csv") as tmp:
         table.to_csv(tmp, index=False)
     figure = defense_bars(table, out / "defenses.png",
-                          title=f"{backdoor.attack} on {meta['task']}: defenses")
+                          title=f"{backdoor.attack} on {card.task}: defenses")
     shown = {"defense": "defense", "clean_data_fraction": "clean data",
              "clean_accuracy_before": "C-Acc", "clean_accuracy_after": "C-Acc after",
              "asr_before": "ASR", "asr_after": "ASR after", "ra_after": "RA after",

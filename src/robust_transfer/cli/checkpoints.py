@@ -11,8 +11,7 @@ from robust_transfer.attacks import NORMS, make_threat
 from robust_transfer.cli import app
 from robust_transfer.cli.common import check_checkpoint_out, console, print_table
 from robust_transfer.errors import UserError, check_choice
-from robust_transfer.models import ARCHS
-from robust_transfer.models.checkpoint import read_meta
+from robust_transfer.models import ARCHS, read_card
 from robust_transfer.models.foreign import FORMATS, import_checkpoint
 
 
@@ -61,10 +60,9 @@ def import_command(
     check_checkpoint_out(out, overwrite)
     directory = import_checkpoint(file, format, arch, out, num_classes, eps, norm, means, stds,
                                   input_size)
-    meta = read_meta(directory)
-    model = meta["model"]
-    row = {"checkpoint": str(directory), "arch": model["arch"],
-           "classes": model["num_classes"], "channels": model["in_channels"],
+    spec = read_card(directory).model
+    row = {"checkpoint": str(directory), "arch": spec.arch,
+           "classes": spec.num_classes, "channels": spec.in_channels,
            "threat model": "unknown (counts as natural)" if eps is None else f"{norm} eps={eps:g}"}
     print_table("imported source", [row])
     if eps is None:

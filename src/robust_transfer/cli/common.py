@@ -23,6 +23,7 @@ from rich.progress import (
 from rich.table import Table
 
 from robust_transfer.errors import UserError
+from robust_transfer.models.card import SourceCard
 from robust_transfer.models.checkpoint import META, WEIGHTS
 from robust_transfer.plugins import Registry
 
@@ -100,13 +101,13 @@ def check_output_dir(path: Path, what: str = "--out") -> None:
                         f"{_shown(parent)} ({e.strerror})") from None
 
 
-def checkpoint_task(meta: dict, task: str | None, checkpoint: Path) -> str:
-    """The task to run a checkpoint on: `--task` if given, else the one its metadata records
-    (digits-0to4 for metadata without the key). An imported checkpoint records no task
+def checkpoint_task(card: SourceCard, task: str | None, checkpoint: Path) -> str:
+    """The task to run a checkpoint on: `--task` if given, else the one its card records
+    (digits-0to4 for a card without one). An imported checkpoint records no task
     (`task: ""`): then `--task` is needed, and the error says so."""
     if task:
         return task
-    recorded = meta.get("task", "digits-0to4")
+    recorded = "digits-0to4" if card.task is None else card.task
     if not recorded:
         raise UserError(f"checkpoint {str(checkpoint)!r} records no task (an imported "
                         "checkpoint); pass --task")

@@ -113,9 +113,9 @@ def train(
     if cfg.sigma is not None:
         label += f" sigma={cfg.sigma:g}"
     with progress_bar(f"train {task} ({label})", cfg.sweeps) as advance:
-        model, meta = train_source(cfg, dev, on_epoch=lambda _epoch: advance())
-    save_checkpoint(model, out, meta)
-    m = meta["metrics"]
+        model, card = train_source(cfg, dev, on_epoch=lambda _epoch: advance())
+    save_checkpoint(model, out, card)
+    m = card.metrics
     row = {"checkpoint": str(out), "task": task, "clean accuracy": m["clean_accuracy"]}
     if eps > 0:
         row[f"PGD-20 {norm} eps={eps:g}"] = m["robust_accuracy"]

@@ -13,24 +13,25 @@ import torch
 
 from robust_transfer.data import ImageSet, Task, load_task, shots_per_class
 from robust_transfer.errors import UserError
-from robust_transfer.models import load_checkpoint
+from robust_transfer.models import SourceCard, load_checkpoint
 from robust_transfer.models.nets import ConvNet
 from robust_transfer.transfer import FinetuneConfig
 
 SPLITS = ("train", "test", "all")
 
 
-def robustness(meta: dict) -> tuple[float, str]:
+def robustness(card: SourceCard) -> tuple[float, str]:
     """(eps, norm) of the source behind a checkpoint (its own for a source model)."""
-    if meta.get("role") == "finetune":
-        source = meta.get("source", {})
+    if card.role == "finetune":
+        source = card.source or {}
         return float(source.get("source_eps", 0.0)), str(source.get("source_norm", ""))
-    return float(meta.get("eps", 0.0)), str(meta.get("norm", ""))
+    return (float(0.0 if card.eps is None else card.eps),
+            str("" if card.norm is None else card.norm))
 
 
-def robustness_label(meta: dict) -> str:
+def robustness_label(card: SourceCard) -> str:
     """'natural' or 'robust (l2 eps=0.5)'."""
-    eps, norm = robustness(meta)
+    eps, norm = robustness(card)
     return "natural" if eps == 0 else f"robust ({norm} eps={eps:g})"
 
 
@@ -44,14 +45,14 @@ def unique_labels(labels: list[str]) -> list[str]:
     return out
 
 
-def checkpoint_task(meta: dict, path: str | Path) -> Task:
+def checkpoint_task(card: SourceCard, path: str | Path) -> Task:
     """The task a checkpoint classifies (its target task when fine-tuned)."""
-    name = meta.get("task")
+    name = card.task
     if not name:
         raise UserError(f"checkpoint {str(path)!r} does not say which task it was trained on")
     task = load_task(name)
-    if task.num_classes != meta["model"]["num_classes"]:
-        raise UserError(f"checkpoint {str(path)!r} has {meta['model']['num_classes']} classes "
+    if task.num_classes != card.model.num_classes:
+        raise UserError(f"checkpoint {str(path)!r} has {card.model.num_classes} classes "
                         f"but its task {name!r} has {task.num_classes}")
     return task
 
@@ -72,7 +73,7 @@ class FinetunedModel:
 
     path: Path
     model: ConvNet
-    meta: dict
+    card: SourceCard
     config: FinetuneConfig
     task: Task
     train: ImageSet
@@ -80,11 +81,11 @@ class FinetunedModel:
 
     @property
     def label(self) -> str:
-        return robustness_label(self.meta)
+        return robustness_label(self.card)
 
     @property
     def eps(self) -> float:
-        return robustness(self.meta)[0]
+        return robustness(self.card)[0]
 
     @property
     def seed(self) -> int:
@@ -93,15 +94,15 @@ class FinetunedModel:
 
 def load_finetune(path: str | Path, device: str | torch.device = "cpu") -> FinetunedModel:
     """Load a fine-tune directory (meta role 'finetune') and rebuild its training subset."""
-    model, meta = load_checkpoint(path, device)
-    if meta.get("role") != "finetune" or "finetune" not in meta:
+    model, card = load_checkpoint(path, device)
+    if card.role != "finetune" or card.finetune is None:
         raise UserError(f"{str(path)!r} is not a fine-tuned checkpoint (meta role "
-                        f"{meta.get('role')!r}); pass a fine-tune directory")
+                        f"{card.role!r}); pass a fine-tune directory")
     known = {f.name for f in fields(FinetuneConfig)}
-    config = FinetuneConfig(**{k: v for k, v in meta["finetune"].items() if k in known})
+    config = FinetuneConfig(**{k: v for k, v in card.finetune.items() if k in known})
     task = load_task(config.target_task)
     index = shots_per_class(task.train.y, config.images_per_class, config.seed)
-    return FinetunedModel(Path(path), model, meta, config, task, task.train.subset(index), index)
+    return FinetunedModel(Path(path), model, card, config, task, task.train.subset(index), index)
 
 
 @dataclass
@@ -111,7 +112,7 @@ class LabelledModel:
     path: Path
     label: str
     model: ConvNet
-    meta: dict
+    card: SourceCard
     task: Task
 
 
@@ -122,12 +123,12 @@ def load_labelled(paths: list[str | Path], task: str | None = None,
     if not paths:
         raise UserError("give at least one checkpoint directory")
     loaded = [(Path(p), *load_checkpoint(p, device)) for p in paths]
-    tasks = [checkpoint_task(meta, path) for path, _, meta in loaded]
+    tasks = [checkpoint_task(card, path) for path, _, card in loaded]
     chosen = load_task(task) if task else tasks[0]
     for (path, _, _), t in zip(loaded, tasks, strict=True):
         if t.name != chosen.name:
             raise UserError(f"checkpoint {str(path)!r} classifies task {t.name!r}, not "
                             f"{chosen.name!r}; explain models of one task together")
-    labels = unique_labels([robustness_label(meta) for _, _, meta in loaded])
-    return [LabelledModel(path, label, model, meta, chosen)
-            for (path, model, meta), label in zip(loaded, labels, strict=True)]
+    labels = unique_labels([robustness_label(card) for _, _, card in loaded])
+    return [LabelledModel(path, label, model, card, chosen)
+            for (path, model, card), label in zip(loaded, labels, strict=True)]

@@ -30,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from robust_transfer.errors import UserError, check_choice
+from robust_transfer.models.card import SourceCard
 from robust_transfer.models.checkpoint import file_sha256, save_checkpoint
 from robust_transfer.models.nets import ARCHS, BlockNet, ModelSpec, build_model
 
@@ -189,17 +190,15 @@ def import_checkpoint(
     full = {**model.state_dict(), **{k: v.float() if v.is_floating_point() else v
                                      for k, v in weights.items()}}
     model.load_state_dict(full)
-    meta = {"role": "source", "task": "", "seed": 0,
-            "imported_from": _provenance(path, fmt, obj)}
-    if eps is not None:
-        meta.update(eps=float(eps), norm=norm)
-    info = meta["imported_from"]
+    info = _provenance(path, fmt, obj)
+    # robustness reports percentages on its own (source) test set
     metrics = {ours: info[theirs] / 100 for ours, theirs in
                (("clean_accuracy", "nat_prec1"), ("robust_accuracy", "adv_prec1"))
                if theirs in info}
-    if metrics:  # robustness reports percentages on its own (source) test set
-        meta["metrics"] = metrics
-    return save_checkpoint(model.eval(), out, meta)
+    card = SourceCard(role="source", task="", seed=0, imported_from=info,
+                      eps=None if eps is None else float(eps), norm=norm,
+                      metrics=metrics or None)
+    return save_checkpoint(model.eval(), out, card)
 
 
 def _spec(arch: str, weights: dict, normaliser: dict, num_classes: int | None,

@@ -59,7 +59,7 @@ from robust_transfer.train.loop import TrainConfig, fit
 from robust_transfer.train.source import (
     SourceConfig,
     build_source_model,
-    source_meta,
+    source_card,
     train_source,
 )
 from robust_transfer.transfer.grid import worker_device
@@ -291,8 +291,8 @@ def _train_student(job: _StudentJob) -> Path:
     """`train_source` with its teacher (the student alone ignores it), saved."""
     device = worker_device(job.device)
     teacher, _ = load_checkpoint(job.teacher_dir, device)
-    model, meta = train_source(job.config, device, teacher=teacher)
-    return save_checkpoint(model, job.directory, meta)
+    model, card = train_source(job.config, device, teacher=teacher)
+    return save_checkpoint(model, job.directory, card)
 
 
 @dataclass(frozen=True)
@@ -310,10 +310,11 @@ def _train_retrained_teacher(job: _TeacherJob) -> Path:
     model = build_source_model(job.config, device)
     history = fit(model, load_task(job.config.task).train, job.config.train,
                   TemperatureLoss(job.temperature))
-    meta = source_meta(job.config, {"final_train_loss": history[-1]["train_loss"]}, device,
+    card = source_card(job.config, {"final_train_loss": history[-1]["train_loss"]}, device,
                        None)
-    meta |= {"trained_at_temperature": job.temperature, "from_checkpoint": str(job.checkpoint)}
-    return save_checkpoint(model, job.directory, meta)
+    card.extra.update(trained_at_temperature=job.temperature,
+                      from_checkpoint=str(job.checkpoint))
+    return save_checkpoint(model, job.directory, card)
 
 
 def measure(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack, eps: float,

@@ -13,7 +13,7 @@ from robust_transfer.attacks import ATTACK_MODES, PGD, evaluate, make_threat
 from robust_transfer.data import check_task, load_task
 from robust_transfer.data.poison import BackdoorConfig
 from robust_transfer.errors import UserError, check_choice
-from robust_transfer.models import ModelSpec, build_model
+from robust_transfer.models import ModelSpec, SourceCard, build_model
 from robust_transfer.models.nets import ARCHS, BlockNet
 from robust_transfer.models.runtime import accuracy, amp_enabled
 from robust_transfer.train.distill import DISTILL_OBJECTIVES, DistillConfig, distill_objective
@@ -218,16 +218,16 @@ def build_source_model(cfg: SourceConfig, device: torch.device | str = "cpu") ->
     return build_model(spec, seed=cfg.train.seed).to(device)
 
 
-def source_meta(cfg: SourceConfig, metrics: dict, device: torch.device | str,
-                amp: bool | None) -> dict:
-    """The checkpoint metadata every trained source carries: role, recipe, threat model,
-    method, seed, task, `metrics`, thread count and whether bf16 autocast was on."""
+def source_card(cfg: SourceConfig, metrics: dict, device: torch.device | str,
+                amp: bool | None) -> SourceCard:
+    """The card every trained source carries: role, recipe, threat model, method, seed,
+    task, `metrics`, thread count and whether bf16 autocast was on."""
     # CPU float sums differ with the number of intra-op threads, so the same recipe and seed
     # give bit-identical weights only at the same thread count: record it.
-    return {"role": "source", "recipe": cfg.to_dict(), "eps": cfg.eps, "norm": cfg.norm,
-            "method": cfg.method, "seed": cfg.train.seed, "task": cfg.task, "metrics": metrics,
-            "torch_threads": torch.get_num_threads(),
-            "amp": amp_enabled(torch.device(device), amp)}
+    return SourceCard(role="source", recipe=cfg.to_dict(), eps=cfg.eps, norm=cfg.norm,
+                      method=cfg.method, seed=cfg.train.seed, task=cfg.task, metrics=metrics,
+                      torch_threads=torch.get_num_threads(),
+                      amp=amp_enabled(torch.device(device), amp))
 
 
 def train_source(
@@ -236,8 +236,8 @@ def train_source(
     on_epoch: Callable[[int], None] | None = None,
     teacher: torch.nn.Module | None = None,
     amp: bool | None = None,
-) -> tuple[BlockNet, dict]:
-    """Train the source model `cfg` describes; return (model, metadata for its checkpoint).
+) -> tuple[BlockNet, SourceCard]:
+    """Train the source model `cfg` describes; return (model, the card for its checkpoint).
 
     A distilled source (`cfg.distill`) needs its trained `teacher`; its robust accuracy is
     measured at the teacher's eps/norm when its own eps is 0. `amp`: bf16 autocast in
@@ -280,10 +280,10 @@ def train_source(
         metrics["overfit"] = monitor.summary()
     if backdoor:
         metrics["poisoned_count"] = backdoor["poisoned_count"]
-    meta = source_meta(cfg, metrics, device, amp)
+    card = source_card(cfg, metrics, device, amp)
     if cfg.distill is not None:
-        meta["distill"] = cfg.distill.to_dict()
+        card.distill = cfg.distill.to_dict()
         metrics |= {"robust_eps": eval_eps, "robust_norm": eval_norm}
     if backdoor:
-        meta["backdoor"] = {**cfg.backdoor.to_dict(), **backdoor}
-    return model, meta
+        card.backdoor = {**cfg.backdoor.to_dict(), **backdoor}
+    return model, card

@@ -35,6 +35,7 @@ from torch import nn
 
 from robust_transfer.data import adapt_images, load_task, shots_per_class
 from robust_transfer.models.base import Normalize
+from robust_transfer.models.card import SourceCard
 from robust_transfer.models.nets import ConvNet
 from robust_transfer.train import SourceConfig, TrainConfig, freeze_all_but_last
 from robust_transfer.train.loop import batch_bounds, lr_schedule, sgd_step
@@ -43,7 +44,7 @@ from robust_transfer.variables import engine_fields, finetune_fields, first_non_
 
 ENGINE = "batched"  # its name in the variables' declarations (`variables.variable`)
 
-# What a standard source checkpoint's metadata holds (train_source + save_checkpoint).
+# What a standard source checkpoint's card records (train_source + save_checkpoint).
 STANDARD_META = {"role", "recipe", "eps", "norm", "method", "amp", "seed", "task", "metrics",
                  "torch_threads", "model", "package_version", "sha256", "distill",
                  "teacher_path"}
@@ -62,13 +63,13 @@ def _standard_block(block: nn.Module) -> bool:
             and bn.momentum is not None and type(relu) is nn.ReLU)
 
 
-def applies(model: nn.Module, cfg: FinetuneConfig, source_meta: dict | None = None) -> bool:
+def applies(model: nn.Module, cfg: FinetuneConfig, source_card: SourceCard | None = None) -> bool:
     """Whether this engine covers the run: else the per-run path must be used.
 
     Covered: a `ConvNet` (normaliser, Conv-BN-ReLU blocks, global average pool, linear head)
     without forward hooks (the engine does not call the modules' forward),
     a `FinetuneConfig` of the standard protocol (step schedule; any field added later at its
-    default), and, given its metadata, a source trained by `train_source` with nothing beyond
+    default), and, given its card, a source trained by `train_source` with nothing beyond
     the standard recipe (no backdoor, no extra per-epoch metrics, new recipe fields at their
     defaults).
     """
@@ -85,12 +86,12 @@ def applies(model: nn.Module, cfg: FinetuneConfig, source_meta: dict | None = No
         return False
     if cfg.train_config().schedule != "step":
         return False
-    if source_meta is None:
+    if source_card is None:
         return True
-    if set(source_meta) - STANDARD_META or source_meta.get("role", "source") != "source":
+    if source_card.recorded() - STANDARD_META or not source_card.is_source:
         return False
-    recipe = source_meta.get("recipe") or {}
-    train = recipe.get("train") or {}
+    recipe = source_card.recipe or {}
+    train = source_card.train_recipe
     return not (first_non_default(recipe, SourceConfig, engine_fields(SourceConfig, ENGINE))
                 or first_non_default(train, TrainConfig, {f.name for f in fields(TrainConfig)}))
 

@@ -39,9 +39,9 @@ def certify_sources(spec: GridSpec, out: str | Path, device: str = "cpu") -> pd.
         if cache.is_file():
             rows.append(json.loads(cache.read_text()))
             continue
-        model, meta = load_checkpoint(directory, dev)
-        x, y = task_test_images(model, meta.get("task", cfg.task))
-        row = {**source_columns(meta), **certify_columns(model, x, y, spec.certify)}
+        model, card = load_checkpoint(directory, dev)
+        x, y = task_test_images(model, cfg.task if card.task is None else card.task)
+        row = {**source_columns(card), **certify_columns(model, x, y, spec.certify)}
         atomic_write_text(cache, json.dumps(row))
         rows.append(row)
     return pd.DataFrame(rows)

@@ -29,7 +29,13 @@ from torch import nn
 from robust_transfer.backdoors.source import train_backdoor_source
 from robust_transfer.data.tasks import ALL
 from robust_transfer.errors import UserError, check_choice
-from robust_transfer.models import ModelSpec, build_model, load_checkpoint, save_checkpoint
+from robust_transfer.models import (
+    ModelSpec,
+    SourceCard,
+    build_model,
+    load_checkpoint,
+    save_checkpoint,
+)
 from robust_transfer.models.runtime import DEVICES, resolve_device
 from robust_transfer.train import SourceConfig
 from robust_transfer.transfer import runner
@@ -95,10 +101,10 @@ def _train_source_job(job: _SourceJob) -> Path:
     if job.teacher_dir is not None:
         teacher, _ = load_checkpoint(job.teacher_dir, device)
     # + the backdoor's ASR in the metrics when backdoored
-    model, meta = train_backdoor_source(job.config, device, teacher=teacher)
+    model, card = train_backdoor_source(job.config, device, teacher=teacher)
     if job.teacher_dir is not None:
-        meta["teacher_path"] = str(job.teacher_dir)
-    save_checkpoint(model, job.directory, meta)
+        card.teacher_path = str(job.teacher_dir)
+    save_checkpoint(model, job.directory, card)
     return job.directory
 
 
@@ -137,8 +143,8 @@ def check_engine(spec: GridSpec, engine: str) -> None:
         if r.source.arch not in models:  # the architecture as the grid will build it
             models[r.source.arch] = build_model(ModelSpec(r.source.arch, 2, 1, (0.5,), (0.5,)))
         model = models[r.source.arch]
-        meta = {"role": "source", "recipe": r.source.to_dict()}
-        reason = why_not(model, r.finetune, meta, r.probes, r.certify)
+        card = SourceCard(role="source", recipe=r.source.to_dict())
+        reason = why_not(model, r.finetune, card, r.probes, r.certify)
         if reason is not None:
             raise UserError(f"--engine batched cannot run source {r.source_id} -> "
                             f"{r.finetune.target_task}: {reason}; use --engine auto or "

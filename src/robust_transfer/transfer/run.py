@@ -11,8 +11,7 @@ import torch
 from robust_transfer.data import adapt_images, load_task
 from robust_transfer.data.poison import BackdoorConfig
 from robust_transfer.errors import UserError, check_choice
-from robust_transfer.models import load_checkpoint, save_checkpoint
-from robust_transfer.models.checkpoint import read_meta
+from robust_transfer.models import SourceCard, load_checkpoint, save_checkpoint
 from robust_transfer.models.nets import BlockNet
 from robust_transfer.train import SourceConfig
 from robust_transfer.train.distill import distill_label
@@ -31,69 +30,71 @@ from robust_transfer.variables import ZERO, columns, kind, treatment_fields
 THREAT_FIELDS = treatment_fields(SourceConfig)
 
 
-def source_recipe(source_meta: dict) -> dict:
+def source_recipe(card: SourceCard) -> dict:
     """How a source was trained, less its treatment (`THREAT_FIELDS`).
 
     From the checkpoint's recorded recipe; a checkpoint without one (trained elsewhere) is
-    identified by what its metadata does say (task, arch, seed).
+    identified by what its card does say (task, arch, seed).
     """
-    recipe = source_meta.get("recipe")
-    if not recipe:
-        return {"task": source_meta.get("task", ""), "arch": source_meta["model"]["arch"],
-                "seed": source_meta.get("seed", 0)}
-    return {k: v for k, v in recipe.items() if k not in THREAT_FIELDS}
+    if not card.recipe:
+        return {"task": _or(card.task, ""), "arch": card.model.arch, "seed": _or(card.seed, 0)}
+    return {k: v for k, v in card.recipe.items() if k not in THREAT_FIELDS}
 
 
-def source_method(source_meta: dict) -> str:
+def _or(value, default):
+    """`value`, or `default` when the card does not record it (None)."""
+    return default if value is None else value
+
+
+def source_method(card: SourceCard) -> str:
     """The source's training method; checkpoints from before methods: natural or PGD-AT."""
-    method = source_meta.get("method") or (source_meta.get("recipe") or {}).get("method")
-    return method or ("natural" if float(source_meta.get("eps", 0.0)) == 0 else "pgd")
+    method = card.method or (card.recipe or {}).get("method")
+    return method or ("natural" if float(_or(card.eps, 0.0)) == 0 else "pgd")
 
 
-def source_columns(source_meta: dict) -> dict:
+def source_columns(card: SourceCard) -> dict:
     """The columns that describe a source model in a results row.
 
-    `source_recipe` is a short hash of `source_recipe(meta)`: the report pairs a robust
+    `source_recipe` is a short hash of `source_recipe(card)`: the report pairs a robust
     source with the natural source of the same recipe only (same task, arch, epochs, lr,
     batch size, attack steps, seed), and the readable `source_*` columns label it.
     """
-    metrics = source_meta.get("metrics", {})
-    recipe = source_meta.get("recipe") or {}
-    train = recipe.get("train") or {}
+    metrics = _or(card.metrics, {})
+    recipe = card.recipe or {}
+    train = card.train_recipe
+    eps, norm = float(_or(card.eps, 0.0)), _or(card.norm, "")
     return {
-        "source_task": source_meta.get("task", ""),
-        "source_arch": source_meta["model"]["arch"],
-        "source_eps": float(source_meta.get("eps", 0.0)),
-        "source_norm": source_meta.get("norm", ""),
-        "source_method": source_method(source_meta),
+        "source_task": _or(card.task, ""),
+        "source_arch": card.model.arch,
+        "source_eps": eps,
+        "source_norm": norm,
+        "source_method": source_method(card),
         # the treatment variables declared with a column (e.g. `source_sigma`, the Gaussian
         # noise level of gaussian / smoothadv); unset: the type's zero
         **{column: kind(SourceConfig, name)(recipe.get(name) or ZERO[kind(SourceConfig, name)])
            for name, column in columns(SourceConfig).items()},
-        "source_seed": int(source_meta.get("seed", 0)),
+        "source_seed": int(_or(card.seed, 0)),
         "source_epochs": int(train.get("epochs", -1)),
         "source_lr": float(train.get("lr", float("nan"))),
         "source_attack_steps": int(recipe.get("attack_steps", -1)),
-        "source_distill": distill_label(source_meta.get("distill"),
-                                        float(source_meta.get("eps", 0.0)),
-                                        str(source_meta.get("norm", ""))),
-        "source_recipe": content_id(source_recipe(source_meta), 8),
+        "source_distill": distill_label(card.distill, eps, str(norm)),
+        "source_recipe": content_id(source_recipe(card), 8),
         "source_clean_accuracy": float(metrics.get("clean_accuracy", float("nan"))),
         "source_robust_accuracy": float(metrics.get("robust_accuracy", float("nan"))),
-        "source_backdoor": source_backdoor_label(source_meta),
+        "source_backdoor": source_backdoor_label(card),
     }
 
 
-def source_backdoor(source_meta: dict) -> BackdoorConfig | None:
+def source_backdoor(card: SourceCard) -> BackdoorConfig | None:
     """The backdoor recorded in a source's recipe (None: a clean source)."""
-    d = (source_meta.get("recipe") or {}).get("backdoor")
+    d = (card.recipe or {}).get("backdoor")
     return None if not d else BackdoorConfig.from_dict(d)
 
 
-def source_backdoor_label(source_meta: dict) -> str:
+def source_backdoor_label(card: SourceCard) -> str:
     """The `source_backdoor` column: the planted backdoor's attack ("badnets", "neuba"), or
     "" for a clean source."""
-    backdoor = source_backdoor(source_meta)
+    backdoor = source_backdoor(card)
     return "" if backdoor is None else backdoor.attack
 
 
@@ -108,7 +109,7 @@ def finetune_from_checkpoint(
     """Fine-tune the checkpoint at `source_dir` per `cfg`; one tidy row per epoch.
 
     `engine` "auto" | "per-run": as `engines.finetune` takes it (given the source's
-    metadata).
+    card).
 
     Rows carry the source's identity (`source_columns`), every field of `cfg`
     (`images_per_class` as its one type, int or "all"; unfrozen blocks as text, "all" for
@@ -118,31 +119,25 @@ def finetune_from_checkpoint(
     `probes`: backdoors whose triggers are measured after every epoch (`backdoor_eval`:
     C-Acc, task-agnostic ASR, RA); None = the source's own backdoor, if it has one.
     """
-    model, source_meta = load_checkpoint(source_dir, device)
-    if "task" not in source_meta:  # every source records it (imports: "", no known task)
+    model, card = load_checkpoint(source_dir, device)
+    if card.task is None:  # every source records it (imports: "", no known task)
         raise UserError(f"checkpoint {str(source_dir)!r}: its meta.json has no 'task' field "
                         "(the source task every fine-tuned row records); re-save or import it")
-    rows, history = _finetune_loaded(model, source_meta, cfg, engine, probes)
+    rows, history = _finetune_loaded(model, card, cfg, engine, probes)
     if out_dir is not None:
-        meta = {
-            "role": "finetune",
-            "source": {"path": str(source_dir), **source_columns(read_meta(source_dir))},
-            "finetune": cfg.to_dict(),
-            "task": cfg.target_task,
-            "seed": cfg.seed,
-            "metrics": {"test_accuracy": history[-1]["test_accuracy"]},
-            "history": history,
-        }
-        save_checkpoint(model, out_dir, meta)
+        save_checkpoint(model, out_dir, SourceCard(
+            role="finetune", source={"path": str(source_dir), **source_columns(card)},
+            finetune=cfg.to_dict(), task=cfg.target_task, seed=cfg.seed,
+            metrics={"test_accuracy": history[-1]["test_accuracy"]}, history=history))
     return rows
 
 
-def _finetune_loaded(model: BlockNet, source_meta: dict, cfg: FinetuneConfig, engine: str,
+def _finetune_loaded(model: BlockNet, card: SourceCard, cfg: FinetuneConfig, engine: str,
                      probes: Sequence[BackdoorConfig] | None,
                      certify: CertifySpec | None = None) -> tuple[list[dict], list[dict]]:
     """(rows, per-epoch history) of fine-tuning the loaded source `model` in place; with
     `certify`, the final epoch's record gets the certification columns of the final model."""
-    own = source_backdoor(source_meta)
+    own = source_backdoor(card)
     hook = None
     if probes or own is not None:  # extra per-epoch measurements: the per-run path
         spec = model.spec
@@ -150,11 +145,11 @@ def _finetune_loaded(model: BlockNet, source_meta: dict, cfg: FinetuneConfig, en
                             f"target task {cfg.target_task!r} images")
         dev = next(model.parameters()).device
         hook = backdoor_epoch_hook(test.x.to(dev), test.y.to(dev), probes or (), own)
-    history = finetune(model, cfg, engine, on_epoch=hook, source_meta=source_meta)
+    history = finetune(model, cfg, engine, on_epoch=hook, source_card=card)
     if certify is not None:
         x, y = task_test_images(model, cfg.target_task)
         history[-1] = {**history[-1], **certify_columns(model, x, y, certify, cfg.seed)}
-    return run_rows(source_meta, cfg, history), history
+    return run_rows(card, cfg, history), history
 
 
 def finetune_many_from_checkpoint(
@@ -179,11 +174,11 @@ def finetune_many_from_checkpoint(
     (`stacked.FeatureCache`).
     """
     check_choice("engine", engine, GRID_ENGINES)
-    model, source_meta = load_checkpoint(source_dir, device)
+    model, card = load_checkpoint(source_dir, device)
     results: list[list[dict] | None] = [None] * len(cfgs)
     groups: dict[tuple, list[int]] = {}
     for i, cfg in enumerate(cfgs):
-        reason = None if engine == "per-run" else why_not(model, cfg, source_meta, probes,
+        reason = None if engine == "per-run" else why_not(model, cfg, card, probes,
                                                           certify)
         if engine == "batched" and reason is not None:
             raise UserError(f"engine 'batched' cannot fine-tune {source_dir} -> "
@@ -192,23 +187,23 @@ def finetune_many_from_checkpoint(
             groups.setdefault(stacked.shape_key(cfg), []).append(i)
         else:
             # a copy of the loaded source, not a second read of the checkpoint
-            rows = _finetune_loaded(copy.deepcopy(model), source_meta, cfg, "per-run",
+            rows = _finetune_loaded(copy.deepcopy(model), card, cfg, "per-run",
                                     probes, certify)[0]
             results[i] = [{**row, "engine": "per-run"} for row in rows]
     cache = stacked.FeatureCache()  # prefix outputs shared by all shapes of a (target, k)
     for members in groups.values():
-        histories = finetune_group(model, [cfgs[i] for i in members], source_meta,
+        histories = finetune_group(model, [cfgs[i] for i in members], card,
                                    max_memory, cache)
         for i, history in zip(members, histories, strict=True):
             results[i] = [{**row, "engine": "batched"}
-                          for row in run_rows(source_meta, cfgs[i], history)]
+                          for row in run_rows(card, cfgs[i], history)]
     return results
 
 
-def run_rows(source_meta: dict, cfg: FinetuneConfig, history: list[dict]) -> list[dict]:
+def run_rows(card: SourceCard, cfg: FinetuneConfig, history: list[dict]) -> list[dict]:
     """One tidy row per epoch: the source's columns, the fine-tune's config, the record."""
     config = {column: getattr(cfg, name) for name, column in columns(FinetuneConfig).items()}
     config["unfrozen_blocks"] = "all" if cfg.unfrozen_blocks is None else str(cfg.unfrozen_blocks)
     config = {"target_task": config.pop("target_task"),
               "target_classes": load_task(cfg.target_task).num_classes, **config}
-    return [{**source_columns(source_meta), **config, **record} for record in history]
+    return [{**source_columns(card), **config, **record} for record in history]

@@ -46,6 +46,7 @@ from torch.func import functional_call, vmap
 
 from robust_transfer.data import adapt_images, load_task, shots_per_class
 from robust_transfer.errors import UserError
+from robust_transfer.models.card import SourceCard
 from robust_transfer.models.nets import BlockNet
 from robust_transfer.models.runtime import amp_enabled, autocast
 from robust_transfer.train import SourceConfig, TrainConfig, freeze_all_but_last
@@ -55,7 +56,7 @@ from robust_transfer.variables import engine_fields, finetune_fields, first_non_
 
 log = logging.getLogger(__name__)
 
-# What a standard source checkpoint's metadata holds (train_source + save_checkpoint) and an
+# What a standard source checkpoint's card records (train_source + save_checkpoint) and an
 # imported one's (models.foreign: role "source", no recipe).
 STANDARD_META = {"role", "recipe", "eps", "norm", "method", "amp", "seed", "task", "metrics",
                  "torch_threads", "model", "package_version", "sha256", "distill",
@@ -71,13 +72,13 @@ RUN_PARAM_COPIES = 6
 EVAL_CHUNK = 256
 
 
-def why_not(model: nn.Module, cfg: FinetuneConfig, source_meta: dict | None = None
+def why_not(model: nn.Module, cfg: FinetuneConfig, source_card: SourceCard | None = None
             ) -> str | None:
     """Why this engine cannot train the run (one line), or None when it covers it.
 
     Covered: any `BlockNet` without hooks (vmap calls the modules' own forward on batched
     tensors, hooks would see one run's slice), a `FinetuneConfig` of the standard protocol
-    (fields added later at their defaults), and a source whose metadata holds nothing
+    (fields added later at their defaults), and a source whose card records nothing
     beyond the standard recipe (no backdoor to measure per epoch, not a fine-tuned model).
     """
     if not isinstance(model, BlockNet):
@@ -92,16 +93,16 @@ def why_not(model: nn.Module, cfg: FinetuneConfig, source_meta: dict | None = No
     extra = first_non_default(cfg.to_dict(), type(cfg), engine_fields(type(cfg), ENGINE))
     if extra is not None:
         return f"fine-tune option {extra!r} is set (the per-run path implements it)"
-    if source_meta is None:
+    if source_card is None:
         return None
-    extra = next(iter(sorted(set(source_meta) - STANDARD_META)), None)
+    extra = next(iter(sorted(source_card.recorded() - STANDARD_META)), None)
     if extra is not None:
         return f"the source's metadata has {extra!r} (e.g. a backdoor to measure per epoch)"
-    if source_meta.get("role", "source") != "source":
-        return f"the checkpoint is a {source_meta.get('role')!r}, not a source"
-    recipe = source_meta.get("recipe") or {}
+    if not source_card.is_source:
+        return f"the checkpoint is a {source_card.role!r}, not a source"
+    recipe = source_card.recipe or {}
     extra = (first_non_default(recipe, SourceConfig, engine_fields(SourceConfig, ENGINE))
-             or first_non_default(recipe.get("train") or {}, TrainConfig,
+             or first_non_default(source_card.train_recipe, TrainConfig,
                                   {f.name for f in fields(TrainConfig)}))
     if extra is not None:
         return f"the source's recipe sets {extra!r} (e.g. a planted backdoor)"
