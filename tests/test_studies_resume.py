@@ -26,6 +26,7 @@ SPECS = Path(__file__).parent / "data" / "studies"
 # study name: (its command, the columns of wall times left out of the comparison)
 CASES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "grid": (("run",), ("seconds",)),
+    "watermark-removal": (("watermark", "remove"), ("seconds",)),
 }
 
 

@@ -9,10 +9,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from robust_transfer.errors import UserError
+from robust_transfer.report.watermark_figures import watermark_report
 from robust_transfer.studies import GRID, STUDIES, recorded_study
+from robust_transfer.studies.watermark import WatermarkRemoval
 
 Report = Callable[[Path, Path], list[Path]]
 REPORTS: dict[str, Report] = {}
+REPORTS[WatermarkRemoval.name] = watermark_report
 
 
 def study_of(folder: str | Path) -> str:
