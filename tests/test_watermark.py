@@ -157,7 +157,7 @@ def test_permutation_test_refuses_a_constant_model_and_finds_a_relabelled_one(tr
     assert verify(stuck, key)["p_value"] > 0.01
 
 
-def test_study_table_and_figure(trained, tmp_path):
+def test_study_table_and_figure(trained, tmp_path, cli):
     root = trained["root"]
     study = WatermarkRemoval(root / "wm", root / "key", attacks=("FTLL", "RTAL"),
                              removal_epochs=2, unfrozen_blocks=(0,), images_per_class=5,
@@ -178,6 +178,12 @@ def test_study_table_and_figure(trained, tmp_path):
     v = verify(trained["independent"], trained["key"])
     assert base.loc["independent", "trigger_accuracy"] == v["trigger_accuracy"]
     assert base.loc["independent", "p_value"] == v["p_value"]
+    # `report DIR` recognises the study's folder and writes its table and figure
+    code, out, err = cli("report", tmp_path, "--out", tmp_path / "report")
+    assert code == 0, err
+    stored = pd.read_parquet(tmp_path / "report" / "watermark_study.parquet")
+    assert list(stored.model) == list(table.model)
+    assert (tmp_path / "report" / "watermark_study.png").stat().st_size > 0
     fig = watermark_figure(table)
     top, bottom = fig.axes
     ticks = [t.get_text() for t in bottom.get_xticklabels()]
