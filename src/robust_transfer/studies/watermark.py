@@ -51,14 +51,14 @@ from robust_transfer.backdoors.watermark import (
 from robust_transfer.data import load_task
 from robust_transfer.data.tasks import ALL, check_task, parse_shots
 from robust_transfer.errors import UserError, check_choice
-from robust_transfer.models import load_checkpoint, save_checkpoint
+from robust_transfer.models import load_checkpoint
 from robust_transfer.models.checkpoint import WEIGHTS, file_sha256
 from robust_transfer.models.runtime import accuracy
 from robust_transfer.studies import STUDIES, spec_record
-from robust_transfer.train import SourceConfig, train_source
+from robust_transfer.train import SourceConfig
 from robust_transfer.transfer.engines import finetune
 from robust_transfer.transfer.finetune import FinetuneConfig, parse_blocks
-from robust_transfer.transfer.grid import worker_device
+from robust_transfer.transfer.grid import _SourceJob, _train_source_job, worker_device
 from robust_transfer.transfer.runner import SOURCES, Artifact, Unit
 from robust_transfer.transfer.spec import content_id
 
@@ -173,8 +173,9 @@ class WatermarkRemoval:
         return Path(out) / SOURCES / content_id(self._inputs.independent.to_dict())
 
     def artifacts(self, out: Path, device: str) -> list[list[Artifact]]:
-        job = _IndependentJob(self._inputs.independent, self.independent_dir(out), device)
-        return [[Artifact(job.directory, _train_independent, job)]]
+        """The independent model, trained as the grid trains its sources."""
+        job = _SourceJob(self._inputs.independent, self.independent_dir(out), device)
+        return [[Artifact(job.directory, _train_source_job, job)]]
 
     def units(self, pending: list[str], out: Path, device: str) -> list[Unit]:
         runs = {self.run_id(r): r for r in self.runs()}
@@ -211,8 +212,6 @@ class _Inputs:
     checkpoint_sha256: str
     key_sha256: str
     independent: SourceConfig
-    trigger_size: int
-    key_seed: int
 
 
 def _read_inputs(checkpoint: Path, key_dir: Path) -> _Inputs:
@@ -223,21 +222,7 @@ def _read_inputs(checkpoint: Path, key_dir: Path) -> _Inputs:
     model, meta = load_checkpoint(checkpoint)
     check_model_fits(model, key)
     sha = meta.get("sha256") or file_sha256(checkpoint / WEIGHTS)
-    return _Inputs(sha, key_meta["sha256"], independent_recipe(meta), len(key), key.seed)
-
-
-# ---- the independent model (the artifact) ------------------------------------------------
-
-@dataclass(frozen=True)
-class _IndependentJob:
-    recipe: SourceConfig
-    directory: Path
-    device: str = "cpu"
-
-
-def _train_independent(job: _IndependentJob) -> Path:
-    model, meta = train_source(job.recipe, worker_device(job.device))
-    return save_checkpoint(model, job.directory, meta)
+    return _Inputs(sha, key_meta["sha256"], independent_recipe(meta))
 
 
 # ---- one run -----------------------------------------------------------------------------
