@@ -42,6 +42,7 @@ CASES: dict[str, Case] = {
     "influence": Case(("explain", "influence")),
     "backdoor-updates": Case(("backdoor", "updates")),
     "distill": Case(("distill",)),
+    "watermark-removal": Case(("watermark", "remove"), ("seconds",)),
 }
 
 

@@ -20,9 +20,11 @@ from robust_transfer.backdoors.watermark import (
     binomial_p_value,
     load_key,
     make_key,
+    permutation_test,
     remove,
     save_key,
     train_watermarked,
+    transfer_verify,
     verify,
 )
 from robust_transfer.data import load_task
@@ -30,13 +32,10 @@ from robust_transfer.errors import UserError
 from robust_transfer.models import load_checkpoint, save_checkpoint
 from robust_transfer.models.base import linear_head
 from robust_transfer.report.watermark_figures import watermark_figure
+from robust_transfer.studies.watermark import WatermarkRemoval, study_table
 from robust_transfer.train import SourceConfig, TrainConfig, train_source
-from robust_transfer.transfer.watermark_transfer import (
-    StudyConfig,
-    permutation_test,
-    transfer_verify,
-    watermark_study,
-)
+from robust_transfer.transfer.results import read_results
+from robust_transfer.transfer.runner import run_study
 
 TASK = "digits-0to4"
 EPOCHS = 15
@@ -158,22 +157,33 @@ def test_permutation_test_refuses_a_constant_model_and_finds_a_relabelled_one(tr
     assert verify(stuck, key)["p_value"] > 0.01
 
 
-def test_study_table_and_figure(trained):
-    cfg = StudyConfig(attacks=("FTLL", "RTAL"), removal=RemovalConfig(epochs=2),
-                      transfer_blocks=(0,), transfer_shots=5, transfer_epochs=3, seeds=(0,),
-                      permutations=200)
-    steps = []
-    table = watermark_study(trained["model"], trained["independent"], trained["key"], TASK,
-                            cfg, on_step=steps.append)
-    assert len(steps) == cfg.steps()
+def test_study_table_and_figure(trained, tmp_path, cli):
+    root = trained["root"]
+    study = WatermarkRemoval(root / "wm", root / "key", attacks=("FTLL", "RTAL"),
+                             removal_epochs=2, unfrozen_blocks=(0,), images_per_class=5,
+                             transfer_epochs=3, seeds=(0,), permutations=200)
+    done = []
+    run_study(study, tmp_path, on_run=done.append)
+    assert sorted(done) == sorted(study.run_ids()) and len(done) == 6
+    table = study_table(read_results(tmp_path, study.required))
     assert list(table.model) == ["watermarked", "independent", "FTLL", "RTAL", "transfer k=0",
                                  "transfer k=0 (independent)"]
     base = table.set_index("model")
     assert base.loc["watermarked", "owned"] and not base.loc["independent", "owned"]
     assert base.loc["transfer k=0", "verification"] == "permutation"
-    assert base.loc["transfer k=0", "task"] == "digits-5to9"
+    assert base.loc["transfer k=0", "target_task"] == "digits-5to9"
     assert base.loc["transfer k=0 (independent)", "accuracy_change"] == 0
     assert set(table.alpha) == {0.01}
+    # the artifact is the independent model: the checkpoint's recipe with the next seed
+    v = verify(trained["independent"], trained["key"])
+    assert base.loc["independent", "trigger_accuracy"] == v["trigger_accuracy"]
+    assert base.loc["independent", "p_value"] == v["p_value"]
+    # `report DIR` recognises the study's folder and writes its table and figure
+    code, out, err = cli("report", tmp_path, "--out", tmp_path / "report")
+    assert code == 0, err
+    stored = pd.read_parquet(tmp_path / "report" / "watermark_study.parquet")
+    assert list(stored.model) == list(table.model)
+    assert (tmp_path / "report" / "watermark_study.png").stat().st_size > 0
     fig = watermark_figure(table)
     top, bottom = fig.axes
     ticks = [t.get_text() for t in bottom.get_xticklabels()]

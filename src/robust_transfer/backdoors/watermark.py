@@ -24,7 +24,20 @@ at least that well; ownership is claimed when it is below `alpha` (default 0.01)
   the last layer and re-train it), RTAL (re-init the last layer, train all layers).
 
 After transfer to a new task the head is new and its classes mean something else, so the
-binomial test against 1/K does not apply; `transfer.watermark_transfer` holds that verification.
+binomial test against 1/K is not valid: a model that sends every trigger image to one class
+would score 1.0 after any label mapping. The test after transfer (`transfer_verify`) asks
+whether the transferred model's predictions on the trigger images still *depend on* the
+watermark labels:
+
+1. split the key in two halves (seeded); on half A, map each watermark label to the target class
+   most of its images are predicted as (ties: the lowest class; a label absent from A: A's most
+   common prediction); score the mapping on half B; swap the halves and average (cross-fitting);
+2. the p-value is a permutation test of that statistic over the key's labels (seeded; default
+   1,000 permutations, p = (1 + #{permuted >= observed}) / (1 + permutations)): under the null
+   the predictions are independent of the labels, so permuting them changes nothing. A constant
+   model scores 1.0 under every permutation too, so its p-value is 1.
+
+The removal study (every attack, and transfer, over seeds) is `studies.watermark`.
 """
 
 from __future__ import annotations
@@ -299,6 +312,16 @@ def check_key_images(model: nn.Module, key: WatermarkKey) -> None:
                         f"the model takes images {shape}: this key was not made for this model")
 
 
+def check_key_apart(key: str | Path, checkpoint: str | Path) -> None:
+    """The key must live apart from the checkpoint: not the same directory, not inside it
+    (nor the checkpoint inside the key), or whoever gets the model gets the secret too."""
+    k, c = Path(key).resolve(), Path(checkpoint).resolve()
+    if k == c or k.is_relative_to(c) or c.is_relative_to(k):
+        raise UserError(f"--key {str(key)!r} must not be inside the checkpoint directory "
+                        f"{str(checkpoint)!r} (nor hold it): whoever gets the model would get "
+                        "the key; give a separate directory")
+
+
 # ---- verification -------------------------------------------------------------------------
 
 def binomial_p_value(correct: int, n: int, chance: float) -> float:
@@ -332,6 +355,76 @@ def verify(model: nn.Module, key: WatermarkKey, alpha: float = ALPHA) -> dict:
     p = binomial_p_value(correct, n, chance)
     return {"trigger_accuracy": correct / n, "correct": correct, "n": n, "chance": chance,
             "p_value": p, "owned": bool(p < alpha)}
+
+
+# ---- verification after transfer ---------------------------------------------------------
+
+PERMUTATIONS = 1000
+
+
+def _mapped_scores(pred: torch.Tensor, labels: torch.Tensor, half_a: torch.Tensor,
+                   half_b: torch.Tensor, num_labels: int, num_targets: int) -> torch.Tensor:
+    """Accuracy on `half_b` of the majority mapping label -> prediction fitted on `half_a`, for
+    each row of `labels` (R, n); `pred` (n,). Vectorised over rows."""
+    rows = len(labels)
+    flat = labels[:, half_a] * num_targets + pred[half_a]
+    counts = torch.zeros(rows, num_labels * num_targets).scatter_add_(
+        1, flat, torch.ones_like(flat, dtype=torch.float)).view(rows, num_labels, num_targets)
+    fallback = torch.bincount(pred[half_a], minlength=num_targets).argmax()
+    mapping = torch.where(counts.sum(-1) > 0, counts.argmax(-1), fallback)
+    return (mapping.gather(1, labels[:, half_b]) == pred[half_b]).float().mean(1)
+
+
+def permutation_test(pred: torch.Tensor, labels: torch.Tensor, num_labels: int,
+                     num_targets: int, permutations: int = PERMUTATIONS,
+                     seed: int = 0) -> dict:
+    """Cross-fitted mapped accuracy of predictions `pred` (n,) on watermark `labels` (n,), and
+    its permutation p-value over the labels (see the module docstring).
+
+    Returns {mapped_accuracy, null_mean (the statistic's mean over permutations: its chance
+    level), p_value, permutations}.
+
+    Example:
+        permutation_test(model_predictions, key.y, 5, 5)["p_value"]
+    """
+    if permutations < 1:
+        raise UserError(f"permutations must be >= 1, got {permutations}")
+    n = len(labels)
+    if n < 2:
+        raise UserError("the permutation test needs at least 2 trigger images")
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=gen)
+    half_a, half_b = order[: n // 2], order[n // 2 :]
+    perms = torch.argsort(torch.rand(permutations, n, generator=gen), dim=1)
+    rows = torch.cat([labels.view(1, n), labels[perms]])  # row 0: the observed labels
+    pred, rows = pred.long().cpu(), rows.long().cpu()
+    scores = (_mapped_scores(pred, rows, half_a, half_b, num_labels, num_targets)
+              + _mapped_scores(pred, rows, half_b, half_a, num_labels, num_targets)) / 2
+    observed, null = scores[0], scores[1:]
+    p = (1 + int((null >= observed - 1e-9).sum())) / (1 + permutations)
+    return {"mapped_accuracy": float(observed), "null_mean": float(null.mean()),
+            "p_value": p, "permutations": permutations}
+
+
+def transfer_verify(model: nn.Module, key: WatermarkKey, alpha: float = ALPHA,
+                    permutations: int = PERMUTATIONS, seed: int = 0) -> dict:
+    """Ownership of a model transferred to another task: `permutation_test` of its predictions
+    on the trigger images against the key's labels.
+
+    Returns {trigger_accuracy (the mapped accuracy), chance (the permutation null mean),
+    p_value, owned (p < alpha), verification: "permutation"}.
+
+    Example:
+        transfer_verify(finetuned, key)["owned"]
+    """
+    if not 0 < alpha < 1:
+        raise UserError(f"alpha must be in (0, 1), got {alpha}")
+    pred = key_predictions(model, key)
+    t = permutation_test(pred, key.y, key.num_classes, model.spec.num_classes, permutations,
+                         seed)
+    return {"trigger_accuracy": t["mapped_accuracy"], "chance": t["null_mean"],
+            "p_value": t["p_value"], "owned": bool(t["p_value"] < alpha),
+            "verification": "permutation"}
 
 
 # ---- removal attacks ----------------------------------------------------------------------

@@ -1,13 +1,15 @@
 """Watermark commands (Adi et al. 2018, watermarking by backdooring): `watermark embed` (train a
 source with a secret trigger set; the key is written apart from the checkpoint), `watermark
 verify` (trigger-set accuracy, chance, p-value, OWNED / NOT OWNED) and `watermark remove` (the
-removal study: FTLL / FTAL / RTLL / RTAL and transfer; Parquet table, figure, printed table).
-Thin: parse, validate, call `backdoors.watermark` / `transfer.watermark_transfer`, print."""
+removal study, `studies.watermark`: FTLL / FTAL / RTLL / RTAL and transfer, on the one
+runner; Parquet table, figure, printed table). Thin: parse, validate, call
+`backdoors.watermark` / `studies.watermark`, print."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import typer
 
 from robust_transfer.backdoors.watermark import (
@@ -15,14 +17,15 @@ from robust_transfer.backdoors.watermark import (
     ATTACKS,
     KEY_META,
     KEY_WEIGHTS,
-    RemovalConfig,
+    PERMUTATIONS,
+    check_key_apart,
     check_key_images,
     check_model_fits,
-    independent_recipe,
     load_key,
     make_key,
     save_key,
     train_watermarked,
+    transfer_verify,
     verify,
 )
 from robust_transfer.cli import app
@@ -34,19 +37,28 @@ from robust_transfer.cli.common import (
     print_table,
     progress_bar,
 )
+from robust_transfer.cli.studies import (
+    ADDRESS_OPTION,
+    EXECUTOR_OPTION,
+    SAVE_SPEC_OPTION,
+    SPEC_OPTION,
+    WORKERS_OPTION,
+    run_with_progress,
+    save_spec,
+    study_spec,
+)
 from robust_transfer.data import TASKS, load_task
 from robust_transfer.errors import UserError, check_choice
 from robust_transfer.models import load_checkpoint, save_checkpoint
 from robust_transfer.models.runtime import resolve_device
-from robust_transfer.report.common import save_table
-from robust_transfer.report.watermark_figures import watermark_bars, watermark_summary
-from robust_transfer.train import SourceConfig, TrainConfig, train_source
-from robust_transfer.transfer.watermark_transfer import (
-    PERMUTATIONS,
-    StudyConfig,
-    transfer_verify,
-    watermark_study,
+from robust_transfer.report.watermark_figures import (
+    FIGURE,
+    TABLE,
+    watermark_report,
+    watermark_summary,
 )
+from robust_transfer.studies.watermark import WatermarkRemoval
+from robust_transfer.train import SourceConfig, TrainConfig
 
 watermark_app = typer.Typer(help="Watermarking by backdooring (Adi et al. 2018): embed a secret "
                             "trigger set, verify ownership, try to remove it.",
@@ -54,19 +66,8 @@ watermark_app = typer.Typer(help="Watermarking by backdooring (Adi et al. 2018):
 app.add_typer(watermark_app, name="watermark")
 
 TESTS = ("auto", "binomial", "permutation")
-TABLE, FIGURE = "watermark_study.parquet", "watermark_study.png"
 KEY_OPTION = typer.Option(..., "--key", help="The watermark key directory (key.safetensors + "
                           "key.json), kept apart from any checkpoint.")
-
-
-def check_key_apart(key: Path, checkpoint: Path) -> None:
-    """The key must live apart from the checkpoint: not the same directory, not inside it
-    (nor the checkpoint inside the key), or whoever gets the model gets the secret too."""
-    k, c = Path(key).resolve(), Path(checkpoint).resolve()
-    if k == c or k.is_relative_to(c) or c.is_relative_to(k):
-        raise UserError(f"--key {str(key)!r} must not be inside the checkpoint directory "
-                        f"{str(checkpoint)!r} (nor hold it): whoever gets the model would get "
-                        "the key; give a separate directory")
 
 
 def _verdict(v: dict) -> str:
@@ -152,9 +153,12 @@ def verify_command(
 
 @watermark_app.command("remove")
 def remove_command(
-    checkpoint: Path = typer.Argument(..., help="A watermarked checkpoint (watermark embed)."),
-    key: Path = KEY_OPTION,
-    out: Path = typer.Option(..., "--out", help=f"Directory for {TABLE} and {FIGURE}."),
+    checkpoint: Path = typer.Argument(None, help="A watermarked checkpoint (watermark embed); "
+                                      "not with --spec (the spec names it)."),
+    key: Path = typer.Option(None, "--key", help="The watermark key directory (key.safetensors "
+                             "+ key.json), kept apart from any checkpoint; not with --spec."),
+    out: Path = typer.Option(None, "--out", help=f"Directory for the independent model, the "
+                             f"results, {TABLE} and {FIGURE} (needed unless --save-spec)."),
     attack: list[str] = typer.Option(None, "--attack", help=f"{' | '.join(ATTACKS)} "
                                      "(repeatable; default: all)."),
     transfer_task: str = typer.Option("digits-5to9", help="Task to transfer to, or 'none'."),
@@ -169,34 +173,51 @@ def remove_command(
     seeds: int = typer.Option(3, help="Seeds per attack and transfer (0..seeds-1)."),
     alpha: float = typer.Option(ALPHA, help="Ownership is claimed when p < alpha."),
     device: str = DEVICE_OPTION,
+    spec_file: Path = SPEC_OPTION,
+    save_spec_file: Path = SAVE_SPEC_OPTION,
+    workers: int = WORKERS_OPTION,
+    executor: str = EXECUTOR_OPTION,
+    address: str = ADDRESS_OPTION,
 ) -> None:
     """Try to remove the watermark: each removal attack on the attacker's clean data, and
     transfer to a new task; beside an independently trained model (same recipe, another seed)
-    as the baseline. Writes the Parquet table and the figure; prints the table."""
-    check_key_apart(key, checkpoint)
-    if seeds < 1:
-        raise UserError(f"--seeds must be >= 1, got {seeds}")
-    target = None if transfer_task.strip().lower() == "none" else transfer_task
-    cfg = StudyConfig(attacks=tuple(dict.fromkeys(attack or ATTACKS)),
-                      removal=RemovalConfig(clean_fraction=clean_fraction, epochs=epochs, lr=lr),
-                      transfer_task=target, transfer_blocks=tuple(transfer_blocks or (0, 1, None)),
-                      transfer_shots=transfer_shots, seeds=tuple(range(seeds)), alpha=alpha)
-    check_output_dir(out, "--out")
-    dev = resolve_device(device)
-    wm_key, _ = load_key(key)
-    model, meta = load_checkpoint(checkpoint, dev)
-    check_model_fits(model, wm_key)
-    recipe = independent_recipe(meta)
-    with progress_bar(f"removal study of {checkpoint}", recipe.train.epochs + cfg.steps()) as adv:
-        independent, _ = train_source(recipe, dev, on_epoch=lambda _e: adv())
-        table = watermark_study(model, independent, wm_key, meta["task"], cfg,
-                                on_step=lambda _s: adv())
-    save_table(table, out / TABLE)
-    figure = watermark_bars(table, out / FIGURE)
+    as the baseline. Writes the Parquet table and the figure; prints the table.
+
+    Safe to interrupt and re-run into the same --out: finished runs are kept (OUT/results/),
+    only missing ones run; `robust-transfer report OUT` re-draws the figure.
+    """
+    if spec_file is not None and (checkpoint is not None or key is not None):
+        raise UserError("give either --spec FILE or CHECKPOINT --key KEY, not both: the spec "
+                        "names the checkpoint and the key")
+
+    def build() -> WatermarkRemoval:
+        if checkpoint is None or key is None:
+            missing = " and ".join(n for n, v in (("CHECKPOINT", checkpoint), ("--key", key))
+                                   if v is None)
+            raise UserError(f"missing {missing}: give the watermarked checkpoint and its key, "
+                            "or --spec FILE")
+        if seeds < 1:
+            raise UserError(f"--seeds must be >= 1, got {seeds}")
+        target = None if transfer_task.strip().lower() == "none" else transfer_task
+        return WatermarkRemoval(
+            checkpoint, key, attacks=tuple(attack or ATTACKS), clean_fraction=clean_fraction,
+            removal_epochs=epochs, removal_lr=lr, target_task=target,
+            unfrozen_blocks=tuple(transfer_blocks or (0, 1, "all")),
+            images_per_class=transfer_shots, seeds=tuple(range(seeds)), alpha=alpha)
+
+    study = study_spec(spec_file, WatermarkRemoval.name, build)
+    if save_spec_file is not None:
+        save_spec(study, save_spec_file)
+        return
+    if out is None:
+        raise UserError("missing --out: the directory for the study's models and results")
+    run_with_progress(study, out, workers, executor, address, device, "runs",
+                      "independent model")
+    table, figure = watermark_report(out, out)
+    summary = watermark_summary(pd.read_parquet(table))
     rows = [{"model": r.model, "test acc": r.test_acc, "Δ test acc": float(r.change),
              "trigger acc": r.trigger_acc, "chance": r.chance, "median p": f"{r.p_median:.3g}",
-             "owned": f"{int(r.owned)}/{int(r.n)}"}
-            for r in watermark_summary(table).itertuples()]
-    print_table(f"watermark removal (means over {seeds} seed(s); Δ: vs the watermarked source, "
-                "after transfer vs the independent model's transfer)", rows)
-    console.print(f"table: {out / TABLE}\nfigure: {figure}")
+             "owned": f"{int(r.owned)}/{int(r.n)}"} for r in summary.itertuples()]
+    print_table(f"watermark removal (means over {len(study.seeds)} seed(s); Δ: vs the "
+                "watermarked source, after transfer vs the independent model's transfer)", rows)
+    console.print(f"table: {table}\nfigure: {figure}")

@@ -14,6 +14,7 @@ from robust_transfer.report.defense_figures import defend_report
 from robust_transfer.report.distill import make_distill_report
 from robust_transfer.report.influence import influence_report
 from robust_transfer.report.updates_figures import make_survival_report
+from robust_transfer.report.watermark_figures import watermark_report
 from robust_transfer.studies import GRID, STUDIES, recorded_study
 
 Report = Callable[[Path, Path], list[Path]]
@@ -23,6 +24,7 @@ REPORTS: dict[str, Report] = {
     "influence": influence_report,
     "backdoor-updates": make_survival_report,
     "distill": make_distill_report,
+    "watermark-removal": watermark_report,
 }
 
 

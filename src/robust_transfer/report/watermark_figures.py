@@ -1,6 +1,8 @@
 """Watermark removal figure (Adi et al. 2018): does the watermark survive each removal attack
 and transfer, and what does each cost in accuracy? Drawn from the study's table
-(`transfer.watermark_transfer.watermark_study`), so it can be re-made without retraining.
+(`studies.watermark.study_table` of its results), so it can be re-made without retraining:
+`watermark_report(folder, out)` writes `watermark_study.parquet` and `watermark_study.png`
+(what `watermark remove` and `report DIR` write).
 
 Top panel: per model, trigger-set accuracy (after transfer: the cross-fitted mapped accuracy)
 and clean test accuracy (on the model's own task), means over seeds with 95% t-intervals
@@ -21,10 +23,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from robust_transfer.report.common import save_figure  # noqa: E402
+from robust_transfer.report.common import save_figure, save_table  # noqa: E402
 from robust_transfer.report.stats import summarise  # noqa: E402
+from robust_transfer.studies.watermark import WatermarkRemoval, study_table  # noqa: E402
+from robust_transfer.transfer.results import read_results  # noqa: E402
 
 TRIGGER, TEST, INDEPENDENT = "#2171b5", "#9ecae1", "#969696"
+TABLE, FIGURE = "watermark_study.parquet", "watermark_study.png"
 # The log axis stops here, so the region around alpha stays readable; smaller p-values are
 # drawn as triangles at the floor (their value is written on the bars).
 P_FLOOR = 1e-12
@@ -40,7 +45,7 @@ def _p_text(p: float) -> str:
 
 
 def watermark_figure(table: pd.DataFrame, title: str = ""):
-    """The two-panel figure (see the module docstring) from a `watermark_study` table."""
+    """The two-panel figure (see the module docstring) from the study's table (`study_table`)."""
     models = _order(table)
     pos = np.arange(len(models))
     width = 0.38
@@ -124,3 +129,13 @@ def watermark_summary(table: pd.DataFrame) -> pd.DataFrame:
                  trigger_acc=("trigger_accuracy", "mean"), chance=("chance", "mean"),
                  p_median=("p_value", "median"), owned=("owned", "sum"), n=("owned", "size"))
             .reset_index())
+
+
+def watermark_report(folder: str | Path, out: str | Path) -> list[Path]:
+    """The study's table (`study_table` of the finished runs in `folder`) and its figure,
+    written into `out`: [watermark_study.parquet, watermark_study.png]."""
+    table = study_table(read_results(folder, WatermarkRemoval.required))
+    out = Path(out)
+    # images per class is an int or "all": stored as text, as the results store does
+    stored = table.assign(images_per_class=table.images_per_class.map(str))
+    return [save_table(stored, out / TABLE), watermark_bars(table, out / FIGURE)]

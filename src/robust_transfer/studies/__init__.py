@@ -107,4 +107,11 @@ def recorded_study(folder: str | Path) -> str | None:
 
 # Every study module registers its spec class in `STUDIES` when imported: imported here, so
 # that a spec names any study wherever this package is imported (Python API, `run --help`).
-from robust_transfer.studies import bias, defend, distill, influence, updates  # noqa: E402,F401
+from robust_transfer.studies import (  # noqa: E402,F401
+    bias,
+    defend,
+    distill,
+    influence,
+    updates,
+    watermark,
+)
