@@ -28,8 +28,11 @@ def no_training(monkeypatch):
     def forbidden(*_args, **_kwargs):
         raise AssertionError("work started before the input was validated")
 
-    for name in ("train_source", "finetune_from_checkpoint", "run_grid", "make_report"):
+    from robust_transfer.cli import studies as studies_cli
+
+    for name in ("train_source", "finetune_from_checkpoint", "make_report"):
         monkeypatch.setattr(study_cli, name, forbidden)
+    monkeypatch.setattr(studies_cli, "run_study", forbidden)  # every study command's runs
 
 
 def one_error_line(code: int, err: str, *needles: str) -> str:
@@ -159,7 +162,9 @@ def _interrupt(*_args, **_kwargs):
 
 @pytest.mark.parametrize("command,resumable", [("grid", True), ("train", False)])
 def test_ctrl_c_is_one_line_exit_130(cli, tmp_path, monkeypatch, command, resumable):
-    monkeypatch.setattr(study_cli, "run_grid", _interrupt)
+    from robust_transfer.cli import studies as studies_cli
+
+    monkeypatch.setattr(studies_cli, "run_study", _interrupt)
     monkeypatch.setattr(study_cli, "train_source", _interrupt)
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump(SPEC))

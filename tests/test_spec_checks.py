@@ -105,7 +105,7 @@ def test_grid_with_a_bad_fine_tune_value_writes_nothing(cli, tmp_path, monkeypat
     """These used to fail only after the sources had trained, leaving sources/ and runs.json."""
     from robust_transfer.transfer import grid as grid_mod
 
-    monkeypatch.setattr(grid_mod, "_train_source", lambda job: pytest.fail("trained"))
+    monkeypatch.setattr(grid_mod, "train_backdoor_source", lambda *a, **k: pytest.fail("trained"))
     spec = tmp_path / "spec.yaml"
     spec.write_text(yaml.safe_dump({**BASE, key: value}))
     code, stdout, err = cli("grid", spec, "--out", tmp_path / "g", "--workers", "1")

@@ -212,7 +212,7 @@ def _influence_run(job: _InfluenceJob) -> list[list[dict]]:
     test, train_targets = ft.task.test.subset(test_index), ft.train.subset(train_index)
     test_scores = module.influences(test.x, test.y).cpu()
     train_scores = module.influences(train_targets.x, train_targets.y).cpu()
-    eps, norm = robustness(ft.meta)
+    eps, norm = robustness(ft.card)
     blocks = ft.config.unfrozen_blocks
     common = {"source_label": ft.label, "source_eps": eps, "source_norm": norm,
               "target_task": ft.config.target_task,
