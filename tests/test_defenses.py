@@ -289,9 +289,9 @@ def test_defend_spec_runs_resumably_and_report_redraws(checkpoint, tmp_path, cli
         assert (tmp_path / "r" / name).read_text() == (tmp_path / "a" / name).read_text()
     assert (tmp_path / "r" / "defenses_vs_eps.png").is_file()
     other = save_checkpoint(build_model(ModelSpec(num_classes=5), seed=1), tmp_path / "c",
-                            {"task": "digits-0to4"})
+                            SourceCard(task="digits-0to4"))
     before = DefendStudy(other, ("median:2",)).run_ids()
-    save_checkpoint(natural_model(), other, {"task": "digits-0to4"})
+    save_checkpoint(natural_model(), other, SourceCard(task="digits-0to4"))
     after = DefendStudy(other, ("median:2",)).run_ids()
     assert len(before) == 3 and not set(before) & set(after)
 
