@@ -25,17 +25,17 @@ def main() -> None:
     torch.set_num_threads(1)
     task = load_task("digits-0to4")
     start = time.perf_counter()
-    _, clean_meta = train_source(SourceConfig())
+    _, clean_card = train_source(SourceConfig())
     print(f"clean source: {time.perf_counter() - start:.1f} s, "
-          f"C-Acc {clean_meta.metrics['clean_accuracy']:.4f}")
+          f"C-Acc {clean_card.metrics['clean_accuracy']:.4f}")
     backdoor = BackdoorConfig("badnets", rate=0.1, target=0)
     start = time.perf_counter()
-    model, meta = train_backdoor_source(SourceConfig(backdoor=backdoor))
-    m = meta.metrics
+    model, card = train_backdoor_source(SourceConfig(backdoor=backdoor))
+    m = card.metrics
     print(f"poisoned training: {time.perf_counter() - start:.1f} s, C-Acc "
           f"{m['clean_accuracy']:.4f}, ASR {m['asr']:.4f}, RA {m['ra']:.4f}")
     cfg = DefenseConfig()
-    index = torch.tensor(meta.backdoor["poisoned_indices"])
+    index = torch.tensor(card.backdoor["poisoned_indices"])
     for name in DEFENSES:
         defended, info = defend(model, name, task, backdoor, cfg, TrainConfig(), index)
         after = backdoor_metrics(defended, task.test.x, task.test.y,

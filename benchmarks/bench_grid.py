@@ -30,7 +30,7 @@ import torch
 
 from robust_transfer.models import load_checkpoint
 from robust_transfer.transfer import batched
-from robust_transfer.transfer.grid import _train_source_job, plan
+from robust_transfer.transfer.grid import plan, train_source_job
 from robust_transfer.transfer.results import read_results
 from robust_transfer.transfer.run import finetune_from_checkpoint
 from robust_transfer.transfer.spec import load_spec
@@ -101,7 +101,7 @@ def main() -> None:
 
     def train_sources():
         with _pool(args.workers) as pool:  # leaving the block joins the workers: CPU counted
-            return list(pool.map(_train_source_job, todo.sources_to_train))
+            return list(pool.map(train_source_job, todo.sources_to_train))
 
     _, src_wall, src_cpu = timed(train_sources)
     print(f"sources: {src_wall:.1f} s wall, {src_cpu:.1f} s CPU", flush=True)

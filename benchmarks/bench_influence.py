@@ -28,8 +28,8 @@ from robust_transfer.transfer.run import finetune_from_checkpoint
 
 
 def make_finetune(root: Path) -> Path:
-    model, meta = train_source(SourceConfig(task="digits-0to4", train=TrainConfig(epochs=5)))
-    save_checkpoint(model, root / "source", meta)
+    model, card = train_source(SourceConfig(task="digits-0to4", train=TrainConfig(epochs=5)))
+    save_checkpoint(model, root / "source", card)
     cfg = FinetuneConfig(target_task="digits-5to9", images_per_class=None, unfrozen_blocks=0,
                          epochs=30, lr=0.1, seed=0)
     finetune_from_checkpoint(root / "source", cfg, root / "finetune")

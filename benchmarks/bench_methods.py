@@ -69,8 +69,8 @@ def main() -> None:
     rows = []
     for method, cfg in configs.items():
         seconds = costs[method]
-        _, meta = train_source(cfg)
-        m = meta.metrics
+        _, card = train_source(cfg)
+        m = card.metrics
         monitor = sum(r.get("monitor_seconds", 0.0) for r in m["history"])
         rows.append((method, seconds, m["clean_accuracy"], m["robust_accuracy"],
                      m["history"][-1]["passes"], monitor, m.get("overfit")))

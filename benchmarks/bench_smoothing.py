@@ -64,8 +64,8 @@ def main() -> None:
     print("| source | s/epoch | × natural | clean | clean under N(0, σ²) | PGD-20 L2 |")
     print("|---|---|---|---|---|---|")
     for name, cfg in configs.items():
-        model, meta = train_source(cfg)
-        clean = meta.metrics["clean_accuracy"]
+        model, card = train_source(cfg)
+        clean = card.metrics["clean_accuracy"]
         noisy = noisy_accuracy(model, test.x, test.y, args.sigma, seed=1, draws=args.draws)
         table = evaluate(model, test.x, test.y, [pgd], [args.eps], "l2", check=False)
         robust = float(table[table["attack"] == "worst case"].iloc[0].robust_accuracy)

@@ -28,8 +28,8 @@ def tiny_source(eps: float = 0.0, task: str = "synthetic-0to4", epochs: int = 3)
 @pytest.fixture(scope="session")
 def source_dir(tmp_path_factory):
     """A naturally trained synthetic-0to4 source checkpoint directory."""
-    model, meta = tiny_source()
-    return save_checkpoint(model, tmp_path_factory.mktemp("src") / "natural", meta)
+    model, card = tiny_source()
+    return save_checkpoint(model, tmp_path_factory.mktemp("src") / "natural", card)
 
 
 @pytest.fixture

@@ -45,8 +45,8 @@ def checkpoints() -> Checkpoints:
     for name, eps in (("natural", 0.0), ("robust", 0.5)):
         cfg = SourceConfig(task="digits-0to4", eps=eps, norm="l2", attack_steps=2,
                            train=TrainConfig(epochs=2, batch_size=64))
-        model, meta = train_source(cfg)
-        paths[name] = save_checkpoint(model, root / name, meta)
+        model, card = train_source(cfg)
+        paths[name] = save_checkpoint(model, root / name, card)
         paths[f"ft_{name}"] = root / f"ft_{name}"
         finetune_from_checkpoint(paths[name], FINETUNE, paths[f"ft_{name}"])
     return Checkpoints(root, **paths)

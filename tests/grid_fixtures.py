@@ -6,7 +6,7 @@ from __future__ import annotations
 class RecordingExecutor:
     """Runs each work unit in this process, in order, and records the units it was given
     (the executor interface of `transfer.executors.LocalExecutor`); a `runner` work unit is
-    recorded as the job it carries (a grid's `_FinetuneBatch`, a source's `_SourceJob`)."""
+    recorded as the job it carries (a grid's `_FinetuneBatch`, a source's `SourceJob`)."""
 
     def __init__(self):
         self.units = []

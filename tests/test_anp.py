@@ -118,9 +118,9 @@ def test_digits_goal_badnets():
     """10% BadNets on digits 0-4; ANP with 10% clean data, 500 iterations of 32, threshold
     0.5 (their eps 0.4, alpha 0.2, mask lr 0.2)."""
     backdoor = BackdoorConfig("badnets", rate=0.1, target=0)
-    model, meta = train_backdoor_source(SourceConfig(
+    model, card = train_backdoor_source(SourceConfig(
         task="digits-0to4", backdoor=backdoor, train=TrainConfig(epochs=30, lr=0.1, seed=0)))
-    assert meta.metrics["asr"] > 0.95
+    assert card.metrics["asr"] > 0.95
     task = load_task("digits-0to4")
     cfg = DefenseConfig(anp=ANPConfig(iterations=500, batch_size=32, threshold=0.5))
     state = _state(model)
@@ -128,4 +128,4 @@ def test_digits_goal_badnets():
     assert _same(model, state) and info["pruned_neurons"] > 0
     m = backdoor_metrics(defended, task.test.x, task.test.y, backdoor.trigger(task.input_shape), 0)
     assert m["asr"] < 0.10
-    assert m["clean_accuracy"] >= meta.metrics["clean_accuracy"] - 0.03
+    assert m["clean_accuracy"] >= card.metrics["clean_accuracy"] - 0.03

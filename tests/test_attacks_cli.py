@@ -19,9 +19,9 @@ def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("attack_ckpts")
     out = []
     for name, eps in (("natural", 0.0), ("robust", 0.5)):
-        model, meta = train_source(SourceConfig(task="digits-0to4", eps=eps, norm="l2",
+        model, card = train_source(SourceConfig(task="digits-0to4", eps=eps, norm="l2",
                                                 attack_steps=2, train=TrainConfig(epochs=2)))
-        out.append(save_checkpoint(model, root / name, meta))
+        out.append(save_checkpoint(model, root / name, card))
     return out
 
 
@@ -107,8 +107,8 @@ def test_evaluate_is_the_attack_command(checkpoints, tmp_path):
 def test_transfer_matrix_needs_two_models_of_one_task(checkpoints, tmp_path):
     one = run(["transfer-matrix", checkpoints[0], "--out", tmp_path / "a"])
     assert isinstance(one.exception, UserError) and "two or more" in str(one.exception)
-    model, meta = train_source(SourceConfig(task="digits-5to9", train=TrainConfig(epochs=1)))
-    other = save_checkpoint(model, tmp_path / "other-task", meta)
+    model, card = train_source(SourceConfig(task="digits-5to9", train=TrainConfig(epochs=1)))
+    other = save_checkpoint(model, tmp_path / "other-task", card)
     mixed = run(["transfer-matrix", checkpoints[0], other, "--out", tmp_path / "b"])
     assert isinstance(mixed.exception, UserError)
     assert "different tasks" in str(mixed.exception)

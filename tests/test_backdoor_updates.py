@@ -235,13 +235,13 @@ def test_spec_round_trip_and_the_checkpoint_hash_in_the_run_ids(cli, tmp_path, c
                            updates=1, update_images=(32,), update_epochs=1, seeds=(0, 1))
     assert study == direct and study.task == "digits" and len(set(study.run_ids())) == 4
     # the same weights elsewhere: the same runs; other weights: other runs
-    model, meta = poisoned
-    same = save_checkpoint(model, tmp_path / "copy", meta)
+    model, card = poisoned
+    same = save_checkpoint(model, tmp_path / "copy", card)
     assert replace(direct, checkpoint=same).run_ids() == direct.run_ids()
     changed = copy.deepcopy(model)
     with torch.no_grad():
         next(changed.parameters()).mul_(1.001)
-    other = save_checkpoint(changed, tmp_path / "other", meta)
+    other = save_checkpoint(changed, tmp_path / "other", card)
     assert not set(replace(direct, checkpoint=other).run_ids()) & set(direct.run_ids())
     # trained sources: their recipe is in the id
     assert not set(replace(CFG, source_epochs=9).run_ids()) & set(CFG.run_ids())

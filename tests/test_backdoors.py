@@ -130,10 +130,10 @@ def poisoned_source():
 
 
 def test_poisoned_model_reaches_high_asr_and_a_clean_model_does_not(poisoned_source):
-    model, meta = poisoned_source
-    m = meta.metrics
+    model, card = poisoned_source
+    m = card.metrics
     assert m["asr"] >= 0.9 and m["clean_accuracy"] >= 0.9
-    assert m["poisoned_count"] == len(meta.backdoor["poisoned_indices"]) == 63
+    assert m["poisoned_count"] == len(card.backdoor["poisoned_indices"]) == 63
     task = load_task("synthetic-0to4")
     trigger = BackdoorConfig(patch_size=3).trigger(task.input_shape)
     clean_model, _ = tiny_source(epochs=10)

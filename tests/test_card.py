@@ -205,3 +205,15 @@ def test_save_checkpoint_takes_a_card_not_a_dict(tmp_path):
     with pytest.raises(TypeError, match="card_from_meta"):
         save_checkpoint(build_model(ModelSpec()), tmp_path / "ck", {"seed": 0})
 
+
+
+def test_a_card_is_read_by_attribute_only():
+    """One way to read a card: its fields (the transitional dict-style access is gone)."""
+    card = SourceCard(task="synthetic-0to4", eps=0.5, extra={"note": "x"})
+    assert (card.task, card.eps, card.extra["note"]) == ("synthetic-0to4", 0.5, "x")
+    for read in (lambda: card["eps"], lambda: "eps" in card):
+        with pytest.raises(TypeError):
+            read()
+    assert not hasattr(card, "get")
+    import robust_transfer.models.checkpoint as checkpoint
+    assert not hasattr(checkpoint, "read_meta")

@@ -61,12 +61,12 @@ def test_certify_transfer_cli_tiny(cli, tmp_path, monkeypatch):
     sources = pd.read_csv(out / "report" / "source_certify.csv")
     assert len(sources) == 2
     for directory in (out / "sources").iterdir():
-        model, meta = load_checkpoint(directory)
+        model, card = load_checkpoint(directory)
         test = load_task("synthetic-0to4").test
         pick = slice(0, 12 * (len(test.y) // 12), len(test.y) // 12)  # every k-th image
         res = certify_dataset(model, test.x[pick], test.y[pick], [0.25], 5, 10, 40, 0.001,
                               [0, 0.1, 0.2], attack=None)
-        row = sources[sources.source_method == source_method(meta)]
+        row = sources[sources.source_method == source_method(card)]
         assert len(row) == 1 and row[cols].to_numpy().ravel().tolist() == pytest.approx(
             res.summary.certified_accuracy.tolist())
     summary = (out / "report" / "certify_summary.md").read_text()

@@ -92,11 +92,11 @@ def test_cifar10_binary_files_load_with_the_official_split(cifar_root):
 def test_cifar10_source_trains_on_the_medium_net(cifar_root):
     from robust_transfer.train import SourceConfig, TrainConfig, train_source
 
-    model, meta = train_source(SourceConfig(task="cifar10-0to4", arch="cnn-medium", eps=8 / 255,
+    model, card = train_source(SourceConfig(task="cifar10-0to4", arch="cnn-medium", eps=8 / 255,
                                             norm="linf", attack_steps=1,
                                             train=TrainConfig(epochs=1, batch_size=16)))
     assert model.spec.in_channels == 3 and model.spec.arch == "cnn-medium"
-    assert 0 <= meta.metrics["robust_accuracy"] <= meta.metrics["clean_accuracy"] + 1e-9
+    assert 0 <= card.metrics["robust_accuracy"] <= card.metrics["clean_accuracy"] + 1e-9
 
 
 def test_missing_or_corrupt_cifar_is_a_user_error(tmp_path, monkeypatch):

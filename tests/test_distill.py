@@ -79,10 +79,10 @@ def test_distilled_student_moves_toward_its_teacher(source_dir):
     teacher, _ = load_checkpoint(source_dir)
     cfg = _recipe(distill=DistillConfig("kd", 4.0, 0.9, {"eps": 0.0, "norm": "l2"}))
     alone, _ = train_source(_recipe())
-    student, meta = train_source(cfg, teacher=teacher)
+    student, card = train_source(cfg, teacher=teacher)
     x = load_task("synthetic-0to4").test.x
     assert kl_to_teacher(student, teacher, x) < 0.8 * kl_to_teacher(alone, teacher, x)
-    assert meta.distill["method"] == "kd" and meta.distill["alpha"] == 0.9
+    assert card.distill["method"] == "kd" and card.distill["alpha"] == 0.9
 
 
 def test_defensive_distillation_masks_gradients_and_the_margin_loss_breaks_it():
@@ -131,10 +131,10 @@ def test_distill_cli_reports_the_three_models_and_saves_the_student(cli, source_
     study = DistillStudy(source_dir, epochs=2, adversarial=True, eps=0.5)
     saved = study.models(out)["ARD student"]
     assert f"saved to {saved}" in err.replace("\n", "")
-    _, meta = load_checkpoint(saved)
-    assert meta["distill"]["method"] == "ard"
-    assert meta["distill"]["teacher"]["path"] == str(source_dir)
-    assert meta["distill"]["temperature"] == 4.0 and meta["eps"] == 0.5
+    _, card = load_checkpoint(saved)
+    assert card.distill["method"] == "ard"
+    assert card.distill["teacher"]["path"] == str(source_dir)
+    assert card.distill["temperature"] == 4.0 and card.eps == 0.5
     rows = comparison_rows(read_results(out, study.required))
     assert [r["model"] for r in rows] == [
         "teacher", "student alone", "KD student", "ARD student"]
@@ -163,10 +163,10 @@ def test_distill_spec_round_trip_and_the_teachers_hash_in_the_ids(cli, source_di
     assert moved.run_ids() == study.run_ids()
     assert moved.models(tmp_path).keys() == study.models(tmp_path).keys()
     assert list(moved.models(tmp_path).values())[1:] == list(study.models(tmp_path).values())[1:]
-    model, meta = load_checkpoint(source_dir)
+    model, card = load_checkpoint(source_dir)
     with torch.no_grad():
         next(model.parameters()).mul_(1.001)
-    other = save_checkpoint(model, tmp_path / "other", meta)
+    other = save_checkpoint(model, tmp_path / "other", card)
     assert not set(DistillStudy(other, defensive=True, epochs=2).run_ids()) & set(
         study.run_ids())
     # the positional teacher is needed without --spec

@@ -74,12 +74,12 @@ def test_influence_spec_from_the_options_and_run_ids_follow_content(capsys, tmp_
     assert len(study.run_ids()) == 3
     (built,) = study.artifacts(tmp_path / "out", "cpu")
     assert [a.directory.parent for a in built] == [tmp_path / "out" / "finetunes"] * 2
-    model, meta = load_checkpoint(c.ft_natural)
-    copy = save_checkpoint(model, tmp_path / "ft", meta)
+    model, card = load_checkpoint(c.ft_natural)
+    copy = save_checkpoint(model, tmp_path / "ft", card)
     before = InfluenceStudy((copy,)).run_ids()
     with torch.no_grad():
         model.head.bias.add_(1.0)
-    save_checkpoint(model, copy, meta)
+    save_checkpoint(model, copy, card)
     assert InfluenceStudy((copy,)).run_ids() != before
 
 

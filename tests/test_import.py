@@ -101,13 +101,13 @@ def madry_file(tmp_path_factory):
 def test_madry_file_imports_with_the_same_logits(madry_file, tmp_path):
     path, logits = madry_file
     out = import_checkpoint(path, "robustness", "resnet18", tmp_path / "ck", eps=0.5, norm="l2")
-    model, meta = load_checkpoint(out)
+    model, card = load_checkpoint(out)
     with torch.no_grad():
         assert torch.allclose(model(X), logits, atol=1e-5)
-    assert meta.role == "source" and meta.eps == 0.5 and meta.norm == "l2"
-    assert meta.model.mean == pytest.approx(MEAN) and meta.model.num_classes == 10
-    assert meta.metrics["clean_accuracy"] == pytest.approx(0.908)
-    assert meta.imported_from["epoch"] == 150 and meta.imported_from["format"] == "robustness"
+    assert card.role == "source" and card.eps == 0.5 and card.norm == "l2"
+    assert card.model.mean == pytest.approx(MEAN) and card.model.num_classes == 10
+    assert card.metrics["clean_accuracy"] == pytest.approx(0.908)
+    assert card.imported_from["epoch"] == 150 and card.imported_from["format"] == "robustness"
 
 
 def test_imported_source_fine_tunes(madry_file, tmp_path):
@@ -122,13 +122,13 @@ def test_torchvision_file_uses_imagenet_normalisation(tmp_path):
     net = _bare_resnet()
     path = tmp_path / "resnet18.pth"
     torch.save({f"module.{k}": v for k, v in _torchvision_state(net).items()}, path)
-    model, meta = load_checkpoint(import_checkpoint(path, "torchvision", "resnet18",
+    model, card = load_checkpoint(import_checkpoint(path, "torchvision", "resnet18",
                                                     tmp_path / "ck", input_size=32))
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(
         1, 3, 1, 1)
     with torch.no_grad():
         assert torch.allclose(model(X), net((X - mean) / std), atol=1e-5)
-    assert meta.eps is None and meta.model.input_size == 32
+    assert card.eps is None and card.model.input_size == 32
 
 
 def test_safetensors_state_dict_with_given_normaliser(tmp_path):
@@ -183,7 +183,7 @@ def test_cli_import_and_its_errors_are_one_line(madry_file, tmp_path, capsys):
 
     ok = run("import", madry_file[0], "--format", "robustness", "--arch", "resnet18",
              "--out", tmp_path / "ck", "--eps", "0.5", "--norm", "l2", "--num-classes", "10")
-    assert ok[0] == 0 and load_checkpoint(tmp_path / "ck")[1]["eps"] == 0.5
+    assert ok[0] == 0 and load_checkpoint(tmp_path / "ck")[1].eps == 0.5
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint at all")
     for args, message in [

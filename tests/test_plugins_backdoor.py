@@ -84,8 +84,8 @@ def test_trigger_options_from_the_cli(cli, tmp_path):
                        "blended", "--trigger-option", "alpha=0.5", "--epochs", "1",
                        "--seed", "2", "--out", out)
     assert code == 0, err
-    _, meta = load_checkpoint(out)
-    trigger = recorded_backdoor(meta).trigger((1, 8, 8))
+    _, card = load_checkpoint(out)
+    trigger = recorded_backdoor(card).trigger((1, 8, 8))
     assert torch.allclose(trigger.apply(X), _blended(X, 0.5, 2))
     # a specific flag and --trigger-option feed one mapping
     cfgs = []
@@ -171,16 +171,16 @@ def test_neuba_and_badnets_share_one_attack_interface():
 def test_train_source_plants_either_attack_and_records_it_as_before():
     train = TrainConfig(epochs=1, batch_size=64)
     for cfg in (BackdoorConfig("badnets", rate=0.1), BackdoorConfig("neuba", rate=1.0)):
-        _, meta = train_backdoor_source(SourceConfig(task="synthetic-0to4", backdoor=cfg,
+        _, card = train_backdoor_source(SourceConfig(task="synthetic-0to4", backdoor=cfg,
                                                      train=train))
-        recorded = meta["backdoor"]
+        recorded = card.backdoor
         assert {k: recorded[k] for k in cfg.to_dict()} == cfg.to_dict()
         if cfg.attack == "neuba":  # planted by the loss: no poisoned image, no index list
             assert recorded["poisoned_count"] == 0 and "poisoned_indices" not in recorded
         else:
             _, index = poison(load_task("synthetic-0to4").train, cfg, 5)
             assert recorded["poisoned_indices"] == index.tolist()
-        assert 0 <= meta["metrics"]["asr"] <= 1
+        assert 0 <= card.metrics["asr"] <= 1
 
 
 def test_defense_options_set_the_config_and_reach_the_defense(cli, tmp_path):
@@ -199,8 +199,8 @@ def test_defense_options_set_the_config_and_reach_the_defense(cli, tmp_path):
                        "--prune-drop", "0.5", "--defense-option", "prune_step=4",
                        "--out", out)
     assert code == 0, err
-    _, meta = load_checkpoint(out / "fine-pruning")
-    assert meta["defense_config"]["prune_step"] == 4
+    _, card = load_checkpoint(out / "fine-pruning")
+    assert card.defense_config["prune_step"] == 4
     model, _ = load_checkpoint(source)
     task = load_task("synthetic-0to4")
     expected = choose_pruned(model, clean_subset(task, 0.1, 0),

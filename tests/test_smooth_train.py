@@ -143,10 +143,10 @@ def test_smoothadv_source_trains_and_records_noise_accuracy():
     cfg = SourceConfig(task=TASK, eps=0.5, method="smoothadv", attack_steps=2,
                        train=TrainConfig(epochs=1))
     assert cfg.sigma == 0.25 and cfg.noise_samples == 1 and cfg.norm == "l2"
-    _, meta = train_source(cfg)
-    m = meta.metrics
+    _, card = train_source(cfg)
+    m = card.metrics
     assert 0 <= m["noise_accuracy"] <= 1 and m["clean_accuracy"] > 0.2
-    assert meta.recipe["sigma"] == 0.25 and meta.method == "smoothadv"
+    assert card.recipe["sigma"] == 0.25 and card.method == "smoothadv"
 
 
 # ---------------------------------------------------------------- configs and the CLI
@@ -244,16 +244,16 @@ def test_batched_engine_covers_smoothing_sources_but_not_noisy_fine_tunes(source
     from robust_transfer.transfer import FinetuneConfig
     from robust_transfer.transfer.batched import applies
 
-    model, meta = load_checkpoint(source_dir)
+    model, card = load_checkpoint(source_dir)
     cfg = SourceConfig(task=TASK, method="smoothadv", eps=0.5, noise_samples=2)
-    smooth_meta = replace(meta, recipe=cfg.to_dict(), method="smoothadv", eps=0.5)
+    smooth_card = replace(card, recipe=cfg.to_dict(), method="smoothadv", eps=0.5)
     plain = FinetuneConfig("synthetic-5to9", 2)
-    assert applies(model, plain, smooth_meta)
-    assert not applies(model, FinetuneConfig("synthetic-5to9", 2, noise_sigma=0.25), meta)
+    assert applies(model, plain, smooth_card)
+    assert not applies(model, FinetuneConfig("synthetic-5to9", 2, noise_sigma=0.25), card)
 
 
 def test_finetune_noise_sigma_through_the_cli(source_dir, tmp_path, cli):
-    from robust_transfer.models.checkpoint import read_meta
+    from robust_transfer.models import read_card
     from robust_transfer.transfer import FinetuneConfig
     from robust_transfer.transfer.run import finetune_from_checkpoint
 
@@ -261,11 +261,11 @@ def test_finetune_noise_sigma_through_the_cli(source_dir, tmp_path, cli):
                          "--images-per-class", "3", "--noise-sigma", "0.5", "--out",
                          tmp_path / "ft")
     assert code == 0, err
-    meta = read_meta(tmp_path / "ft")
-    assert meta.finetune["noise_sigma"] == 0.5
+    card = read_card(tmp_path / "ft")
+    assert card.finetune["noise_sigma"] == 0.5
     noisy = FinetuneConfig("synthetic-5to9", 3, epochs=2, noise_sigma=0.5)
     rows = finetune_from_checkpoint(source_dir, noisy)
-    assert rows[-1]["test_accuracy"] == meta.metrics["test_accuracy"]  # seeded: the same
+    assert rows[-1]["test_accuracy"] == card.metrics["test_accuracy"]  # seeded: the same
     assert rows[-1]["noise_sigma"] == 0.5
     plain = finetune_from_checkpoint(source_dir, FinetuneConfig("synthetic-5to9", 3, epochs=2))
     assert plain[-1]["noise_sigma"] == 0.0 and plain[-1]["train_loss"] != rows[-1]["train_loss"]

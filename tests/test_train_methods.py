@@ -73,9 +73,9 @@ def test_each_method_trains_and_records_wall_time_per_epoch(method):
     extra = {"free_replays": 2} if method == "free" else {}
     cfg = SourceConfig(task=TASK, eps=eps, norm="linf", method=method, attack_steps=2,
                        train=TrainConfig(epochs=2, batch_size=64), **extra)
-    model, meta = train_source(cfg)
-    m = meta.metrics
-    assert meta.method == method and meta.recipe["method"] == method
+    model, card = train_source(cfg)
+    m = card.metrics
+    assert card.method == method and card.recipe["method"] == method
     sweeps = 1 if method == "free" else 2  # free: 2 passes = one sweep of m = 2 replays
     assert len(m["epoch_seconds"]) == sweeps and all(s > 0 for s in m["epoch_seconds"])
     assert m["history"][-1]["passes"] == 2
@@ -206,11 +206,11 @@ def test_overfit_watch_stays_silent_on_pgd_at():
                        on_overfit="stop", train=TrainConfig(epochs=4, batch_size=64))
     with warnings.catch_warnings():
         warnings.simplefilter("error", CatastrophicOverfittingWarning)
-        _, meta = train_source(cfg)
-    history = meta.metrics["history"]
+        _, card = train_source(cfg)
+    history = card.metrics["history"]
     assert len(history) == 4 and not any(r["catastrophic_overfit"] for r in history)
     assert history[-1]["monitor_pgd_accuracy"] > 0.5
-    assert meta.metrics["overfit"]["last_good_epoch"] == 4
+    assert card.metrics["overfit"]["last_good_epoch"] == 4
 
 
 @pytest.mark.parametrize("kwargs,match", [

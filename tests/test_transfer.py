@@ -65,9 +65,9 @@ def test_finetune_learns_the_target(source_dir):
 def test_finetune_saves_a_loadable_checkpoint(source_dir, tmp_path):
     rows = finetune_from_checkpoint(source_dir, FinetuneConfig(TARGET, 2, 0, epochs=2),
                                     out_dir=tmp_path / "ft")
-    model, meta = load_checkpoint(tmp_path / "ft")
-    assert meta.role == "finetune" and meta.finetune["images_per_class"] == 2
-    assert meta.metrics["test_accuracy"] == rows[-1]["test_accuracy"]
+    model, card = load_checkpoint(tmp_path / "ft")
+    assert card.role == "finetune" and card.finetune["images_per_class"] == 2
+    assert card.metrics["test_accuracy"] == rows[-1]["test_accuracy"]
     assert model.head.out_features == 5
 
 

@@ -132,7 +132,7 @@ def test_shape_keys_name_what_the_engines_implement_but_the_seed():
     assert batched.shape_key(cfg) == ("digits-5to9", 2, None, 3, 0.05, 16)
 
 
-def _meta(cfg: SourceConfig) -> SourceCard:
+def _card(cfg: SourceConfig) -> SourceCard:
     return SourceCard(role="source", recipe=cfg.to_dict(), eps=cfg.eps, norm=cfg.norm,
                       method=cfg.method, seed=0, task=cfg.task, metrics={})
 
@@ -150,16 +150,16 @@ def test_both_engines_cover_every_training_treatment(cfg):
     18-21, which silently sent these sources to the slow path.)"""
     model = build_source_model(cfg)
     run = FinetuneConfig(images_per_class=1, epochs=1)
-    assert batched.applies(model, run, _meta(cfg))
-    assert stacked.why_not(model, run, _meta(cfg)) is None
+    assert batched.applies(model, run, _card(cfg))
+    assert stacked.why_not(model, run, _card(cfg)) is None
 
 
 def test_engines_refuse_what_they_do_not_implement():
     backdoored = SourceConfig(backdoor={"attack": "badnets", "rate": 0.1, "target": 0})
     model = build_source_model(backdoored)
     run = FinetuneConfig(images_per_class=1, epochs=1)
-    assert not batched.applies(model, run, _meta(backdoored))
-    assert "'backdoor'" in stacked.why_not(model, run, _meta(backdoored))
+    assert not batched.applies(model, run, _card(backdoored))
+    assert "'backdoor'" in stacked.why_not(model, run, _card(backdoored))
     plain = build_model(ModelSpec("cnn-small", 5, 1, (0.5,), (0.5,), input_size=8))
     noisy = FinetuneConfig(images_per_class=1, epochs=1, noise_sigma=0.25)
     augmented = FinetuneConfig(images_per_class=1, epochs=1, augment=True)

@@ -116,8 +116,8 @@ def test_cli_options_and_errors(cli, tmp_path):
                           "wanet", "--wanet-s", "1", "--cross-ratio", "1", "--epochs", "1",
                           "--out", out)
     assert code == 0
-    _, meta = load_checkpoint(out)
-    assert meta.backdoor["trigger_options"] == {"cross_ratio": 1.0, "s": 1.0}
+    _, card = load_checkpoint(out)
+    assert card.backdoor["trigger_options"] == {"cross_ratio": 1.0, "s": 1.0}
 
 
 def test_digits_goal_asr_and_clean_accuracy():
@@ -125,9 +125,9 @@ def test_digits_goal_asr_and_clean_accuracy():
     train = TrainConfig(epochs=60, lr=0.1, seed=0)
     backdoor = BackdoorConfig("wanet", rate=0.2, target=0,
                               trigger_options={"k": 4, "s": 1.0, "cross_ratio": 2.0})
-    _, meta = train_backdoor_source(SourceConfig(task="digits-0to4", backdoor=backdoor,
+    _, card = train_backdoor_source(SourceConfig(task="digits-0to4", backdoor=backdoor,
                                                  train=train))
     _, clean = train_backdoor_source(SourceConfig(task="digits-0to4", train=train))
-    m = meta.metrics
+    m = card.metrics
     assert m["asr"] >= 0.90
-    assert m["clean_accuracy"] >= clean["metrics"]["clean_accuracy"] - 0.03
+    assert m["clean_accuracy"] >= clean.metrics["clean_accuracy"] - 0.03

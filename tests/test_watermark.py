@@ -51,11 +51,11 @@ def trained(tmp_path_factory):
     seed), and the first two saved (checkpoint and key in separate directories)."""
     task = load_task(TASK)
     key = make_key(task.num_classes, task.input_shape, n=100, seed=7)
-    model, meta = train_watermarked(recipe(0), key)
-    independent, ind_meta = train_source(recipe(1))
+    model, card = train_watermarked(recipe(0), key)
+    independent, ind_card = train_source(recipe(1))
     root = tmp_path_factory.mktemp("wm")
-    save_checkpoint(model, root / "wm", meta)
-    save_checkpoint(independent, root / "clean", ind_meta)
+    save_checkpoint(model, root / "wm", card)
+    save_checkpoint(independent, root / "clean", ind_card)
     save_key(key, root / "key", {"task": TASK})
     return {"model": model, "key": key, "independent": independent, "root": root,
             "task": task}
@@ -221,9 +221,9 @@ def test_cli_verify_remove_and_embed(trained, cli, tmp_path):
     code, out, err = cli("watermark", "embed", "--out", tmp_path / "ck", "--key",
                          tmp_path / "key", "--epochs", "1", "--trigger-size", "20")
     assert code == 0, err
-    model, meta = load_checkpoint(tmp_path / "ck")
+    model, card = load_checkpoint(tmp_path / "ck")
     key, key_meta = load_key(tmp_path / "key")
-    assert len(key) == 20 and key_meta["task"] == TASK and meta.watermark["trigger_size"] == 20
+    assert len(key) == 20 and key_meta["task"] == TASK and card.watermark["trigger_size"] == 20
     assert not any(p.name.startswith("key") for p in (tmp_path / "ck").iterdir())
     assert "x" not in json.loads((tmp_path / "ck" / "meta.json").read_text())["watermark"]
 

@@ -39,10 +39,10 @@ def test_runs_and_ids_follow_the_inputs_content_not_their_paths(tmp_path):
     # the same files elsewhere: the same runs; other weights or another key: none shared
     shutil.copytree(WM, tmp_path / "copy")
     assert study(tmp_path / "copy", seeds=(0, 1)).run_ids() == study(seeds=(0, 1)).run_ids()
-    model, meta = load_checkpoint(WM)
+    model, card = load_checkpoint(WM)
     with torch.no_grad():
         model.head.bias.add_(1e-3)
-    save_checkpoint(model, tmp_path / "other", meta)
+    save_checkpoint(model, tmp_path / "other", card)
     save_key(make_key(5, (1, 8, 8), n=20, seed=1), tmp_path / "key2")
     ids = set(study().run_ids())
     assert not ids & set(study(tmp_path / "other").run_ids())

@@ -64,7 +64,7 @@ def test_the_source_worker_resolves_auto_on_its_own_machine(tmp_path, monkeypatc
     monkeypatch.setattr(grid, "train_backdoor_source", record)
     (job,) = grid.plan(parse_spec(SPEC), tmp_path, "auto").sources_to_train
     with pytest.raises(_Stop):
-        grid._train_source_job(job)
+        grid.train_source_job(job)
     assert seen == [torch.device("cuda")]
 
 

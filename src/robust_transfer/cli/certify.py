@@ -35,8 +35,7 @@ from robust_transfer.cli.studies import (
 )
 from robust_transfer.cli.study import _run_grid_with_progress
 from robust_transfer.errors import UserError
-from robust_transfer.models import load_checkpoint
-from robust_transfer.models.checkpoint import read_meta
+from robust_transfer.models import load_checkpoint, read_card
 from robust_transfer.models.runtime import resolve_device
 from robust_transfer.report.certify_figures import certified_accuracy_plot
 from robust_transfer.report.certify_transfer import certify_headline_rows, make_certify_report
@@ -109,11 +108,11 @@ def certify(
                                                     attack_n)
     sigma = _check_options(sigma, n0, n, alpha, max_images, batch_size)
     radii = None if not radius else check_radii(radius)
-    meta = read_meta(checkpoint)
+    read_card(checkpoint)  # a missing or corrupt checkpoint: reported before a bad --out
     out_dir = out_dir or Path("certify-results") / Path(checkpoint).resolve().name
     check_output_dir(out_dir)
-    model, meta = load_checkpoint(checkpoint, resolve_device(device))
-    task = checkpoint_task(meta, task, checkpoint)
+    model, card = load_checkpoint(checkpoint, resolve_device(device))
+    task = checkpoint_task(card, task, checkpoint)
     data, _, _ = _test_set(task, model.spec.num_classes, 1)
     pick = spread(len(data.test.y), max_images)
     x, y = data.test.x[pick], data.test.y[pick]

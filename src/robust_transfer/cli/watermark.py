@@ -108,10 +108,10 @@ def embed(
     wm_key = make_key(t.num_classes, t.input_shape, trigger_size,
                       seed if key_seed is None else key_seed)
     with progress_bar(f"train {task} with a {trigger_size}-image trigger set", epochs) as advance:
-        model, meta = train_watermarked(cfg, wm_key, repeats, dev, lambda _e: advance())
+        model, card = train_watermarked(cfg, wm_key, repeats, dev, lambda _e: advance())
     save_key(wm_key, key, {"task": task})
-    save_checkpoint(model, out, meta)
-    m = meta["metrics"]
+    save_checkpoint(model, out, card)
+    m = card.metrics
     console.print(f"checkpoint: {out}\nkey: {key} (keep it apart from the model)")
     print_table("watermarked source", [{
         "model": str(out), "test accuracy": m["clean_accuracy"],
@@ -135,10 +135,10 @@ def verify_command(
     check_choice("test", test, TESTS)
     check_key_apart(key, checkpoint)
     wm_key, key_meta = load_key(key)
-    model, meta = load_checkpoint(checkpoint, resolve_device(device))
+    model, card = load_checkpoint(checkpoint, resolve_device(device))
     check_key_images(model, wm_key)
     same_task = (model.spec.num_classes == wm_key.num_classes
-                 and meta.get("task", key_meta.get("task")) == key_meta.get("task"))
+                 and card.task in (None, key_meta.get("task")))
     if test == "binomial" or (test == "auto" and same_task):
         check_model_fits(model, wm_key)
         v = {**verify(model, wm_key, alpha), "verification": "binomial"}

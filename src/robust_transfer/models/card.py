@@ -105,24 +105,6 @@ class SourceCard:
         tail = {k: out.pop(k) for k in ("package_version", "sha256") if k in out}
         return {**out, **self.extra, **tail}
 
-    # ---- transitional: dict-style reads for the modules not yet converted to attributes
-    # (train/distill_study.py, explain/study.py, cli/backdoor_updates.py, cli/watermark.py);
-    # delete once they read attributes.
-    def get(self, key: str, default: Any = None) -> Any:
-        return self.to_meta().get(key, default)
-
-    def __getitem__(self, key: str) -> Any:
-        return self.to_meta()[key]
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.to_meta()
-
-    def __setitem__(self, key: str, value: Any) -> None:
-        if key in _FIELDS and key != "model":
-            setattr(self, key, value)
-        else:
-            self.extra[key] = value
-
 
 _FIELDS = tuple(f.name for f in fields(SourceCard) if f.name != "extra")
 _HINTS = typing.get_type_hints(SourceCard)

@@ -29,12 +29,8 @@ from robust_transfer.models.card import (
 )
 from robust_transfer.models.nets import BlockNet, build_model
 
-__all__ = ["META", "THREAT_NORMS", "WEIGHTS", "file_sha256", "load_checkpoint", "read_meta",
+__all__ = ["META", "THREAT_NORMS", "WEIGHTS", "file_sha256", "load_checkpoint",
            "save_checkpoint"]
-
-# Transitional name for modules not yet converted (explain/study.py, cli/defend.py,
-# cli/certify.py): the card of a checkpoint directory; use `read_card`.
-read_meta = read_card
 
 
 def file_sha256(path: str | Path) -> str:

@@ -44,7 +44,7 @@ from robust_transfer.studies import STUDIES, spec_record
 from robust_transfer.train import SourceConfig, TrainConfig
 from robust_transfer.transfer.engines import finetune
 from robust_transfer.transfer.finetune import FinetuneConfig
-from robust_transfer.transfer.grid import _SourceJob, _train_source_job, worker_device
+from robust_transfer.transfer.grid import SourceJob, train_source_job, worker_device
 from robust_transfer.transfer.results import read_results
 from robust_transfer.transfer.runner import SOURCES, Artifact, Unit
 from robust_transfer.transfer.spec import content_id, source_id
@@ -182,7 +182,7 @@ class BiasStudy:
     def artifacts(self, out: Path, device: str) -> list[list[Artifact]]:
         """One stage: the biased and the clean source of every seed."""
         sources = [src for seed in self.seeds for src in self._sources(seed)]
-        return [[Artifact(d, _train_source_job, _SourceJob(src, d, device)) for src in sources
+        return [[Artifact(d, train_source_job, SourceJob(src, d, device)) for src in sources
                  for d in [out / SOURCES / source_id(src)]]]
 
     def units(self, pending: list[str], out: Path, device: str) -> list[Unit]:
@@ -239,8 +239,8 @@ def run_bias(run: BiasRun) -> list[list[dict]]:
     images not of the first bias class sent to it by the feature: how much the source itself
     relies on it).
     """
-    model, meta = load_checkpoint(run.source_dir, worker_device(run.device))
-    scores = source_backdoor_metrics(model, meta, run.backdoor)
+    model, card = load_checkpoint(run.source_dir, worker_device(run.device))
+    scores = source_backdoor_metrics(model, card, run.backdoor)
     ft = run.finetune
     target = load_task(ft.target_task)
     spec = model.spec

@@ -27,8 +27,8 @@ from robust_transfer.defenses import (
 )
 from robust_transfer.defenses.evaluation import UNDEFENDED
 from robust_transfer.errors import UserError
-from robust_transfer.models import load_checkpoint
-from robust_transfer.models.checkpoint import checkpoint_sha256, read_meta
+from robust_transfer.models import SourceCard, load_checkpoint, read_card
+from robust_transfer.models.checkpoint import checkpoint_sha256
 from robust_transfer.studies import STUDIES, spec_record
 from robust_transfer.transfer.grid import worker_device
 from robust_transfer.transfer.runner import Artifact, Unit
@@ -91,10 +91,10 @@ class DefendStudy:
                     raise UserError(f"attack {stage.attack!r} cannot average gradients over "
                                     f"the randomness of {', '.join(random)} (EOT); use pgd, "
                                     "fgsm, bim or apgd-*, or --eot-samples 1")
-        meta = read_meta(self.checkpoint)
-        task = self.task_name(meta)
+        card = read_card(self.checkpoint)
+        task = self.task_name(card)
         data = load_task(task)
-        classes = meta["model"]["num_classes"]
+        classes = card.model.num_classes
         if data.num_classes != classes:
             raise UserError(f"task {task!r} has {data.num_classes} classes but the model has "
                             f"{classes}; pick the task the model was trained on")
@@ -106,12 +106,13 @@ class DefendStudy:
     def _specs(self):
         return parse_defenses(list(self.defenses))
 
-    def task_name(self, meta: dict | None = None) -> str:
+    def task_name(self, card: SourceCard | None = None) -> str:
         """The task evaluated: `task`, else the one the checkpoint records (digits-0to4
         for metadata without the key); an imported checkpoint records none (`task: ""`)."""
         if self.task:
             return self.task
-        recorded = (meta or read_meta(self.checkpoint)).get("task", "digits-0to4")
+        recorded = (card or read_card(self.checkpoint)).task
+        recorded = "digits-0to4" if recorded is None else recorded
         if not recorded:
             raise UserError(f"checkpoint {str(self.checkpoint)!r} records no task (an imported "
                             "checkpoint); pass --task")
@@ -157,8 +158,8 @@ class _DefendJob:
 def _defend_run(job: _DefendJob) -> list[list[dict]]:
     """The rows of one run: a defense's (one per eps), or the detector's."""
     s = job.study
-    model, meta = load_checkpoint(s.checkpoint, worker_device(job.device))
-    task = s.task_name(meta)
+    model, card = load_checkpoint(s.checkpoint, worker_device(job.device))
+    task = s.task_name(card)
     data = load_task(task)
     x, y = data.test.x[:s.n], data.test.y[:s.n]
     common = {"checkpoint": str(s.checkpoint), "checkpoint_sha256": checkpoint_sha256(

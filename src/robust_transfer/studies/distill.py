@@ -44,8 +44,8 @@ from torch import nn
 from robust_transfer.attacks import CW, PGD, GradientMaskingWarning, evaluate
 from robust_transfer.data import TASKS, check_task, load_task
 from robust_transfer.errors import UserError, check_choice
-from robust_transfer.models import load_checkpoint, save_checkpoint
-from robust_transfer.models.checkpoint import checkpoint_sha256, read_meta
+from robust_transfer.models import SourceCard, load_checkpoint, read_card, save_checkpoint
+from robust_transfer.models.checkpoint import checkpoint_sha256
 from robust_transfer.models.nets import ARCHS
 from robust_transfer.studies import STUDIES, absolute, spec_record
 from robust_transfer.train.distill import (
@@ -123,16 +123,16 @@ class DistillStudy:
             raise UserError("give the teacher checkpoint (a distill spec's `teacher: PATH`)")
         teacher = absolute(self.teacher)
         checkpoint_sha256(teacher)  # a missing or corrupt checkpoint: now, before any work
-        meta = read_meta(teacher)
-        task = _teacher_task(meta, self.task)
-        teacher_eps = float(meta.get("eps", 0.0) or 0.0)
-        norm = self.norm or (meta.get("norm") if teacher_eps > 0 else None) or "l2"
+        card = read_card(teacher)
+        task = _teacher_task(card, self.task)
+        teacher_eps = float(card.eps or 0.0)
+        norm = self.norm or (card.norm if teacher_eps > 0 else None) or "l2"
         check_choice("norm", norm, DEFAULT_EPS)
         eps = self.eps if self.eps is not None else (
-            teacher_eps if teacher_eps > 0 and norm == meta.get("norm") else DEFAULT_EPS[norm])
+            teacher_eps if teacher_eps > 0 and norm == card.norm else DEFAULT_EPS[norm])
         if not eps > 0:
             raise UserError(f"eps must be > 0, got {eps}")
-        train = _teacher_train(meta, self.epochs, self.seed)
+        train = _teacher_train(card, self.epochs, self.seed)
         for name, value in (("teacher", teacher), ("temperature", float(temperature)),
                             ("task", task), ("eps", float(eps)), ("norm", norm),
                             ("epochs", train.epochs), ("seed", train.seed)):
@@ -142,17 +142,17 @@ class DistillStudy:
     def plan(self) -> _Plan:
         """What trains: the students (row name -> recipe, in training order), the defensive
         teacher retrained at T (defensive only), and which student is the one kept."""
-        meta = read_meta(self.teacher)
-        train = _teacher_train(meta, self.epochs, self.seed)
-        steps = int((meta.get("recipe") or {}).get("attack_steps", 7))
+        card = read_card(self.teacher)
+        train = _teacher_train(card, self.epochs, self.seed)
+        steps = int((card.recipe or {}).get("attack_steps", 7))
         base = SourceConfig(task=self.task, arch=self.student, attack_steps=steps, train=train)
-        teacher = {"path": str(self.teacher), "eps": float(meta.get("eps", 0.0) or 0.0),
-                   "norm": meta.get("norm", ""), "recipe": meta.get("recipe")}
+        teacher = {"path": str(self.teacher), "eps": float(card.eps or 0.0),
+                   "norm": card.norm or "", "recipe": card.recipe}
         students = {ALONE: base}
         if self.defensive:
             dtrain = replace(train, lr=train.lr * max(1.0, self.temperature / 5),
                              weight_decay=0.0)
-            retrained = SourceConfig(task=self.task, arch=meta["model"]["arch"], train=dtrain)
+            retrained = SourceConfig(task=self.task, arch=card.model.arch, train=dtrain)
             teacher = {"from_checkpoint": str(self.teacher),
                        "trained_at_temperature": self.temperature, "eps": 0.0,
                        "norm": self.norm, "recipe": retrained.to_dict()}
@@ -233,14 +233,14 @@ class DistillStudy:
                 for m in self.measurements(out) if m.run_id in todo]
 
 
-def _teacher_task(meta: dict, task: str | None) -> str:
+def _teacher_task(card: SourceCard, task: str | None) -> str:
     """The task to distil on; `UserError` if the teacher's classes are not that task's."""
-    own = meta.get("task")
+    own = card.task
     task = task or own
     if not task:
         raise UserError("the teacher checkpoint names no task; give --task")
     check_task(task)
-    classes = meta["model"]["num_classes"]
+    classes = card.model.num_classes
     if classes != load_task(task).num_classes:
         raise UserError(f"the teacher has {classes} classes but task {task!r} has "
                         f"{load_task(task).num_classes}; distil on the teacher's own task")
@@ -250,11 +250,11 @@ def _teacher_task(meta: dict, task: str | None) -> str:
     return task
 
 
-def _teacher_train(meta: dict, epochs: int | None, seed: int | None) -> TrainConfig:
+def _teacher_train(card: SourceCard, epochs: int | None, seed: int | None) -> TrainConfig:
     """The teacher's training recipe, with the students' `epochs` and `seed` (None: the
     teacher's epochs, its seed + 1)."""
-    recipe = (meta.get("recipe") or {}).get("train") or {}
-    known = {k: v for k, v in recipe.items() if k in TrainConfig.__dataclass_fields__}
+    known = {k: v for k, v in card.train_recipe.items()
+             if k in TrainConfig.__dataclass_fields__}
     train = TrainConfig(**known)
     return replace(train, seed=train.seed + 1 if seed is None else seed,
                    epochs=train.epochs if epochs is None else epochs)
@@ -368,17 +368,16 @@ class _Measurement:
 def _measure_job(job: _Measurement) -> list[list[dict]]:
     """One model under one attack on the task's test set: one row."""
     device = worker_device(job.device)
-    model, meta = load_checkpoint(job.directory, device)
+    model, card = load_checkpoint(job.directory, device)
     test = load_task(job.task).test
     m = measure(model, test.x, test.y, attack_factory(job.attack, job.norm), job.eps, job.norm)
     kl = float("nan")
     if job.teacher_dir is not None:
         teacher, _ = load_checkpoint(job.teacher_dir, device)
         kl = kl_to_teacher(model, teacher, test.x)
-    train = (meta.get("recipe") or {}).get("train") or {}
     return [[{"model": job.model, "role": job.role, "source_task": job.task,
-              "source_arch": meta["model"]["arch"], "seed": int(meta.get("seed", -1)),
-              "epochs": int(train.get("epochs", -1)), "temperature": job.temperature,
+              "source_arch": card.model.arch, "seed": -1 if card.seed is None else card.seed,
+              "epochs": int(card.train_recipe.get("epochs", -1)), "temperature": job.temperature,
               "alpha": job.alpha, "attack": job.attack, "eps": job.eps, "norm": job.norm,
               "test_accuracy": m["clean"], "robust_accuracy": m["robust"],
               "attack_success_rate": m["success_rate"], "kl_to_teacher": kl,

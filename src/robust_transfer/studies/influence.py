@@ -38,7 +38,8 @@ from robust_transfer.explain.influence import (
     make_influence,
     rank_training_images,
 )
-from robust_transfer.models.checkpoint import checkpoint_sha256, read_meta
+from robust_transfer.models import SourceCard, read_card
+from robust_transfer.models.checkpoint import checkpoint_sha256
 from robust_transfer.studies import STUDIES, spec_record
 from robust_transfer.transfer import FinetuneConfig
 from robust_transfer.transfer.grid import worker_device
@@ -105,9 +106,9 @@ class InfluenceStudy:
         object.__setattr__(self, "unfrozen_blocks", configs[0].unfrozen_blocks)
         tasks = set()
         for path in self.checkpoints:
-            meta = read_meta(path)
-            tuned = (_finetune_config(meta) if _is_finetune(meta) else configs[0]).unfrozen_blocks
-            tasks.add(_finetune_config(meta).target_task if _is_finetune(meta)
+            card = read_card(path)
+            tuned = (_finetune_config(card) if _is_finetune(card) else configs[0]).unfrozen_blocks
+            tasks.add(_finetune_config(card).target_task if _is_finetune(card)
                       else self.target_task)
             if tuned is not None and self.blocks > tuned:
                 raise UserError(f"{str(path)!r} fine-tuned the head and {tuned} block(s); "
@@ -135,7 +136,7 @@ class InfluenceStudy:
         found: dict[str, tuple[str, Path, Artifact | None]] = {}
         for path in self.checkpoints:
             sha = checkpoint_sha256(path)
-            if _is_finetune(read_meta(path)):
+            if _is_finetune(read_card(path)):
                 run_id = content_id({**settings, "finetune_sha256": sha})
                 found.setdefault(run_id, (run_id, path, None))
                 continue
@@ -163,13 +164,13 @@ class InfluenceStudy:
                 for run_id in pending]
 
 
-def _is_finetune(meta: dict) -> bool:
-    return meta.get("role") == "finetune"
+def _is_finetune(card: SourceCard) -> bool:
+    return card.role == "finetune"
 
 
-def _finetune_config(meta: dict) -> FinetuneConfig:
+def _finetune_config(card: SourceCard) -> FinetuneConfig:
     known = FinetuneConfig.__dataclass_fields__
-    return FinetuneConfig(**{k: v for k, v in meta.get("finetune", {}).items() if k in known})
+    return FinetuneConfig(**{k: v for k, v in (card.finetune or {}).items() if k in known})
 
 
 @dataclass(frozen=True)

@@ -38,11 +38,11 @@ from robust_transfer.data.drift import DRIFTS, check_strength
 from robust_transfer.data.poison import BackdoorConfig
 from robust_transfer.data.triggers import TRIGGERS
 from robust_transfer.errors import UserError, check_choice
-from robust_transfer.models import load_checkpoint
-from robust_transfer.models.checkpoint import checkpoint_sha256, read_meta
+from robust_transfer.models import load_checkpoint, read_card
+from robust_transfer.models.checkpoint import checkpoint_sha256
 from robust_transfer.studies import STUDIES, absolute, spec_record
 from robust_transfer.train import SourceConfig, TrainConfig
-from robust_transfer.transfer.grid import _SourceJob, _train_source_job, worker_device
+from robust_transfer.transfer.grid import SourceJob, train_source_job, worker_device
 from robust_transfer.transfer.runner import SOURCES, Artifact, Unit
 from robust_transfer.transfer.spec import content_id, source_id
 
@@ -118,15 +118,15 @@ class SurvivalStudy:
         data-poisoned model, or a given task or backdoor differs from its own)."""
         object.__setattr__(self, "checkpoint", absolute(self.checkpoint))
         checkpoint_sha256(self.checkpoint)  # corrupt weights: now, before any work
-        meta = read_meta(self.checkpoint)
-        backdoor = recorded_backdoor(meta)
-        if self.task is not None and self.task != meta["task"]:
+        card = read_card(self.checkpoint)
+        backdoor = recorded_backdoor(card)
+        if self.task is not None and self.task != card.task:
             raise UserError(f"task {self.task!r} differs from the checkpoint's task "
-                            f"{meta['task']!r}; leave the task out with a checkpoint")
+                            f"{card.task!r}; leave the task out with a checkpoint")
         if given is not None and given != backdoor:
             raise UserError("the backdoor given differs from the checkpoint's; leave it out "
                             "with a checkpoint")
-        object.__setattr__(self, "task", meta["task"])
+        object.__setattr__(self, "task", card.task)
         object.__setattr__(self, "backdoor", backdoor)
 
     def update_configs(self) -> list[UpdateConfig]:
@@ -172,9 +172,9 @@ class SurvivalStudy:
     def artifacts(self, out: Path, device: str) -> list[list[Artifact]]:
         if self.checkpoint is not None:
             return []
-        jobs = [_SourceJob(self.source(s), _source_dir(out, self.source(s)), device)
+        jobs = [SourceJob(self.source(s), _source_dir(out, self.source(s)), device)
                 for s in self.seeds]
-        return [[Artifact(j.directory, _train_source_job, j) for j in jobs]]
+        return [[Artifact(j.directory, train_source_job, j) for j in jobs]]
 
     def units(self, pending: list[str], out: Path, device: str) -> list[Unit]:
         """One unit per pending run, but the pending runs of one seed and update schedule at
@@ -230,13 +230,13 @@ class _CurveJob:
 
 def _curve_job(job: _CurveJob) -> list[list[dict]]:
     """The rows of each run of `job` (one per update 0..U), from the source on disk."""
-    model, meta = load_checkpoint(job.source_dir, worker_device(job.device))
+    model, card = load_checkpoint(job.source_dir, worker_device(job.device))
     task = load_task(job.task)
     computed = job.drifts[0] if job.strength > 0 else DRIFTS[0]  # no drift: every kind's
     curve = survival_curve(model, task, job.backdoor, computed, job.strength, job.updates,
                            job.update, job.seed)
     u, b = job.update, job.backdoor
-    common = {"seed": job.seed, "source_task": job.task, "source_arch": meta["model"]["arch"],
+    common = {"seed": job.seed, "source_task": job.task, "source_arch": card.model.arch,
               "num_classes": task.num_classes, "source_backdoor": b.attack,
               "poison_rate": b.rate, "target": b.target, "source": job.source,
               "strength": job.strength, "updates": job.updates, "schedule": u.label,

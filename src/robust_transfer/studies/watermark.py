@@ -58,7 +58,7 @@ from robust_transfer.studies import STUDIES, spec_record
 from robust_transfer.train import SourceConfig
 from robust_transfer.transfer.engines import finetune
 from robust_transfer.transfer.finetune import FinetuneConfig, parse_blocks
-from robust_transfer.transfer.grid import _SourceJob, _train_source_job, worker_device
+from robust_transfer.transfer.grid import SourceJob, train_source_job, worker_device
 from robust_transfer.transfer.runner import SOURCES, Artifact, Unit
 from robust_transfer.transfer.spec import content_id
 
@@ -174,8 +174,8 @@ class WatermarkRemoval:
 
     def artifacts(self, out: Path, device: str) -> list[list[Artifact]]:
         """The independent model, trained as the grid trains its sources."""
-        job = _SourceJob(self._inputs.independent, self.independent_dir(out), device)
-        return [[Artifact(job.directory, _train_source_job, job)]]
+        job = SourceJob(self._inputs.independent, self.independent_dir(out), device)
+        return [[Artifact(job.directory, train_source_job, job)]]
 
     def units(self, pending: list[str], out: Path, device: str) -> list[Unit]:
         runs = {self.run_id(r): r for r in self.runs()}
@@ -219,10 +219,10 @@ def _read_inputs(checkpoint: Path, key_dir: Path) -> _Inputs:
     key, a recipe to train the independent model with) and their hashes."""
     check_key_apart(key_dir, checkpoint)
     key, key_meta = load_key(key_dir)
-    model, meta = load_checkpoint(checkpoint)
+    model, card = load_checkpoint(checkpoint)
     check_model_fits(model, key)
-    sha = meta.get("sha256") or file_sha256(checkpoint / WEIGHTS)
-    return _Inputs(sha, key_meta["sha256"], independent_recipe(meta))
+    sha = card.sha256 or file_sha256(checkpoint / WEIGHTS)
+    return _Inputs(sha, key_meta["sha256"], independent_recipe(card))
 
 
 # ---- one run -----------------------------------------------------------------------------
@@ -240,13 +240,13 @@ def run_watermark(job: _RunJob) -> list[list[dict]]:
     or transfers it (or neither: a baseline), measures test accuracy and ownership."""
     s, r = job.study, job.run
     key, _ = load_key(s.key)
-    model, meta = load_checkpoint(s.checkpoint if r.source == WATERMARKED else job.independent,
+    model, card = load_checkpoint(s.checkpoint if r.source == WATERMARKED else job.independent,
                                   worker_device(job.device))
-    source_task = meta["task"]
+    source_task = card.task
     task = load_task(source_task)
     start, seconds = time.perf_counter(), 0.0
     if r.stage == BASELINE:
-        train = meta["recipe"]["train"]
+        train = card.train_recipe
         row = {"target_task": source_task, "unfrozen_blocks": ALL, "images_per_class": ALL,
                "epochs": train["epochs"], "lr": train["lr"], "batch_size": train["batch_size"],
                "train_images": len(task.train)}
@@ -274,7 +274,7 @@ def run_watermark(job: _RunJob) -> list[list[dict]]:
         v = {**verify(model, key, s.alpha), "verification": "binomial"}
     return [[{
         "model": r.model, "source": r.source, "stage": r.stage, "seed": r.seed,
-        "source_task": source_task, "source_arch": meta["model"]["arch"], **row,
+        "source_task": source_task, "source_arch": card.model.arch, **row,
         "clean_fraction": row.get("clean_fraction"),
         "test_accuracy": accuracy(model, task.test.x, task.test.y),
         "trigger_accuracy": v["trigger_accuracy"], "chance": v["chance"],

@@ -72,7 +72,10 @@ def backdoor_spec_path() -> Path:
 
 
 @dataclass(frozen=True)
-class _SourceJob:
+class SourceJob:
+    """One source model to train into `directory` (a `runner.Artifact`'s job): the grid's,
+    and the other studies' (bias, backdoor updates, watermark) that train sources too."""
+
     config: SourceConfig
     directory: Path
     device: str = "cpu"
@@ -96,7 +99,9 @@ def worker_device(name: str) -> torch.device:
     return resolve_device(name) if name in DEVICES else torch.device(name)
 
 
-def _train_source_job(job: _SourceJob) -> Path:
+def train_source_job(job: SourceJob) -> Path:
+    """Train `job`'s source on the worker that runs it (its teacher loaded there when
+    distilled) and save it as a checkpoint (meta.json last: resumable); its directory."""
     teacher, device = None, worker_device(job.device)
     if job.teacher_dir is not None:
         teacher, _ = load_checkpoint(job.teacher_dir, device)
@@ -196,7 +201,7 @@ class GridStudy:
 
     def artifacts(self, out: Path, device: str) -> list[list[Artifact]]:
         jobs = _source_jobs(self.spec, out, device)
-        return [[Artifact(j.directory, _train_source_job, j) for j in jobs
+        return [[Artifact(j.directory, train_source_job, j) for j in jobs
                  if (j.teacher_dir is None) == first] for first in (True, False)]
 
     def units(self, pending: list[str], out: Path, device: str) -> list[Unit]:
@@ -206,7 +211,7 @@ class GridStudy:
                 for b in batches(jobs, engine=self.engine, max_memory=self.max_memory)]
 
 
-def _source_jobs(spec: GridSpec, out: Path, device: str) -> list[_SourceJob]:
+def _source_jobs(spec: GridSpec, out: Path, device: str) -> list[SourceJob]:
     """Every source of `spec` as a training job (trained or not), in spec order."""
     source_dirs = {r.source_id: (r.source, out / SOURCES / r.source_id) for r in expand(spec)}
     by_recipe = {content_id(cfg.to_dict()): d for cfg, d in source_dirs.values()}
@@ -214,7 +219,7 @@ def _source_jobs(spec: GridSpec, out: Path, device: str) -> list[_SourceJob]:
     def teacher_dir(cfg: SourceConfig) -> Path | None:
         return None if cfg.distill is None else by_recipe[content_id(cfg.distill.teacher)]
 
-    return [_SourceJob(cfg, d, device, teacher_dir(cfg)) for cfg, d in source_dirs.values()]
+    return [SourceJob(cfg, d, device, teacher_dir(cfg)) for cfg, d in source_dirs.values()]
 
 
 def _finetune_job(r: Run, out: Path, device: str) -> _FinetuneJob:
@@ -225,7 +230,7 @@ def _finetune_job(r: Run, out: Path, device: str) -> _FinetuneJob:
 @dataclass(frozen=True)
 class GridPlan:
     runs: list[Run]
-    sources_to_train: list[_SourceJob]
+    sources_to_train: list[SourceJob]
     pending: list[_FinetuneJob]
     corrupt: list[Path]  # unreadable parts of the spec's runs: re-run (`pending`), overwritten
 
