@@ -242,8 +242,8 @@ def test_save_spec_then_spec_runs_the_study_the_options_build(cli, tmp_path):
 
 
 @pytest.mark.parametrize("bad, match", [
-    ({"seeds": 2}, "option seeds must be tuple"),
-    ({"arch": "cnn-small"}, "unknown option(s) arch"),
+    ({"seeds": 2}, "key seeds must be tuple"),
+    ({"arch": "cnn-small"}, "unknown key(s) arch"),
     ({"modes": ["partial"]}, "unknown mode 'partial'"),
 ])
 def test_spec_errors_name_the_key(bad, match):

@@ -299,7 +299,7 @@ def test_defend_spec_runs_resumably_and_report_redraws(checkpoint, tmp_path, cli
 @pytest.mark.parametrize("args, match", [
     (["--defense", "median"], "error: give a checkpoint directory (or --spec FILE)"),
     (["{ckpt}"], "error: give --defense (or --spec FILE)"),
-    (["--spec", "{bad}"], "error: unknown option(s) defence for defend spec"),
+    (["--spec", "{bad}"], "error: unknown key(s) defence for defend spec"),
     (["--spec", "{grid}"], "is a grid spec, not a defend spec"),
 ])
 def test_defend_spec_bad_input_exits_2(checkpoint, tmp_path, capsys, args, match):

@@ -61,7 +61,7 @@ def test_runs_and_ids_follow_the_inputs_content_not_their_paths(tmp_path):
     ({"clean_fraction": 0.0}, "clean fraction"),
     ({"target_task": "digits-0to9x"}, "digits-0to9x"),
     ({"transfer_epochs": "3"}, "transfer_epochs must be int"),
-    ({"checkpont": "x"}, "unknown option"),
+    ({"checkpont": "x"}, "unknown key"),
     ({"checkpoint": "nowhere"}, "nowhere"),
     ({"key": "/no/such/key"}, "no watermark key"),
 ])

@@ -92,20 +92,22 @@ def _describe(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
-def build_options(cls: type[T], values: Mapping[str, Any], what: str) -> T:
+def build_options(cls: type[T], values: Mapping[str, Any], what: str,
+                  noun: str = "option") -> T:
     """`cls(**values)` for an options dataclass, with an unknown key or a value of the wrong
-    type a `UserError` naming `what` (e.g. "trigger 'blended'") and what it takes."""
+    type a `UserError` naming `what` (e.g. "trigger 'blended'") and what it takes; `noun`:
+    what a field is called there ("option"; a spec's "key")."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
         allowed = ", ".join(fields) or "none"
-        raise UserError(f"unknown option(s) {', '.join(unknown)} for {what}; "
+        raise UserError(f"unknown {noun}(s) {', '.join(unknown)} for {what}; "
                         f"allowed: {allowed}")
     hints = typing.get_type_hints(cls)
     checked = {}
     for key, value in values.items():
         if not _allows(hints[key], value):
-            raise UserError(f"{what} option {key} must be {_describe(hints[key])}, "
+            raise UserError(f"{what} {noun} {key} must be {_describe(hints[key])}, "
                             f"got {value!r}")
         checked[key] = _coerce(hints[key], value)
     return cls(**checked)

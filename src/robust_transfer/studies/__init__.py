@@ -68,7 +68,7 @@ def study_from_dict(data: dict, where: str = "spec", base: Path | None = None) -
     if base is not None:
         hints = typing.get_type_hints(cls)
         data = {k: _rebase(hints.get(k), v, base) for k, v in data.items()}
-    return build_options(cls, data, f"{name} {where}")
+    return build_options(cls, data, f"{name} {where}", noun="key")
 
 
 def _rebase(hint: Any, value: Any, base: Path) -> Any:
