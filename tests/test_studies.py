@@ -67,3 +67,14 @@ def test_report_recognises_the_study_a_folder_records(tmp_path):
     assert study_of(tmp_path) == "nope"
     with pytest.raises(UserError, match="unknown study 'nope'"):
         make_study_report(tmp_path, tmp_path / "report")
+
+
+def test_a_study_setting_beside_spec_is_refused_before_any_work(tmp_path, cli):
+    spec = "tests/data/studies/bias-transfer.yaml"
+    code, _, err = cli("bias-transfer", "--spec", spec, "--seeds", "3", "--out", tmp_path / "o")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--seeds sets the study, which --spec" in err and not (tmp_path / "o").exists()
+    code, _, err = cli("bias-transfer", "--spec", spec, "--workers", "2", "--device", "cpu",
+                       "--save-spec", tmp_path / "again.yaml")  # how and where it runs: fine
+    assert code == 0, err
+    assert load_study(tmp_path / "again.yaml") == load_study(spec)

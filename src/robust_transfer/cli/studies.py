@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import typer
+from typer._click.core import ParameterSource
+from typer._click.globals import get_current_context
 
 from robust_transfer.atomic import atomic_write_text
 from robust_transfer.cli import app, mark_resumable
@@ -46,11 +48,25 @@ ADDRESS_OPTION = typer.Option(None, "--address", help="Ray cluster address (e.g.
                               "ray://host:10001); default: a local Ray for this run.")
 
 
+# Options that say how and where a study runs, not what it is: they go with --spec.
+RUN_OPTIONS = {"spec_file", "save_spec_file", "out", "workers", "executor", "address",
+               "executor_option", "device", "tasks_per_gpu"}
+
+
 def study_spec(spec_file: Path | None, name: str, build: Callable[[], Study]) -> Study:
     """The study a command runs: the one in `--spec` (which must be a `name` study), else
-    the one its options `build`."""
+    the one its options `build`. A setting of the study given beside `--spec` is an error,
+    not silently ignored."""
     if spec_file is None:
         return build()
+    ctx = get_current_context(silent=True)  # typer's own click, as cli/__init__ uses it
+    given = [] if ctx is None else [
+        p for p in ctx.command.params if p.name not in RUN_OPTIONS
+        and ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE]
+    if given:
+        flag = given[0].opts[0] if given[0].opts else given[0].name
+        raise UserError(f"{flag} sets the study, which --spec {str(spec_file)!r} already "
+                        "does; edit the spec file, or drop --spec")
     study = load_study(spec_file)
     if study.name != name:
         raise UserError(f"{str(spec_file)!r} is a {study.name} spec, not a {name} spec; run it "
