@@ -23,7 +23,7 @@ from robust_transfer.cli.studies import (
     require_out,
     save_spec,
 )
-from robust_transfer.cli.study import _run_grid_with_progress
+from robust_transfer.cli.study import run_grid_with_progress
 from robust_transfer.errors import UserError
 from robust_transfer.report.backdoor_transfer import backdoor_headline_rows, make_backdoor_report
 from robust_transfer.report.study import make_report
@@ -61,7 +61,7 @@ def transfer(
         return
     check_output_dir(require_out(out), "--out")
     console.print(f"spec: {spec_path}")
-    table = _run_grid_with_progress(spec, out, workers, device, executor, address)
+    table = run_grid_with_progress(spec, out, workers, device, executor, address)
     report = out / "report"
     rep = make_report(table, report)
     print_outputs([*rep.figures, *make_backdoor_report(table, report)])

@@ -33,7 +33,7 @@ from robust_transfer.cli.studies import (
     require_out,
     save_spec,
 )
-from robust_transfer.cli.study import _run_grid_with_progress
+from robust_transfer.cli.study import run_grid_with_progress
 from robust_transfer.errors import UserError
 from robust_transfer.models import load_checkpoint, read_card
 from robust_transfer.models.runtime import resolve_device
@@ -181,7 +181,7 @@ def certify_transfer(
     resolve_device(device)  # before the writer lock creates --out
     console.print(f"spec: {spec_path}")
     with writer_lock(out_dir):  # the sources' certificates and the report too, as demo
-        table = _run_grid_with_progress(spec, out_dir, workers, device, executor, address)
+        table = run_grid_with_progress(spec, out_dir, workers, device, executor, address)
         sources = certify_sources(spec, out_dir, device)
         report = out_dir / "report"
         atomic_write_text(report / "source_certify.csv", sources.to_csv(index=False))

@@ -167,7 +167,7 @@ def finetune(
         console.print(f"fine-tuned model saved to {out}")
 
 
-def _run_grid_with_progress(spec, out: Path, workers: int, device: str,
+def run_grid_with_progress(spec, out: Path, workers: int, device: str,
                             executor: str = "local", address: str | None = None,
                             tasks_per_gpu: int = 4, engine: str = "auto",
                             max_memory: float | None = None,
@@ -228,7 +228,7 @@ def grid(
     the printed run count and `report` then cover the new spec's runs only.
     """
     spec = load_spec(spec_file)
-    _run_grid_with_progress(spec, out, workers, device, executor, address, tasks_per_gpu,
+    run_grid_with_progress(spec, out, workers, device, executor, address, tasks_per_gpu,
                             engine, max_memory, executor_option)
 
 
@@ -300,7 +300,7 @@ def demo(
     check_output_dir(out, "--out")
     console.print(f"spec: {spec_path}")
     with writer_lock(out):  # the report too: one demo writes a directory at a time
-        table = _run_grid_with_progress(spec, out, workers, device)
+        table = run_grid_with_progress(spec, out, workers, device)
         rep = make_report(table, out / "report")
     for f in rep.figures:
         console.print(f"figure: {f}")
