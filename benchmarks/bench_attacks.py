@@ -6,11 +6,12 @@ images per second for each attack at a fixed budget on a natural and a PGD-train
 (3) wall time against torchattacks (Kim 2020) at equal budgets on the same models, batch and
 threads: our time / theirs (goal: <= 0.9 for APGD-CE and APGD-T, <= 1.0 for FAB-T, Square and
 the AutoAttack cascade) with both robust accuracies side by side. The two libraries alternate
-(ABAB..., `--peer-repeats` pairs after a warm-up each) and the ratio is the median of the
-pairs' ratios, in wall time and in this process's CPU time (on a shared machine the second
-does not count other processes' turns on the cores). Section (3) is skipped, saying so, when
-torchattacks is not importable (it is not a dependency; `pip install --no-deps torchattacks`
-into a separate folder on PYTHONPATH is enough: it needs no torchvision for these attacks).
+(ABAB..., `--peer-repeats` pairs after a warm-up on a few examples) and the ratio is the
+median of the pairs' ratios, in wall time and in this process's CPU time (on a shared
+machine the second does not count other processes' turns on the cores). Section (3) is
+skipped, saying so, when torchattacks is not importable (it is not a dependency; `pip install
+--no-deps torchattacks` into a separate folder on PYTHONPATH is enough: it needs no
+torchvision for these attacks).
 
     .venv/bin/python benchmarks/bench_attacks.py [--batch 256] [--threads 1]
         [--sections step,throughput,peers] [--peer-repeats 5] [--peer-rows fab,square]
@@ -137,11 +138,11 @@ def peer_pairs(eps: float, n_classes: int) -> list[tuple[str, float, Callable, C
 
 
 def _pair_ratios(ours: Callable, theirs: Callable, pairs: int) -> tuple[dict, dict]:
-    """Run `ours()` and `theirs()` alternately (ABAB...) `pairs` times after one warm-up
-    each: ({"wall": ratios, "cpu": ratios}, last outputs). A ratio is per pair (ours / theirs
-    of the same round), so a load change between rounds cancels; CPU time (this process's,
-    one thread) does not count the time other processes hold the cores."""
-    outputs = {"ours": ours(), "theirs": theirs()}  # warm-up
+    """Run `ours()` and `theirs()` alternately (ABAB...) `pairs` times: ({"wall": ratios,
+    "cpu": ratios}, last outputs). A ratio is per pair (ours / theirs of the same round), so
+    a load change between rounds cancels; CPU time (this process's, one thread) does not
+    count the time other processes hold the cores."""
+    outputs: dict = {}
     ratios: dict[str, list[float]] = {"wall": [], "cpu": []}
     for _ in range(pairs):
         spent = {}
@@ -173,6 +174,7 @@ def peer_table(models: dict, x, y, eps: float, pairs: int, rows: str | None) -> 
             continue
         for label, m in models.items():
             m.eval()
+            ours(m, x[:8], y[:8]), theirs(m, x[:8], y[:8])  # warm-up, on a few examples
             ratios, adv = _pair_ratios(partial(ours, m, x, y), partial(theirs, m, x, y), pairs)
             acc = {side: robust_accuracy(m, x, y, adv[side], eps, "linf") for side in adv}
             cells = "".join(f"{statistics.median(r):>11.2f}{f'[{min(r):.2f}-{max(r):.2f}]':>13}"
