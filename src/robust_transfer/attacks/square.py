@@ -170,7 +170,7 @@ class Square(Attack):
         # its x_best final, instead of gathering the unfooled ones for every query
         r = Rows(idx=torch.arange(len(x), device=x.device), x=x, y=y, target=target,
                  keys=rng.keys, x_best=x_best, loss_best=self._margin(x_best, y, target), u=None,
-                 ends=ends, windows=None, plus=None)
+                 ends=ends, rows=None, cols=None, plus=None)
         n_draws = self._n_draws(x.shape[1])
         for it in range(self.n_queries):
             active = r.loss_best > 0
@@ -187,9 +187,10 @@ class Square(Attack):
                 if ends is None:
                     r.u = ExampleRNG.to_uniform(bits, torch.float64)
                 else:  # Linf: the block's windows and signs, also in one pass
-                    r.windows, r.plus = self._linf_block(bits, its, h, w)
+                    r.rows, r.cols, r.plus = self._linf_block(bits, its, h, w)
             if ends is not None:
-                x_new = self._fill_linf(r.x, r.x_best, r.windows[:, j], r.plus[:, j], r.ends)
+                window = self._block_window(r.rows[:, j], r.cols[:, j])
+                x_new = self._fill_linf(r.x, r.x_best, window, r.plus[:, j], r.ends)
             else:
                 x_new = self._propose_l2(r.x, r.x_best, r.u[:, j],
                                          p_selection(self.p_init, it, self.n_queries))
@@ -226,10 +227,12 @@ class Square(Attack):
         return min(max(int(round(math.sqrt(p * h * w))), 1), min(h, w) - 1)
 
     def _linf_block(self, bits: torch.Tensor, its: range, h: int, w: int):
-        """(windows (N, B, 1, h, w), signs (N, B, tries, C)) of the B iterations `its` from
-        their random bits (N, B, n_draws) (`ExampleRNG.bits_many`): the per-iteration
-        `_corners`, `_window_mask` and sign tests of `_propose_linf`, for the whole block in
-        one pass (a sign u >= 0.5 is a negative int64, see `bits_many`)."""
+        """(window rows (N, B, h), window columns (N, B, w), signs (N, B, tries, C)) of the
+        B iterations `its` from their random bits (N, B, n_draws) (`ExampleRNG.bits_many`):
+        the per-iteration `_corners`, `_window_mask` and sign tests of `_propose_linf` for the
+        whole block in one pass (a sign u >= 0.5 is a negative int64, see `bits_many`). An
+        iteration's window is `_block_window(rows[:, j], cols[:, j])`; rows and columns, not
+        (N, B, h, w) masks, keep the block small on large images."""
         m, b = bits.shape[:2]
         sides = [self._side_linf(p_selection(self.p_init, it, self.n_queries), h, w)
                  for it in its]
@@ -241,8 +244,12 @@ class Square(Attack):
         r = torch.arange(h, device=u.device).view(1, 1, h) - top.unsqueeze(2)
         c = torch.arange(w, device=u.device).view(1, 1, w) - left.unsqueeze(2)
         rows, cols = (r >= 0) & (r < side), (c >= 0) & (c < side)  # (m, b, h), (m, b, w)
-        windows = rows.unsqueeze(3) & cols.unsqueeze(2)
-        return windows.unsqueeze(2), (bits[:, :, 2:] < 0).view(m, b, _RESAMPLE + 1, -1)
+        return rows, cols, (bits[:, :, 2:] < 0).view(m, b, _RESAMPLE + 1, -1)
+
+    @staticmethod
+    def _block_window(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """(N, 1, h, w) window mask from its rows (N, h) and columns (N, w)."""
+        return (rows.unsqueeze(2) & cols.unsqueeze(1)).unsqueeze(1)
 
     def _propose_linf(self, x, x_best, u, p, ends=None):
         """x_best with one window set to +-eps per channel (Alg. 2), projected. As the
