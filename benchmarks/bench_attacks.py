@@ -5,20 +5,25 @@ respect to the input on the same batch (floor 1.0; goal <= 1.10), for each norm,
 images per second for each attack at a fixed budget on a natural and a PGD-trained model, and
 (3) wall time against torchattacks (Kim 2020) at equal budgets on the same models, batch and
 threads: our time / theirs (goal: <= 0.9 for APGD-CE and APGD-T, <= 1.0 for FAB-T, Square and
-the AutoAttack cascade) with both robust accuracies side by side. The two libraries alternate,
-each keeps its fastest of `--repeats` runs. Section (3) is skipped, saying so, when
-torchattacks is not importable (it is not a dependency; `pip install --no-deps torchattacks`
-into a separate folder on PYTHONPATH is enough: it needs no torchvision for these attacks).
+the AutoAttack cascade) with both robust accuracies side by side. The two libraries alternate
+(ABAB..., `--peer-repeats` pairs after a warm-up on a few examples) and the ratio is the
+median of the pairs' ratios, in wall time and in this process's CPU time (on a shared
+machine the second does not count other processes' turns on the cores). Section (3) is
+skipped, saying so, when torchattacks is not importable (it is not a dependency; `pip install
+--no-deps torchattacks` into a separate folder on PYTHONPATH is enough: it needs no
+torchvision for these attacks).
 
     .venv/bin/python benchmarks/bench_attacks.py [--batch 256] [--threads 1]
-        [--sections step,throughput,peers]
+        [--sections step,throughput,peers] [--peer-repeats 5] [--peer-rows fab,square]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -132,33 +137,50 @@ def peer_pairs(eps: float, n_classes: int) -> list[tuple[str, float, Callable, C
     ]
 
 
-def peer_table(models: dict, x, y, eps: float, repeats: int, rows: str | None) -> None:
-    """Section (3): our wall time / torchattacks' per attack and model, robust accuracies."""
+def _pair_ratios(ours: Callable, theirs: Callable, pairs: int) -> tuple[dict, dict]:
+    """Run `ours()` and `theirs()` alternately (ABAB...) `pairs` times: ({"wall": ratios,
+    "cpu": ratios}, last outputs). A ratio is per pair (ours / theirs of the same round), so
+    a load change between rounds cancels; CPU time (this process's, one thread) does not
+    count the time other processes hold the cores."""
+    outputs: dict = {}
+    ratios: dict[str, list[float]] = {"wall": [], "cpu": []}
+    for _ in range(pairs):
+        spent = {}
+        for side, fn in (("ours", ours), ("theirs", theirs)):
+            w0, c0 = time.perf_counter(), time.process_time()
+            outputs[side] = fn()
+            spent[side] = (time.perf_counter() - w0, time.process_time() - c0)
+        for k, kind in enumerate(("wall", "cpu")):
+            ratios[kind].append(spent["ours"][k] / max(spent["theirs"][k], 1e-9))
+    return ratios, outputs
+
+
+def peer_table(models: dict, x, y, eps: float, pairs: int, rows: str | None) -> None:
+    """Section (3): our time / torchattacks' per attack and model (median of per-pair ratios
+    over `pairs` alternating pairs, wall and CPU time), and both robust accuracies."""
     if torchattacks is None:
         print("\ntorchattacks is not importable: the comparison with it is skipped "
               "(pip install --no-deps --target DIR torchattacks; PYTHONPATH=DIR)")
         return
     n_classes = int(predict_logits(next(iter(models.values())), x[:1]).shape[1])
     print(f"\nagainst torchattacks {torchattacks.__version__}, linf eps {eps}, batch {len(x)}, "
-          f"fastest of {repeats} alternating runs; ratio = ours / theirs")
-    print(f"{'attack':<36}{'model':<17}{'ours s':>8}{'theirs s':>9}{'ratio':>7}{'goal':>6}"
-          f"{'robust acc ours/theirs':>24}")
+          f"{torch.get_num_threads()} thread(s); ratio = ours / theirs, the median over {pairs} "
+          "alternating pairs (ABAB...) of the pair's ratio, [min-max] its spread; cpu: this "
+          "process's CPU time, unaffected by other processes holding the cores")
+    print(f"{'attack':<36}{'model':<17}{'wall ratio':>11}{'[min-max]':>13}{'cpu ratio':>11}"
+          f"{'[min-max]':>13}{'goal':>6}{'robust acc ours/theirs':>24}")
     for name, goal, ours, theirs in peer_pairs(eps, n_classes):
         if rows and not any(r.lower() in name.lower() for r in rows.split(",")):
             continue
         for label, m in models.items():
             m.eval()
-            t_ours, t_theirs, adv = [], [], {}
-            for _ in range(repeats):  # alternate, so machine noise hits both alike
-                for fn, times in ((ours, t_ours), (theirs, t_theirs)):
-                    t0 = time.perf_counter()
-                    adv[fn] = fn(m, x, y)
-                    times.append(time.perf_counter() - t0)
-            acc_ours = robust_accuracy(m, x, y, adv[ours], eps, "linf")
-            acc_theirs = robust_accuracy(m, x, y, adv[theirs], eps, "linf")
-            ratio = min(t_ours) / min(t_theirs)
-            print(f"{name:<36}{label:<17}{min(t_ours):>8.2f}{min(t_theirs):>9.2f}"
-                  f"{ratio:>7.2f}{goal:>6.1f}{acc_ours:>13.3f} / {acc_theirs:.3f}", flush=True)
+            ours(m, x[:8], y[:8]), theirs(m, x[:8], y[:8])  # warm-up, on a few examples
+            ratios, adv = _pair_ratios(partial(ours, m, x, y), partial(theirs, m, x, y), pairs)
+            acc = {side: robust_accuracy(m, x, y, adv[side], eps, "linf") for side in adv}
+            cells = "".join(f"{statistics.median(r):>11.2f}{f'[{min(r):.2f}-{max(r):.2f}]':>13}"
+                            for r in (ratios["wall"], ratios["cpu"]))
+            print(f"{name:<36}{label:<17}{cells}{goal:>6.1f}"
+                  f"{acc['ours']:>13.3f} / {acc['theirs']:.3f}", flush=True)
 
 
 def main() -> None:
@@ -168,8 +190,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help="comma-separated subset of: " + ", ".join(SECTIONS))
-    parser.add_argument("--peer-repeats", type=int, default=3,
-                        help="alternating runs per library in the torchattacks comparison")
+    parser.add_argument("--peer-repeats", type=int, default=5,
+                        help="alternating pairs (ours, theirs) per cell of the torchattacks "
+                             "comparison; the ratio is the median of the pairs' ratios")
     parser.add_argument("--peer-rows", default=None,
                         help="only the comparison rows whose name contains one of these "
                              "comma-separated words (e.g. fab,square)")
@@ -177,6 +200,8 @@ def main() -> None:
     sections = set(args.sections.split(","))
     if not sections <= set(SECTIONS):
         parser.error(f"--sections: choose from {', '.join(SECTIONS)}")
+    if args.peer_repeats < 1:
+        parser.error("--peer-repeats must be >= 1")
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), batch {args.batch}")
 

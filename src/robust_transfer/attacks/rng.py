@@ -35,9 +35,20 @@ def _shr(z: torch.Tensor, s: int) -> torch.Tensor:
 
 def mix(z: torch.Tensor) -> torch.Tensor:
     """splitmix64's finaliser: a bijection of int64 that scrambles every bit (wrapping ops)."""
-    z = (z ^ _shr(z, 30)) * _M1
-    z = (z ^ _shr(z, 27)) * _M2
-    return z ^ _shr(z, 31)
+    return _mix_(z.clone())
+
+
+def _mix_(z: torch.Tensor) -> torch.Tensor:
+    """`mix` in place, with one scratch tensor: the same bits, without a fresh tensor per
+    operation (the draws of a block of Square iterations are ~10^5 to 10^6 numbers)."""
+    t = torch.empty_like(z)
+    for shift, factor in ((30, _M1), (27, _M2), (31, None)):
+        torch.bitwise_right_shift(z, shift, out=t)
+        t &= (1 << (64 - shift)) - 1  # logical shift: clear the copied sign bits
+        z ^= t
+        if factor is not None:
+            z *= factor
+    return z
 
 
 def _mix_int(value: int) -> int:
@@ -67,8 +78,8 @@ class ExampleRNG:
             seed = int(torch.randint(0, 2**62, ()).item())
         bits = x.detach().float().contiguous().flatten(1).view(torch.int32).long()
         index = torch.arange(bits.shape[1], device=x.device, dtype=torch.long)
-        per_coord = mix(bits + (index + 1) * _G)
-        keys = mix(per_coord.sum(1) ^ _mix_int(seed))  # int64 sums wrap: order-free
+        per_coord = _mix_(bits + (index + 1) * _G)
+        keys = _mix_(per_coord.sum(1) ^ _mix_int(seed))  # int64 sums wrap: order-free
         return cls(keys)
 
     def __getitem__(self, idx) -> ExampleRNG:
@@ -89,16 +100,28 @@ class ExampleRNG:
         cs = torch.tensor(folded, dtype=torch.long, device=self.keys.device)
         n_coords = math.prod(shape)
         index = torch.arange(n_coords, device=self.keys.device, dtype=torch.long)
-        z = mix(self.keys.view(-1, 1, 1) ^ cs.view(1, -1, 1)) + (index + 1) * _G
-        return mix(z).view(len(self.keys), len(counters), *shape)
+        z = _mix_(self.keys.view(-1, 1, 1) ^ cs.view(1, -1, 1)) + (index + 1) * _G
+        return _mix_(z).view(len(self.keys), len(counters), *shape)
+
+    def bits_many(self, shape: tuple[int, ...], counters: list[tuple[int, ...]]
+                  ) -> torch.Tensor:
+        """(N, len(counters), *shape) int64: the 64 random bits behind `uniform_many`'s
+        numbers. `uniform_many(...) >= 0.5` is `bits_many(...) < 0` (the top bit), a coin
+        flip without the conversion to float."""
+        return self._bits(tuple(shape), counters)
 
     def uniform_many(self, shape: tuple[int, ...], counters: list[tuple[int, ...]],
                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(N, len(counters), *shape): `uniform(shape, *counter)` for each counter, in one
         pass (an attack drawing every iteration takes a block of iterations at once)."""
-        bits = 53 if dtype == torch.float64 else 24
-        z = _shr(self._bits(tuple(shape), counters), 64 - bits)
-        return z.to(dtype) * (2.0**-bits)
+        return self.to_uniform(self._bits(tuple(shape), counters), dtype)
+
+    @staticmethod
+    def to_uniform(bits: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """`bits_many`'s bits as `uniform_many`'s numbers in [0, 1): the top 24 (float32) or
+        53 (float64) bits."""
+        n = 53 if dtype == torch.float64 else 24
+        return _shr(bits, 64 - n).to(dtype) * (2.0**-n)
 
     def uniform(self, shape: tuple[int, ...], *counter: int,
                 dtype: torch.dtype = torch.float32) -> torch.Tensor:

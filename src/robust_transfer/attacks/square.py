@@ -170,22 +170,30 @@ class Square(Attack):
         # its x_best final, instead of gathering the unfooled ones for every query
         r = Rows(idx=torch.arange(len(x), device=x.device), x=x, y=y, target=target,
                  keys=rng.keys, x_best=x_best, loss_best=self._margin(x_best, y, target), u=None,
-                 ends=ends)
+                 ends=ends, rows=None, cols=None, plus=None)
         n_draws = self._n_draws(x.shape[1])
         for it in range(self.n_queries):
-            done = ~(r.loss_best > 0)
-            if done.any():
+            active = r.loss_best > 0
+            if not active.all():  # fooled (or a NaN loss): the example's x_best is final
+                done = ~active
                 out[r.idx[done]] = r.x_best[done]
-                r.keep(~done)
+                r.keep(active)
             if len(r.idx) == 0 or it == self.n_queries - 1:
                 break
-            if it % _BLOCK == 0:  # the next iterations' draws, in one pass (rows leave too)
+            j = it % _BLOCK
+            if j == 0:  # the next iterations' draws, in one pass (rows leave too)
                 its = range(it, min(it + _BLOCK, self.n_queries - 1))
-                r.u = ExampleRNG(r.keys).uniform_many((n_draws,), [(j, _PLACES) for j in its],
-                                                      dtype=torch.float64)
-            p = p_selection(self.p_init, it, self.n_queries)
-            x_new = (self._propose_linf(r.x, r.x_best, r.u[:, it % _BLOCK], p, r.ends)
-                     if r.ends else self._propose_l2(r.x, r.x_best, r.u[:, it % _BLOCK], p))
+                bits = ExampleRNG(r.keys).bits_many((n_draws,), [(i, _PLACES) for i in its])
+                if ends is None:
+                    r.u = ExampleRNG.to_uniform(bits, torch.float64)
+                else:  # Linf: the block's windows and signs, also in one pass
+                    r.rows, r.cols, r.plus = self._linf_block(bits, its, h, w)
+            if ends is not None:
+                window = self._block_window(r.rows[:, j], r.cols[:, j])
+                x_new = self._fill_linf(r.x, r.x_best, window, r.plus[:, j], r.ends)
+            else:
+                x_new = self._propose_l2(r.x, r.x_best, r.u[:, j],
+                                         p_selection(self.p_init, it, self.n_queries))
             loss = self._margin(x_new, r.y, r.target)
             better = loss < r.loss_best
             r.x_best = torch.where(better.view(-1, 1, 1, 1), x_new, r.x_best)
@@ -207,28 +215,68 @@ class Square(Attack):
         channel (one draw per example and iteration: each example's own numbers)."""
         return 2 + (_RESAMPLE + 1) * c if self.norm == "linf" else 5 + c
 
-    def _ends(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """x + eps and x - eps, projected: what a Linf window holds (per example, fixed)."""
-        return [self.threat.project(x + sign * self.eps, x) for sign in (1.0, -1.0)]
+    def _ends(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 2, C, H, W): x + eps and x - eps, projected: what a Linf window holds (per
+        example, fixed)."""
+        return torch.stack([self.threat.project(x + sign * self.eps, x) for sign in (1.0, -1.0)],
+                           1)
+
+    @staticmethod
+    def _side_linf(p: float, h: int, w: int) -> int:
+        """Linf window side for the fraction p of the pixels: at least 1, below min(h, w)."""
+        return min(max(int(round(math.sqrt(p * h * w))), 1), min(h, w) - 1)
+
+    def _linf_block(self, bits: torch.Tensor, its: range, h: int, w: int):
+        """(window rows (N, B, h), window columns (N, B, w), signs (N, B, tries, C)) of the
+        B iterations `its` from their random bits (N, B, n_draws) (`ExampleRNG.bits_many`):
+        the per-iteration `_corners`, `_window_mask` and sign tests of `_propose_linf` for the
+        whole block in one pass (a sign u >= 0.5 is a negative int64, see `bits_many`). An
+        iteration's window is `_block_window(rows[:, j], cols[:, j])`; rows and columns, not
+        (N, B, h, w) masks, keep the block small on large images."""
+        m, b = bits.shape[:2]
+        sides = [self._side_linf(p_selection(self.p_init, it, self.n_queries), h, w)
+                 for it in its]
+        u = ExampleRNG.to_uniform(bits[:, :, :2], torch.float64)  # the corners' numbers
+        span = torch.tensor([[max(h - s, 1), max(w - s, 1)] for s in sides], dtype=u.dtype,
+                            device=u.device)
+        top, left = (u * span).floor().long().unbind(2)  # (m, b) each
+        side = torch.tensor(sides, device=u.device).view(1, b, 1)
+        r = torch.arange(h, device=u.device).view(1, 1, h) - top.unsqueeze(2)
+        c = torch.arange(w, device=u.device).view(1, 1, w) - left.unsqueeze(2)
+        rows, cols = (r >= 0) & (r < side), (c >= 0) & (c < side)  # (m, b, h), (m, b, w)
+        return rows, cols, (bits[:, :, 2:] < 0).view(m, b, _RESAMPLE + 1, -1)
+
+    @staticmethod
+    def _block_window(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """(N, 1, h, w) window mask from its rows (N, h) and columns (N, w)."""
+        return (rows.unsqueeze(2) & cols.unsqueeze(1)).unsqueeze(1)
 
     def _propose_linf(self, x, x_best, u, p, ends=None):
         """x_best with one window set to +-eps per channel (Alg. 2), projected. As the
         reference code, signs that would leave x_best unchanged are redrawn (it would waste a
-        query), at most `_RESAMPLE` times (eps = 0 never changes anything). `ends`: `_ends(x)`
-        if the caller keeps it."""
+        query), at most `_RESAMPLE` times (eps = 0 never changes anything). `u`: the
+        iteration's draws; `ends`: `_ends(x)` if the caller keeps it."""
         m, c, h, w = x.shape
-        s = min(max(int(round(math.sqrt(p * h * w))), 1), min(h, w) - 1)
+        s = self._side_linf(p, h, w)
         window = _window_mask(*self._corners(u, s, h, w), s, h, w)[2]
         plus = (u[:, 2:] >= 0.5).view(m, _RESAMPLE + 1, c)  # each try's sign per channel
+        return self._fill_linf(x, x_best, window, plus, self._ends(x) if ends is None else ends)
+
+    def _fill_linf(self, x, x_best, window, plus, ends):
+        """`_propose_linf` from each example's window (N, 1, h, w) and each try's signs
+        (N, tries, C)."""
+        m, c = x.shape[:2]
         # the projection is per coordinate, so every try's proposal takes, channel by
         # channel, one of two fills: the window at x + eps or at x - eps, projected
         # (P(where(window, a, b)) = where(window, P(a), P(b)) coordinate by coordinate)
         kept = self.threat.project(x_best, x)
-        fills = [torch.where(window, end, kept) for end in (ends or self._ends(x))]
-        moved = [(f - x_best).abs().amax((2, 3)).unsqueeze(1) for f in fills]  # (m, 1, c)
-        changes = (torch.where(plus, *moved) >= 1e-7).any(2)  # (m, tries)
+        fills = [torch.where(window, ends[:, k], kept) for k in (0, 1)]
+        # per channel, whether each fill moves x_best: (m, 1, c) for + and for -
+        up, down = ((f - x_best).abs_().amax((2, 3)).unsqueeze(1) >= 1e-7 for f in fills)
+        changes = (down ^ (plus & (up ^ down))).any(2)  # (m, tries): the try's signs move it
         # the first try that changes x_best (the redraws stop there), else the last one
-        tries = torch.where(changes.any(1), changes.int().argmax(1), _RESAMPLE)
+        changes[:, -1] = True
+        tries = changes.int().argmax(1)
         chosen = plus[torch.arange(m, device=x.device), tries]  # (m, c)
         return torch.where(chosen.view(m, c, 1, 1), *fills)
 
