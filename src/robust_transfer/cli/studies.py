@@ -49,8 +49,8 @@ ADDRESS_OPTION = typer.Option(None, "--address", help="Ray cluster address (e.g.
 
 
 # Options that say how and where a study runs, not what it is: they go with --spec.
-RUN_OPTIONS = {"spec_file", "save_spec_file", "out", "workers", "executor", "address",
-               "executor_option", "device", "tasks_per_gpu"}
+RUN_FLAGS = {"--spec", "--save-spec", "--out", "--workers", "--executor", "--address",
+             "--executor-option", "--device", "--tasks-per-gpu"}
 
 
 def study_spec(spec_file: Path | None, name: str, build: Callable[[], Study]) -> Study:
@@ -61,7 +61,7 @@ def study_spec(spec_file: Path | None, name: str, build: Callable[[], Study]) ->
         return build()
     ctx = get_current_context(silent=True)  # typer's own click, as cli/__init__ uses it
     given = [] if ctx is None else [
-        p for p in ctx.command.params if p.name not in RUN_OPTIONS
+        p for p in ctx.command.params if not RUN_FLAGS & set(p.opts)
         and ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE]
     if given:
         flag = given[0].opts[0] if given[0].opts else given[0].name
