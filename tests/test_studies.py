@@ -78,3 +78,17 @@ def test_a_study_setting_beside_spec_is_refused_before_any_work(tmp_path, cli):
                        "--save-spec", tmp_path / "again.yaml")  # how and where it runs: fine
     assert code == 0, err
     assert load_study(tmp_path / "again.yaml") == load_study(spec)
+
+
+@pytest.mark.parametrize("command", [["bias-transfer"], ["defend"], ["distill"],
+                                     ["explain", "influence"], ["watermark", "remove"],
+                                     ["backdoor", "updates"]])
+def test_every_study_command_passes_executor_options_to_the_executor(tmp_path, cli, command):
+    case = "influence" if command == ["explain", "influence"] else \
+        {"watermark": "watermark-removal", "backdoor": "backdoor-updates"}.get(command[0],
+                                                                                command[0])
+    spec = f"tests/data/studies/{case}.yaml"
+    code, _, err = cli(*command, "--spec", spec, "--executor-option", "nope=1", "--out",
+                       tmp_path / "o", "--device", "cpu")
+    assert code == 2 and "unknown option(s) nope for executor 'local'" in err, err
+    assert not (tmp_path / "o").exists()

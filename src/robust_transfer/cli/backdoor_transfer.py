@@ -19,6 +19,7 @@ from robust_transfer.cli.common import (
 from robust_transfer.cli.studies import (
     ADDRESS_OPTION,
     EXECUTOR_OPTION,
+    EXECUTOR_OPTIONS_OPTION,
     SAVE_SPEC_OPTION,
     require_out,
     save_spec,
@@ -42,6 +43,7 @@ def transfer(
     device: str = DEVICE_OPTION,
     executor: str = EXECUTOR_OPTION,
     address: str = ADDRESS_OPTION,
+    executor_option: list[str] = EXECUTOR_OPTIONS_OPTION,
     save_spec_file: Path = SAVE_SPEC_OPTION,
 ) -> None:
     """Does a source's backdoor survive transfer? Run the grid, then the report.
@@ -61,7 +63,8 @@ def transfer(
         return
     check_output_dir(require_out(out), "--out")
     console.print(f"spec: {spec_path}")
-    table = run_grid_with_progress(spec, out, workers, device, executor, address)
+    table = run_grid_with_progress(spec, out, workers, device, executor, address,
+                                   executor_options=executor_option)
     report = out / "report"
     rep = make_report(table, report)
     print_outputs([*rep.figures, *make_backdoor_report(table, report)])

@@ -15,6 +15,7 @@ from robust_transfer.cli.common import DEVICE_OPTION, console, print_table
 from robust_transfer.cli.studies import (
     ADDRESS_OPTION,
     EXECUTOR_OPTION,
+    EXECUTOR_OPTIONS_OPTION,
     SAVE_SPEC_OPTION,
     SPEC_OPTION,
     WORKERS_OPTION,
@@ -65,6 +66,7 @@ def updates(
     workers: int = WORKERS_OPTION,
     executor: str = EXECUTOR_OPTION,
     address: str = ADDRESS_OPTION,
+    executor_option: list[str] = EXECUTOR_OPTIONS_OPTION,
     device: str = DEVICE_OPTION,
 ) -> None:
     """Poison a model once (BadNets), update it again and again on drifting clean data, and
@@ -95,7 +97,7 @@ def updates(
     if out is None:
         raise UserError("give --out DIR (the study's folder), or --save-spec FILE")
     run_with_progress(study, out, workers, executor, address, device, "runs",
-                      "poisoned sources")
+                      "poisoned sources", executor_options=executor_option)
     for path in make_survival_report(out, out):
         console.print(f"wrote {path}")
     print_table(f"backdoor survival after update {study.updates} (means over seeds; now: on "

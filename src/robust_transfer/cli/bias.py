@@ -21,6 +21,7 @@ from robust_transfer.cli.common import (
 from robust_transfer.cli.studies import (
     ADDRESS_OPTION,
     EXECUTOR_OPTION,
+    EXECUTOR_OPTIONS_OPTION,
     SAVE_SPEC_OPTION,
     SPEC_OPTION,
     WORKERS_OPTION,
@@ -75,6 +76,7 @@ def bias_transfer(
     workers: int = WORKERS_OPTION,
     executor: str = EXECUTOR_OPTION,
     address: str = ADDRESS_OPTION,
+    executor_option: list[str] = EXECUTOR_OPTIONS_OPTION,
     device: str = DEVICE_OPTION,
 ) -> None:
     """Does a spurious feature planted in the source move the target model's predictions?
@@ -109,7 +111,7 @@ def bias_transfer(
         return
     out = require_out(out)
     table = run_with_progress(study, out, workers, executor, address, device, "fine-tunes",
-                              "source models")
+                              "source models", executor_options=executor_option)
     figure, csv, md = make_bias_report(out, out)
     console.print(f"table: {table}\nsummary: {csv}, {md}\nfigure: {figure}")
     print_table("prediction shift and flip rate towards one class (mean ± 95% t half-width "

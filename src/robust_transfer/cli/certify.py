@@ -29,6 +29,7 @@ from robust_transfer.cli.common import (
 from robust_transfer.cli.studies import (
     ADDRESS_OPTION,
     EXECUTOR_OPTION,
+    EXECUTOR_OPTIONS_OPTION,
     SAVE_SPEC_OPTION,
     require_out,
     save_spec,
@@ -158,6 +159,7 @@ def certify_transfer(
     device: str = DEVICE_OPTION,
     executor: str = EXECUTOR_OPTION,
     address: str = ADDRESS_OPTION,
+    executor_option: list[str] = EXECUTOR_OPTIONS_OPTION,
     save_spec_file: Path = SAVE_SPEC_OPTION,
 ) -> None:
     """Does a certificate transfer? Run the grid, certify, then the report.
@@ -181,7 +183,8 @@ def certify_transfer(
     resolve_device(device)  # before the writer lock creates --out
     console.print(f"spec: {spec_path}")
     with writer_lock(out_dir):  # the sources' certificates and the report too, as demo
-        table = run_grid_with_progress(spec, out_dir, workers, device, executor, address)
+        table = run_grid_with_progress(spec, out_dir, workers, device, executor, address,
+                                   executor_options=executor_option)
         sources = certify_sources(spec, out_dir, device)
         report = out_dir / "report"
         atomic_write_text(report / "source_certify.csv", sources.to_csv(index=False))

@@ -16,6 +16,7 @@ from robust_transfer.cli.common import DEVICE_OPTION, console, out, print_table
 from robust_transfer.cli.studies import (
     ADDRESS_OPTION,
     EXECUTOR_OPTION,
+    EXECUTOR_OPTIONS_OPTION,
     SAVE_SPEC_OPTION,
     SPEC_OPTION,
     WORKERS_OPTION,
@@ -56,6 +57,7 @@ def defend(
     workers: int = WORKERS_OPTION,
     executor: str = EXECUTOR_OPTION,
     address: str = ADDRESS_OPTION,
+    executor_option: list[str] = EXECUTOR_OPTIONS_OPTION,
     device: str = DEVICE_OPTION,
 ) -> None:
     """Clean, naive robust and adaptive robust accuracy per defense and eps, side by side,
@@ -80,7 +82,7 @@ def defend(
         return
     out_dir = out_dir or Path("defense-results") / study.checkpoint.resolve().name
     run_with_progress(study, out_dir, workers, executor, address, device, "runs",
-                      "artifacts")
+                      "artifacts", executor_options=executor_option)
     table, det = defend_tables(out_dir)
     names = ", ".join(study.attacks)
     shown = [{"defense": r.defense, "eps": r.eps, "clean": r.test_accuracy,

@@ -17,6 +17,7 @@ from robust_transfer.cli.common import DEVICE_OPTION, console, print_table
 from robust_transfer.cli.studies import (
     ADDRESS_OPTION,
     EXECUTOR_OPTION,
+    EXECUTOR_OPTIONS_OPTION,
     SAVE_SPEC_OPTION,
     SPEC_OPTION,
     WORKERS_OPTION,
@@ -81,6 +82,7 @@ def distill(
     workers: int = WORKERS_OPTION,
     executor: str = EXECUTOR_OPTION,
     address: str = ADDRESS_OPTION,
+    executor_option: list[str] = EXECUTOR_OPTIONS_OPTION,
     device: str = DEVICE_OPTION,
 ) -> None:
     """Distil TEACHER into a student; compare student alone, distilled student and teacher.
@@ -118,7 +120,7 @@ def distill(
                       f"{r.train.lr:g}, no weight decay); student {study.student} on its soft "
                       "labels at T, deployed at T = 1")
     run_with_progress(study, out, workers, executor, address, device, "measurements",
-                      "models")
+                      "models", executor_options=executor_option)
     for path in make_distill_report(out, out):
         console.print(f"wrote {path}")
     table = read_results(out, study.required)

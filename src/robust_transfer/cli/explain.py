@@ -13,6 +13,7 @@ from robust_transfer.cli.common import DEVICE_OPTION, check_output_dir, console,
 from robust_transfer.cli.studies import (
     ADDRESS_OPTION,
     EXECUTOR_OPTION,
+    EXECUTOR_OPTIONS_OPTION,
     SAVE_SPEC_OPTION,
     SPEC_OPTION,
     WORKERS_OPTION,
@@ -103,6 +104,7 @@ def influence(
     workers: int = WORKERS_OPTION,
     executor: str = EXECUTOR_OPTION,
     address: str = ADDRESS_OPTION,
+    executor_option: list[str] = EXECUTOR_OPTIONS_OPTION,
     device: str = DEVICE_OPTION,
 ) -> None:
     """Most influential training images per test image (Fig. 5) and how often they share its
@@ -142,7 +144,7 @@ def influence(
         save_spec(study, save_spec_file)
         return
     run_with_progress(study, out, workers, executor, address, device, "influence runs",
-                      "fine-tunes")
+                      "fine-tunes", executor_options=executor_option)
     written = influence_report(out, out)
     table = pd.read_parquet(written[-1])
     print_table("fraction of the top-k influential training images with the target's class",

@@ -40,6 +40,7 @@ from robust_transfer.cli.common import (
 from robust_transfer.cli.studies import (
     ADDRESS_OPTION,
     EXECUTOR_OPTION,
+    EXECUTOR_OPTIONS_OPTION,
     SAVE_SPEC_OPTION,
     SPEC_OPTION,
     WORKERS_OPTION,
@@ -178,6 +179,7 @@ def remove_command(
     workers: int = WORKERS_OPTION,
     executor: str = EXECUTOR_OPTION,
     address: str = ADDRESS_OPTION,
+    executor_option: list[str] = EXECUTOR_OPTIONS_OPTION,
 ) -> None:
     """Try to remove the watermark: each removal attack on the attacker's clean data, and
     transfer to a new task; beside an independently trained model (same recipe, another seed)
@@ -212,7 +214,7 @@ def remove_command(
     if out is None:
         raise UserError("missing --out: the directory for the study's models and results")
     run_with_progress(study, out, workers, executor, address, device, "runs",
-                      "independent model")
+                      "independent model", executor_options=executor_option)
     table, figure = watermark_report(out, out)
     summary = watermark_summary(pd.read_parquet(table))
     rows = [{"model": r.model, "test acc": r.test_acc, "Δ test acc": float(r.change),
