@@ -52,7 +52,7 @@ def test_save_spec_writes_the_spec_that_run_reads_back_and_nothing_else(tmp_path
 
 def test_missing_out_and_a_spec_of_another_study_are_one_line_errors(tmp_path, cli):
     code, _, err = cli("backdoor", "transfer")
-    assert code == 2 and "missing option '--out'" in err
+    assert code == 2 and "missing --out DIR" in err
     spec = tmp_path / "other.yaml"
     spec.write_text(backdoor_spec_path().read_text())
     with pytest.raises(UserError, match="is a grid spec, not a distill spec; run it with"):

@@ -19,6 +19,7 @@ from robust_transfer.cli.studies import (
     SAVE_SPEC_OPTION,
     SPEC_OPTION,
     WORKERS_OPTION,
+    require_out,
     run_with_progress,
     save_spec,
     study_spec,
@@ -94,8 +95,7 @@ def updates(
     if save_spec_file is not None:
         save_spec(study, save_spec_file)
         return
-    if out is None:
-        raise UserError("give --out DIR (the study's folder), or --save-spec FILE")
+    out = require_out(out)
     run_with_progress(study, out, workers, executor, address, device, "runs",
                       "poisoned sources", executor_options=executor_option)
     for path in make_survival_report(out, out):

@@ -21,6 +21,7 @@ from robust_transfer.cli.studies import (
     SAVE_SPEC_OPTION,
     SPEC_OPTION,
     WORKERS_OPTION,
+    require_out,
     run_with_progress,
     save_spec,
     study_spec,
@@ -110,8 +111,7 @@ def distill(
     if save_spec_file is not None:
         save_spec(study, save_spec_file)
         return
-    if out is None:
-        raise UserError("give --out DIR (the study's folder), or --save-spec FILE")
+    out = require_out(out)
     plan = study.plan()
     if plan.retrained is not None:
         r = plan.retrained

@@ -77,8 +77,8 @@ def study_spec(spec_file: Path | None, name: str, build: Callable[[], Study]) ->
 def require_out(out: Path | None) -> Path:
     """`--out`, which running a study needs (only `--save-spec` does without it)."""
     if out is None:
-        raise UserError("missing option '--out' (the study's folder; or --save-spec FILE to "
-                        "only write the spec)")
+        raise UserError("missing --out DIR (the study's folder; or --save-spec FILE to only "
+                        "write the spec)")
     return out
 
 

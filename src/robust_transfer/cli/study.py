@@ -45,6 +45,7 @@ from robust_transfer.transfer.grid import (
     GridStudy,
     check_engine,
     demo_spec_path,
+    engine_times,
 )
 from robust_transfer.transfer.results import manifest_run_ids, read_results, writer_lock
 from robust_transfer.transfer.run import finetune_from_checkpoint
@@ -179,12 +180,10 @@ def run_grid_with_progress(spec, out: Path, workers: int, device: str,
     check_engine(spec, engine)
     per_engine: dict[str, list[float]] = {}
 
-    def unit_done(results: list[list[dict]], seconds: float) -> None:
-        used = [rows[0]["engine"] for rows in results if rows]
-        for name in set(used):
-            runs_seconds = per_engine.setdefault(name, [0, 0.0])
-            runs_seconds[0] += used.count(name)
-            runs_seconds[1] += seconds * used.count(name) / len(used)
+    def engine_time(name: str, runs: int, seconds: float) -> None:
+        runs_seconds = per_engine.setdefault(name, [0, 0.0])
+        runs_seconds[0] += runs
+        runs_seconds[1] += seconds
 
     def rates() -> str:
         return "".join(f"; {name} {int(n)} at {n / max(t, 1e-9):.1f} per s"
@@ -193,7 +192,7 @@ def run_grid_with_progress(spec, out: Path, workers: int, device: str,
     limit = None if max_memory is None else int(max_memory * 2**30)
     return run_with_progress(GridStudy(spec, engine, limit), out, workers, executor, address,
                              device, "fine-tunes", "source model(s)", tasks_per_gpu,
-                             unit_done, rates, executor_options)
+                             engine_times(engine_time), rates, executor_options)
 
 
 @app.command()

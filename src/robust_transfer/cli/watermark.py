@@ -44,6 +44,7 @@ from robust_transfer.cli.studies import (
     SAVE_SPEC_OPTION,
     SPEC_OPTION,
     WORKERS_OPTION,
+    require_out,
     run_with_progress,
     save_spec,
     study_spec,
@@ -211,8 +212,7 @@ def remove_command(
     if save_spec_file is not None:
         save_spec(study, save_spec_file)
         return
-    if out is None:
-        raise UserError("missing --out: the directory for the study's models and results")
+    out = require_out(out)
     run_with_progress(study, out, workers, executor, address, device, "runs",
                       "independent model", executor_options=executor_option)
     table, figure = watermark_report(out, out)

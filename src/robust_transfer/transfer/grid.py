@@ -280,6 +280,16 @@ def run_grid(
     its wall time (split by runs between engines; summed over workers, not wall time).
     """
     check_engine(spec, engine)
+    return run_study(GridStudy(spec, engine, max_memory), out, workers, executor, str(device),
+                     on_source_done, on_run_done,
+                     engine_times(on_engine_time) if on_engine_time else None)
+
+
+def engine_times(on_engine_time: Callable[[str, int, float], None]
+                 ) -> Callable[[list[list[dict]], float], None]:
+    """A `runner.run_study` `on_unit` callback that reports each grid work unit as
+    `on_engine_time(engine, runs, seconds)` per engine its runs used, the unit's wall time
+    split between the engines by runs."""
 
     def unit_done(results: list[list[dict]], seconds: float) -> None:
         used = [rows[0]["engine"] for rows in results if rows]
@@ -287,8 +297,7 @@ def run_grid(
             n = used.count(name)
             on_engine_time(name, n, seconds * n / len(used))
 
-    return run_study(GridStudy(spec, engine, max_memory), out, workers, executor, str(device),
-                     on_source_done, on_run_done, unit_done if on_engine_time else None)
+    return unit_done
 
 
 def _spec_dict(spec: GridSpec) -> dict:
