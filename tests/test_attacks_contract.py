@@ -138,3 +138,35 @@ def test_undeclared_norms_raise_naming_the_supported_ones(name):
         with pytest.raises(UserError, match=f"does not support norm '{norm}'.*supports: "
                            + ", ".join(cls.norms)):
             make_attack(name, natural_model(), EPS[norm], norm)
+
+
+class _RowCounter(torch.nn.Module):
+    """Wraps a model, recording how many examples each forward pass gets."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.rows = net, []
+
+    def forward(self, x):
+        self.rows.append(len(x))
+        return self.net(x)
+
+
+@pytest.mark.parametrize("name", ["apgd-ce", "apgd-dlr-l2", "apgd-t", "square", "fab-t"])
+def test_examples_wrong_at_x_are_returned_unchanged_without_queries(name):
+    # The reference codes (AutoAttack's APGD, APGD-T, FAB, Square; Andriushchenko et al.'s
+    # Square) attack only the examples the model gets right: one already wrong is adversarial
+    # at distance 0.
+    net = fresh(natural_model())
+    model = _RowCounter(net)
+    x, y = digits_batch(12)
+    y = y.clone()
+    pred = net.eval()(x).argmax(1)
+    wrong = torch.arange(12) % 3 == 0
+    y[wrong] = (pred[wrong] + 1) % 5
+    make = ATTACKS[name][0] if name in ATTACKS else (
+        lambda m: make_attack("fab-t", m, EPS["linf"], "linf", 5, 0))
+    x_adv = make(model)(x, y)
+    assert torch.equal(x_adv[wrong], x[wrong])
+    right = int((~wrong).sum())
+    assert model.rows[0] == len(y) and max(model.rows[1:]) <= right

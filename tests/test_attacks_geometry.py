@@ -227,7 +227,10 @@ def test_square_l2_queries_stay_on_the_eps_sphere_and_move():
     x, y = torch.full((3, 2, 10, 10), 0.5), torch.zeros(3, dtype=torch.long)
     x[1] += 0.01  # distinct images: distinct random streams
     Square(model, 0.4, "l2", n_queries=60, seed=0)(x, y)
-    queries = torch.stack(model.queries)  # (60, 3, 2, 10, 10)
+    clean, *rest = model.queries  # the first query asks whether x is already fooled
+    assert torch.equal(clean, x)
+    queries = torch.stack(rest)  # (60, 3, 2, 10, 10)
+    assert len(queries) == 60
     norms = (queries - x).flatten(2).norm(dim=2)
     torch.testing.assert_close(norms, torch.full_like(norms, 0.4), atol=1e-5, rtol=0)
     init = queries[0] - x  # centre-heavy blocks: not a uniform +-c pattern

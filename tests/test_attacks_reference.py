@@ -212,7 +212,8 @@ def textbook_apgd(model, x, y, eps, n_iter, norm, seed):
     (1) fewer than 75% of the steps since the last checkpoint raised the loss or (2) eta was
     not halved at the last checkpoint (as in autopgd_base.py, not at the first one) and
     f_max did not improve since it. Start on the sphere: Linf x + eps t/|t|_inf with t ~
-    U[-1,1]^d; L2 x + eps g/|g|_2 with g ~ N(0, I) (autopgd_base.py). Returns the first
+    U[-1,1]^d; L2 x + eps g/|g|_2 with g ~ N(0, I) (autopgd_base.py). Returns x where the
+    model is already wrong there (autopgd_base.py attacks only the others), else the first
     fooling iterate, else x_max."""
     rng = ExampleRNG.for_inputs(x, seed)  # per-example streams; counter 0 = first restart
     if norm == "linf":
@@ -225,6 +226,9 @@ def textbook_apgd(model, x, y, eps, n_iter, norm, seed):
     out = []
     for i in range(len(x)):
         xi, yi = x[i:i + 1], y[i:i + 1]
+        if model(xi).argmax(1).item() != yi.item():
+            out.append(xi)
+            continue
 
         def proj(z, xi=xi):
             d = z - xi
@@ -315,7 +319,9 @@ def test_square_never_spends_a_query_on_an_unchanged_point():
     model = _Recorder()
     x, y = torch.full((6, 1, 8, 8), 0.5), torch.zeros(6, dtype=torch.long)
     Square(model, 0.1, n_queries=150, seed=0)(x, y)
-    init, proposals = model.queries[0], torch.stack(model.queries[1:])
+    clean, init, *rest = model.queries  # whether x is already fooled; then the stripes
+    assert torch.equal(clean, x)
+    proposals = torch.stack(rest)
     assert len(proposals) == 149
     unchanged = (proposals - init).abs().flatten(2).amax(2) < 1e-7
     assert not unchanged.any(), unchanged.sum()
@@ -375,7 +381,8 @@ def test_apgd_drops_fooled_examples_and_skips_the_last_backward():
     assert 0 < fooled < len(y)
     assert model.rows[0] == len(y) and model.rows[-1] < len(y)  # the fooled ones left
     assert model.rows == sorted(model.rows, reverse=True)
-    assert len(model.rows) == 31 and model.backwards == 30  # 1 + 30 forwards, 30 backwards
+    # the clean check, the start and 30 iterates: 32 forwards; 30 backwards
+    assert len(model.rows) == 32 and model.backwards == 30
 
 
 def _propose_linf_loop(atk, x, x_best, rng, it, p):

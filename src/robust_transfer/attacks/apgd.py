@@ -102,7 +102,9 @@ class APGD(Attack):
 
     Targeted, `atk(x, y, target=t)`: the targeted loss (targeted DLR:
     -(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4)/2)); success means predicting t.
-    Restarts run only on the examples not yet fooled.
+    As in the reference code, an example the model already gets wrong at x (predicts t,
+    targeted) is returned unchanged without a query, and restarts run only on the examples
+    not yet fooled.
 
     Shape: x (N, C, H, W) in [0,1], y (N,) -> (N, C, H, W).
 
@@ -143,7 +145,10 @@ class APGD(Attack):
     def perturb(self, x, y, target):
         rng = ExampleRNG.for_inputs(x, self.seed)
         best_x = x.clone()
-        fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        with torch.no_grad():  # fooled already at x: returned as is (autopgd_base.py)
+            logits = self.model(x)
+            self.loss_fn(logits, y, target)  # a loss unfit for the model fails on any data
+            fooled = succeeded(logits, y, target)
         for restart in range(self.restarts):
             idx = (~fooled).nonzero().squeeze(1)
             if len(idx) == 0:

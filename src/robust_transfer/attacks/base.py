@@ -2,7 +2,8 @@
 
 Every attack runs the model in eval mode (`set_mode("train")`: in the mode the caller has
 it, as training-time attacks in some reference codes do) and restores each module's mode
-afterwards, takes gradients with `torch.autograd.grad` (so `param.grad` is never touched),
+afterwards, takes gradients with `torch.autograd.grad` (so `param.grad` is never touched;
+in eval mode its BatchNorm layers skip their own weight gradients, `input_gradients_only`),
 and returns a detached tensor. Randomness inside `perturb` comes from `ExampleRNG`
 (attacks/rng.py): per example, keyed by `seed` and the example's content, so a fresh attack
 with the same seed gives the same examples and an example's result does not depend on its
@@ -18,7 +19,7 @@ draws of the defense's randomness in `input_gradient`, the one place the gradien
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import ExitStack
 
 import torch
 from torch import nn
@@ -26,7 +27,7 @@ from torch import nn
 from robust_transfer.attacks.adaptive import bpda_scope, check_adaptive, eot_gradient
 from robust_transfer.attacks.losses import get_loss
 from robust_transfer.errors import UserError, check_choice
-from robust_transfer.models.runtime import eval_mode
+from robust_transfer.models.runtime import eval_mode, input_gradients_only
 
 ATTACK_MODES = ("eval", "train")
 
@@ -127,8 +128,12 @@ class Attack:
     ) -> torch.Tensor:
         if target is not None:
             target = target.detach().to(y.device)
-        mode = eval_mode(self.model) if self.mode == "eval" else nullcontext()
-        with mode, torch.enable_grad(), bpda_scope(self.bpda):
+        with ExitStack() as scope:
+            if self.mode == "eval":
+                scope.enter_context(eval_mode(self.model))
+                scope.enter_context(input_gradients_only(self.model))
+            scope.enter_context(torch.enable_grad())
+            scope.enter_context(bpda_scope(self.bpda))
             x_adv = self.perturb(x.detach(), y.detach(), target)
         return x_adv.detach()
 

@@ -107,7 +107,8 @@ class Square(Attack):
     """Square Attack, Linf or L2 (Andriushchenko et al. 2020, arXiv 1912.00049). No gradients.
 
     Loss: the margin z_y - max_{i!=y} z_i (untargeted; minimised) or max_{i!=t} z_i - z_t
-    (targeted, `atk(x, y, target=t)`). Stops per example once the margin is negative.
+    (targeted, `atk(x, y, target=t)`). Stops per example once the margin is negative; an
+    example already fooled at x is returned unchanged without a query (reference code).
     `n_queries` counts model queries per example, the initial one included.
 
     Shape: x (N, C, H, W) in [0,1], y (N,) -> (N, C, H, W).
@@ -157,6 +158,11 @@ class Square(Attack):
         h, w = x.shape[2:]
         if min(h, w) < 2:
             raise UserError(f"Square needs images of at least 2 x 2 pixels, got {h} x {w}")
+        out = x.clone()
+        # fooled already at x: returned as is, no query (the reference codes attack only
+        # the examples the model gets right)
+        todo = (self._margin(x, y, target) > 0).nonzero().squeeze(1)
+        x, y, target = x[todo], y[todo], None if target is None else target[todo]
         rng = ExampleRNG.for_inputs(x, self.seed)
         if self.norm == "linf":
             x_best = self.threat.project(x + self.eps * rng.sign((x.shape[1], 1, w), _INIT,
@@ -165,10 +171,9 @@ class Square(Attack):
         else:
             ends = None
             x_best = self._init_l2(x, rng)
-        out = x_best.clone()
         # the examples still attacked, kept compact (attacks/rows.py): one leaves once fooled,
         # its x_best final, instead of gathering the unfooled ones for every query
-        r = Rows(idx=torch.arange(len(x), device=x.device), x=x, y=y, target=target,
+        r = Rows(idx=todo, x=x, y=y, target=target,
                  keys=rng.keys, x_best=x_best, loss_best=self._margin(x_best, y, target), u=None,
                  ends=ends, rows=None, cols=None, plus=None)
         n_draws = self._n_draws(x.shape[1])
