@@ -3,7 +3,11 @@ writes what `run` and `--spec` read back, and `report DIR` finds the study in th
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import typer
+from typer.testing import CliRunner
 
 from robust_transfer.cli import studies as studies_cli
 from robust_transfer.errors import UserError
@@ -56,7 +60,7 @@ def test_missing_out_and_a_spec_of_another_study_are_one_line_errors(tmp_path, c
     spec = tmp_path / "other.yaml"
     spec.write_text(backdoor_spec_path().read_text())
     with pytest.raises(UserError, match="is a grid spec, not a distill spec; run it with"):
-        studies_cli.study_spec(spec, "distill", lambda: None)
+        studies_cli.StudyRun(spec=spec).study("distill", lambda: None)
 
 
 def test_report_recognises_the_study_a_folder_records(tmp_path):
@@ -92,3 +96,27 @@ def test_every_study_command_passes_executor_options_to_the_executor(tmp_path, c
                        tmp_path / "o", "--device", "cpu")
     assert code == 2 and "unknown option(s) nope for executor 'local'" in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_study_options_hand_the_shared_options_to_the_command_as_one_object():
+    app, seen = typer.Typer(), []
+
+    @app.command()
+    @studies_cli.study_options(workers=2)
+    def command(out: Path = typer.Option(None, "--out"), *, run: studies_cli.StudyRun) -> None:
+        seen.append((out, run))
+
+    result = CliRunner().invoke(app, ["--out", "o", "--executor-option", "a=1",
+                                      "--executor-option", "b=2", "--save-spec", "s.yaml"])
+    assert result.exit_code == 0, result.output
+    assert seen == [(Path("o"), studies_cli.StudyRun(
+        save_spec=Path("s.yaml"), workers=2, executor_options=("a=1", "b=2")))]
+    help_text = CliRunner().invoke(app, ["--help"]).output
+    for flag in ("--spec", "--save-spec", "--workers", "--executor", "--address",
+                 "--executor-option"):
+        assert flag in help_text
+
+    with pytest.raises(TypeError, match="workers is a shared study option"):
+        @studies_cli.study_options()
+        def clash(workers: int = 1, *, run: studies_cli.StudyRun) -> None:
+            pass

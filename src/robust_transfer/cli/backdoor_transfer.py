@@ -16,14 +16,7 @@ from robust_transfer.cli.common import (
     print_outputs,
     print_table,
 )
-from robust_transfer.cli.studies import (
-    ADDRESS_OPTION,
-    EXECUTOR_OPTION,
-    EXECUTOR_OPTIONS_OPTION,
-    SAVE_SPEC_OPTION,
-    require_out,
-    save_spec,
-)
+from robust_transfer.cli.studies import StudyRun, require_out, study_options
 from robust_transfer.cli.study import run_grid_with_progress
 from robust_transfer.errors import UserError
 from robust_transfer.report.backdoor_transfer import backdoor_headline_rows, make_backdoor_report
@@ -33,18 +26,16 @@ from robust_transfer.transfer.spec import load_spec, probes
 
 
 @backdoor_app.command("transfer")
+@study_options(spec=False, workers=2)
 def transfer(
     spec_file: Path = typer.Argument(None, help="YAML grid spec whose `sources` carry "
                                      "`backdoor:` keys (default: the shipped "
                                      "specs/backdoor.yaml)."),
     out: Path = typer.Option(None, "--out", help="Directory for sources, results and report "
                              "(required unless --save-spec)."),
-    workers: int = typer.Option(2, "--workers", help="Parallel worker processes."),
     device: str = DEVICE_OPTION,
-    executor: str = EXECUTOR_OPTION,
-    address: str = ADDRESS_OPTION,
-    executor_option: list[str] = EXECUTOR_OPTIONS_OPTION,
-    save_spec_file: Path = SAVE_SPEC_OPTION,
+    *,
+    run: StudyRun,
 ) -> None:
     """Does a source's backdoor survive transfer? Run the grid, then the report.
 
@@ -58,13 +49,11 @@ def transfer(
     if not probes(spec):
         raise UserError(f"spec {str(spec_path)!r} has no backdoored source; give a `sources` "
                         "entry a key such as `backdoor: {attack: badnets, rate: 0.1, target: 0}`")
-    if save_spec_file is not None:
-        save_spec(GridStudy(spec), save_spec_file)
+    if run.saved(GridStudy(spec)):
         return
     check_output_dir(require_out(out), "--out")
     console.print(f"spec: {spec_path}")
-    table = run_grid_with_progress(spec, out, workers, device, executor, address,
-                                   executor_options=executor_option)
+    table = run_grid_with_progress(spec, out, run, device)
     report = out / "report"
     rep = make_report(table, report)
     print_outputs([*rep.figures, *make_backdoor_report(table, report)])

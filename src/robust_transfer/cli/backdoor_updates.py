@@ -12,18 +12,7 @@ import typer
 from robust_transfer.backdoors.updates import LR_SCHEDULES
 from robust_transfer.cli.backdoor import TASK_NAMES, backdoor_app
 from robust_transfer.cli.common import DEVICE_OPTION, console, print_table
-from robust_transfer.cli.studies import (
-    ADDRESS_OPTION,
-    EXECUTOR_OPTION,
-    EXECUTOR_OPTIONS_OPTION,
-    SAVE_SPEC_OPTION,
-    SPEC_OPTION,
-    WORKERS_OPTION,
-    require_out,
-    run_with_progress,
-    save_spec,
-    study_spec,
-)
+from robust_transfer.cli.studies import StudyRun, require_out, run_with_progress, study_options
 from robust_transfer.data.drift import DRIFTS
 from robust_transfer.data.poison import BackdoorConfig
 from robust_transfer.errors import UserError
@@ -37,11 +26,10 @@ from robust_transfer.transfer.results import read_results
 
 
 @backdoor_app.command("updates")
+@study_options()
 def updates(
     out: Path = typer.Option(None, "--out", help="Directory for the study (poisoned "
                              "sources, results, spec), the figure and the summary."),
-    spec_file: Path = SPEC_OPTION,
-    save_spec_file: Path = SAVE_SPEC_OPTION,
     task: str = typer.Option(None, help=f"Task (default digits): {TASK_NAMES}."),
     checkpoint: Path = typer.Option(None, "--checkpoint", help="Start every seed from this "
                                     "poisoned checkpoint (`backdoor attack`) instead of "
@@ -64,11 +52,9 @@ def updates(
     rate: float = typer.Option(0.1, help="BadNets poison rate of the source."),
     target: int = typer.Option(0, help="BadNets target class."),
     seeds: int = typer.Option(3, help="Seeds 0..N-1 (source, poisoned images, update data)."),
-    workers: int = WORKERS_OPTION,
-    executor: str = EXECUTOR_OPTION,
-    address: str = ADDRESS_OPTION,
-    executor_option: list[str] = EXECUTOR_OPTIONS_OPTION,
     device: str = DEVICE_OPTION,
+    *,
+    run: StudyRun,
 ) -> None:
     """Poison a model once (BadNets), update it again and again on drifting clean data, and
     follow the ASR after every update: per drift kind (class-prior shift, rotation), strength,
@@ -91,13 +77,11 @@ def updates(
             lr_schedules=tuple(lr_schedule or LR_SCHEDULES), fast_lr=fast_lr,
             seeds=tuple(range(seeds)))
 
-    study = study_spec(spec_file, SurvivalStudy.name, build)
-    if save_spec_file is not None:
-        save_spec(study, save_spec_file)
+    study = run.study(SurvivalStudy.name, build)
+    if run.saved(study):
         return
     out = require_out(out)
-    run_with_progress(study, out, workers, executor, address, device, "runs",
-                      "poisoned sources", executor_options=executor_option)
+    run_with_progress(study, out, run, device, "runs", "poisoned sources")
     for path in make_survival_report(out, out):
         console.print(f"wrote {path}")
     print_table(f"backdoor survival after update {study.updates} (means over seeds; now: on "

@@ -18,18 +18,7 @@ from robust_transfer.cli.common import (
     print_table,
     split_values,
 )
-from robust_transfer.cli.studies import (
-    ADDRESS_OPTION,
-    EXECUTOR_OPTION,
-    EXECUTOR_OPTIONS_OPTION,
-    SAVE_SPEC_OPTION,
-    SPEC_OPTION,
-    WORKERS_OPTION,
-    require_out,
-    run_with_progress,
-    save_spec,
-    study_spec,
-)
+from robust_transfer.cli.studies import StudyRun, require_out, run_with_progress, study_options
 from robust_transfer.data import TASKS
 from robust_transfer.data.triggers import TRIGGERS
 from robust_transfer.errors import UserError
@@ -40,6 +29,7 @@ from robust_transfer.studies.bias import MODES, TARGET_DATA, BiasStudy
 
 
 @app.command("bias-transfer")
+@study_options()
 def bias_transfer(
     out: Path = typer.Option(None, "--out", help="Directory for the source models, results, "
                              "summary and figure (required unless --save-spec)."),
@@ -71,13 +61,9 @@ def bias_transfer(
     source_epochs: int = typer.Option(20, help="Source training epochs."),
     epochs: int = typer.Option(10, help="Fine-tuning epochs."),
     lr: float = typer.Option(0.1, help="Fine-tuning learning rate (step schedule)."),
-    spec_file: Path = SPEC_OPTION,
-    save_spec_file: Path = SAVE_SPEC_OPTION,
-    workers: int = WORKERS_OPTION,
-    executor: str = EXECUTOR_OPTION,
-    address: str = ADDRESS_OPTION,
-    executor_option: list[str] = EXECUTOR_OPTIONS_OPTION,
     device: str = DEVICE_OPTION,
+    *,
+    run: StudyRun,
 ) -> None:
     """Does a spurious feature planted in the source move the target model's predictions?
 
@@ -105,13 +91,11 @@ def bias_transfer(
             target_data=tuple(split_values(target_data)) or defaults["target_data"].default,
             debias_share=debias_share, source_epochs=source_epochs, epochs=epochs, lr=lr)
 
-    study = study_spec(spec_file, BiasStudy.name, build)
-    if save_spec_file is not None:
-        save_spec(study, save_spec_file)
+    study = run.study(BiasStudy.name, build)
+    if run.saved(study):
         return
     out = require_out(out)
-    table = run_with_progress(study, out, workers, executor, address, device, "fine-tunes",
-                              "source models", executor_options=executor_option)
+    table = run_with_progress(study, out, run, device, "fine-tunes", "source models")
     figure, csv, md = make_bias_report(out, out)
     console.print(f"table: {table}\nsummary: {csv}, {md}\nfigure: {figure}")
     print_table("prediction shift and flip rate towards one class (mean ± 95% t half-width "

@@ -26,14 +26,7 @@ from robust_transfer.cli.common import (
     print_table,
     progress_bar,
 )
-from robust_transfer.cli.studies import (
-    ADDRESS_OPTION,
-    EXECUTOR_OPTION,
-    EXECUTOR_OPTIONS_OPTION,
-    SAVE_SPEC_OPTION,
-    require_out,
-    save_spec,
-)
+from robust_transfer.cli.studies import StudyRun, require_out, study_options
 from robust_transfer.cli.study import run_grid_with_progress
 from robust_transfer.errors import UserError
 from robust_transfer.models import load_checkpoint, read_card
@@ -150,17 +143,15 @@ def certify(
 
 
 @app.command("certify-transfer")
+@study_options(spec=False, workers=2)
 def certify_transfer(
     spec_file: Path = typer.Argument(None, help="YAML grid spec with a `certify:` section "
                                      "(default: the shipped specs/certify.yaml)."),
     out_dir: Path = typer.Option(None, "--out", help="Directory for sources, results and "
                                  "report (required unless --save-spec)."),
-    workers: int = typer.Option(2, "--workers", help="Parallel worker processes."),
     device: str = DEVICE_OPTION,
-    executor: str = EXECUTOR_OPTION,
-    address: str = ADDRESS_OPTION,
-    executor_option: list[str] = EXECUTOR_OPTIONS_OPTION,
-    save_spec_file: Path = SAVE_SPEC_OPTION,
+    *,
+    run: StudyRun,
 ) -> None:
     """Does a certificate transfer? Run the grid, certify, then the report.
 
@@ -176,15 +167,13 @@ def certify_transfer(
     if spec.certify is None:
         raise UserError(f"spec {str(spec_path)!r} has no certify: section; add e.g. "
                         "`certify: {sigma: 0.25, n: 1000, max_images: 200}`")
-    if save_spec_file is not None:
-        save_spec(GridStudy(spec), save_spec_file)
+    if run.saved(GridStudy(spec)):
         return
     check_output_dir(require_out(out_dir), "--out")
     resolve_device(device)  # before the writer lock creates --out
     console.print(f"spec: {spec_path}")
     with writer_lock(out_dir):  # the sources' certificates and the report too, as demo
-        table = run_grid_with_progress(spec, out_dir, workers, device, executor, address,
-                                   executor_options=executor_option)
+        table = run_grid_with_progress(spec, out_dir, run, device)
         sources = certify_sources(spec, out_dir, device)
         report = out_dir / "report"
         atomic_write_text(report / "source_certify.csv", sources.to_csv(index=False))

@@ -13,17 +13,7 @@ from robust_transfer.attacks.registry import names_help
 from robust_transfer.cli import app
 from robust_transfer.cli.attack import NORM_HELP, _attack_names
 from robust_transfer.cli.common import DEVICE_OPTION, console, out, print_table
-from robust_transfer.cli.studies import (
-    ADDRESS_OPTION,
-    EXECUTOR_OPTION,
-    EXECUTOR_OPTIONS_OPTION,
-    SAVE_SPEC_OPTION,
-    SPEC_OPTION,
-    WORKERS_OPTION,
-    run_with_progress,
-    save_spec,
-    study_spec,
-)
+from robust_transfer.cli.studies import StudyRun, run_with_progress, study_options
 from robust_transfer.defenses import defenses_help
 from robust_transfer.errors import UserError
 from robust_transfer.report.defense_figures import defend_report, defend_tables
@@ -31,6 +21,7 @@ from robust_transfer.studies.defend import CALIBRATION_IMAGES, DefendStudy
 
 
 @app.command("defend")
+@study_options()
 def defend(
     checkpoint: Path = typer.Argument(None, help="Checkpoint directory (not needed with "
                                       "--spec)."),
@@ -52,13 +43,9 @@ def defend(
     out_dir: Path = typer.Option(None, "--out", help="Directory for the results, figure and "
                                  "tables (default: defense-results/CHECKPOINT_NAME)."),
     seed: int = typer.Option(0, help="Seed for the attacks and the random defenses."),
-    spec_file: Path = SPEC_OPTION,
-    save_spec_file: Path = SAVE_SPEC_OPTION,
-    workers: int = WORKERS_OPTION,
-    executor: str = EXECUTOR_OPTION,
-    address: str = ADDRESS_OPTION,
-    executor_option: list[str] = EXECUTOR_OPTIONS_OPTION,
     device: str = DEVICE_OPTION,
+    *,
+    run: StudyRun,
 ) -> None:
     """Clean, naive robust and adaptive robust accuracy per defense and eps, side by side,
     with the gradient-masking checks that fired; writes defenses.csv, detector.csv (when a
@@ -76,13 +63,11 @@ def defend(
                            tuple(_attack_names(attack_names)), norm, tuple(eps or ()), steps,
                            eot_samples, fpr, n, task, seed)
 
-    study = study_spec(spec_file, DefendStudy.name, build)
-    if save_spec_file is not None:
-        save_spec(study, save_spec_file)
+    study = run.study(DefendStudy.name, build)
+    if run.saved(study):
         return
     out_dir = out_dir or Path("defense-results") / study.checkpoint.resolve().name
-    run_with_progress(study, out_dir, workers, executor, address, device, "runs",
-                      "artifacts", executor_options=executor_option)
+    run_with_progress(study, out_dir, run, device, "runs", "artifacts")
     table, det = defend_tables(out_dir)
     names = ", ".join(study.attacks)
     shown = [{"defense": r.defense, "eps": r.eps, "clean": r.test_accuracy,

@@ -14,18 +14,7 @@ import typer
 from robust_transfer.attacks import NORMS
 from robust_transfer.cli import app
 from robust_transfer.cli.common import DEVICE_OPTION, console, print_table
-from robust_transfer.cli.studies import (
-    ADDRESS_OPTION,
-    EXECUTOR_OPTION,
-    EXECUTOR_OPTIONS_OPTION,
-    SAVE_SPEC_OPTION,
-    SPEC_OPTION,
-    WORKERS_OPTION,
-    require_out,
-    run_with_progress,
-    save_spec,
-    study_spec,
-)
+from robust_transfer.cli.studies import StudyRun, require_out, run_with_progress, study_options
 from robust_transfer.errors import UserError
 from robust_transfer.report.distill import (
     comparison_rows,
@@ -44,13 +33,12 @@ KD_T, DEFENSIVE_T = (DISTILL_OBJECTIVES.options(n).temperature for n in ("kd", "
 
 
 @app.command()
+@study_options()
 def distill(
     teacher: Path = typer.Argument(None, metavar="TEACHER", help="Teacher checkpoint "
                                    "directory (optional with --spec)."),
     out: Path = typer.Option(None, "--out", help="Directory for the study: the students' "
                              "checkpoints (sources/), results and spec, and the summary."),
-    spec_file: Path = SPEC_OPTION,
-    save_spec_file: Path = SAVE_SPEC_OPTION,
     student: str = typer.Option("cnn-small", "--student", help="Student arch: cnn-small | "
                                 "cnn-medium."),
     temperature: float = typer.Option(None, "--temperature", help="Softmax temperature T "
@@ -80,11 +68,9 @@ def distill(
                                        "paper (summed over classes, mean over examples) | "
                                        "code (the ARD code's KLDivLoss 'mean': also / K "
                                        "classes)."),
-    workers: int = WORKERS_OPTION,
-    executor: str = EXECUTOR_OPTION,
-    address: str = ADDRESS_OPTION,
-    executor_option: list[str] = EXECUTOR_OPTIONS_OPTION,
     device: str = DEVICE_OPTION,
+    *,
+    run: StudyRun,
 ) -> None:
     """Distil TEACHER into a student; compare student alone, distilled student and teacher.
 
@@ -107,9 +93,8 @@ def distill(
         return DistillStudy(teacher, student, temperature, alpha, task, epochs, seed,
                             adversarial, defensive, eps, norm, attack_mode, ard_kl_scaling)
 
-    study = study_spec(spec_file, DistillStudy.name, build)
-    if save_spec_file is not None:
-        save_spec(study, save_spec_file)
+    study = run.study(DistillStudy.name, build)
+    if run.saved(study):
         return
     out = require_out(out)
     plan = study.plan()
@@ -119,8 +104,7 @@ def distill(
                       f"{study.temperature:g} on {r.task} ({r.train.epochs} epochs, lr "
                       f"{r.train.lr:g}, no weight decay); student {study.student} on its soft "
                       "labels at T, deployed at T = 1")
-    run_with_progress(study, out, workers, executor, address, device, "measurements",
-                      "models", executor_options=executor_option)
+    run_with_progress(study, out, run, device, "measurements", "models")
     for path in make_distill_report(out, out):
         console.print(f"wrote {path}")
     table = read_results(out, study.required)

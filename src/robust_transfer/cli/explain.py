@@ -10,17 +10,7 @@ import typer
 
 from robust_transfer.cli import app
 from robust_transfer.cli.common import DEVICE_OPTION, check_output_dir, console, print_table
-from robust_transfer.cli.studies import (
-    ADDRESS_OPTION,
-    EXECUTOR_OPTION,
-    EXECUTOR_OPTIONS_OPTION,
-    SAVE_SPEC_OPTION,
-    SPEC_OPTION,
-    WORKERS_OPTION,
-    run_with_progress,
-    save_spec,
-    study_spec,
-)
+from robust_transfer.cli.studies import StudyRun, run_with_progress, study_options
 from robust_transfer.errors import UserError, check_choice
 from robust_transfer.explain.checkpoints import load_labelled, task_split
 from robust_transfer.explain.loo import validate_leave_one_out
@@ -77,6 +67,7 @@ def saliency(
 
 
 @explain_app.command()
+@study_options()
 def influence(
     paths: list[Path] = typer.Argument(None, help="Fine-tune directories, or source "
                                        "checkpoints to fine-tune first (grouped by source eps)."),
@@ -99,13 +90,9 @@ def influence(
     removed: int = typer.Option(40, help="--validate: training images removed."),
     out: Path = typer.Option(Path("explain-influence"), "--out", help="Output directory "
                              "(fine-tunes under finetunes/, the runner's results, figures)."),
-    spec_file: Path = SPEC_OPTION,
-    save_spec_file: Path = SAVE_SPEC_OPTION,
-    workers: int = WORKERS_OPTION,
-    executor: str = EXECUTOR_OPTION,
-    address: str = ADDRESS_OPTION,
-    executor_option: list[str] = EXECUTOR_OPTIONS_OPTION,
     device: str = DEVICE_OPTION,
+    *,
+    run: StudyRun,
 ) -> None:
     """Most influential training images per test image (Fig. 5) and how often they share its
     class, robust vs natural source (Fig. 6); or --validate against leave-one-out.
@@ -139,12 +126,10 @@ def influence(
                               images_per_class, unfrozen_blocks, epochs, lr,
                               tuple(range(seeds)))
 
-    study = study_spec(spec_file, InfluenceStudy.name, build)
-    if save_spec_file is not None:
-        save_spec(study, save_spec_file)
+    study = run.study(InfluenceStudy.name, build)
+    if run.saved(study):
         return
-    run_with_progress(study, out, workers, executor, address, device, "influence runs",
-                      "fine-tunes", executor_options=executor_option)
+    run_with_progress(study, out, run, device, "influence runs", "fine-tunes")
     written = influence_report(out, out)
     table = pd.read_parquet(written[-1])
     print_table("fraction of the top-k influential training images with the target's class",

@@ -5,8 +5,11 @@ runs whichever study a spec names."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import typer
@@ -31,47 +34,118 @@ from robust_transfer.transfer.runner import (
     spec_text,
 )
 
-SPEC_OPTION = typer.Option(None, "--spec", help="Run the study in this YAML spec (`study: "
+_SPEC_OPTION = typer.Option(None, "--spec", help="Run the study in this YAML spec (`study: "
                            "NAME` and its settings; write one with --save-spec) instead of "
                            "building it from the options.")
-SAVE_SPEC_OPTION = typer.Option(None, "--save-spec", help="Write the spec these options make "
+_SAVE_SPEC_OPTION = typer.Option(None, "--save-spec", help="Write the spec these options make "
                                 "to this YAML file and exit without running (run it later "
                                 "with --spec FILE or `robust-transfer run FILE`).")
-WORKERS_OPTION = typer.Option(1, "--workers", help="Parallel runs on this machine (each run "
-                              "uses one thread, so numbers do not depend on it).")
-EXECUTOR_OPTION = typer.Option("local", "--executor", help=f"{executors_help()}; Ray: pip "
+_EXECUTOR_OPTION = typer.Option("local", "--executor", help=f"{executors_help()}; Ray: pip "
                                "install robust_transfer[ray].")
-EXECUTOR_OPTIONS_OPTION = typer.Option(None, "--executor-option", help="KEY=VALUE, repeatable: "
+_EXECUTOR_OPTIONS_OPTION = typer.Option(None, "--executor-option", help="KEY=VALUE, repeatable: "
                                        "an option of a plugin executor that has no flag of "
                                        "its own (local and ray have none).")
-ADDRESS_OPTION = typer.Option(None, "--address", help="Ray cluster address (e.g. auto, "
+_ADDRESS_OPTION = typer.Option(None, "--address", help="Ray cluster address (e.g. auto, "
                               "ray://host:10001); default: a local Ray for this run.")
 
 
+def _workers_option(default: int) -> typer.models.OptionInfo:
+    return typer.Option(default, "--workers", help="Parallel runs on this machine (each run "
+                        "uses one thread, so numbers do not depend on it).")
+
+
+@dataclass(frozen=True)
+class StudyRun:
+    """The options every study command shares (`study_options` adds them to its signature):
+    where the study's spec comes from (`--spec`) or goes (`--save-spec`), and how its runs
+    are executed."""
+
+    spec: Path | None = None
+    save_spec: Path | None = None
+    workers: int = 1
+    executor: str = "local"
+    address: str | None = None
+    executor_options: tuple[str, ...] = ()
+
+    def study(self, name: str, build: Callable[[], Study]) -> Study:
+        """The study the command runs: the one in `--spec` (which must be a `name` study),
+        else the one its options `build`. A setting of the study given beside `--spec` is an
+        error, not silently ignored."""
+        if self.spec is None:
+            return build()
+        ctx = get_current_context(silent=True)  # typer's own click, as cli/__init__ uses it
+        given = [] if ctx is None else [
+            p for p in ctx.command.params if not RUN_FLAGS & set(p.opts)
+            and ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE]
+        if given:
+            flag = given[0].opts[0] if given[0].opts else given[0].name
+            raise UserError(f"{flag} sets the study, which --spec {str(self.spec)!r} already "
+                            "does; edit the spec file, or drop --spec")
+        study = load_study(self.spec)
+        if study.name != name:
+            raise UserError(f"{str(self.spec)!r} is a {study.name} spec, not a {name} spec; "
+                            f"run it with `robust-transfer run {self.spec}`")
+        return study
+
+    def saved(self, study: Study) -> bool:
+        """With `--save-spec FILE`: write `study`'s spec there (the YAML `--spec` and `run`
+        read back) and say so; the command then stops."""
+        if self.save_spec is None:
+            return False
+        if self.save_spec.is_dir():
+            raise UserError(f"--save-spec {str(self.save_spec)!r} is a directory; give a file "
+                            "name")
+        atomic_write_text(self.save_spec, spec_text(study))
+        console.print(f"spec: {self.save_spec}")
+        return True
+
+
+# parameter -> (StudyRun field, type, option) of the shared options, in --help order
+_SHARED = {
+    "spec_file": ("spec", Path, _SPEC_OPTION),
+    "save_spec_file": ("save_spec", Path, _SAVE_SPEC_OPTION),
+    "workers": ("workers", int, None),  # the command's own default: `_workers_option`
+    "executor": ("executor", str, _EXECUTOR_OPTION),
+    "address": ("address", str, _ADDRESS_OPTION),
+    "executor_option": ("executor_options", list[str], _EXECUTOR_OPTIONS_OPTION),
+}
 # Options that say how and where a study runs, not what it is: they go with --spec.
-RUN_FLAGS = {"--spec", "--save-spec", "--out", "--workers", "--executor", "--address",
-             "--executor-option", "--device", "--tasks-per-gpu"}
+RUN_FLAGS = {"--spec", "--save-spec", "--workers", "--executor", "--address",
+             "--executor-option", "--out", "--device", "--tasks-per-gpu"}
 
 
-def study_spec(spec_file: Path | None, name: str, build: Callable[[], Study]) -> Study:
-    """The study a command runs: the one in `--spec` (which must be a `name` study), else
-    the one its options `build`. A setting of the study given beside `--spec` is an error,
-    not silently ignored."""
-    if spec_file is None:
-        return build()
-    ctx = get_current_context(silent=True)  # typer's own click, as cli/__init__ uses it
-    given = [] if ctx is None else [
-        p for p in ctx.command.params if not RUN_FLAGS & set(p.opts)
-        and ctx.get_parameter_source(p.name) == ParameterSource.COMMANDLINE]
-    if given:
-        flag = given[0].opts[0] if given[0].opts else given[0].name
-        raise UserError(f"{flag} sets the study, which --spec {str(spec_file)!r} already "
-                        "does; edit the spec file, or drop --spec")
-    study = load_study(spec_file)
-    if study.name != name:
-        raise UserError(f"{str(spec_file)!r} is a {study.name} spec, not a {name} spec; run it "
-                        f"with `robust-transfer run {spec_file}`")
-    return study
+def study_options(*, spec: bool = True, save_spec: bool = True, workers: int = 1):
+    """Decorator for a study command: adds the shared options after the command's own and
+    hands them to it as one `run: StudyRun` argument. `spec=False` for a command that takes
+    its spec file as an argument of its own; `save_spec=False` for one that only runs a
+    given spec; `workers`: the --workers default. Put it below `@app.command`."""
+    skip = {name for name, keep in (("spec_file", spec), ("save_spec_file", save_spec))
+            if not keep}
+
+    def decorate(fn: Callable[..., None]) -> Callable[..., None]:
+        sig = inspect.signature(fn, eval_str=True)
+        own = [p for p in sig.parameters.values() if p.name != "run"]
+        clash = {p.name for p in own} & (set(_SHARED) - skip)
+        if clash:
+            raise TypeError(f"{fn.__name__}: {', '.join(sorted(clash))} is a shared study "
+                            "option (study_options adds it)")
+        shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind,
+                                    default=option or _workers_option(workers))
+                  for name, (_, kind, option) in _SHARED.items() if name not in skip]
+
+        @functools.wraps(fn)
+        def command(**kwargs) -> None:
+            values = {field: kwargs.pop(name) for name, (field, _, _) in _SHARED.items()
+                      if name not in skip}
+            values["executor_options"] = tuple(values.get("executor_options") or ())
+            return fn(**kwargs, run=StudyRun(**values))
+
+        params = [*own, *shared]
+        command.__signature__ = sig.replace(parameters=params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command
+
+    return decorate
 
 
 def require_out(out: Path | None) -> Path:
@@ -82,27 +156,16 @@ def require_out(out: Path | None) -> Path:
     return out
 
 
-def save_spec(study: Study, path: Path) -> None:
-    """Write `study`'s spec to `path` (the YAML `--spec` and `run` read back)."""
-    if path.is_dir():
-        raise UserError(f"--save-spec {str(path)!r} is a directory; give a file name")
-    atomic_write_text(path, spec_text(study))
-    console.print(f"spec: {path}")
-
-
 def run_with_progress(
     study: Study,
     out: Path,
-    workers: int = 1,
-    executor: str = "local",
-    address: str | None = None,
+    run: StudyRun,
     device: str = "auto",
     runs_noun: str = "runs",
     artifacts_noun: str = "source models",
     tasks_per_gpu: int = 4,
     on_unit: Callable[[list[list[dict]], float], None] | None = None,
     rates: Callable[[], str] | None = None,
-    executor_options: list[str] | None = None,
 ) -> Path:
     """Run `study` into `out` with progress bars; print what is reused; end with the results
     line and "N runs in S s (R per s)" on stdout (progress and notes on stderr). Validates
@@ -110,10 +173,11 @@ def run_with_progress(
     the start. `rates()`: text appended inside the closing parentheses (per-engine rates)."""
     check_output_dir(out, "--out")
     check_device(device)
-    if executor == "local":
+    if run.executor == "local":
         resolve_device(device)  # the runs are this machine's: absent CUDA is an error now
-    pool = make_executor(executor, workers, address, tasks_per_gpu, device != "cpu",
-                         parse_assignments(executor_options or [], "--executor-option"))
+    pool = make_executor(run.executor, run.workers, run.address, tasks_per_gpu,
+                         device != "cpu", parse_assignments(list(run.executor_options),
+                                                             "--executor-option"))
     mark_resumable()
     with writer_lock(out):
         if previous_spec_differs(study, out):
@@ -135,7 +199,7 @@ def run_with_progress(
         start = time.perf_counter()
         with progress_bars({artifacts_noun: len(to_build), runs_noun: total}) as advance:
             advance[runs_noun](done)
-            table = run_study(study, out, workers, pool, device,
+            table = run_study(study, out, run.workers, pool, device,
                               on_artifact=lambda _d: advance[artifacts_noun](),
                               on_run=lambda _r: advance[runs_noun](), on_unit=on_unit)
         seconds = time.perf_counter() - start
@@ -150,20 +214,17 @@ def run_with_progress(
 
 
 @app.command("run")
+@study_options(spec=False, save_spec=False)
 def run(
     spec_file: Path = typer.Argument(..., help="A study's YAML spec: a grid spec, or one with "
                                      "`study: NAME` (" + ", ".join(STUDIES.names()) + "), "
                                      "e.g. written by a study command's --save-spec."),
     out: Path = typer.Option(..., "--out", help="Directory for the study's models, results "
                              "and spec."),
-    workers: int = WORKERS_OPTION,
-    executor: str = EXECUTOR_OPTION,
-    address: str = ADDRESS_OPTION,
-    executor_option: list[str] = EXECUTOR_OPTIONS_OPTION,
     device: str = DEVICE_OPTION,
+    *,
+    run: StudyRun,
 ) -> None:
     """Run any study from its spec, resumably: finished runs are kept, only missing ones run,
     and `robust-transfer report OUT` draws the study's figures."""
-    study = load_study(spec_file)
-    run_with_progress(study, out, workers, executor, address, device,
-                      executor_options=executor_option)
+    run_with_progress(load_study(spec_file), out, run, device)

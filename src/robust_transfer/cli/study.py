@@ -23,9 +23,9 @@ from robust_transfer.cli.common import (
     progress_bar,
 )
 from robust_transfer.cli.studies import (
-    EXECUTOR_OPTION,
-    EXECUTOR_OPTIONS_OPTION,
+    StudyRun,
     run_with_progress,
+    study_options,
 )
 from robust_transfer.data import TASKS
 from robust_transfer.errors import UserError
@@ -168,11 +168,9 @@ def finetune(
         console.print(f"fine-tuned model saved to {out}")
 
 
-def run_grid_with_progress(spec, out: Path, workers: int, device: str,
-                            executor: str = "local", address: str | None = None,
-                            tasks_per_gpu: int = 4, engine: str = "auto",
-                            max_memory: float | None = None,
-                            executor_options: list[str] | None = None) -> Path:
+def run_grid_with_progress(spec, out: Path, run: StudyRun, device: str,
+                           tasks_per_gpu: int = 4, engine: str = "auto",
+                           max_memory: float | None = None) -> Path:
     """Run the grid with progress bars (`studies.run_with_progress`); the closing line adds
     the rate per engine: runs / the worker time their units took."""
     if max_memory is not None and not max_memory > 0:
@@ -190,24 +188,18 @@ def run_grid_with_progress(spec, out: Path, workers: int, device: str,
                        for name, (n, t) in sorted(per_engine.items()))
 
     limit = None if max_memory is None else int(max_memory * 2**30)
-    return run_with_progress(GridStudy(spec, engine, limit), out, workers, executor, address,
-                             device, "fine-tunes", "source model(s)", tasks_per_gpu,
-                             engine_times(engine_time), rates, executor_options)
+    return run_with_progress(GridStudy(spec, engine, limit), out, run, device, "fine-tunes",
+                             "source model(s)", tasks_per_gpu, engine_times(engine_time), rates)
 
 
 @app.command()
+@study_options(spec=False, save_spec=False, workers=2)
 def grid(
     spec_file: Path = typer.Argument(..., help="YAML spec (see specs/demo.yaml)."),
     out: Path = typer.Option(..., "--out", help="Directory for sources, results and spec."),
-    workers: int = typer.Option(2, "--workers", help="Parallel runs per machine (each run "
-                                "uses one thread, so numbers do not depend on it)."),
     device: str = DEVICE_OPTION,
-    executor: str = EXECUTOR_OPTION,
-    address: str = typer.Option(None, "--address", help="Ray cluster address (e.g. auto, "
-                                "ray://host:10001); default: a local Ray for this run."),
     tasks_per_gpu: int = typer.Option(4, "--tasks-per-gpu", help="Ray: runs sharing one GPU "
                                       "when the cluster has GPUs."),
-    executor_option: list[str] = EXECUTOR_OPTIONS_OPTION,
     engine: str = typer.Option("auto", "--engine", help="auto (runs of one shape trained "
                                "together where a batched engine covers them, else one by "
                                "one) | batched (an error for a run it cannot cover) | "
@@ -215,6 +207,8 @@ def grid(
     max_memory: float = typer.Option(None, "--max-memory", help="GiB the batched engine may "
                                      "use per worker (default: 4 on CPU, 3/4 of free GPU "
                                      "memory); runs are trained in chunks that fit."),
+    *,
+    run: StudyRun,
 ) -> None:
     """Run a study grid: train missing sources, run every fine-tune not yet in the results.
 
@@ -227,8 +221,7 @@ def grid(
     the printed run count and `report` then cover the new spec's runs only.
     """
     spec = load_spec(spec_file)
-    run_grid_with_progress(spec, out, workers, device, executor, address, tasks_per_gpu,
-                            engine, max_memory, executor_option)
+    run_grid_with_progress(spec, out, run, device, tasks_per_gpu, engine, max_memory)
 
 
 def _certify_report(results: Path, grid_dir: Path, out: Path) -> list[Path]:
@@ -299,7 +292,7 @@ def demo(
     check_output_dir(out, "--out")
     console.print(f"spec: {spec_path}")
     with writer_lock(out):  # the report too: one demo writes a directory at a time
-        table = run_grid_with_progress(spec, out, workers, device)
+        table = run_grid_with_progress(spec, out, StudyRun(workers=workers), device)
         rep = make_report(table, out / "report")
     for f in rep.figures:
         console.print(f"figure: {f}")

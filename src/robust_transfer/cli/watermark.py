@@ -37,18 +37,7 @@ from robust_transfer.cli.common import (
     print_table,
     progress_bar,
 )
-from robust_transfer.cli.studies import (
-    ADDRESS_OPTION,
-    EXECUTOR_OPTION,
-    EXECUTOR_OPTIONS_OPTION,
-    SAVE_SPEC_OPTION,
-    SPEC_OPTION,
-    WORKERS_OPTION,
-    require_out,
-    run_with_progress,
-    save_spec,
-    study_spec,
-)
+from robust_transfer.cli.studies import StudyRun, require_out, run_with_progress, study_options
 from robust_transfer.data import TASKS, load_task
 from robust_transfer.errors import UserError, check_choice
 from robust_transfer.models import load_checkpoint, save_checkpoint
@@ -154,6 +143,7 @@ def verify_command(
 
 
 @watermark_app.command("remove")
+@study_options()
 def remove_command(
     checkpoint: Path = typer.Argument(None, help="A watermarked checkpoint (watermark embed); "
                                       "not with --spec (the spec names it)."),
@@ -175,12 +165,8 @@ def remove_command(
     seeds: int = typer.Option(3, help="Seeds per attack and transfer (0..seeds-1)."),
     alpha: float = typer.Option(ALPHA, help="Ownership is claimed when p < alpha."),
     device: str = DEVICE_OPTION,
-    spec_file: Path = SPEC_OPTION,
-    save_spec_file: Path = SAVE_SPEC_OPTION,
-    workers: int = WORKERS_OPTION,
-    executor: str = EXECUTOR_OPTION,
-    address: str = ADDRESS_OPTION,
-    executor_option: list[str] = EXECUTOR_OPTIONS_OPTION,
+    *,
+    run: StudyRun,
 ) -> None:
     """Try to remove the watermark: each removal attack on the attacker's clean data, and
     transfer to a new task; beside an independently trained model (same recipe, another seed)
@@ -189,7 +175,7 @@ def remove_command(
     Safe to interrupt and re-run into the same --out: finished runs are kept (OUT/results/),
     only missing ones run; `robust-transfer report OUT` re-draws the figure.
     """
-    if spec_file is not None and (checkpoint is not None or key is not None):
+    if run.spec is not None and (checkpoint is not None or key is not None):
         raise UserError("give either --spec FILE or CHECKPOINT --key KEY, not both: the spec "
                         "names the checkpoint and the key")
 
@@ -208,13 +194,11 @@ def remove_command(
             unfrozen_blocks=tuple(transfer_blocks or (0, 1, "all")),
             images_per_class=transfer_shots, seeds=tuple(range(seeds)), alpha=alpha)
 
-    study = study_spec(spec_file, WatermarkRemoval.name, build)
-    if save_spec_file is not None:
-        save_spec(study, save_spec_file)
+    study = run.study(WatermarkRemoval.name, build)
+    if run.saved(study):
         return
     out = require_out(out)
-    run_with_progress(study, out, workers, executor, address, device, "runs",
-                      "independent model", executor_options=executor_option)
+    run_with_progress(study, out, run, device, "runs", "independent model")
     table, figure = watermark_report(out, out)
     summary = watermark_summary(pd.read_parquet(table))
     rows = [{"model": r.model, "test acc": r.test_acc, "Δ test acc": float(r.change),
