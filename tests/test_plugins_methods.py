@@ -258,3 +258,19 @@ def test_bad_distillation_option_is_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and err == "error: temperature must be > 0, got 0.0"
     assert not (tmp_path / "s").exists()
+
+
+def test_train_flags_are_made_from_the_methods_option_declarations(cli):
+    from dataclasses import fields
+
+    from robust_transfer.train.methods import OPTION_NAMES, TRAINING_METHODS
+
+    code, text, _ = cli("train", "--help")
+    assert code == 0
+    flat = " ".join(text.replace("│", " ").split())  # rich's box borders out
+    for name in OPTION_NAMES:
+        assert "--" + name.replace("_", "-") in flat
+    trades = {f.name: f for f in fields(TRAINING_METHODS.get("trades").Options)}
+    beta = " ".join(trades["trades_beta"].metadata["help"].split())
+    assert f"trades: {beta} (default {trades['trades_beta'].default})" in flat
+    assert "gaussian, smoothadv: std of the Gaussian" in flat

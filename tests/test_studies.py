@@ -116,7 +116,7 @@ def test_study_options_hand_the_shared_options_to_the_command_as_one_object():
                  "--executor-option"):
         assert flag in help_text
 
-    with pytest.raises(TypeError, match="workers is a shared study option"):
+    with pytest.raises(TypeError, match="workers is added by the decorator"):
         @studies_cli.study_options()
         def clash(workers: int = 1, *, run: studies_cli.StudyRun) -> None:
             pass

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -39,6 +42,37 @@ def plugin_options_flag(flag: str, what: str, *registries: Registry) -> typer.mo
     listed = ". ".join(line for r in registries for line in r.options_help().splitlines())
     return typer.Option(None, flag, help=f"KEY=VALUE, repeatable (VALUE read as YAML): an "
                         f"option of {what}. {listed}.")
+
+
+def with_options(extra: dict[str, tuple[Any, typer.models.OptionInfo]], into: str,
+                 make: Callable[[dict[str, Any]], Any]) -> Callable[[Callable], Callable]:
+    """Decorator for a command: adds the typer options `extra` (parameter name -> (type,
+    option)) after the command's own, and hands their values to it as one keyword argument
+    `into`, built by `make(values by parameter name)`. Options several commands share, or
+    options declared elsewhere (a plugin's `Options`), are then written once. Put it below
+    `@app.command`."""
+
+    def decorate(fn: Callable[..., None]) -> Callable[..., None]:
+        sig = inspect.signature(fn, eval_str=True)
+        own = [p for p in sig.parameters.values() if p.name != into]
+        clash = {p.name for p in own} & set(extra)
+        if clash:
+            raise TypeError(f"{fn.__name__}: {', '.join(sorted(clash))} is added by the "
+                            "decorator; drop it from the command")
+        added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind,
+                                   default=option) for name, (kind, option) in extra.items()]
+
+        @functools.wraps(fn)
+        def command(**kwargs: Any) -> None:
+            values = {name: kwargs.pop(name) for name in extra}
+            return fn(**kwargs, **{into: make(values)})
+
+        params = [*own, *added]
+        command.__signature__ = sig.replace(parameters=params)
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command
+
+    return decorate
 
 
 def split_values(values: list[str] | None) -> list[str]:

@@ -5,8 +5,6 @@ runs whichever study a spec names."""
 
 from __future__ import annotations
 
-import functools
-import inspect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +16,13 @@ from typer._click.globals import get_current_context
 
 from robust_transfer.atomic import atomic_write_text
 from robust_transfer.cli import app, mark_resumable
-from robust_transfer.cli.common import DEVICE_OPTION, check_output_dir, console, progress_bars
+from robust_transfer.cli.common import (
+    DEVICE_OPTION,
+    check_output_dir,
+    console,
+    progress_bars,
+    with_options,
+)
 from robust_transfer.cli.common import out as stdout
 from robust_transfer.errors import UserError
 from robust_transfer.models.runtime import check_device, resolve_device
@@ -115,37 +119,22 @@ RUN_FLAGS = {"--spec", "--save-spec", "--workers", "--executor", "--address",
 
 
 def study_options(*, spec: bool = True, save_spec: bool = True, workers: int = 1):
-    """Decorator for a study command: adds the shared options after the command's own and
-    hands them to it as one `run: StudyRun` argument. `spec=False` for a command that takes
-    its spec file as an argument of its own; `save_spec=False` for one that only runs a
-    given spec; `workers`: the --workers default. Put it below `@app.command`."""
+    """Decorator for a study command (`cli.common.with_options`): adds the shared options
+    after the command's own and hands them to it as one `run: StudyRun` argument.
+    `spec=False` for a command that takes its spec file as an argument of its own;
+    `save_spec=False` for one that only runs a given spec; `workers`: the --workers default.
+    Put it below `@app.command`."""
     skip = {name for name, keep in (("spec_file", spec), ("save_spec_file", save_spec))
             if not keep}
+    extra = {name: (kind, option or _workers_option(workers))
+             for name, (_, kind, option) in _SHARED.items() if name not in skip}
 
-    def decorate(fn: Callable[..., None]) -> Callable[..., None]:
-        sig = inspect.signature(fn, eval_str=True)
-        own = [p for p in sig.parameters.values() if p.name != "run"]
-        clash = {p.name for p in own} & (set(_SHARED) - skip)
-        if clash:
-            raise TypeError(f"{fn.__name__}: {', '.join(sorted(clash))} is a shared study "
-                            "option (study_options adds it)")
-        shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind,
-                                    default=option or _workers_option(workers))
-                  for name, (_, kind, option) in _SHARED.items() if name not in skip]
+    def make(values: dict) -> StudyRun:
+        fields = {_SHARED[name][0]: value for name, value in values.items()}
+        fields["executor_options"] = tuple(fields.get("executor_options") or ())
+        return StudyRun(**fields)
 
-        @functools.wraps(fn)
-        def command(**kwargs) -> None:
-            values = {field: kwargs.pop(name) for name, (field, _, _) in _SHARED.items()
-                      if name not in skip}
-            values["executor_options"] = tuple(values.get("executor_options") or ())
-            return fn(**kwargs, run=StudyRun(**values))
-
-        params = [*own, *shared]
-        command.__signature__ = sig.replace(parameters=params)
-        command.__annotations__ = {p.name: p.annotation for p in params}
-        return command
-
-    return decorate
+    return with_options(extra, "run", make)
 
 
 def require_out(out: Path | None) -> Path:

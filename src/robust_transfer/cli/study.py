@@ -21,6 +21,7 @@ from robust_transfer.cli.common import (
     print_outputs,
     print_table,
     progress_bar,
+    with_options,
 )
 from robust_transfer.cli.studies import (
     StudyRun,
@@ -37,7 +38,7 @@ from robust_transfer.report.studies import make_study_report, study_of
 from robust_transfer.report.study import headline_rows, make_report
 from robust_transfer.studies import GRID
 from robust_transfer.train import SourceConfig, TrainConfig, train_source
-from robust_transfer.train.methods import ATTACK_MODE, METHODS
+from robust_transfer.train.methods import ATTACK_MODE, METHODS, OPTION_NAMES, option_declaration
 from robust_transfer.train.overfit import ACTIONS
 from robust_transfer.transfer import FinetuneConfig
 from robust_transfer.transfer.certify_study import certify_sources
@@ -58,7 +59,19 @@ ATTACK_MODE_HELP = ", ".join(f"{m} {mode}" for m, mode in ATTACK_MODE.items())
 ARCH_NAMES = " | ".join(f"{name} ({a.input_size}x{a.input_size})" for name, a in ARCHS.items())
 
 
+def _method_option_flags() -> dict:
+    """One flag per training-method option (`train.methods.OPTION_NAMES`: --trades-beta,
+    --free-replays, ...), typed, with the help and default its method declares."""
+    flags = {}
+    for name in OPTION_NAMES:
+        owners, field, kind = option_declaration(name)
+        help_text = f"{', '.join(owners)}: {field.metadata['help']} (default {field.default})."
+        flags[name] = (kind, typer.Option(None, "--" + name.replace("_", "-"), help=help_text))
+    return flags
+
+
 @app.command()
+@with_options(_method_option_flags(), "method_options", dict)
 def train(
     out: Path = typer.Option(..., "--out", help="Directory for the checkpoint."),
     task: str = typer.Option("digits-0to4", help=f"Source task: {TASK_NAMES}."),
@@ -73,27 +86,17 @@ def train(
     seed: int = typer.Option(0, help="Seed for initialisation, shuffling and attacks."),
     method: str = typer.Option(None, "--method", help=f"{' | '.join(METHODS)} (default: "
                                "natural if eps is 0, else pgd)."),
-    trades_beta: float = typer.Option(None, "--trades-beta",
-                                      help="TRADES: weight of the KL term (default 6)."),
-    free_replays: int = typer.Option(None, "--free-replays", help="free: replays m of each "
-                                     "minibatch (default 8); --epochs counts passes."),
     on_overfit: str = typer.Option(None, "--on-overfit", help=f"{' | '.join(ACTIONS)}: "
                                    "catastrophic-overfitting watch on a held-out batch "
                                    "(default: warn for fast, off otherwise)."),
-    sigma: float = typer.Option(None, "--sigma", help="gaussian, smoothadv: std of the "
-                                "Gaussian noise added to [0,1] images (default 0.25)."),
-    noise_samples: int = typer.Option(None, "--noise-samples", help="smoothadv: noise draws "
-                                      "m per image in the attack and the loss (default 1)."),
     attack_mode: str = typer.Option(None, "--attack-mode", help="eval | train: the model's "
                                     "mode while training examples are made (default: the "
                                     "method's reference code: " + ATTACK_MODE_HELP + ")."),
-    trades_attack: str = typer.Option(None, "--trades-attack", help="TRADES' inner attack: "
-                                      "reference (default; its code: x + 0.001 N(0,1) start, "
-                                      "step 0.007 at eps 8/255 scaled with eps, L2 2 eps/K) | "
-                                      "uniform (uniform start in the ball, step 2.5 eps/K)."),
     device: str = DEVICE_OPTION,
     overwrite: bool = typer.Option(False, "--overwrite",
                                    help="Replace a checkpoint already in --out."),
+    *,
+    method_options: dict,
 ) -> None:
     """Train a source model (natural, or adversarially: pgd, fgsm, fast, free, trades; or for
     randomized smoothing: gaussian noise, smoothadv) and save it as a checkpoint; per-epoch
@@ -104,10 +107,7 @@ def train(
     cfg = SourceConfig(
         task=task, arch=arch, eps=eps, norm=norm, attack_steps=attack_steps,
         train=TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed),
-        method=method, trades_beta=trades_beta, free_replays=free_replays,
-        on_overfit=on_overfit, sigma=sigma, noise_samples=noise_samples,
-        attack_mode=attack_mode, trades_attack=trades_attack,
-    )
+        method=method, on_overfit=on_overfit, attack_mode=attack_mode, **method_options)
     dev = resolve_device(device)
     check_checkpoint_out(out, overwrite)
     label = cfg.method if eps == 0 else f"{cfg.method.upper()}-AT {norm} eps={eps}"

@@ -34,7 +34,7 @@ codes.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, get_type_hints
 
 import torch
 import torch.nn.functional as F
@@ -307,8 +307,10 @@ class TRADESTraining(TrainingMethod):
     @dataclass(frozen=True)
     class Options:
         trades_beta: float = option(TRADES_BETA, "weight of the KL term")
-        trades_attack: str = option(TRADES_ATTACKS[0], "inner attack: reference (its code's "
-                                    "start and step) | uniform (PGD's)")
+        trades_attack: str = option(TRADES_ATTACKS[0], "inner attack: reference (its code: "
+                                    "x + 0.001 N(0,1) start, step 0.007 at eps 8/255 scaled "
+                                    "with eps, L2 2 eps/K) | uniform (uniform start in the "
+                                    "ball, step 2.5 eps/K)")
 
         def __post_init__(self) -> None:
             check_choice("trades attack", self.trades_attack, TRADES_ATTACKS)
@@ -346,7 +348,8 @@ class SmoothAdvTraining(TrainingMethod):
     @dataclass(frozen=True)
     class Options:
         sigma: float = option(SIGMA, "std of the Gaussian noise added to [0,1] images")
-        noise_samples: int = option(SMOOTHADV_SAMPLES, "noise draws m per image")
+        noise_samples: int = option(SMOOTHADV_SAMPLES, "noise draws m per image in the "
+                                    "attack and the loss")
 
         def __post_init__(self) -> None:
             check_sigma(self.sigma)
@@ -367,14 +370,21 @@ OPTION_NAMES = tuple(dict.fromkeys(f.name for m in METHODS
                                    for f in fields(TRAINING_METHODS.get(m).Options)))
 
 
+def option_declaration(name: str) -> tuple[tuple[str, ...], Any, Any]:
+    """(the methods that take option `name`, its `Options` field, its type), from the first
+    method that declares it."""
+    owners = tuple(m for m in METHODS
+                   if name in {f.name for f in fields(TRAINING_METHODS.get(m).Options)})
+    options = TRAINING_METHODS.get(owners[0]).Options
+    field = next(f for f in fields(options) if f.name == name)
+    return owners, field, get_type_hints(options)[name]
+
+
 def method_option(name: str) -> dict:
     """The methods that take option `name` and its default there, as
     `variables.variable(methods=..., method_default=...)` keywords."""
-    owners = tuple(m for m in METHODS
-                   if name in {f.name for f in fields(TRAINING_METHODS.get(m).Options)})
-    default = next(f.default for f in fields(TRAINING_METHODS.get(owners[0]).Options)
-                   if f.name == name)
-    return {"methods": owners, "method_default": default}
+    owners, field, _ = option_declaration(name)
+    return {"methods": owners, "method_default": field.default}
 
 
 def make_objective(method: str, eps: float, norm: str, steps: int = 7,
