@@ -54,9 +54,9 @@ def test_square_block_windows_and_signs_match_each_iteration(shape, its):
     atk = Square(torch.nn.Identity(), 0.1, n_queries=5000)
     rng = ExampleRNG.for_inputs(x, 0)
     n_draws = atk._n_draws(c)
-    windows, plus = atk._linf_block(rng.bits_many((n_draws,), [(i, _PLACES) for i in its]),
-                                    its, h, w)
-    windows = windows.unsqueeze(2)  # (N, B, 1, h, w): as _window_mask's
+    rows, cols, plus = atk._linf_block(rng.bits_many((n_draws,), [(i, _PLACES) for i in its]),
+                                       its, h, w)
+    windows = torch.stack([atk._block_window(rows[:, j], cols[:, j]) for j in range(len(its))], 1)
     sides = set()
     for j, it in enumerate(its):
         u = rng.uniform((n_draws,), it, _PLACES, dtype=torch.float64)

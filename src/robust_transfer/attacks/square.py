@@ -44,8 +44,7 @@ _RESAMPLE = 20  # redraws of a window's signs that would leave x_best unchanged
 # counters of the per-example draws: (iteration, what[, redraw])
 _PLACES, _SIGNS, _FLIP = range(3)
 _INIT = -1  # iteration counter of the initialisation
-_BLOCK = 64  # iterations whose draws are made in one pass (at most)
-_BLOCK_BOOLS = 2**24  # bound on a block's window masks (N x iterations x H x W)
+_BLOCK = 64  # iterations whose draws are made in one pass
 
 
 def p_selection(p_init: float, it: int, n_queries: int) -> float:
@@ -176,11 +175,8 @@ class Square(Attack):
         # its x_best final, instead of gathering the unfooled ones for every query
         r = Rows(idx=todo, x=x, y=y, target=target,
                  keys=rng.keys, x_best=x_best, loss_best=self._margin(x_best, y, target), u=None,
-                 ends=ends, windows=None, plus=None)
+                 ends=ends, rows=None, cols=None, plus=None)
         n_draws = self._n_draws(x.shape[1])
-        # iterations per block: 64, fewer on large images (draws and windows are made per
-        # iteration, so the block size changes no number)
-        block = min(max(_BLOCK_BOOLS // max(len(x) * h * w, 1), 1), _BLOCK)
         for it in range(self.n_queries):
             active = r.loss_best > 0
             if not active.all():  # fooled (or a NaN loss): the example's x_best is final
@@ -189,17 +185,17 @@ class Square(Attack):
                 r.keep(active)
             if len(r.idx) == 0 or it == self.n_queries - 1:
                 break
-            j = it % block
+            j = it % _BLOCK
             if j == 0:  # the next iterations' draws, in one pass (rows leave too)
-                its = range(it, min(it + block, self.n_queries - 1))
+                its = range(it, min(it + _BLOCK, self.n_queries - 1))
                 bits = ExampleRNG(r.keys).bits_many((n_draws,), [(i, _PLACES) for i in its])
                 if ends is None:
                     r.u = ExampleRNG.to_uniform(bits, torch.float64)
                 else:  # Linf: the block's windows and signs, also in one pass
-                    r.windows, r.plus = self._linf_block(bits, its, h, w)
+                    r.rows, r.cols, r.plus = self._linf_block(bits, its, h, w)
             if ends is not None:
-                x_new = self._fill_linf(r.x, r.x_best, r.windows[:, j].unsqueeze(1),
-                                        r.plus[:, j], r.ends)
+                window = self._block_window(r.rows[:, j], r.cols[:, j])
+                x_new = self._fill_linf(r.x, r.x_best, window, r.plus[:, j], r.ends)
             else:
                 x_new = self._propose_l2(r.x, r.x_best, r.u[:, j],
                                          p_selection(self.p_init, it, self.n_queries))
@@ -236,10 +232,12 @@ class Square(Attack):
         return min(max(int(round(math.sqrt(p * h * w))), 1), min(h, w) - 1)
 
     def _linf_block(self, bits: torch.Tensor, its: range, h: int, w: int):
-        """(window masks (N, B, h, w), signs (N, B, tries, C)) of the B iterations `its` from
-        their random bits (N, B, n_draws) (`ExampleRNG.bits_many`): the per-iteration
-        `_corners`, `_window_mask` and sign tests of `_propose_linf` for the whole block in
-        one pass (a sign u >= 0.5 is a negative int64, see `bits_many`)."""
+        """(window rows (N, B, h), window columns (N, B, w), signs (N, B, tries, C)) of the
+        B iterations `its` from their random bits (N, B, n_draws) (`ExampleRNG.bits_many`):
+        the per-iteration `_corners`, `_window_mask` and sign tests of `_propose_linf` for the
+        whole block in one pass (a sign u >= 0.5 is a negative int64, see `bits_many`). An
+        iteration's window is `_block_window(rows[:, j], cols[:, j])`; rows and columns, not
+        (N, B, h, w) masks, keep the block small on large images."""
         m, b = bits.shape[:2]
         sides = [self._side_linf(p_selection(self.p_init, it, self.n_queries), h, w)
                  for it in its]
@@ -251,8 +249,12 @@ class Square(Attack):
         r = torch.arange(h, device=u.device).view(1, 1, h) - top.unsqueeze(2)
         c = torch.arange(w, device=u.device).view(1, 1, w) - left.unsqueeze(2)
         rows, cols = (r >= 0) & (r < side), (c >= 0) & (c < side)  # (m, b, h), (m, b, w)
-        windows = rows.unsqueeze(3) & cols.unsqueeze(2)
-        return windows, (bits[:, :, 2:] < 0).view(m, b, _RESAMPLE + 1, -1)
+        return rows, cols, (bits[:, :, 2:] < 0).view(m, b, _RESAMPLE + 1, -1)
+
+    @staticmethod
+    def _block_window(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """(N, 1, h, w) window mask from its rows (N, h) and columns (N, w)."""
+        return (rows.unsqueeze(2) & cols.unsqueeze(1)).unsqueeze(1)
 
     def _propose_linf(self, x, x_best, u, p, ends=None):
         """x_best with one window set to +-eps per channel (Alg. 2), projected. As the
@@ -273,16 +275,15 @@ class Square(Attack):
         # channel, one of two fills: the window at x + eps or at x - eps, projected
         # (P(where(window, a, b)) = where(window, P(a), P(b)) coordinate by coordinate)
         kept = self.threat.project(x_best, x)
-        fills = torch.where(window.unsqueeze(1), ends, kept.unsqueeze(1))  # (m, 2, c, h, w)
-        # per channel, whether the + and the - fill move x_best: (m, 2, c)
-        moved = (fills - x_best.unsqueeze(1)).abs_().amax((3, 4)) >= 1e-7
-        # (m, tries): whether the try's signs move it
-        changes = torch.where(plus, moved[:, :1], moved[:, 1:]).any(2)
+        fills = [torch.where(window, ends[:, k], kept) for k in (0, 1)]
+        # per channel, whether each fill moves x_best: (m, 1, c) for + and for -
+        up, down = ((f - x_best).abs_().amax((2, 3)).unsqueeze(1) >= 1e-7 for f in fills)
+        changes = (down ^ (plus & (up ^ down))).any(2)  # (m, tries): the try's signs move it
         # the first try that changes x_best (the redraws stop there), else the last one
         changes[:, -1] = True
         tries = changes.int().argmax(1)
         chosen = plus[torch.arange(m, device=x.device), tries]  # (m, c)
-        return torch.where(chosen.view(m, c, 1, 1), fills[:, 0], fills[:, 1])
+        return torch.where(chosen.view(m, c, 1, 1), *fills)
 
     def _init_l2(self, x, rng):
         """Grid of s x s blocks, s = h // 5, each eta(s) with a random sign per channel and a
