@@ -140,8 +140,8 @@ def peer_pairs(eps: float, n_classes: int) -> list[tuple[str, float, Callable, C
          lambda m, x, y: make_attack("fab-t", m, eps, "linf", 100)(x, y),
          lambda m, x, y: ta.FAB(m, eps=eps, steps=100, multi_targeted=True, n_classes=k,
                                 seed=0)(x, y)),
-        ("Square linf (5000 queries)", 1.0,
-         lambda m, x, y: Square(m, eps, n_queries=5000, seed=0)(x, y),
+        ("Square linf (5000 queries)", 1.0,  # AutoAttack's, as torchattacks' (see Square)
+         lambda m, x, y: Square(m, eps, n_queries=5000, seed=0, windows="batch")(x, y),
          lambda m, x, y: ta.Square(m, eps=eps, n_queries=5000, seed=0)(x, y)),
         ("AutoAttack standard linf (cascade)", 1.0, ours_cascade, theirs_cascade),
     ]

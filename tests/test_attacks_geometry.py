@@ -24,6 +24,7 @@ from robust_transfer.attacks import (
 )
 from robust_transfer.attacks.apgd import APGDDLR, l1_topk_count
 from robust_transfer.attacks.rng import ExampleRNG
+from robust_transfer.attacks.square import p_selection
 from robust_transfer.attacks.threats import project_l1_box
 from robust_transfer.errors import UserError
 from robust_transfer.models.runtime import accuracy
@@ -260,6 +261,10 @@ BATCH_CASES = {
     "apgd-t": lambda m, s: APGDT(m, 0.1, steps=5, n_target_classes=2, seed=s),
     "square-linf": lambda m, s: Square(m, 0.1, "linf", n_queries=60, seed=s),
     "square-l2": lambda m, s: Square(m, 1.0, "l2", n_queries=60, seed=s),
+    "square-linf-batch-windows": lambda m, s: Square(m, 0.1, n_queries=60, seed=s,
+                                                     windows="batch"),
+    "square-l2-batch-windows": lambda m, s: Square(m, 1.0, "l2", n_queries=60, seed=s,
+                                                   windows="batch"),
 }
 
 
@@ -284,3 +289,29 @@ def test_pgd_training_examples_get_fresh_starts_every_batch():
     again = PGDExamples(0.3, "linf", steps=1, alpha=0.0)  # same seed: same sequence
     torch.testing.assert_close(again(model, x, y), first, atol=0, rtol=0)
     torch.testing.assert_close(again(model, x, y), second, atol=0, rtol=0)
+
+
+def test_square_batch_windows_share_one_window_and_one_sign_per_query():
+    # AutoAttack's square.py: per query, one window and one sign per channel for the batch.
+    # The margin never improves, so every proposal is the initial stripes with that window
+    # set to x + sign * eps (nothing is clipped on mid-grey images).
+    model = _Recorder()
+    x = 0.3 + 0.4 * torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    y = torch.zeros(6, dtype=torch.long)
+    atk = Square(model, 0.1, n_queries=40, seed=0, windows="batch")
+    atk(x, y)
+    clean, init, *proposals = model.queries
+    assert torch.equal(clean, x) and len(proposals) == 39
+    for it, q in enumerate(proposals):
+        moved = ((q - init).abs() > 1e-6).any(1).any(0)  # (8, 8): pixels any example moved
+        rows, cols = moved.any(1).nonzero(), moved.any(0).nonzero()
+        side = atk._side_linf(p_selection(atk.p_init, it, atk.n_queries), 8, 8)
+        if len(rows):
+            assert rows.max() - rows.min() < side and cols.max() - cols.min() < side
+        sign = torch.sign(q - x)[:, :, moved]  # (6, 3, pixels)
+        assert (sign == sign[:1, :, :1]).all()  # one sign per channel, for every example
+    per_example = Square(model, 0.1, n_queries=40, seed=0)
+    assert Square.build(model, 0.1, "linf").windows == "batch"
+    assert per_example.windows == "example"
+    with pytest.raises(UserError, match="square windows"):
+        Square(model, 0.1, windows="pixel")

@@ -82,6 +82,15 @@ class ExampleRNG:
         keys = _mix_(per_coord.sum(1) ^ _mix_int(seed))  # int64 sums wrap: order-free
         return cls(keys)
 
+    @classmethod
+    def shared(cls, seed: int | None, device: torch.device | str = "cpu") -> ExampleRNG:
+        """One stream keyed by `seed` alone, for a draw every example of a batch shares (a
+        window AutoAttack's Square places for the whole batch): the same for any batch."""
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()).item())
+        key = _mix_int(_mix_int(seed) ^ 0x5A17ED)
+        return cls(torch.tensor([key], dtype=torch.long, device=device))
+
     def __getitem__(self, idx) -> ExampleRNG:
         return ExampleRNG(self.keys[idx])
 

@@ -17,9 +17,16 @@ it for the examples whose margin loss it lowers; an example stops once it is foo
   is zeroed; the whole delta is then rescaled to norm eps and the image clipped to [0,1].
   The window side is odd and at least 3.
 
-Every example draws its own windows and signs (vectorised with masks, no loop over
-examples) from `ExampleRNG` with counter (iteration, draw), so its result does not depend on
-the batch or on which other examples are still being attacked. AutoAttack's defaults:
+Windows (`windows=`):
+- "example" (the constructor's default; Andriushchenko et al.'s code): every example draws its
+  own windows and signs, and redraws signs that would leave it unchanged;
+- "batch" (`build`, hence `evaluate` and the `autoattack` cascades; AutoAttack's
+  `square.py`): one window per iteration (L2: one pair, one orientation) for the whole batch
+  and, Linf, one sign per channel; no redraws. The shared draws are keyed by (seed,
+  iteration) alone, so they are the same whatever the batch.
+Per-example draws come from `ExampleRNG` with counter (iteration, draw) (vectorised with
+masks, no loop over examples), so either way an example's result does not depend on the
+batch or on which other examples are still being attacked. AutoAttack's defaults:
 p_init = 0.8, 5,000 queries, margin loss.
 """
 
@@ -36,7 +43,7 @@ from robust_transfer.attacks.losses import margin
 from robust_transfer.attacks.rng import ExampleRNG
 from robust_transfer.attacks.rows import Rows
 from robust_transfer.attacks.threats import make_threat
-from robust_transfer.errors import UserError
+from robust_transfer.errors import UserError, check_choice
 
 _SCHEDULE = ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64),
              (6000, 128), (8000, 256), (10000, 512))
@@ -45,6 +52,8 @@ _RESAMPLE = 20  # redraws of a window's signs that would leave x_best unchanged
 _PLACES, _SIGNS, _FLIP = range(3)
 _INIT = -1  # iteration counter of the initialisation
 _BLOCK = 64  # iterations whose draws are made in one pass
+WINDOWS = ("example", "batch")  # whose windows: each example's, or one for the batch
+_SHARED_CORNERS = 5  # L2 "batch": two corners and the orientation, shared
 
 
 def p_selection(p_init: float, it: int, n_queries: int) -> float:
@@ -109,13 +118,15 @@ class Square(Attack):
     Loss: the margin z_y - max_{i!=y} z_i (untargeted; minimised) or max_{i!=t} z_i - z_t
     (targeted, `atk(x, y, target=t)`). Stops per example once the margin is negative; an
     example already fooled at x is returned unchanged without a query (reference code).
-    `n_queries` counts model queries per example, the initial one included.
+    `n_queries` counts model queries per example, the initial one included. `windows`:
+    "example" (Andriushchenko et al.'s code) or "batch" (AutoAttack's `square.py`, what
+    `build` makes); see the module docstring.
 
     Shape: x (N, C, H, W) in [0,1], y (N,) -> (N, C, H, W).
 
     Example:
         x_adv = Square(model, eps=8 / 255, n_queries=5000)(x, y)
-        x_adv = Square(model, eps=0.5, norm="l2")(x, y)
+        x_adv = Square(model, eps=0.5, norm="l2", windows="batch")(x, y)
     """
 
     name = "square"
@@ -131,20 +142,25 @@ class Square(Attack):
         n_queries: int = 5000,
         p_init: float = 0.8,
         seed: int | None = 0,
+        windows: str = "example",
     ) -> None:
         super().__init__(model, seed)
         type(self).check_norm(norm)
         if n_queries < 1 or not 0 < p_init <= 1:
             raise UserError(f"need n_queries >= 1 and 0 < p_init <= 1, got {n_queries}, {p_init}")
+        check_choice("square windows", windows, WINDOWS)
         self.threat = make_threat(norm, eps)
         self.norm, self.eps, self.n_queries, self.p_init = norm, float(eps), n_queries, p_init
+        self.windows = windows
 
     @classmethod
     def build(
         cls, model: nn.Module, eps: float, norm: str, steps: int | None = None, seed: int = 0
     ) -> Square:
-        """`steps` is the query budget (None: 5,000, AutoAttack's)."""
-        return cls(model, eps, norm, cls.default_steps if steps is None else steps, seed=seed)
+        """AutoAttack's Square (`windows="batch"`); `steps` is the query budget (None:
+        5,000, AutoAttack's)."""
+        return cls(model, eps, norm, cls.default_steps if steps is None else steps, seed=seed,
+                   windows="batch")
 
     @torch.no_grad()
     def _margin(self, x, y, target):
@@ -177,6 +193,7 @@ class Square(Attack):
                  keys=rng.keys, x_best=x_best, loss_best=self._margin(x_best, y, target), u=None,
                  ends=ends, rows=None, cols=None, plus=None)
         n_draws = self._n_draws(x.shape[1])
+        shared = ExampleRNG.shared(self.seed, x.device) if self.windows == "batch" else None
         for it in range(self.n_queries):
             active = r.loss_best > 0
             if not active.all():  # fooled (or a NaN loss): the example's x_best is final
@@ -188,12 +205,25 @@ class Square(Attack):
             j = it % _BLOCK
             if j == 0:  # the next iterations' draws, in one pass (rows leave too)
                 its = range(it, min(it + _BLOCK, self.n_queries - 1))
-                bits = ExampleRNG(r.keys).bits_many((n_draws,), [(i, _PLACES) for i in its])
-                if ends is None:
-                    r.u = ExampleRNG.to_uniform(bits, torch.float64)
-                else:  # Linf: the block's windows and signs, also in one pass
+                counters = [(i, _PLACES) for i in its]
+                if ends is not None and shared is not None:  # Linf, one window: no redraws
+                    batch = self._linf_block(shared.bits_many((2 + x.shape[1],), counters),
+                                             its, h, w)
+                elif ends is not None:  # Linf: the block's windows and signs, in one pass
+                    bits = ExampleRNG(r.keys).bits_many((n_draws,), counters)
                     r.rows, r.cols, r.plus = self._linf_block(bits, its, h, w)
-            if ends is not None:
+                else:
+                    bits = ExampleRNG(r.keys).bits_many((n_draws,), counters)
+                    r.u = ExampleRNG.to_uniform(bits, torch.float64)
+                    if shared is not None:  # L2, one pair of windows and orientation
+                        r.u[:, :, :_SHARED_CORNERS] = ExampleRNG.to_uniform(
+                            shared.bits_many((_SHARED_CORNERS,), counters), torch.float64)
+            if ends is not None and shared is not None:
+                rows, cols, plus = batch
+                window = self._block_window(rows[:, j], cols[:, j])  # (1, 1, h, w)
+                fill = torch.where(plus[0, j, 0].view(1, -1, 1, 1), r.ends[:, 0], r.ends[:, 1])
+                x_new = torch.where(window, fill, r.x_best)  # AutoAttack's: x_best elsewhere
+            elif ends is not None:
                 window = self._block_window(r.rows[:, j], r.cols[:, j])
                 x_new = self._fill_linf(r.x, r.x_best, window, r.plus[:, j], r.ends)
             else:
@@ -249,7 +279,8 @@ class Square(Attack):
         r = torch.arange(h, device=u.device).view(1, 1, h) - top.unsqueeze(2)
         c = torch.arange(w, device=u.device).view(1, 1, w) - left.unsqueeze(2)
         rows, cols = (r >= 0) & (r < side), (c >= 0) & (c < side)  # (m, b, h), (m, b, w)
-        return rows, cols, (bits[:, :, 2:] < 0).view(m, b, _RESAMPLE + 1, -1)
+        tries = 1 if self.windows == "batch" else _RESAMPLE + 1
+        return rows, cols, (bits[:, :, 2:] < 0).view(m, b, tries, -1)
 
     @staticmethod
     def _block_window(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
