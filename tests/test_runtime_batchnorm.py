@@ -106,3 +106,17 @@ def test_attacks_give_the_same_examples_as_with_the_native_layers(make, monkeypa
     monkeypatch.setattr(attack_base, "input_gradients_only", lambda m: nullcontext())
     native = make(model)(x, y)
     assert torch.equal(fast, native)
+
+
+def test_a_batchnorm_subclass_with_its_own_forward_is_left_alone():
+    class Scaled(nn.BatchNorm2d):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), Scaled(4)).eval()
+    x = torch.rand(3, 1, 6, 6, requires_grad=True)
+    with input_gradients_only(model):
+        assert "forward" not in vars(model[1])
+        (got,) = torch.autograd.grad(model(x).sum(), x)
+    (want,) = torch.autograd.grad(model(x).sum(), x)
+    assert torch.equal(got, want)

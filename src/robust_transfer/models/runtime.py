@@ -113,10 +113,13 @@ def input_gradients_only(model: nn.Module) -> Iterator[nn.Module]:
     """Inside, the model's eval-mode BatchNorm layers on CPU backpropagate to their input
     only (`_InputGradBatchNorm`): the same outputs and input gradients, bit for bit, faster;
     their weight and bias get no gradient. For attacks, which take gradients with respect
-    to the input alone; a layer's own `forward` is restored on exit (nesting is safe)."""
+    to the input alone; a layer's own `forward` is restored on exit (nesting is safe).
+    Layers whose class overrides `forward` (e.g. SyncBatchNorm) are left as they are."""
     patched = []
+    stock = nn.modules.batchnorm._BatchNorm.forward  # a subclass with its own forward: left
     for bn in model.modules():
-        if isinstance(bn, nn.modules.batchnorm._BatchNorm) and "forward" not in vars(bn):
+        if (isinstance(bn, nn.modules.batchnorm._BatchNorm) and type(bn).forward is stock
+                and "forward" not in vars(bn)):
             bn.forward = partial(_input_grad_forward, bn)
             patched.append(bn)
     try:
