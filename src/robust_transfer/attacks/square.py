@@ -206,26 +206,26 @@ class Square(Attack):
             if j == 0:  # the next iterations' draws, in one pass (rows leave too)
                 its = range(it, min(it + _BLOCK, self.n_queries - 1))
                 counters = [(i, _PLACES) for i in its]
-                if ends is not None and shared is not None:  # Linf, one window: no redraws
-                    batch = self._linf_block(shared.bits_many((2 + x.shape[1],), counters),
-                                             its, h, w)
-                elif ends is not None:  # Linf: the block's windows and signs, in one pass
-                    bits = ExampleRNG(r.keys).bits_many((n_draws,), counters)
-                    r.rows, r.cols, r.plus = self._linf_block(bits, its, h, w)
+                if ends is not None:  # Linf: the block's windows and signs, in one pass
+                    source = ExampleRNG(r.keys) if shared is None else shared
+                    block = self._linf_block(source.bits_many((n_draws,), counters), its, h, w)
+                    # a shared block (one row) stands for every example's
+                    r.rows, r.cols, r.plus = (t.expand(len(r.idx), *t.shape[1:])
+                                              for t in block)
                 else:
                     bits = ExampleRNG(r.keys).bits_many((n_draws,), counters)
                     r.u = ExampleRNG.to_uniform(bits, torch.float64)
                     if shared is not None:  # L2, one pair of windows and orientation
                         r.u[:, :, :_SHARED_CORNERS] = ExampleRNG.to_uniform(
                             shared.bits_many((_SHARED_CORNERS,), counters), torch.float64)
-            if ends is not None and shared is not None:
-                rows, cols, plus = batch
-                window = self._block_window(rows[:, j], cols[:, j])  # (1, 1, h, w)
-                fill = torch.where(plus[0, j, 0].view(1, -1, 1, 1), r.ends[:, 0], r.ends[:, 1])
-                x_new = torch.where(window, fill, r.x_best)  # AutoAttack's: x_best elsewhere
-            elif ends is not None:
+            if ends is not None:
                 window = self._block_window(r.rows[:, j], r.cols[:, j])
-                x_new = self._fill_linf(r.x, r.x_best, window, r.plus[:, j], r.ends)
+                if shared is None:
+                    x_new = self._fill_linf(r.x, r.x_best, window, r.plus[:, j], r.ends)
+                else:  # AutoAttack's: the window at x +- eps, x_best elsewhere, no redraws
+                    plus = r.plus[:, j, 0].view(*r.plus.shape[:1], -1, 1, 1)
+                    x_new = torch.where(window, torch.where(plus, r.ends[:, 0], r.ends[:, 1]),
+                                        r.x_best)
             else:
                 x_new = self._propose_l2(r.x, r.x_best, r.u[:, j],
                                          p_selection(self.p_init, it, self.n_queries))
@@ -245,10 +245,13 @@ class Square(Attack):
         return top, left
 
     def _n_draws(self, c: int) -> int:
-        """Uniform draws per example and iteration: Linf the window corner and the signs of
-        the first try and of every redraw; L2 two corners, the orientation, a sign per
-        channel (one draw per example and iteration: each example's own numbers)."""
-        return 2 + (_RESAMPLE + 1) * c if self.norm == "linf" else 5 + c
+        """Uniform draws per iteration of each example's stream (of the shared one, Linf
+        with `windows="batch"`): Linf the window corner and the signs of the first try and
+        of every redraw (shared: no redraws); L2 two corners, the orientation, a sign per
+        channel (shared: the first five come from the shared stream)."""
+        if self.norm == "l2":
+            return 5 + c
+        return 2 + (1 if self.windows == "batch" else _RESAMPLE + 1) * c
 
     def _ends(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 2, C, H, W): x + eps and x - eps, projected: what a Linf window holds (per

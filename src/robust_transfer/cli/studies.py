@@ -113,9 +113,11 @@ _SHARED = {
     "address": ("address", str, _ADDRESS_OPTION),
     "executor_option": ("executor_options", list[str], _EXECUTOR_OPTIONS_OPTION),
 }
-# Options that say how and where a study runs, not what it is: they go with --spec.
-RUN_FLAGS = {"--spec", "--save-spec", "--workers", "--executor", "--address",
-             "--executor-option", "--out", "--device", "--tasks-per-gpu"}
+# Options that say how and where a study runs, not what it is: they go with --spec (the
+# shared ones, and the commands' own --out, --device and --tasks-per-gpu).
+RUN_FLAGS = {decl for _, _, option in _SHARED.values()
+             for decl in (option or _workers_option(1)).param_decls}
+RUN_FLAGS |= {"--out", "--device", "--tasks-per-gpu"}
 
 
 def study_options(*, spec: bool = True, save_spec: bool = True, workers: int = 1):
